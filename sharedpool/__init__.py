@@ -1,0 +1,50 @@
+"""sharedpool: one Redis connection pool shared by every worker process of a host.
+
+In a worker::
+
+    import sharedpool
+    r = sharedpool.Redis()          # a redis.Redis over leases from the manager
+    r.set("k", "v")
+    with r.lease() as pinned:       # several commands on one connection
+        pinned.get("k")
+"""
+
+__version__ = "0.1.0"
+
+from sharedpool.client import LeasedConnection, Redis, SharedConnectionPool, SharedRedis  # noqa: E402
+from sharedpool.config import ClientConfig, ManagerConfig, default_socket_path  # noqa: E402
+from sharedpool.errors import (  # noqa: E402
+    ConfigError,
+    Forbidden,
+    LeaseError,
+    LeaseLost,
+    ManagerUnavailable,
+    PoolFull,
+    PoolTimeout,
+    ProtocolMismatch,
+    RedisUnavailable,
+    SharedPoolError,
+    ShuttingDown,
+)
+
+__all__ = [
+    "ClientConfig",
+    "ConfigError",
+    "Forbidden",
+    "LeaseError",
+    "LeaseLost",
+    "LeasedConnection",
+    "ManagerConfig",
+    "ManagerUnavailable",
+    "PoolFull",
+    "PoolTimeout",
+    "ProtocolMismatch",
+    "Redis",
+    "RedisUnavailable",
+    "SharedConnectionPool",
+    "SharedPoolError",
+    "SharedRedis",
+    "ShuttingDown",
+    "__version__",
+    "default_socket_path",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from sharedpool.cli import main
+
+sys.exit(main())

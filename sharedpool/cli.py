@@ -1,0 +1,161 @@
+"""``sharedpool`` command line: serve | stats | check | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from sharedpool import __version__, config, errors, protocol
+from sharedpool.config import ClientConfig, ManagerConfig
+
+log = logging.getLogger("sharedpool")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharedpool",
+        description="One Redis connection pool shared by all the worker processes of a host.",
+        epilog="Run 'sharedpool COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"sharedpool {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the manager that owns the Redis connections",
+        description=(
+            "Run the manager. Settings come from defaults < --config TOML file < "
+            "SHAREDPOOL_* environment < flags. Every flag below has an environment "
+            "variable and a TOML key of the same name."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--config", metavar="PATH", help="TOML file of settings (flat, or under [sharedpool])")
+    config.add_arguments(serve, ManagerConfig)
+
+    for name, text in (("stats", "show the manager's pool statistics"), ("check", "exit 0 when the manager answers and reaches Redis")):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--socket-path", "--socket", dest="socket_path", metavar="PATH",
+                         help="control socket [env SHAREDPOOL_SOCKET; default /tmp/sharedpool-<uid>/sharedpool.sock]")
+        if name == "stats":
+            sub.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
+        else:
+            sub.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="how long to wait for the manager")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a manager, an embedded Redis and worker processes, and show the sharing",
+        description="A real run: redis-server (from --redis-url, PATH, or the 'embedded' extra), a manager, and workers doing a request mix.",
+    )
+    demo.add_argument("--workers", type=int, default=6, metavar="N", help="worker processes (default 6)")
+    demo.add_argument("--max-connections", type=int, default=2, metavar="N", help="Redis connections the manager may open (default 2)")
+    demo.add_argument("--duration", type=float, default=10.0, metavar="SECONDS", help="how long to run (default 10; Ctrl-C stops earlier)")
+    demo.add_argument("--redis-url", metavar="URL", help="use this Redis instead of starting one")
+    demo.add_argument("--kill-every", type=float, default=2.0, metavar="SECONDS",
+                      help="SIGKILL a random worker this often to show reaping (0: never; default 2)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "stats":
+            return _stats(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "demo":
+            from sharedpool.demo import run_demo
+
+            return run_demo(args)
+    except errors.ConfigError as exc:
+        print(f"sharedpool {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sharedpool.manager import Manager, ManagerAlreadyRunning
+
+    settings: ManagerConfig = config.from_args(ManagerConfig, args)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return Manager(settings).serve()
+    except (ManagerAlreadyRunning, PermissionError, FileExistsError) as exc:
+        print(f"sharedpool serve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _open_channel(args: argparse.Namespace, timeout: float = 2.0) -> Any:
+    from sharedpool.client.channel import ControlChannel
+
+    client: ClientConfig = config.build(ClientConfig, overrides={"socket_path": args.socket_path})
+    return ControlChannel(client.socket_path, connect_timeout=timeout, reply_timeout=timeout)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    try:
+        channel = _open_channel(args)
+        snapshot = channel.request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
+    except errors.SharedPoolError as exc:
+        print(f"sharedpool stats: {exc}", file=sys.stderr)
+        return 1
+    channel.close()
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        print(format_stats(snapshot))
+    return 0
+
+
+def format_stats(snapshot: dict[str, Any]) -> str:
+    conns, leases, counters = snapshot["connections"], snapshot["leases"], snapshot["counters"]
+    lines = [
+        f"pool {snapshot['pool']!r}  redis {snapshot['redis']}  manager pid {snapshot['manager_pid']}  "
+        f"up {snapshot['uptime_s']:.0f} s  state {snapshot['state']}",
+        f"connections  open {conns['open']}/{conns['max']}  idle {conns['idle']}  leased {conns['leased']}  "
+        f"connecting {conns['connecting']}  resetting {conns['resetting']}",
+        f"leases       held {leases['held']}  waiting {leases['waiting']}  "
+        f"wait p50/p99 {snapshot['wait_time']['p50_ms']}/{snapshot['wait_time']['p99_ms']} ms  "
+        f"hold p50/p99 {snapshot['hold_time']['p50_ms']}/{snapshot['hold_time']['p99_ms']} ms",
+    ]
+    if snapshot.get("redis_down_for_s") is not None:
+        lines.append(f"REDIS DOWN for {snapshot['redis_down_for_s']:.1f} s: {snapshot['last_redis_error']}")
+    lines.append("counters     " + "  ".join(f"{k} {v}" for k, v in sorted(counters.items()) if v))
+    lines.append(f"{'pid':>8} {'held':>5} {'total':>8} {'conns':>5} {'last seen':>10}")
+    for worker in snapshot["workers"]:
+        lines.append(
+            f"{worker['pid']:>8} {worker['leases_held']:>5} {worker['leases_total']:>8} "
+            f"{worker['control_connections']:>5} {worker['last_seen_s_ago']:>9.1f}s"
+        )
+    return "\n".join(lines)
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        channel = _open_channel(args, timeout=args.timeout)
+        snapshot = channel.request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
+        channel.close()
+    except errors.SharedPoolError as exc:
+        print(f"not ok: {exc}")
+        return 1
+    if snapshot.get("redis_down_for_s") is not None:
+        print(f"not ok: Redis at {snapshot['redis']} unreachable for {snapshot['redis_down_for_s']:.1f} s: {snapshot['last_redis_error']}")
+        return 1
+    print(f"ok: pool {snapshot['pool']!r}, {snapshot['connections']['open']} connections open to {snapshot['redis']}")
+    return 0
+

@@ -1,0 +1,354 @@
+"""Configuration: one frozen object for the manager, one for the client.
+
+Every field is filled from, in rising precedence: its default, the TOML
+file (``--config``), the ``SHAREDPOOL_<FIELD>`` environment variable, and
+the ``--field-name`` flag. Every value is checked when the config is built;
+a refused value raises ``ConfigError`` naming the field, the value, where it
+came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import stat
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from sharedpool.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "SHAREDPOOL_"
+# The short name the client documentation promises; SHAREDPOOL_SOCKET_PATH
+# (the field's regular name) wins when both are set.
+SOCKET_ENV_ALIAS = "SHAREDPOOL_SOCKET"
+
+
+def default_socket_path() -> str:
+    """Per-user default, independent of the environment.
+
+    Not under ``$XDG_RUNTIME_DIR``: a manager run by systemd and workers
+    started from a login shell often see different values of it, and would
+    then look for each other in different places.
+    """
+    return f"/tmp/sharedpool-{os.getuid()}/sharedpool.sock"
+
+
+def _positive_float(name: str, value: float) -> str | None:
+    return None if value > 0 else "a number of seconds greater than 0"
+
+
+def _non_negative_float(name: str, value: float) -> str | None:
+    return None if value >= 0 else "a number of seconds, 0 or more (0 turns it off)"
+
+
+def _int_range(low: int, high: int) -> Callable[[str, int], str | None]:
+    def check(name: str, value: int) -> str | None:
+        return None if low <= value <= high else f"an integer from {low} to {high}"
+
+    return check
+
+
+def _choice(*allowed: Any) -> Callable[[str, Any], str | None]:
+    def check(name: str, value: Any) -> str | None:
+        return None if value in allowed else "one of " + ", ".join(repr(a) for a in allowed)
+
+    return check
+
+
+def _redis_url(name: str, value: str) -> str | None:
+    scheme = urlsplit(value).scheme
+    if scheme == "rediss":
+        return (
+            "redis:// or unix://; rediss:// (TLS) cannot be shared, because TLS "
+            "session state lives in the manager's memory and a passed socket fd "
+            "does not carry it"
+        )
+    if scheme not in ("redis", "unix"):
+        return "a redis://host:port/db or unix:///path/to/redis.sock URL"
+    return None
+
+
+def _socket_mode(name: str, value: int) -> str | None:
+    if value & ~0o777:
+        return "permission bits as octal, e.g. 600 or 660"
+    if value & 0o006:
+        return "permission bits that give others nothing, such as 600 or 660 (share through a group, never with everyone)"
+    return None
+
+
+def _parse_octal(text: str) -> int:
+    return int(str(text), 8)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _parse_uid_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in str(text).replace(",", " ").split())
+
+
+def _spec(
+    default: Any,
+    help: str,
+    parse: Callable[[str], Any],
+    check: Callable[[str, Any], str | None] | None = None,
+    metavar: str = "",
+) -> Any:
+    return field(
+        default=default,
+        metadata={"help": help, "parse": parse, "check": check, "metavar": metavar},
+    )
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Everything ``sharedpool serve`` can be told. Frozen: reload builds a new one."""
+
+    pool_name: str = _spec("default", "name of this pool, shown in CLIENT LIST and errors", str)
+    redis_url: str = _spec(
+        "redis://127.0.0.1:6379/0",
+        "Redis to share: redis://[user:password@]host:port/db or unix:///path?db=N",
+        str,
+        _redis_url,
+        "URL",
+    )
+    redis_url_file: str = _spec(
+        "", "read redis_url from this file (keeps the password out of argv)", str, None, "PATH"
+    )
+    socket_path: str = _spec(
+        "", "control socket path [default: /tmp/sharedpool-<uid>/sharedpool.sock]", str, None, "PATH"
+    )
+    socket_mode: int = _spec(0o600, "permission bits of the control socket, octal", _parse_octal, _socket_mode, "MODE")
+    allowed_uids: tuple[int, ...] = _spec(
+        (), "uids allowed to connect, comma separated [default: the manager's own uid]", _parse_uid_list, None, "UIDS"
+    )
+    max_connections: int = _spec(10, "most Redis connections the manager opens", int, _int_range(1, 10_000), "N")
+    min_idle: int = _spec(1, "idle connections kept open and ready (at most max_connections)", int, _int_range(0, 10_000), "N")
+    acquire_timeout: float = _spec(5.0, "seconds a worker waits for a lease before PoolTimeout", float, _positive_float, "SECONDS")
+    max_waiting: int = _spec(256, "most workers queued for a lease; more are refused at once", int, _int_range(0, 1_000_000), "N")
+    max_lifetime: float = _spec(3600.0, "seconds before an idle connection is recycled (0: never)", float, _non_negative_float, "SECONDS")
+    idle_timeout: float = _spec(600.0, "seconds idle before a connection above min_idle is closed (0: never)", float, _non_negative_float, "SECONDS")
+    health_check_interval: float = _spec(30.0, "seconds between health checks of idle connections (0: off)", float, _non_negative_float, "SECONDS")
+    leak_threshold: float = _spec(30.0, "seconds a lease may be held before a warning is logged (0: off)", float, _non_negative_float, "SECONDS")
+    max_lease_time: float = _spec(0.0, "seconds after which a held lease is revoked (0: never)", float, _non_negative_float, "SECONDS")
+    reap_interval: float = _spec(1.0, "seconds between sweeps for dead lease holders", float, _positive_float, "SECONDS")
+    shutdown_grace: float = _spec(10.0, "seconds to wait for leases on SIGTERM before closing anyway", float, _non_negative_float, "SECONDS")
+    redis_timeout: float = _spec(5.0, "socket and connect timeout of the manager's own Redis I/O", float, _positive_float, "SECONDS")
+    protocol: int = _spec(3, "RESP version the connections are set up with", int, _choice(2, 3), "2|3")
+    max_clients: int = _spec(1024, "most control connections at once; more are refused", int, _int_range(1, 1_000_000), "N")
+    handshake_timeout: float = _spec(5.0, "seconds a new control connection has to send HELLO", float, _positive_float, "SECONDS")
+    log_level: str = _spec("INFO", "DEBUG, INFO, WARNING or ERROR", str.upper, _choice("DEBUG", "INFO", "WARNING", "ERROR"), "LEVEL")
+
+    def __post_init__(self) -> None:
+        if not self.socket_path:
+            object.__setattr__(self, "socket_path", default_socket_path())
+        if self.min_idle > self.max_connections:
+            raise ConfigError(
+                "min_idle", self.min_idle, f"at most max_connections ({self.max_connections})"
+            )
+
+    def safe_dict(self) -> dict[str, Any]:
+        """The config as plain data with the Redis password masked."""
+        values = dataclasses.asdict(self)
+        values["redis_url"] = mask_url(self.redis_url)
+        values["socket_mode"] = f"{self.socket_mode:o}"
+        values["allowed_uids"] = list(self.allowed_uids)
+        return values
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.safe_dict().items())
+        return f"ManagerConfig({fields})"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What a worker needs to find and use the manager."""
+
+    socket_path: str = _spec("", "control socket of the manager", str, None, "PATH")
+    acquire_timeout: float = _spec(
+        0.0, "seconds to wait for a lease (0: the manager's acquire_timeout)", float, _non_negative_float, "SECONDS"
+    )
+    manager_timeout: float = _spec(
+        5.0, "seconds to keep retrying when no manager answers (0: fail at once)", float, _non_negative_float, "SECONDS"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.socket_path:
+            object.__setattr__(self, "socket_path", default_socket_path())
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _convert(cls: type, name: str, raw: Any, source: str) -> Any:
+    spec = next(f for f in dataclasses.fields(cls) if f.name == name)
+    parse = spec.metadata["parse"]
+    try:
+        if isinstance(raw, str):
+            value = parse(raw)
+        elif isinstance(raw, bool) and parse is not _parse_bool:
+            raise ValueError(raw)
+        elif parse is int and isinstance(raw, int):
+            value = raw
+        elif parse is float and isinstance(raw, (int, float)):
+            value = float(raw)
+        elif parse is _parse_uid_list and isinstance(raw, (list, tuple)):
+            value = tuple(int(v) for v in raw if not isinstance(v, bool) and isinstance(v, int))
+            if len(value) != len(raw):
+                raise ValueError(raw)
+        elif parse is _parse_octal and isinstance(raw, int):
+            value = parse(str(raw))
+        else:
+            raise ValueError(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(name, raw, _type_words(spec), source) from None
+    check = spec.metadata["check"]
+    if check is not None:
+        problem = check(name, value)
+        if problem:
+            raise ConfigError(name, raw, problem, source)
+    return value
+
+
+def _type_words(spec: dataclasses.Field[Any]) -> str:
+    parse = spec.metadata["parse"]
+    if parse is int:
+        return "an integer"
+    if parse is float:
+        return "a number"
+    if parse is _parse_octal:
+        return "octal permission bits such as 600"
+    if parse is _parse_uid_list:
+        return "a comma-separated list of integer uids"
+    return "a string"
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_mode & (stat.S_IRWXO):
+                mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+                raise ConfigError(
+                    "config", path, f"a file others cannot read (mode is {mode:o}; it may hold the Redis password: chmod o-rwx)"
+                )
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError("config", path, f"a readable TOML file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", path, f"valid TOML ({exc})") from None
+    # Accept both a flat file and one with a [sharedpool] table.
+    section = data.get("sharedpool", data)
+    if not isinstance(section, dict):
+        raise ConfigError("config", path, "a TOML table of settings")
+    return section
+
+
+def build(
+    cls: type,
+    *,
+    toml: Mapping[str, Any] | None = None,
+    toml_source: str = "config file",
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Any:
+    """Fill ``cls`` from defaults < toml < environment < overrides."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, raw in (toml or {}).items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ConfigError(key, raw, "a known setting: " + ", ".join(sorted(names)), toml_source)
+        values[name] = _convert(cls, name, raw, toml_source)
+    environ = os.environ if environ is None else environ
+    if "socket_path" in names and SOCKET_ENV_ALIAS in environ and env_name("socket_path") not in environ:
+        values["socket_path"] = _convert(cls, "socket_path", environ[SOCKET_ENV_ALIAS], SOCKET_ENV_ALIAS)
+    for name in names:
+        key = env_name(name)
+        if key in environ:
+            values[name] = _convert(cls, name, environ[key], key)
+    for name, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if name not in names:
+            raise ConfigError(name, raw, "a known setting: " + ", ".join(sorted(names)))
+        values[name] = _convert(cls, name, raw, flag_name(name))
+    if values.get("redis_url_file") and "redis_url" not in (overrides or {}):
+        values["redis_url"] = _read_url_file(cls, values["redis_url_file"])
+    return cls(**values)
+
+
+def _read_url_file(cls: type, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            url = handle.read().strip()
+    except OSError as exc:
+        raise ConfigError("redis_url_file", path, f"a readable file ({exc.strerror})") from None
+    return str(_convert(cls, "redis_url", url, f"redis_url_file {path}"))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name`` flag per field, help text with default and env name."""
+    for spec in dataclasses.fields(cls):
+        flags = [flag_name(spec.name)]
+        if spec.name == "socket_path":
+            flags.append("--socket")
+        default = spec.default
+        if spec.name == "socket_mode":
+            shown = f"{default:o}"
+        elif isinstance(default, tuple):
+            shown = ",".join(str(d) for d in default) or "-"
+        else:
+            shown = str(default) if default != "" else "-"
+        help_text = f"{spec.metadata['help']} [default: {shown}; env {env_name(spec.name)}]"
+        if spec.name == "socket_path":
+            help_text = f"{spec.metadata['help']} [env {env_name(spec.name)} or {SOCKET_ENV_ALIAS}]"
+        parser.add_argument(
+            *flags,
+            dest=spec.name,
+            default=None,
+            metavar=spec.metadata["metavar"] or spec.name.upper(),
+            help=help_text,
+        )
+
+
+def from_args(cls: type, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Any:
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    config_path = getattr(args, "config", None)
+    toml = load_toml(config_path) if config_path else None
+    return build(cls, toml=toml, toml_source=config_path or "", environ=environ, overrides=overrides)
+
+
+def client_config(**overrides: Any) -> ClientConfig:
+    config: ClientConfig = build(ClientConfig, overrides=overrides)
+    return config

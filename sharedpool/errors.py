@@ -1,0 +1,62 @@
+"""sharedpool's exceptions.
+
+Errors a caller may meet in the middle of a Redis command subclass the
+redis-py exceptions code already catches: a pool timeout is a
+``redis.TimeoutError``, an unreachable manager or Redis a
+``redis.ConnectionError``. Configuration mistakes are ``ValueError``s.
+"""
+
+from __future__ import annotations
+
+import redis.exceptions
+
+
+class SharedPoolError(redis.exceptions.RedisError):
+    """Base of every error sharedpool raises at run time."""
+
+
+class PoolTimeout(SharedPoolError, redis.exceptions.TimeoutError):
+    """No lease was granted within the acquire timeout."""
+
+
+class PoolFull(SharedPoolError, redis.exceptions.ConnectionError):
+    """The manager refused to queue another waiter (``max_waiting``)."""
+
+
+class ManagerUnavailable(SharedPoolError, redis.exceptions.ConnectionError):
+    """No manager answers on the control socket, or it went away."""
+
+
+class RedisUnavailable(SharedPoolError, redis.exceptions.ConnectionError):
+    """The manager cannot open a connection to Redis right now."""
+
+
+class ShuttingDown(SharedPoolError, redis.exceptions.ConnectionError):
+    """The manager is stopping and grants no more leases."""
+
+
+class LeaseLost(SharedPoolError, redis.exceptions.ConnectionError):
+    """The leased connection was revoked or lost in the middle of a lease."""
+
+
+class LeaseError(SharedPoolError):
+    """A lease was misused: released twice, or released by the wrong pool."""
+
+
+class Forbidden(SharedPoolError, redis.exceptions.ConnectionError):
+    """The manager refused this process (uid not allowed, admin denied)."""
+
+
+class ProtocolMismatch(SharedPoolError, redis.exceptions.ConnectionError):
+    """Client and manager disagree on the wire protocol, RESP version or db."""
+
+
+class ConfigError(ValueError):
+    """A configuration value was refused. The message names field, value and what is allowed."""
+
+    def __init__(self, field: str, value: object, allowed: str, source: str = "") -> None:
+        where = f" (from {source})" if source else ""
+        super().__init__(f"invalid {field}={value!r}{where}: {allowed}")
+        self.field = field
+        self.value = value
+        self.allowed = allowed

@@ -1,0 +1,134 @@
+"""The manager's own side of each Redis connection.
+
+Opening (TCP or unix connect plus AUTH / HELLO / SELECT / CLIENT SETNAME)
+and resetting are blocking redis-py calls, so the loop runs them in a
+thread pool and never waits on Redis itself. Closing is ``shutdown()`` then
+``close()``: shutdown ends the TCP connection for every process holding a
+dup of the fd (DESIGN fact 1), which is what revoking and discarding mean.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from redis.connection import Connection, UnixDomainSocketConnection, parse_url
+
+from sharedpool.config import ManagerConfig
+
+log = logging.getLogger("sharedpool.manager")
+
+# RESET can be answered after messages that were already in flight (a
+# SUBSCRIBEd connection); read past at most this many of them.
+_MAX_STRAY_REPLIES = 10_000
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where and how the manager connects; built once per config."""
+
+    kwargs: dict[str, Any]
+    unix: bool
+    label: str  # host:port or path, never the password
+    db: int
+    protocol: int
+
+    @classmethod
+    def from_config(cls, config: ManagerConfig) -> RedisTarget:
+        kwargs = dict(parse_url(config.redis_url))
+        unix = urlsplit(config.redis_url).scheme == "unix"
+        kwargs.pop("connection_class", None)
+        db = int(kwargs.get("db", 0) or 0)
+        label = kwargs.get("path", "") if unix else f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        kwargs.update(
+            protocol=config.protocol,
+            socket_timeout=config.redis_timeout,
+            socket_connect_timeout=config.redis_timeout,
+            # Nothing retried in here: a failed open is reported to the pool,
+            # which owns the backoff.
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
+        if not unix:
+            kwargs["socket_keepalive"] = True
+        return cls(kwargs, unix, label, db, config.protocol)
+
+
+class Backend:
+    """One real Redis connection owned by the manager."""
+
+    def __init__(self, target: RedisTarget, pool_name: str, slot: int) -> None:
+        kwargs = dict(target.kwargs, client_name=f"sharedpool:{pool_name}:{slot}")
+        connection_class = UnixDomainSocketConnection if target.unix else Connection
+        self.connection: Connection = connection_class(**kwargs)
+        self.timeout = target.kwargs["socket_timeout"]
+        self.slot = slot
+        self.fileno = -1
+
+    def open(self) -> Backend:
+        self.connection.connect()
+        sock = self.connection._sock
+        assert sock is not None
+        self.fileno = sock.fileno()
+        return self
+
+    def reset(self) -> None:
+        """RESET the session, then redo our own handshake (RESET drops AUTH and RESP3).
+
+        Workers may have left the fd in either blocking mode (DESIGN fact 9),
+        so our own timeout is applied first.
+        """
+        conn = self.connection
+        sock = conn._sock
+        if sock is None:
+            raise redis.ConnectionError("connection already closed")
+        sock.settimeout(self.timeout)
+        conn.send_command("RESET", check_health=False)
+        for _ in range(_MAX_STRAY_REPLIES):
+            reply = conn.read_response(disable_decoding=True)
+            if reply in (b"RESET", "RESET"):
+                break
+        else:
+            raise redis.ConnectionError("no RESET reply among stray replies")
+        # The RESP3 parser reads RESP2 too, so the handshake can run as is.
+        conn.on_connect()
+
+    def is_quiet(self) -> bool:
+        """True when nothing is readable: no EOF, no reply nobody asked for."""
+        try:
+            readable, _, _ = select.select([self.fileno], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def close(self) -> None:
+        try:
+            self.connection.disconnect()
+        except Exception:  # a dead socket must still be dropped
+            log.debug("error closing slot %d", self.slot, exc_info=True)
+
+
+def open_backend(target: RedisTarget, pool_name: str, slot: int) -> Backend:
+    return Backend(target, pool_name, slot).open()
+
+
+def probe(target: RedisTarget, timeout: float = 2.0) -> str:
+    """One-shot PING for ``sharedpool check``; returns an error text or ''."""
+    kwargs = dict(target.kwargs, socket_timeout=timeout, socket_connect_timeout=timeout)
+    connection_class = UnixDomainSocketConnection if target.unix else Connection
+    conn = connection_class(**kwargs)
+    started = time.monotonic()
+    try:
+        conn.connect()
+        conn.send_command("PING")
+        conn.read_response()
+    except redis.RedisError as exc:
+        return f"{target.label}: {exc} after {time.monotonic() - started:.2f} s"
+    finally:
+        conn.disconnect()
+    return ""
+

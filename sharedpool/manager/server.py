@@ -1,0 +1,649 @@
+"""The manager's event loop: control socket, workers' frames, Redis I/O off the loop.
+
+One thread runs the loop. It reads frames, asks the pool (``pool.py``)
+what to do, and does it. Connecting to Redis and resetting a connection
+block, so they run in a small thread pool whose results come back through
+a queue and a wake-up pipe. Signal handlers only enqueue.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import queue
+import secrets
+import selectors
+import signal
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import psutil
+
+from sharedpool import __version__, protocol
+from sharedpool import stats as keys
+from sharedpool.config import ManagerConfig, mask_url
+from sharedpool.manager.backend import Backend, RedisTarget, open_backend
+from sharedpool.manager.pool import (
+    Action,
+    CloseConnection,
+    Holder,
+    Limits,
+    OpenConnection,
+    Pool,
+    ReapCause,
+    ResetConnection,
+    SendError,
+    SendGrant,
+    SlotState,
+)
+from sharedpool.protocol import ErrorCode, FrameType
+
+log = logging.getLogger("sharedpool.manager")
+
+_PEERCRED = struct.Struct("3i")
+
+
+class ManagerAlreadyRunning(RuntimeError):
+    pass
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class ClientState(enum.Enum):
+    HANDSHAKE = "handshake"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class ControlClient:
+    """One accepted control connection."""
+
+    __slots__ = ("sock", "pid", "uid", "state", "holder", "accepted_at", "label")
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int, now: float) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.state = ClientState.HANDSHAKE
+        self.holder: Holder | None = None
+        self.accepted_at = now
+        self.label = f"pid {pid} uid {uid}"
+
+
+class Manager:
+    def __init__(self, config: ManagerConfig) -> None:
+        self.config = config
+        self.target = RedisTarget.from_config(config)
+        self.pool = Pool(self._limits(config))
+        self.epoch = secrets.token_hex(8)
+        self.state = State.STARTING
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+        self._selector = selectors.DefaultSelector()
+        self._clients: dict[int, ControlClient] = {}  # holder id -> client
+        self._handshaking: set[ControlClient] = set()
+        self._holder_ids = itertools.count(1)
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, min(8, config.max_connections)), thread_name_prefix="sharedpool-redis"
+        )
+        self._completions: queue.SimpleQueue[Callable[[float], list[Action]]] = queue.SimpleQueue()
+        self._signals: deque[int] = deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._listener: socket.socket | None = None
+        self._lock_fd = -1
+        self._socket_inode = -1
+        self._drain_deadline = 0.0
+        self._next_sweep = 0.0
+        self.counters = self.pool.counters
+
+    @staticmethod
+    def _limits(config: ManagerConfig) -> Limits:
+        return Limits(
+            max_connections=config.max_connections,
+            min_idle=config.min_idle,
+            acquire_timeout=config.acquire_timeout,
+            max_waiting=config.max_waiting,
+            redis_label=RedisTarget.from_config(config).label,
+            pool_name=config.pool_name,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Manager {self.config.pool_name!r} {self.state.value} {self.pool!r}>"
+
+    # ----- lifecycle -------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; return the process exit code."""
+        self.start()
+        self._install_signal_handlers()
+        try:
+            while self.state is not State.STOPPED:
+                self.step()
+        finally:
+            self.close()
+        return 0
+
+    def start(self) -> None:
+        self._claim_socket_path()
+        self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)  # type: ignore[arg-type]
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.state = State.RUNNING
+        log.info(
+            "manager %r started: pid %d, socket %s, redis %s, max_connections %d, min_idle %d, epoch %s",
+            self.config.pool_name, os.getpid(), self.config.socket_path, mask_url(self.config.redis_url),
+            self.config.max_connections, self.config.min_idle, self.epoch,
+        )
+        self._perform(self.pool._dispatch(time.monotonic()))
+
+    def stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        if self.state is State.RUNNING:
+            now = time.monotonic()
+            self.state = State.DRAINING
+            self._drain_deadline = now + self.config.shutdown_grace
+            log.info(
+                "stopping: no more grants; waiting up to %.1f s for %d leases",
+                self.config.shutdown_grace, len(self.pool.leases),
+            )
+            self._perform(self.pool.begin_shutdown(now))
+
+    def close(self) -> None:
+        now = time.monotonic()
+        if self.pool.leases:
+            log.warning("grace period over: closing %d leased connections", len(self.pool.leases))
+        self._perform(self.pool.close_all(now))
+        for client in list(self._clients.values()) + list(self._handshaking):
+            self._drop(client, "manager stopping", reap=False)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._listener is not None:
+            self._selector.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+            self._remove_socket_file()
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        self.state = State.STOPPED
+        log.info("manager %r stopped", self.config.pool_name)
+
+    def _install_signal_handlers(self) -> None:
+        def enqueue(signum: int, frame: Any) -> None:
+            self._signals.append(signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, enqueue)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _claim_socket_path(self) -> None:
+        path = self.config.socket_path
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            os.chmod(parent, 0o700)
+        info = os.stat(parent)
+        if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+            raise PermissionError(f"socket directory {parent} is writable by everyone; refusing to use it")
+        # The lock file, held for the manager's life, decides who owns the
+        # path: the kernel drops it when we die, so a stale socket file is
+        # one whose lock is free.
+        self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_pid(self._lock_fd)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise ManagerAlreadyRunning(
+                f"another manager (pid {owner}) already serves {path}; stop it or choose another --socket-path"
+            ) from None
+        os.ftruncate(self._lock_fd, 0)
+        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+            log.info("replacing stale socket file %s", path)
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.config.socket_mode)
+        listener.listen(min(socket.SOMAXCONN, 4096))
+        listener.setblocking(False)
+        self._listener = listener
+        self._socket_inode = os.stat(path).st_ino
+
+    def _remove_socket_file(self) -> None:
+        path = self.config.socket_path
+        try:
+            if os.stat(path).st_ino == self._socket_inode:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    # ----- the loop --------------------------------------------------------
+
+    def step(self, max_wait: float = 1.0) -> None:
+        now = time.monotonic()
+        deadline = min(self.pool.next_deadline(), now + max_wait, self._next_sweep or now + max_wait)
+        if self._handshaking:
+            deadline = min(deadline, min(c.accepted_at for c in self._handshaking) + self.config.handshake_timeout)
+        if self.state is State.DRAINING:
+            deadline = min(deadline, self._drain_deadline)
+        for key, _mask in self._selector.select(max(0.0, deadline - now)):
+            key.data(key.fileobj)
+        now = time.monotonic()
+        self._perform(self.pool.expire(now))
+        self._expire_handshakes(now)
+        if now >= self._next_sweep:
+            self._sweep(now)
+            self._next_sweep = now + self.config.reap_interval
+        while self._signals:
+            self._on_signal(self._signals.popleft())
+        if self.state is State.DRAINING and (not self.pool.leases or now >= self._drain_deadline):
+            self.state = State.STOPPED
+
+    def _on_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            log.info("received %s", signal.Signals(signum).name)
+            self.stop()
+        elif signum == signal.SIGHUP:
+            log.info("received SIGHUP: live reload is not supported by this version; restart to change settings")
+
+    def _on_wake(self, _fileobj: Any) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                completion = self._completions.get_nowait()
+            except queue.Empty:
+                break
+            self._perform(completion(time.monotonic()))
+
+    def _submit(self, work: Callable[[], Any], done: Callable[[float, Future[Any]], list[Action]]) -> None:
+        def finished(future: Future[Any]) -> None:
+            self._completions.put(lambda now: done(now, future))
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # a full pipe already means "wake up"; a closed one means we stopped
+
+        try:
+            self._executor.submit(work).add_done_callback(finished)
+        except RuntimeError:
+            pass  # executor shut down: we are stopping
+
+    # ----- performing decisions -------------------------------------------
+
+    def _perform(self, actions: list[Action]) -> None:
+        pending = deque(actions)
+        while pending:
+            action = pending.popleft()
+            if isinstance(action, SendGrant):
+                pending.extend(self._send_grant(action))
+            elif isinstance(action, SendError):
+                client = self._clients.get(action.holder.id)
+                if client is not None:
+                    self._send(client, protocol.encode_error(action.code, action.message, action.lease_id))
+            elif isinstance(action, OpenConnection):
+                self._open(action)
+            elif isinstance(action, ResetConnection):
+                self._reset(action)
+            elif isinstance(action, CloseConnection):
+                log.debug("closing slot %s: %s", getattr(action.backend, "slot", "?"), action.reason)
+                action.backend.close()
+
+    def _send_grant(self, action: SendGrant) -> list[Action]:
+        lease = action.lease
+        now = time.monotonic()
+        client = self._clients.get(lease.holder.id)
+        if client is None:
+            return self.pool.undeliverable(lease, now)
+        backend: Backend = lease.slot.backend
+        if not backend.is_quiet():
+            log.warning("slot %d found closed or holding stray data at grant: replaced", lease.slot.index)
+            return self.pool.stale_at_grant(lease, now)
+        frame = protocol.encode_grant(lease.id, lease.slot.index, lease.slot.generation, action.with_fd)
+        try:
+            if action.with_fd:
+                client.sock.sendmsg(
+                    [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [backend.fileno]))]
+                )
+                self.counters[keys.FDS_SENT] += 1
+            else:
+                client.sock.send(frame)
+        except OSError as exc:
+            actions = self.pool.undeliverable(lease, now)
+            self._drop(client, f"grant undeliverable ({exc.strerror or exc})")
+            return actions
+        return []
+
+    def _send(self, client: ControlClient, frame: bytes) -> bool:
+        try:
+            client.sock.send(frame)
+            return True
+        except BlockingIOError:
+            # SEQPACKET send buffers hold hundreds of our frames: a full one
+            # means the worker stopped reading. It cannot be served.
+            self._drop(client, "not reading its replies")
+        except OSError as exc:
+            self._drop(client, f"send failed ({exc.strerror or exc})")
+        return False
+
+    def _open(self, action: OpenConnection) -> None:
+        target, name = self.target, self.config.pool_name
+
+        def done(now: float, future: Future[Backend]) -> list[Action]:
+            try:
+                backend = future.result()
+            except Exception as exc:  # any failure to connect is reported, never raised
+                return self.pool.connect_failed(action.slot, action.generation, _describe(exc), now)
+            log.info("connected slot %d (generation %d) to %s", action.slot, action.generation, self.target.label)
+            return self.pool.connected(action.slot, action.generation, backend, now)
+
+        self._submit(lambda: open_backend(target, name, action.slot), done)
+
+    def _reset(self, action: ResetConnection) -> None:
+        backend: Backend = action.backend
+
+        def done(now: float, future: Future[None]) -> list[Action]:
+            try:
+                future.result()
+            except Exception as exc:
+                return self.pool.reset_done(action.slot, action.generation, False, now, _describe(exc))
+            return self.pool.reset_done(action.slot, action.generation, True, now)
+
+        self._submit(backend.reset, done)
+
+    # ----- control connections --------------------------------------------
+
+    def _on_accept(self, listener: Any) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("cannot accept control connection: %s", exc.strerror)
+                    return
+                continue
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        now = time.monotonic()
+        sock.setblocking(False)
+        pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        client = ControlClient(sock, pid, uid, now)
+        allowed = {os.getuid(), *self.config.allowed_uids}
+        if uid not in allowed:
+            self.counters[keys.CLIENTS_REFUSED] += 1
+            log.warning("refused control connection from pid %d uid %d: uid not in allowed_uids", pid, uid)
+            _refuse(sock, ErrorCode.FORBIDDEN, f"uid {uid} is not allowed to use pool {self.config.pool_name!r}")
+            return
+        if len(self._clients) + len(self._handshaking) >= self.config.max_clients:
+            self.counters[keys.CLIENTS_REFUSED] += 1
+            log.warning("refused control connection from pid %d: max_clients (%d) reached", pid, self.config.max_clients)
+            _refuse(sock, ErrorCode.TOO_MANY_CLIENTS, f"manager has max_clients={self.config.max_clients} control connections")
+            return
+        self.counters[keys.CLIENTS_ACCEPTED] += 1
+        self._handshaking.add(client)
+        self._selector.register(sock, selectors.EVENT_READ, lambda _s, c=client: self._on_readable(c))
+
+    def _expire_handshakes(self, now: float) -> None:
+        limit = self.config.handshake_timeout
+        for client in [c for c in self._handshaking if now - c.accepted_at >= limit]:
+            self._send(client, protocol.encode_error(ErrorCode.NOT_READY, f"no HELLO within {limit:.1f} s"))
+            self._drop(client, "handshake timeout")
+
+    def _drop(self, client: ControlClient, reason: str, reap: bool = True) -> None:
+        if client.state is ClientState.CLOSED:
+            return
+        client.state = ClientState.CLOSED
+        self._handshaking.discard(client)
+        try:
+            self._selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+        holder = client.holder
+        if holder is not None:
+            self._clients.pop(holder.id, None)
+            if holder.leases:
+                log.warning("control connection of %s closed while holding %d leases (%s)", client.label, len(holder.leases), reason)
+            else:
+                log.debug("control connection of %s closed (%s)", client.label, reason)
+            if reap:
+                self._perform(self.pool.holder_gone(holder, time.monotonic()))
+        else:
+            log.debug("control connection of %s closed before HELLO (%s)", client.label, reason)
+
+    def _on_readable(self, client: ControlClient) -> None:
+        try:
+            data, _anc, flags, _addr = client.sock.recvmsg(protocol.MAX_FRAME)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(client, f"read failed ({exc.strerror or exc})")
+            return
+        if not data:
+            self._drop(client, "closed by peer")
+            return
+        try:
+            protocol.check_recv_flags(flags)
+            version, frame_type, body = protocol.split(data)
+            if version not in protocol.SUPPORTED_VERSIONS:
+                self._send(client, protocol.encode_error(
+                    ErrorCode.VERSION, f"protocol version {version} not supported; this manager speaks {list(protocol.SUPPORTED_VERSIONS)}"))
+                self._drop(client, f"unsupported protocol version {version}")
+                return
+            handler = self._handlers.get(frame_type)
+            if handler is None:
+                self._send(client, protocol.encode_error(ErrorCode.UNSUPPORTED, f"frame type {frame_type} is not supported"))
+                return
+            if client.state is ClientState.HANDSHAKE and frame_type != FrameType.HELLO:
+                self._send(client, protocol.encode_error(ErrorCode.NOT_READY, "the first frame must be HELLO"))
+                self._drop(client, f"frame type {frame_type} before HELLO")
+                return
+            handler(self, client, body)
+        except protocol.ProtocolError as exc:
+            self.counters[keys.PROTOCOL_ERRORS] += 1
+            log.warning("malformed frame from %s: %s; closing its connection", client.label, exc)
+            self._send(client, protocol.encode_error(ErrorCode.MALFORMED, str(exc)))
+            self._drop(client, "malformed frame")
+
+    def _on_hello(self, client: ControlClient, body: bytes) -> None:
+        if client.state is not ClientState.HANDSHAKE:
+            raise protocol.ProtocolError("HELLO sent twice")
+        hello = protocol.decode_json(body)
+        claimed = hello.get("pid")
+        if claimed != client.pid:
+            log.debug("HELLO claims pid %r, peer credentials say %d; using the latter", claimed, client.pid)
+        now = time.monotonic()
+        holder = self.pool.add_holder(next(self._holder_ids), client.pid, now, _create_time(client.pid))
+        holder.name = str(hello.get("client", ""))[:100]
+        client.holder = holder
+        client.state = ClientState.READY
+        self._handshaking.discard(client)
+        self._clients[holder.id] = client
+        self._send(client, protocol.encode_json(FrameType.WELCOME, self.welcome()))
+
+    def welcome(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "pool": self.config.pool_name,
+            "db": self.target.db,
+            "protocol": self.target.protocol,
+            "redis": self.target.label,
+            "manager_pid": os.getpid(),
+            "max_connections": self.config.max_connections,
+            "versions": list(protocol.SUPPORTED_VERSIONS),
+            "server": f"sharedpool/{__version__}",
+        }
+
+    def _on_acquire(self, client: ControlClient, body: bytes) -> None:
+        timeout_ms, where = protocol.decode_acquire(body)
+        timeout = None if timeout_ms == protocol.DEFAULT_TIMEOUT else timeout_ms / 1000.0
+        assert client.holder is not None
+        self._perform(self.pool.acquire(client.holder, timeout, time.monotonic(), where))
+
+    def _on_release(self, client: ControlClient, body: bytes) -> None:
+        lease_id, outcome = protocol.decode_release(body)
+        assert client.holder is not None
+        self._perform(self.pool.release(client.holder, lease_id, outcome, time.monotonic()))
+
+    def _on_fetch_fd(self, client: ControlClient, body: bytes) -> None:
+        lease_id = protocol.decode_fetch_fd(body)
+        assert client.holder is not None
+        lease = self.pool.lease_for_fetch(client.holder, lease_id)
+        if lease is None:
+            self._send(client, protocol.encode_error(ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is not held by this connection", lease_id))
+            return
+        self._perform([SendGrant(lease, True)])
+
+    def _on_stats(self, client: ControlClient, body: bytes) -> None:
+        self._send(client, protocol.encode_json(FrameType.STATS_REPLY, self.snapshot()))
+
+    def _on_ping(self, client: ControlClient, body: bytes) -> None:
+        self._send(client, protocol.encode_empty(FrameType.PONG))
+
+    _handlers: dict[int, Callable[[Manager, ControlClient, bytes], None]] = {
+        FrameType.HELLO: _on_hello,
+        FrameType.ACQUIRE: _on_acquire,
+        FrameType.RELEASE: _on_release,
+        FrameType.FETCH_FD: _on_fetch_fd,
+        FrameType.STATS: _on_stats,
+        FrameType.PING: _on_ping,
+    }
+
+    # ----- reaping ------------------------------------------------------------
+
+    def _sweep(self, now: float) -> None:
+        """Reap leases whose holder process died while its socket stays open elsewhere."""
+        dead = [p.pid for p in self.pool.processes.values() if _holds_leases(self, p.pid) and not _alive(p.pid, p.create_time)]
+        for pid in dead:
+            self.reap_pid(pid, now)
+
+    def reap_pid(self, pid: int, now: float | None = None) -> int:
+        """Reap every lease of a dead pid and close its control connections."""
+        now = time.monotonic() if now is None else now
+        reaped = 0
+        for client in [c for c in self._clients.values() if c.pid == pid]:
+            holder = client.holder
+            assert holder is not None
+            reaped += len(holder.leases)
+            client.state = ClientState.CLOSED
+            try:
+                self._selector.unregister(client.sock)
+            except (KeyError, ValueError):
+                pass
+            client.sock.close()
+            self._clients.pop(holder.id, None)
+            self._perform(self.pool.holder_gone(holder, now, ReapCause.HOLDER_DEAD))
+        return reaped
+
+    # ----- stats ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        pool = self.pool
+        now = time.monotonic()
+        workers = []
+        for process in pool.processes.values():
+            held = sum(len(c.holder.leases) for c in self._clients.values() if c.holder and c.holder.process is process)
+            workers.append({
+                "pid": process.pid, "leases_held": held, "leases_total": process.leases_total,
+                "control_connections": process.holders, "last_seen_s_ago": round(now - process.last_seen, 3),
+            })
+        return {
+            "pool": self.config.pool_name,
+            "state": self.state.value,
+            "epoch": self.epoch,
+            "manager_pid": os.getpid(),
+            "version": __version__,
+            "uptime_s": round(now - self._started_monotonic, 3),
+            "redis": self.target.label,
+            "redis_down_for_s": round(now - pool.redis_down_since, 3) if pool.redis_down_since is not None else None,
+            "last_redis_error": pool.last_connect_error,
+            "connections": {
+                "open": pool.open_connections,
+                "idle": pool.count(SlotState.IDLE),
+                "leased": pool.count(SlotState.LEASED),
+                "connecting": pool.count(SlotState.CONNECTING),
+                "resetting": pool.count(SlotState.RESETTING),
+                "max": self.config.max_connections,
+            },
+            "leases": {"held": len(pool.leases), "waiting": pool.waiting},
+            "control_connections": len(self._clients) + len(self._handshaking),
+            "counters": dict(pool.counters),
+            "wait_time": keys.percentiles(pool.wait_times),
+            "hold_time": keys.percentiles(pool.hold_times),
+            "workers": sorted(workers, key=lambda w: w["pid"]),
+            "config": self.config.safe_dict(),
+        }
+
+
+def _holds_leases(manager: Manager, pid: int) -> bool:
+    return any(c.pid == pid and c.holder is not None and c.holder.leases for c in manager._clients.values())
+
+
+def _alive(pid: int, create_time: float) -> bool:
+    """psutil's view; a zombie is dead, and a reused pid is somebody else."""
+    try:
+        process = psutil.Process(pid)
+        if create_time and abs(process.create_time() - create_time) > 0.01:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def _refuse(sock: socket.socket, code: ErrorCode, message: str) -> None:
+    try:
+        sock.send(protocol.encode_error(code, message))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        return os.pread(fd, 32, 0).decode().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
