@@ -63,6 +63,14 @@ class ControlChannel:
         self.epoch = str(self.welcome.get("epoch", ""))
         sock.settimeout(reply_timeout)
 
+    def __del__(self) -> None:
+        # A thread that ended takes its channel with it; closing our fd is
+        # what tells the manager (EOF), and is harmless in a forked child.
+        sock = getattr(self, "sock", None)
+        if sock is not None and not getattr(self, "closed", True):
+            self.closed = True
+            sock.close()
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<ControlChannel {self.socket_path} pid={self.pid} {state}>"

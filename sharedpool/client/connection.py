@@ -71,7 +71,7 @@ class LeasedConnection(Connection):
         self._in_multi = False
         self._watching = False
         self._pending_replies = 0
-        self._sock = sock
+        self._sock = sock  # type: ignore[assignment]  # redis-py declares it None-typed
         self._parser.on_connect(self)
 
     def repr_pieces(self) -> list[tuple[str, Any]]:

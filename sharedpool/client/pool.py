@@ -323,7 +323,7 @@ class SharedConnectionPool(redis.ConnectionPool):
             stale.shared_pool = None  # type: ignore[assignment]
             stale.disconnect()
         conn.slot, conn.generation = grant.slot, grant.generation
-        conn._sock = sock
+        conn._sock = sock  # type: ignore[assignment]  # redis-py declares it None-typed
         conn.begin_lease(grant.lease_id, channel)
         self._in_use_connections.add(conn)
         return sock

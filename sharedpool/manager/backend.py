@@ -63,7 +63,7 @@ class Backend:
 
     def __init__(self, target: RedisTarget, pool_name: str, slot: int) -> None:
         kwargs = dict(target.kwargs, client_name=f"sharedpool:{pool_name}:{slot}")
-        connection_class = UnixDomainSocketConnection if target.unix else Connection
+        connection_class: Any = UnixDomainSocketConnection if target.unix else Connection
         self.connection: Connection = connection_class(**kwargs)
         self.timeout = target.kwargs["socket_timeout"]
         self.slot = slot
@@ -119,7 +119,7 @@ def open_backend(target: RedisTarget, pool_name: str, slot: int) -> Backend:
 def probe(target: RedisTarget, timeout: float = 2.0) -> str:
     """One-shot PING for ``sharedpool check``; returns an error text or ''."""
     kwargs = dict(target.kwargs, socket_timeout=timeout, socket_connect_timeout=timeout)
-    connection_class = UnixDomainSocketConnection if target.unix else Connection
+    connection_class: Any = UnixDomainSocketConnection if target.unix else Connection
     conn = connection_class(**kwargs)
     started = time.monotonic()
     try:

@@ -1,0 +1,93 @@
+"""Fixtures: a real redis-server per xdist worker, real managers per test.
+
+Each xdist worker owns its Redis (its own port and directory); each test
+gets its own manager, socket directory and pool name, so tests never see
+each other's connections in ``CLIENT LIST``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from sharedpool.launch import ManagerProcess
+from sharedpool.redis_server import RedisServer
+
+_pool_names = itertools.count()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.01) -> Any:
+    """Poll until ``predicate()`` is truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what} (last value {value!r})")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(directory=str(tmp_path_factory.mktemp("redis")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def admin(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain redis-py client for looking at Redis from outside."""
+    client = redis_server.client(decode_responses=True)
+    yield client
+    client.close()
+
+
+def manager_clients(admin: redis.Redis, pool_name: str) -> list[dict[str, Any]]:
+    """Connections in Redis's CLIENT LIST that belong to the given manager's pool."""
+    prefix = f"sharedpool:{pool_name}:"
+    return [c for c in admin.client_list() if c.get("name", "").startswith(prefix)]
+
+
+class ManagerFactory:
+    def __init__(self, redis_server: RedisServer, tmp_path: Any) -> None:
+        self.redis_server = redis_server
+        self.tmp_path = tmp_path
+        self.started: list[ManagerProcess] = []
+
+    def __call__(self, redis_url: str | None = None, socket_path: str | None = None, **settings: Any) -> ManagerProcess:
+        index = len(self.started)
+        settings.setdefault("pool_name", f"t{os.getpid()}x{next(_pool_names)}")
+        settings.setdefault("log_level", "DEBUG")
+        socket_path = socket_path or str(self.tmp_path / f"run{index}" / "sp.sock")
+        manager = ManagerProcess(
+            socket_path=socket_path,
+            redis_url=redis_url or self.redis_server.url,
+            log_path=str(self.tmp_path / f"manager{index}.log"),
+            **settings,
+        )
+        manager.pool_name = settings["pool_name"]  # type: ignore[attr-defined]
+        self.started.append(manager)
+        return manager.start()
+
+
+@pytest.fixture
+def start_manager(redis_server: RedisServer, tmp_path: Any) -> Iterator[ManagerFactory]:
+    factory = ManagerFactory(redis_server, tmp_path)
+    yield factory
+    for manager in factory.started:
+        manager.stop(timeout=10)
+
+
+@pytest.fixture
+def manager(start_manager: ManagerFactory) -> ManagerProcess:
+    return start_manager(max_connections=4, min_idle=1)

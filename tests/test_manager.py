@@ -1,0 +1,114 @@
+"""The manager process: start, socket ownership, permissions, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+import redis
+
+import sharedpool
+from sharedpool.launch import ManagerProcess
+
+from conftest import manager_clients, wait_for
+
+
+def test_socket_dir_0700_socket_0600_and_min_idle_open_at_start(start_manager, admin: redis.Redis, tmp_path) -> None:
+    path = tmp_path / "fresh" / "dir" / "sp.sock"
+    manager = start_manager(socket_path=str(path), max_connections=4, min_idle=3)
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    wait_for(lambda: len(manager_clients(admin, manager.pool_name)) == 3, what="min_idle connections")
+    names = sorted(c["name"] for c in manager_clients(admin, manager.pool_name))
+    assert names == [f"sharedpool:{manager.pool_name}:{i}" for i in range(3)]
+
+
+def test_acceptance_many_processes_at_most_max_connections(start_manager, admin: redis.Redis, tmp_path) -> None:
+    manager = start_manager(socket_path=str(tmp_path / "x" / "sp.sock"), max_connections=4, min_idle=1)
+    script = (
+        "import sharedpool, sys\n"
+        "r = sharedpool.Redis(socket_path=sys.argv[1], acquire_timeout=30)\n"
+        "for i in range(200):\n"
+        "    r.set(f'acc:{sys.argv[2]}:{i}', i)\n"
+        "    assert int(r.get(f'acc:{sys.argv[2]}:{i}')) == i\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, manager.socket_path, str(n)]) for n in range(10)]
+    peak = 0
+    while any(p.poll() is None for p in procs):
+        peak = max(peak, len(manager_clients(admin, manager.pool_name)))
+    assert [p.wait() for p in procs] == [0] * 10
+    assert 1 <= peak <= 4
+
+
+def test_second_manager_on_the_same_socket_is_refused(manager: ManagerProcess, redis_server) -> None:
+    second = subprocess.run(
+        [sys.executable, "-m", "sharedpool", "serve", "--socket", manager.socket_path, "--redis-url", redis_server.url],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert second.returncode == 1
+    assert f"another manager (pid {manager.pid}) already serves {manager.socket_path}" in second.stderr
+    assert sharedpool.Redis(socket_path=manager.socket_path).ping() is True
+
+
+def test_stale_socket_file_is_replaced(start_manager, tmp_path) -> None:
+    path = tmp_path / "stale" / "sp.sock"
+    path.parent.mkdir(mode=0o700)
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    leftover.bind(str(path))
+    leftover.close()  # the file stays, nobody listens: what a SIGKILLed manager leaves
+    manager = start_manager(socket_path=str(path))
+    assert sharedpool.Redis(socket_path=manager.socket_path).ping() is True
+
+
+def test_manager_restarts_after_sigkill_on_the_same_path(start_manager) -> None:
+    first = start_manager()
+    first.kill()
+    second = start_manager(socket_path=first.socket_path)
+    assert sharedpool.Redis(socket_path=second.socket_path).ping() is True
+
+
+def test_sigterm_waits_for_leases_then_removes_the_socket(start_manager) -> None:
+    manager = start_manager(max_connections=2, shutdown_grace=30)
+    pool = sharedpool.SharedConnectionPool(manager.socket_path)
+    held = pool.get_connection()
+    manager.signal(signal.SIGTERM)
+    wait_for(lambda: manager.stats()["state"] == "draining", what="draining state")
+    other = sharedpool.SharedConnectionPool(manager.socket_path)
+    with pytest.raises(sharedpool.ShuttingDown):
+        other.get_connection()
+    assert manager.process.poll() is None  # still waiting for our lease
+    held.send_command("PING")
+    assert held.read_response() == b"PONG"  # the lease still works during the grace period
+    pool.release(held)
+    assert manager.process.wait(15) == 0
+    assert not os.path.exists(manager.socket_path)
+    pool.disconnect()
+    other.disconnect()
+
+
+def test_sigterm_grace_period_ends_held_leases(start_manager) -> None:
+    manager = start_manager(max_connections=1, shutdown_grace=0.5)
+    pool = sharedpool.SharedConnectionPool(manager.socket_path)
+    held = pool.get_connection()
+    manager.signal(signal.SIGTERM)
+    assert manager.process.wait(15) == 0
+    with pytest.raises(redis.ConnectionError):
+        held.send_command("PING")
+        held.read_response()
+    assert not os.path.exists(manager.socket_path)
+    pool.disconnect()
+
+
+def test_rediss_is_refused_at_start(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sharedpool", "serve", "--socket", str(tmp_path / "s.sock"), "--redis-url", "rediss://localhost:6380"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "invalid redis_url='rediss://localhost:6380'" in result.stderr
+    assert "TLS" in result.stderr

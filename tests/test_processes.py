@@ -1,0 +1,163 @@
+"""Real worker processes against one manager: the cap, kills, forks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+
+import multiprocess
+import redis
+
+import sharedpool
+
+from conftest import manager_clients, wait_for
+
+ctx = multiprocess.get_context("fork")
+
+
+def _hammer(socket_path: str, worker: int, rounds: int, errors: multiprocess.Queue) -> None:
+    r = sharedpool.Redis(socket_path=socket_path, decode_responses=True, acquire_timeout=30)
+    failures: list[str] = []
+
+    def thread_body(thread: int) -> None:
+        prefix = f"hammer:{worker}:{thread}:{uuid.uuid4().hex}"
+        for i in range(rounds):
+            k, value = f"{prefix}:{i}", f"{worker}-{thread}-{i}"
+            try:
+                if i % 3 == 0:
+                    with r.pipeline() as pipe:
+                        pipe.set(k, value).get(k)
+                        _, got = pipe.execute()
+                elif i % 3 == 1:
+                    with r.lease() as pinned:
+                        pinned.set(k, value)
+                        got = pinned.get(k)
+                else:
+                    r.set(k, value)
+                    got = r.get(k)
+                if got != value:
+                    failures.append(f"{k}: wrote {value!r}, read {got!r}")
+            except Exception as exc:
+                failures.append(f"{k}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=thread_body, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    errors.put(failures)
+
+
+def test_cap_holds_under_8_processes_x_4_threads(start_manager, admin: redis.Redis) -> None:
+    manager = start_manager(max_connections=2, min_idle=1, acquire_timeout=30)
+    errors = ctx.Queue()
+    workers = [ctx.Process(target=_hammer, args=(manager.socket_path, w, 60, errors)) for w in range(8)]
+    for worker in workers:
+        worker.start()
+    peak = 0
+    reports: list[list[str]] = []
+    deadline = time.monotonic() + 240
+    while len(reports) < len(workers):
+        peak = max(peak, len(manager_clients(admin, manager.pool_name)))
+        try:
+            reports.append(errors.get(timeout=0.05))
+        except Exception:
+            assert time.monotonic() < deadline, "workers did not finish within 240 s"
+    for worker in workers:
+        worker.join(30)
+        assert worker.exitcode == 0
+    assert [f for report in reports for f in report] == []
+    assert 1 <= peak <= 2
+    stats = manager.stats()
+    assert stats["counters"]["leases_granted"] >= 8 * 4 * 60
+    assert stats["connections"]["open"] <= 2 and stats["leases"]["held"] == 0
+
+
+def _hold_mid_command(socket_path: str, ready: multiprocess.Event) -> None:
+    pool = sharedpool.SharedConnectionPool(socket_path)
+    conn = pool.get_connection()
+    # A reply that will sit unread on the shared connection when we die.
+    conn.send_command("ECHO", "poison: reply meant for the killed holder")
+    ready.set()
+    time.sleep(60)
+
+
+def test_holder_killed_mid_lease_is_replaced_and_nobody_reads_its_reply(start_manager, admin: redis.Redis) -> None:
+    manager = start_manager(max_connections=1, min_idle=1)
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_mid_command, args=(manager.socket_path, ready))
+    holder.start()
+    assert ready.wait(30)
+    (victim,) = manager_clients(admin, manager.pool_name)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(10)
+    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=10)
+    for i in range(50):
+        assert r.echo(f"mine {i}") == f"mine {i}"
+    stats = manager.stats()
+    assert stats["counters"]["reaped_holder_closed"] == 1
+    live = {c["id"] for c in manager_clients(admin, manager.pool_name)}
+    assert victim["id"] not in live and len(live) == 1
+    r.close()
+
+
+def _child_uses_its_own_channel(r: redis.Redis, result: multiprocess.Queue) -> None:
+    try:
+        pool = r.connection_pool
+        r.set("forked", "child")
+        result.put((r.get("forked"), os.getpid(), [ch.pid for ch in pool._channels]))
+    except Exception as exc:  # report rather than die silently
+        result.put(repr(exc))
+
+
+def test_fork_while_holding_a_client(start_manager) -> None:
+    manager = start_manager(max_connections=2, min_idle=1)
+    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True)
+    r.set("parent", "1")
+    with r.lease() as pinned:  # the parent even holds a lease across the fork
+        result = ctx.Queue()
+        child = ctx.Process(target=_child_uses_its_own_channel, args=(r, result))
+        child.start()
+        got = result.get(timeout=30)
+        child.join(10)
+        assert child.exitcode == 0
+        value, child_pid, channel_pids = got
+        assert value == "child" and channel_pids == [child_pid]
+        assert pinned.get("parent") == "1"  # the parent's lease survived the child
+    assert r.get("forked") == "child"
+    stats = manager.stats()
+    assert stats["leases"]["held"] == 0
+    assert stats["counters"]["reaped_holder_closed"] == 0  # the child's exit took nothing of the parent's
+    r.close()
+
+
+def test_threads_do_not_deadlock_when_the_pool_is_exhausted(start_manager) -> None:
+    manager = start_manager(max_connections=1, min_idle=1)
+    r = sharedpool.Redis(socket_path=manager.socket_path, acquire_timeout=30)
+    release = threading.Event()
+    done: list[int] = []
+
+    def holder() -> None:
+        with r.lease() as pinned:
+            pinned.ping()
+            release.wait(30)
+
+    def waiter(i: int) -> None:
+        r.ping()
+        done.append(i)
+
+    first = threading.Thread(target=holder)
+    first.start()
+    wait_for(lambda: manager.stats()["leases"]["held"] == 1, what="the first thread's lease")
+    others = [threading.Thread(target=waiter, args=(i,)) for i in range(3)]
+    for thread in others:
+        thread.start()
+    wait_for(lambda: manager.stats()["leases"]["waiting"] == 3, what="three waiting threads")
+    release.set()
+    for thread in [first, *others]:
+        thread.join(30)
+    assert sorted(done) == [0, 1, 2]
+    r.close()
