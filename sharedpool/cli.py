@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -45,6 +46,19 @@ def _parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="how long to wait for the manager")
 
+    admin = commands.add_parser(
+        "admin",
+        help="pause | resume | reconnect | reload | shutdown | reap PID (manager's uid or root only)",
+        description=(
+            "pause: stop granting (waiters wait); resume: grant again; reconnect: replace every "
+            "connection gracefully; reload: re-read the config like SIGHUP; shutdown: stop like "
+            "SIGTERM; reap PID: a worker died, take its leases back now."
+        ),
+    )
+    admin.add_argument("admin_command", choices=("pause", "resume", "reconnect", "reload", "shutdown", "reap"), metavar="ACTION")
+    admin.add_argument("pid", nargs="?", type=int, help="for reap: the dead worker's pid")
+    admin.add_argument("--socket-path", "--socket", dest="socket_path", metavar="PATH", help="control socket [env SHAREDPOOL_SOCKET]")
+
     demo = commands.add_parser(
         "demo",
         help="run a manager, an embedded Redis and worker processes, and show the sharing",
@@ -72,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "admin":
+            return _admin(args)
         if args.command == "demo":
             from sharedpool.demo import run_demo
 
@@ -88,13 +104,15 @@ def _serve(args: argparse.Namespace) -> int:
     from sharedpool.manager import Manager, ManagerAlreadyRunning
 
     settings: ManagerConfig = config.from_args(ManagerConfig, args)
+    environ = dict(os.environ)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
     try:
-        return Manager(settings).serve()
+        # SIGHUP re-reads the file and environment as they were given at start.
+        return Manager(settings, reload=lambda: config.from_args(ManagerConfig, args, environ)).serve()
     except (ManagerAlreadyRunning, PermissionError, FileExistsError) as exc:
         print(f"sharedpool serve: error: {exc}", file=sys.stderr)
         return 1
@@ -105,6 +123,24 @@ def _open_channel(args: argparse.Namespace, timeout: float = 2.0) -> Any:
 
     client: ClientConfig = config.build(ClientConfig, overrides={"socket_path": args.socket_path})
     return ControlChannel(client.socket_path, connect_timeout=timeout, reply_timeout=timeout)
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from sharedpool.admin import admin
+
+    extra = {}
+    if args.admin_command == "reap":
+        if args.pid is None:
+            print("sharedpool admin: error: reap needs a PID", file=sys.stderr)
+            return 2
+        extra["pid"] = args.pid
+    try:
+        reply = admin(args.admin_command, args.socket_path, **extra)
+    except errors.SharedPoolError as exc:
+        print(f"sharedpool admin {args.admin_command}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, sort_keys=True))
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:

@@ -140,6 +140,7 @@ class ManagerConfig:
     max_connections: int = _spec(10, "most Redis connections the manager opens", int, _int_range(1, 10_000), "N")
     min_idle: int = _spec(1, "idle connections kept open and ready (at most max_connections)", int, _int_range(0, 10_000), "N")
     acquire_timeout: float = _spec(5.0, "seconds a worker waits for a lease before PoolTimeout", float, _positive_float, "SECONDS")
+    max_leases_per_worker: int = _spec(0, "most leases one worker process may hold at once (0: no limit)", int, _int_range(0, 10_000), "N")
     max_waiting: int = _spec(256, "most workers queued for a lease; more are refused at once", int, _int_range(0, 1_000_000), "N")
     max_lifetime: float = _spec(3600.0, "seconds before an idle connection is recycled (0: never)", float, _non_negative_float, "SECONDS")
     idle_timeout: float = _spec(600.0, "seconds idle before a connection above min_idle is closed (0: never)", float, _non_negative_float, "SECONDS")
@@ -303,7 +304,7 @@ def build(
         if name not in names:
             raise ConfigError(name, raw, "a known setting: " + ", ".join(sorted(names)))
         values[name] = _convert(cls, name, raw, flag_name(name))
-    if values.get("redis_url_file") and "redis_url" not in (overrides or {}):
+    if values.get("redis_url_file") and (overrides or {}).get("redis_url") is None:
         values["redis_url"] = _read_url_file(cls, values["redis_url_file"])
     return cls(**values)
 

@@ -53,9 +53,14 @@ code   name        dir    body
 13     ADMIN_REPLY s->c   JSON.
 =====  ==========  =====  =====================================================
 
-Types 64-127 are reserved for frames the manager sends unprompted (a
-future RECALL of sticky leases); a client ignores such types it does not
-know. A manager answers an unknown type with ERROR ``UNSUPPORTED`` and
+Types 64-127 are frames the manager sends unprompted; a client ignores
+such types it does not know (a future RECALL of sticky leases will be one):
+
+=====  ==========  =====  =====================================================
+64     REVOKED     s->c   ``!Q`` lease id, then the reason in UTF-8: the lease
+                          was taken back (``max_lease_time``) and its
+                          connection shut down.
+=====  ==========  =====  ===================================================== A manager answers an unknown type with ERROR ``UNSUPPORTED`` and
 keeps the connection; a malformed frame of a known type is answered with
 ERROR ``MALFORMED`` and the connection is closed.
 
@@ -116,6 +121,7 @@ class FrameType(enum.IntEnum):
     PONG = 11
     ADMIN = 12
     ADMIN_REPLY = 13
+    REVOKED = 64  # unsolicited: !Q lease id, then the reason in UTF-8
 
 
 UNSOLICITED_TYPES = range(64, 128)
@@ -142,6 +148,7 @@ class ErrorCode(enum.IntEnum):
     BUSY = 12  # a second ACQUIRE while one is outstanding
     TOO_MANY_CLIENTS = 13
     INTERNAL = 14
+    WORKER_LIMIT = 15  # max_leases_per_worker reached
 
 
 class ProtocolError(Exception):
@@ -257,6 +264,18 @@ def decode_error(body: bytes) -> ErrorFrame:
         raise ProtocolError(f"ERROR body of {len(body)} bytes, expected at least {_ERROR.size}")
     code, lease_id = _ERROR.unpack_from(body)
     return ErrorFrame(code, lease_id, body[_ERROR.size :].decode("utf-8", "replace"))
+
+
+def encode_revoked(lease_id: int, message: str) -> bytes:
+    text = message.encode("utf-8")[: MAX_FRAME - HEADER.size - _LEASE_ID.size]
+    return _HEADERS[FrameType.REVOKED] + _LEASE_ID.pack(lease_id) + text
+
+
+def decode_revoked(body: bytes) -> tuple[int, str]:
+    if len(body) < _LEASE_ID.size:
+        raise ProtocolError(f"REVOKED body of {len(body)} bytes, expected at least {_LEASE_ID.size}")
+    (lease_id,) = _LEASE_ID.unpack_from(body)
+    return int(lease_id), body[_LEASE_ID.size :].decode("utf-8", "replace")
 
 
 def encode_empty(frame_type: FrameType) -> bytes:

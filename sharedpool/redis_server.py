@@ -56,6 +56,7 @@ class RedisServer:
         self.port = port or free_port()
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="sharedpool-redis-")
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.unix_path = os.path.join(self.directory, "redis.sock")
         self.password = password
         self.process: subprocess.Popen[bytes] | None = None

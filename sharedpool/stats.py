@@ -21,6 +21,11 @@ FDS_SENT = "fds_sent"
 CLIENTS_ACCEPTED = "clients_accepted"
 CLIENTS_REFUSED = "clients_refused"
 PROTOCOL_ERRORS = "protocol_errors"
+REFUSED_WORKER_LIMIT = "refused_max_leases_per_worker"
+RECYCLED = "connections_recycled"
+IDLE_CLOSED = "connections_idle_closed"
+HEALTH_CHECK_FAILED = "health_checks_failed"
+LEAK_WARNINGS = "leak_warnings"
 
 REAP_CAUSES = ("holder_closed", "holder_dead", "broken", "revoked", "undelivered")
 
@@ -32,7 +37,8 @@ def reaped_key(cause: str) -> str:
 COUNTERS = (
     GRANTED, RELEASED, TIMEOUTS, REFUSED_FULL, REFUSED_UNAVAILABLE, REFUSED_SHUTDOWN,
     RELEASE_REFUSED, RESETS, OPENED, CLOSED, REDIS_ERRORS, STALE_AT_GRANT, FDS_SENT,
-    CLIENTS_ACCEPTED, CLIENTS_REFUSED, PROTOCOL_ERRORS,
+    CLIENTS_ACCEPTED, CLIENTS_REFUSED, PROTOCOL_ERRORS, REFUSED_WORKER_LIMIT, RECYCLED,
+    IDLE_CLOSED, HEALTH_CHECK_FAILED, LEAK_WARNINGS,
 ) + tuple(reaped_key(cause) for cause in REAP_CAUSES)
 
 

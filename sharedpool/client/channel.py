@@ -50,6 +50,8 @@ class ControlChannel:
             raise errors.ManagerUnavailable(_connect_problem(socket_path, exc)) from None
         self.sock = sock
         self._reply_timeout = reply_timeout
+        # lease id -> why the manager took it back (REVOKED frames)
+        self.revoked: dict[int, str] = {}
         try:
             sock.send(protocol.encode_json(FrameType.HELLO, {"pid": self.pid, "client": f"sharedpool/{__version__}"}))
             frame_type, body, _fd = self._read(expect_fd=False)
@@ -151,10 +153,28 @@ class ControlChannel:
                 f"manager at {self.socket_path} went away ({exc.strerror or exc})"
             ) from None
 
+    def poll_unsolicited(self) -> None:
+        """Read, without waiting, what the manager sent unprompted (REVOKED notices)."""
+        if self.closed:
+            return
+        # A socket with a timeout polls before every recv, MSG_DONTWAIT or
+        # not: only non-blocking mode makes this return at once.
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self._read(expect_fd=False)
+        except (BlockingIOError, errors.SharedPoolError):
+            pass
+        finally:
+            if not self.closed:
+                self.sock.settimeout(self._reply_timeout)
+
     def _read(self, expect_fd: bool) -> tuple[int, bytes, int | None]:
         while True:
             try:
                 data, ancdata, flags, _ = self.sock.recvmsg(protocol.MAX_FRAME, protocol.FD_ANCILLARY_SPACE)
+            except BlockingIOError:
+                raise
             except socket.timeout:
                 self.close()
                 raise errors.ManagerUnavailable(
@@ -177,8 +197,12 @@ class ControlChannel:
                 _close_fds(fds)
                 raise self._broken(str(exc)) from None
             if frame_type in protocol.UNSOLICITED_TYPES:
-                _close_fds(fds)  # a newer manager's frame we do not know: ignore it
-                continue
+                _close_fds(fds)
+                if frame_type == FrameType.REVOKED:
+                    lease_id, message = protocol.decode_revoked(body)
+                    self.revoked[lease_id] = message
+                    log.warning("%s", message)
+                continue  # others: a newer manager's frame we do not know
             if frame_type == FrameType.ERROR:
                 error = protocol.decode_error(body)
                 if error.code == ErrorCode.RELEASE_REFUSED:

@@ -66,6 +66,8 @@ class LeasedConnection(Connection):
         self.redis_label = redis_label
         self.lease_id = 0
         self.channel: ControlChannel | None = None
+        self.revoked = ""  # the manager's reason, once it took this lease back
+        self.returned_early = False  # lease given back while redis-py retries
         self._lost = False
         self._session_changed = False
         self._in_multi = False
@@ -90,6 +92,8 @@ class LeasedConnection(Connection):
         sock.settimeout(self.socket_timeout)
         self.lease_id = lease_id
         self.channel = channel
+        self.revoked = ""
+        self.returned_early = False
         self._lost = False
         self._session_changed = False
         self._in_multi = False

@@ -117,7 +117,7 @@ class SharedConnectionPool(redis.ConnectionPool):
     def reset(self) -> None:
         """Start this process's state afresh (also what a forked child does)."""
         old_slots: dict[int, LeasedConnection] = getattr(self, "_slots", {})
-        old_local = getattr(self, "_local", None)
+        old_channels: list[ControlChannel] = getattr(self, "_channels", [])
         inherited = getattr(self, "pid", os.getpid()) != os.getpid()
         self.pid = os.getpid()
         self._local = threading.local()
@@ -137,8 +137,11 @@ class SharedConnectionPool(redis.ConnectionPool):
                 conn.shared_pool = None  # type: ignore[assignment]
                 conn.lease_id = 0
                 conn.disconnect()
-            if old_local is not None and getattr(old_local, "channel", None) is not None:
-                old_local.channel.abandon()
+            # Every thread's channel, not only the forking thread's: otherwise
+            # the child would keep the parent's other channels open after the
+            # parent died, and the manager would not see their EOF.
+            for channel in old_channels:
+                channel.abandon()
 
     def _checkpid(self) -> None:
         if self.pid != os.getpid():
@@ -253,13 +256,22 @@ class SharedConnectionPool(redis.ConnectionPool):
         if connection.pid != os.getpid():
             return
         lease_id, channel = connection.lease_id, connection.channel
+        if connection.revoked or connection.returned_early:
+            # Already given back: revoked by the manager, or returned while
+            # redis-py's retry looked for a replacement that never came.
+            connection.revoked = ""
+            connection.returned_early = False
+            self._in_use_connections.discard(connection)
+            return
         if not lease_id or channel is None:
             raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
         outcome = connection.outcome()
         connection.lease_id = 0
         connection.channel = None
         self._in_use_connections.discard(connection)
-        if outcome is Outcome.BROKEN:
+        if outcome is Outcome.BROKEN or channel.closed:
+            # A closed channel means the manager that lent it is gone: the
+            # connection is no longer anyone's to reuse.
             connection.disconnect()
         channel.release(lease_id, outcome)
 
@@ -298,13 +310,29 @@ class SharedConnectionPool(redis.ConnectionPool):
         if conn.pid != os.getpid():
             raise errors.LeaseLost("connection inherited across fork cannot reconnect")
         channel = conn.channel
-        if not conn.lease_id or channel is None:
+        if conn.revoked:
+            raise errors.LeaseLost(conn.revoked)
+        if conn.returned_early:
+            channel = self._channel()  # an earlier replacement failed; try again
+        elif not conn.lease_id or channel is None:
             raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
-        channel.release(conn.lease_id, Outcome.BROKEN)
+        else:
+            channel.poll_unsolicited()
+            message = channel.revoked.pop(conn.lease_id, "")
+            if message:
+                # Not retried on a new lease: the limit exists to stop this holder.
+                conn.revoked = message
+                conn.lease_id = 0
+                conn.channel = None
+                raise errors.LeaseLost(message)
+            channel.release(conn.lease_id, Outcome.BROKEN)
         self._in_use_connections.discard(conn)
         conn.lease_id = 0
+        conn.channel = None
+        conn.returned_early = True
         channel = self._channel()
         grant, fd = channel.acquire(self._timeout_ms, _caller())
+        conn.returned_early = False
         try:
             if fd is None:
                 cached = self._slots.get(grant.slot)
@@ -315,6 +343,7 @@ class SharedConnectionPool(redis.ConnectionPool):
             sock = socket.socket(fileno=fd)
         except BaseException:
             channel.release(grant.lease_id, Outcome.BROKEN)
+            conn.returned_early = True
             raise
         with self._slots_lock:
             stale = self._slots.get(grant.slot)

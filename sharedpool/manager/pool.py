@@ -64,6 +64,7 @@ class Process:
     fds: dict[int, int] = field(default_factory=dict)  # slot -> generation
     holders: int = 0
     leases_total: int = 0
+    leases_held: int = 0
     last_seen: float = 0.0
 
 
@@ -111,6 +112,8 @@ class Slot:
     opened_at: float = 0.0
     idle_since: float = 0.0
     expires_at: float = float("inf")
+    # Replace instead of reusing when the current lease ends (reconnect, reload).
+    retire: bool = False
 
     def __repr__(self) -> str:
         return f"<Slot {self.index} gen {self.generation} {self.state.value}>"
@@ -150,7 +153,16 @@ class CloseConnection:
     reason: str
 
 
-Action = SendGrant | SendError | OpenConnection | ResetConnection | CloseConnection
+@dataclass(frozen=True, slots=True)
+class NotifyRevoked:
+    """Tell a holder, unprompted, that its lease was taken back and why."""
+
+    holder: Holder
+    lease_id: int
+    message: str
+
+
+Action = SendGrant | SendError | OpenConnection | ResetConnection | CloseConnection | NotifyRevoked
 
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 5.0
@@ -166,6 +178,11 @@ class Limits:
     max_waiting: int = 256
     redis_label: str = "redis"
     pool_name: str = "default"
+    max_leases_per_worker: int = 0
+    max_lifetime: float = 0.0
+    idle_timeout: float = 0.0
+    leak_threshold: float = 0.0
+    max_lease_time: float = 0.0
 
 
 class Pool:
@@ -185,6 +202,7 @@ class Pool:
         self.leases: dict[int, Lease] = {}
         self.processes: dict[int, Process] = {}
         self.shutting_down = False
+        self.paused = False
         self.redis_down_since: float | None = None
         self.last_connect_error = ""
         self._connect_failures = 0
@@ -288,8 +306,19 @@ class Pool:
             return [SendError(holder, ErrorCode.BUSY, "an ACQUIRE is already outstanding on this connection")]
         if self.redis_down_since is not None and self.open_connections == 0:
             self.counters[keys.REFUSED_UNAVAILABLE] += 1
-            return [SendError(holder, ErrorCode.REDIS_UNAVAILABLE, self._outage_message(now))]
-        if self._idle and not self._waiters:
+            # Fail fast, and let the demand trigger the next probe (after backoff).
+            return [SendError(holder, ErrorCode.REDIS_UNAVAILABLE, self._outage_message(now))] + self._dispatch(now)
+        limit = self.limits.max_leases_per_worker
+        if limit and self._held_by(holder.process) >= limit:
+            self.counters[keys.REFUSED_WORKER_LIMIT] += 1
+            return [
+                SendError(
+                    holder, ErrorCode.WORKER_LIMIT,
+                    f"pid {holder.process.pid} already holds {limit} leases of pool "
+                    f"{self.limits.pool_name!r} (max_leases_per_worker={limit})",
+                )
+            ]
+        if self._idle and not self._waiters and not self.paused:
             return [self._grant(holder, self._pick_idle(holder.process), now, where, now)]
         if len(self._waiters) >= self.limits.max_waiting:
             self.counters[keys.REFUSED_FULL] += 1
@@ -306,6 +335,9 @@ class Pool:
         self._waiters.append(waiter)
         heapq.heappush(self._deadlines, (waiter.deadline, next(self._seq), waiter))
         return self._dispatch(now)
+
+    def _held_by(self, process: Process) -> int:
+        return process.leases_held
 
     def _outage_message(self, now: float) -> str:
         since = self.redis_down_since or now
@@ -332,6 +364,7 @@ class Pool:
         self.leases[lease.id] = lease
         process = holder.process
         process.leases_total += 1
+        process.leases_held += 1
         with_fd = process.fds.get(slot.index) != slot.generation
         if with_fd:
             process.fds[slot.index] = slot.generation
@@ -360,6 +393,10 @@ class Pool:
             return self._discard(slot, "returned broken", now) + self._dispatch(now)
         if self.shutting_down:
             return self._discard(slot, "shutting down", now)
+        if slot.retire or now >= slot.expires_at:
+            # Recycled only now that nobody holds it (max_lifetime, reconnect).
+            self.counters[keys.RECYCLED] += 1
+            return self._discard(slot, "retired", now) + self._dispatch(now)
         if outcome is Outcome.NEEDS_RESET:
             self.counters[keys.RESETS] += 1
             self._move(slot, SlotState.RESETTING)
@@ -373,11 +410,14 @@ class Pool:
         return lease
 
     def _end_lease(self, lease: Lease) -> None:
+        lease.holder.process.leases_held -= 1
         del lease.holder.leases[lease.id]
         del self.leases[lease.id]
         lease.slot.lease = None
 
     def _make_idle(self, slot: Slot, now: float) -> list[Action]:
+        if slot.index >= self.limits.max_connections or slot.retire:
+            return self._discard(slot, "retired", now) + self._dispatch(now)
         if slot.state is not SlotState.IDLE:
             self._move(slot, SlotState.IDLE)
         slot.idle_since = now
@@ -414,17 +454,21 @@ class Pool:
         backend = slot.backend
         slot.backend = None
         slot.generation += 1
+        slot.retire = False
+        slot.expires_at = float("inf")
         self._move(slot, SlotState.EMPTY)
         self.counters[keys.CLOSED] += 1
         return [CloseConnection(backend, reason)] if backend is not None else []
 
-    def connected(self, index: int, generation: int, backend: Any, now: float, lifetime: float = float("inf")) -> list[Action]:
+    def connected(self, index: int, generation: int, backend: Any, now: float) -> list[Action]:
         slot = self.slots[index] if index < len(self.slots) else None
         if slot is None or slot.state is not SlotState.CONNECTING or slot.generation != generation:
             return [CloseConnection(backend, "no longer wanted")]
         slot.backend = backend
         slot.opened_at = now
-        slot.expires_at = now + lifetime
+        if self.limits.max_lifetime:
+            # Up to 10% earlier, so connections opened together do not all expire together.
+            slot.expires_at = now + self.limits.max_lifetime * (1 - 0.1 * self._rng())
         self.counters[keys.OPENED] += 1
         if self.redis_down_since is not None:
             log.info("Redis at %s reachable again after %.1f s", self.limits.redis_label, now - self.redis_down_since)
@@ -471,6 +515,8 @@ class Pool:
             return self._discard(slot, "reset failed", now) + self._dispatch(now)
         if self.shutting_down:
             return self._discard(slot, "shutting down", now)
+        if slot.retire or now >= slot.expires_at or index >= self.limits.max_connections:
+            return self._discard(slot, "retired", now) + self._dispatch(now)
         return self._make_idle(slot, now)
 
     def discard_idle(self, index: int, reason: str, now: float) -> list[Action]:
@@ -484,7 +530,7 @@ class Pool:
     def _dispatch(self, now: float) -> list[Action]:
         """Hand idle connections to waiters in order, and open what demand needs."""
         actions: list[Action] = []
-        while self._idle and self._waiters:
+        while self._idle and self._waiters and not self.paused:
             waiter = self._waiters.popleft()
             if not waiter.active:
                 continue
@@ -496,7 +542,7 @@ class Pool:
         connecting = self.count(SlotState.CONNECTING)
         wanted = len(self._waiters) + max(0, self.limits.min_idle - len(self._idle)) - connecting
         if self.redis_down_since is not None:
-            wanted = min(wanted, 1)  # probe with one connection while Redis is down
+            wanted = 1 - connecting  # while Redis is down, probe with one connection at a time
         empty = self._by_state[SlotState.EMPTY]
         for slot in list(empty.values())[: max(0, wanted)]:
             if slot.index >= self.limits.max_connections:
@@ -533,9 +579,87 @@ class Pool:
             heapq.heappop(self._deadlines)
         if self._deadlines:
             candidates.append(self._deadlines[0][0])
-        if self.next_connect_at and (self._waiters or len(self._idle) < self.limits.min_idle):
+        if self.next_connect_at and (
+            self._waiters or len(self._idle) < self.limits.min_idle or self.redis_down_since is not None
+        ):
             candidates.append(self.next_connect_at)
         return min(candidates)
+
+    # ----- maintenance, admin, reload --------------------------------------
+
+    def maintain(self, now: float) -> list[Action]:
+        """Periodic duties: leak warnings, revocations, lifetime and idle trimming."""
+        actions: list[Action] = []
+        limits = self.limits
+        for lease in list(self.leases.values()):
+            age = now - lease.granted_at
+            if limits.max_lease_time and age >= limits.max_lease_time:
+                actions += self.revoke(lease, f"max_lease_time={limits.max_lease_time:g} s", now)
+            elif limits.leak_threshold and age >= limits.leak_threshold and not lease.leak_warned:
+                lease.leak_warned = True
+                self.counters[keys.LEAK_WARNINGS] += 1
+                log.warning(
+                    "possible leak: pid %d has held lease %d (slot %d) for %.1f s (leak_threshold %g s); taken at %s",
+                    lease.holder.process.pid, lease.id, lease.slot.index, age, limits.leak_threshold,
+                    lease.where or "an unknown place",
+                )
+        for slot in list(self._idle):
+            if now >= slot.expires_at:
+                self.counters[keys.RECYCLED] += 1
+                actions += self._discard(slot, "max_lifetime reached", now)
+            elif slot.index >= limits.max_connections:
+                actions += self._discard(slot, "max_connections lowered", now)
+        if limits.idle_timeout:
+            for slot in list(self._idle):
+                if len(self._idle) <= limits.min_idle:
+                    break
+                if now - slot.idle_since >= limits.idle_timeout:
+                    self.counters[keys.IDLE_CLOSED] += 1
+                    actions += self._discard(slot, "idle_timeout", now)
+        return actions + self._dispatch(now)
+
+    def revoke(self, lease: Lease, why: str, now: float) -> list[Action]:
+        """Take a lease back by force; its connection is shut down (the holder's next command fails)."""
+        self._end_lease(lease)
+        self.counters[keys.reaped_key(ReapCause.REVOKED.value)] += 1
+        message = (
+            f"lease {lease.id} of pool {self.limits.pool_name!r} was revoked after "
+            f"{now - lease.granted_at:.1f} s ({why}); its connection was closed"
+        )
+        log.warning("revoked lease %d of pid %d (slot %d): %s", lease.id, lease.holder.process.pid, lease.slot.index, why)
+        return [NotifyRevoked(lease.holder, lease.id, message)] + self._discard(lease.slot, f"revoked: {why}", now)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self, now: float) -> list[Action]:
+        self.paused = False
+        return self._dispatch(now)
+
+    def retire_all(self, now: float) -> list[Action]:
+        """Replace every connection: idle ones now, leased ones when they come back."""
+        actions: list[Action] = []
+        for slot in self.slots:
+            if slot.state in (SlotState.LEASED, SlotState.RESETTING, SlotState.CONNECTING):
+                slot.retire = True
+        for slot in list(self._idle):
+            actions += self._discard(slot, "reconnect", now)
+        return actions + self._dispatch(now)
+
+    def apply_limits(self, limits: Limits, now: float) -> list[Action]:
+        """Reload: new limits take effect at once; extra slots drain as they come back."""
+        self.limits = limits
+        while len(self.slots) < limits.max_connections:
+            slot = Slot(len(self.slots))
+            self.slots.append(slot)
+            self._by_state[SlotState.EMPTY][slot.index] = slot
+        actions: list[Action] = []
+        for slot in self.slots[limits.max_connections:]:
+            if slot.state is SlotState.IDLE:
+                actions += self._discard(slot, "max_connections lowered", now)
+            elif slot.state is not SlotState.EMPTY:
+                slot.retire = True
+        return actions + self._dispatch(now)
 
     # ----- shutdown --------------------------------------------------------
 

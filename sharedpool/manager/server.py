@@ -39,6 +39,7 @@ from sharedpool.manager.pool import (
     CloseConnection,
     Holder,
     Limits,
+    NotifyRevoked,
     OpenConnection,
     Pool,
     ReapCause,
@@ -87,8 +88,9 @@ class ControlClient:
 
 
 class Manager:
-    def __init__(self, config: ManagerConfig) -> None:
+    def __init__(self, config: ManagerConfig, reload: Callable[[], ManagerConfig] | None = None) -> None:
         self.config = config
+        self._reload = reload
         self.target = RedisTarget.from_config(config)
         self.pool = Pool(self._limits(config))
         self.epoch = secrets.token_hex(8)
@@ -110,6 +112,7 @@ class Manager:
         self._socket_inode = -1
         self._drain_deadline = 0.0
         self._next_sweep = 0.0
+        self._next_health_check = time.monotonic() + config.health_check_interval
         self.counters = self.pool.counters
 
     @staticmethod
@@ -121,6 +124,11 @@ class Manager:
             max_waiting=config.max_waiting,
             redis_label=RedisTarget.from_config(config).label,
             pool_name=config.pool_name,
+            max_leases_per_worker=config.max_leases_per_worker,
+            max_lifetime=config.max_lifetime,
+            idle_timeout=config.idle_timeout,
+            leak_threshold=config.leak_threshold,
+            max_lease_time=config.max_lease_time,
         )
 
     def __repr__(self) -> str:
@@ -258,7 +266,11 @@ class Manager:
         self._expire_handshakes(now)
         if now >= self._next_sweep:
             self._sweep(now)
+            self._perform(self.pool.maintain(now))
             self._next_sweep = now + self.config.reap_interval
+        if self.config.health_check_interval and now >= self._next_health_check:
+            self._health_check(now)
+            self._next_health_check = now + self.config.health_check_interval
         while self._signals:
             self._on_signal(self._signals.popleft())
         if self.state is State.DRAINING and (not self.pool.leases or now >= self._drain_deadline):
@@ -269,7 +281,39 @@ class Manager:
             log.info("received %s", signal.Signals(signum).name)
             self.stop()
         elif signum == signal.SIGHUP:
-            log.info("received SIGHUP: live reload is not supported by this version; restart to change settings")
+            log.info("received SIGHUP: reloading the configuration")
+            self.reload()
+
+    def reload(self) -> str:
+        """Re-read the config; limits apply at once, a new Redis URL drains and replaces."""
+        if self._reload is None:
+            return "nothing to reload from"
+        try:
+            new = self._reload()
+        except Exception as exc:  # a bad file must not take the manager down
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return f"refused: {exc}"
+        old, self.config = self.config, new
+        if new.socket_path != old.socket_path:
+            log.warning("socket_path changes only on restart; still serving %s", old.socket_path)
+            object.__setattr__(new, "socket_path", old.socket_path)
+        now = time.monotonic()
+        actions = self.pool.apply_limits(self._limits(new), now)
+        if new.redis_url != old.redis_url or new.protocol != old.protocol:
+            self.target = RedisTarget.from_config(new)
+            log.info("Redis target changed to %s: replacing every connection", mask_url(new.redis_url))
+            actions += self.pool.retire_all(now)
+        self._perform(actions)
+        log.info("configuration reloaded: %s", new)
+        return "reloaded"
+
+    def _health_check(self, now: float) -> None:
+        """An idle connection with EOF or bytes nobody asked for is dead or dirty."""
+        for slot in list(self.pool._idle):
+            if not slot.backend.is_quiet():
+                self.counters[keys.HEALTH_CHECK_FAILED] += 1
+                log.warning("health check: idle slot %d closed by Redis or holding stray data; replaced", slot.index)
+                self._perform(self.pool.discard_idle(slot.index, "health check failed", now))
 
     def _on_wake(self, _fileobj: Any) -> None:
         try:
@@ -313,6 +357,10 @@ class Manager:
                 self._open(action)
             elif isinstance(action, ResetConnection):
                 self._reset(action)
+            elif isinstance(action, NotifyRevoked):
+                client = self._clients.get(action.holder.id)
+                if client is not None:
+                    self._send(client, protocol.encode_revoked(action.lease_id, action.message))
             elif isinstance(action, CloseConnection):
                 log.debug("closing slot %s: %s", getattr(action.backend, "slot", "?"), action.reason)
                 action.backend.close()
@@ -398,6 +446,9 @@ class Manager:
         now = time.monotonic()
         sock.setblocking(False)
         pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if pid == 0:
+            log.warning("control connection from a process outside our pid namespace (uid %d): "
+                        "it can be reaped only when its socket closes", uid)
         client = ControlClient(sock, pid, uid, now)
         allowed = {os.getuid(), *self.config.allowed_uids}
         if uid not in allowed:
@@ -531,7 +582,41 @@ class Manager:
     def _on_ping(self, client: ControlClient, body: bytes) -> None:
         self._send(client, protocol.encode_empty(FrameType.PONG))
 
+    def _on_admin(self, client: ControlClient, body: bytes) -> None:
+        request = protocol.decode_json(body)
+        command = request.get("command")
+        if client.uid not in (os.getuid(), 0):
+            log.warning("refused admin command %r from pid %d uid %d: not the manager's uid or root", command, client.pid, client.uid)
+            self._send(client, protocol.encode_error(ErrorCode.FORBIDDEN, f"admin commands are for uid {os.getuid()} and root, not uid {client.uid}"))
+            return
+        now = time.monotonic()
+        reply: dict[str, Any] = {"command": command, "ok": True}
+        if command == "reap":
+            pid = request.get("pid")
+            if not isinstance(pid, int):
+                raise protocol.ProtocolError("admin reap needs an integer 'pid'")
+            reply["reaped"] = self.reap_pid(pid, now)
+        elif command == "pause":
+            self.pool.pause()
+            log.info("paused by pid %d: no grants until resume", client.pid)
+        elif command == "resume":
+            log.info("resumed by pid %d", client.pid)
+            self._perform(self.pool.resume(now))
+        elif command == "reconnect":
+            log.info("reconnect requested by pid %d: replacing every connection", client.pid)
+            self._perform(self.pool.retire_all(now))
+        elif command == "reload":
+            reply["result"] = self.reload()
+        elif command == "shutdown":
+            log.info("shutdown requested by pid %d", client.pid)
+            self.stop()
+        else:
+            self._send(client, protocol.encode_error(ErrorCode.UNSUPPORTED, f"unknown admin command {command!r}"))
+            return
+        self._send(client, protocol.encode_json(FrameType.ADMIN_REPLY, reply))
+
     _handlers: dict[int, Callable[[Manager, ControlClient, bytes], None]] = {
+        FrameType.ADMIN: _on_admin,
         FrameType.HELLO: _on_hello,
         FrameType.ACQUIRE: _on_acquire,
         FrameType.RELEASE: _on_release,
@@ -544,15 +629,30 @@ class Manager:
 
     def _sweep(self, now: float) -> None:
         """Reap leases whose holder process died while its socket stays open elsewhere."""
-        dead = [p.pid for p in self.pool.processes.values() if _holds_leases(self, p.pid) and not _alive(p.pid, p.create_time)]
+        # pid 0: the peer lives in another pid namespace; we cannot see it, so
+        # only its socket closing (EOF) can reap it.
+        dead = [
+            p.pid for p in self.pool.processes.values()
+            if p.pid > 0 and _holds_leases(self, p.pid) and not _alive(p.pid, p.create_time)
+        ]
         for pid in dead:
             self.reap_pid(pid, now)
 
     def reap_pid(self, pid: int, now: float | None = None) -> int:
-        """Reap every lease of a dead pid and close its control connections."""
+        """Reap every lease of a dead pid and close its control connections.
+
+        A pid that is still alive is left alone: the integration may be
+        wrong, or the pid already reused.
+        """
         now = time.monotonic() if now is None else now
         reaped = 0
-        for client in [c for c in self._clients.values() if c.pid == pid]:
+        if pid <= 0:
+            return 0
+        clients = [c for c in self._clients.values() if c.pid == pid]
+        if clients and clients[0].holder is not None and _alive(pid, clients[0].holder.process.create_time):
+            log.info("asked to reap pid %d, which is alive: left alone", pid)
+            return 0
+        for client in clients:
             holder = client.holder
             assert holder is not None
             reaped += len(holder.leases)
@@ -597,6 +697,7 @@ class Manager:
                 "max": self.config.max_connections,
             },
             "leases": {"held": len(pool.leases), "waiting": pool.waiting},
+            "paused": pool.paused,
             "control_connections": len(self._clients) + len(self._handshaking),
             "counters": dict(pool.counters),
             "wait_time": keys.percentiles(pool.wait_times),

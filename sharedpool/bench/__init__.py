@@ -1,0 +1,27 @@
+"""``sharedpool bench``: sharedpool against plain redis-py (and twemproxy) in one run.
+
+Scenarios (issue 6): S1 single-process GET latency, S2 throughput of W
+workers doing requests of k commands plus CPU and other I/O, S2' the same
+Redis-bound for several C, S3 worker churn, S4 the twemproxy sidecar as
+the established alternative, S5 the manager's lease grant rate.
+
+Fairness rules that shape the code:
+
+* every system runs against the same Redis, in the same invocation, in
+  alternating order within each round (reversed every other round), and the
+  report keeps medians over rounds;
+* worker processes are forked, build their client, warm it up and say
+  READY; only when all are ready does the parent open the measurement
+  window, which every worker reads from one shared end time;
+* everything has a deadline, and every child is killed in ``finally``,
+  because this runs as a CI smoke test that must never hang.
+
+Layout: ``settings`` (flags), ``rig`` (Redis, managers, twemproxy),
+``workers`` (the forked processes and the runner), ``scenarios``,
+``report`` (targets, table, JSON), ``main`` (``run_bench``).
+"""
+
+from sharedpool.bench.main import run_bench
+from sharedpool.bench.settings import add_arguments
+
+__all__ = ["add_arguments", "run_bench"]

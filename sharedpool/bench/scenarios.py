@@ -1,0 +1,170 @@
+"""The scenarios: each runs every system once per round, alternating the order."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+
+from sharedpool.bench.report import PLAIN, SHARED, TWEMPROXY, Results, percentile
+from sharedpool.bench.rig import Rig, Skipped
+from sharedpool.bench.workers import Job, Run, run_workers
+
+Measure = tuple[str, Callable[[int], str]]  # label, run for a round -> progress text
+
+
+def _rounds(rig: Rig, results: Results, scenario: str, systems: list[Measure]) -> None:
+    """Each round runs every system once, in reversed order every other round."""
+    rounds = rig.settings.rounds
+    for round_no in range(1, rounds + 1):
+        order = systems if round_no % 2 else systems[::-1]
+        for label, measure in order:
+            try:
+                text = measure(round_no)
+            except (Skipped, KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                results.errors.append(f"{scenario} round {round_no} {label}: {first}")
+                say(f"{scenario} round {round_no}/{rounds} {label}: ERROR {exc}")
+                continue
+            say(f"{scenario} round {round_no}/{rounds} {label}: {text}")
+
+
+def _us(run: Run, q: float) -> float:
+    return percentile(run.sorted_samples(), q) * 1e6
+
+
+def scenario_s1(rig: Rig, results: Results) -> None:
+    s = rig.settings
+    plain = Job("latency", PLAIN, rig.redis_url, rig.protocol)
+    shared = replace(plain, system=SHARED, address=rig.manager(rig.sizes([s.max_connections])[0]))
+
+    def run_plain(round_no: int) -> str:
+        run = run_workers(rig, plain, 1)
+        results.add("s1a.plain.p50", round_no, _us(run, 0.5))
+        results.add("s1a.plain.p99", round_no, _us(run, 0.99))
+        # (b)'s baseline: the same commands timed in consecutive groups of ten.
+        groups = sorted(sum(run.samples[i:i + 10]) / 10 for i in range(0, len(run.samples) - 9, 10))
+        results.add("s1b.plain.p50", round_no, percentile(groups, 0.5) * 1e6)
+        results.add("s1b.plain.p99", round_no, percentile(groups, 0.99) * 1e6)
+        results.add("s1a.plain.cpu_us", round_no, run.cpu_per(len(run.samples)) * 1e6)
+        return f"p50 {_us(run, 0.5):.1f} us, p99 {_us(run, 0.99):.1f} us, {len(run.samples)} GETs"
+
+    def run_shared(part: str, block: int) -> Callable[[int], str]:
+        def measure(round_no: int) -> str:
+            run = run_workers(rig, replace(shared, block=block), 1)
+            results.add(f"s1{part}.shared.p50", round_no, _us(run, 0.5))
+            results.add(f"s1{part}.shared.p99", round_no, _us(run, 0.99))
+            if part == "a":
+                results.add("s1a.shared.cpu_us", round_no, run.cpu_per(len(run.samples)) * 1e6)
+            return f"p50 {_us(run, 0.5):.1f} us, p99 {_us(run, 0.99):.1f} us per command"
+        return measure
+
+    _rounds(rig, results, "S1", [("plain", run_plain), ("sharedpool (a)", run_shared("a", 1)),
+                                 ("sharedpool (b)", run_shared("b", 10))])
+
+
+def _request_job(rig: Rig, io: bool) -> Job:
+    s = rig.settings
+    return Job("requests", PLAIN, rig.redis_url, rig.protocol, commands=s.commands, cpu_us=s.cpu_us,
+               io_ms=s.io_ms if io else 0.0)
+
+
+def _throughput(rig: Rig, results: Results, job: Job, prefix: str) -> Callable[[int], str]:
+    def measure(round_no: int) -> str:
+        run = run_workers(rig, job, rig.settings.workers, sample_clients=True)
+        p99 = percentile(run.sorted_samples(), 0.99) * 1e3
+        results.add(prefix + ".rps", round_no, run.rate)
+        results.add(prefix + ".p99_ms", round_no, p99)
+        results.add(prefix + ".cpu_ms", round_no, run.cpu_per(run.count) * 1e3)
+        if run.peak_clients is not None:
+            results.add(prefix + ".peak_clients", round_no, run.peak_clients)
+        return (f"{run.rate:,.0f} req/s, p99 {p99:.2f} ms, peak {run.peak_clients} Redis connections, "
+                f"CPU {run.cpu_per(run.count) * 1e3:.2f} ms/request")
+    return measure
+
+
+def scenario_s2(rig: Rig, results: Results) -> None:
+    size = rig.sizes([rig.settings.max_connections])[0]
+    plain = _request_job(rig, io=True)
+    systems = [("plain", _throughput(rig, results, plain, "s2.plain")),
+               (f"sharedpool C={size}", _throughput(rig, results, replace(plain, system=SHARED, address=rig.manager(size)), "s2.shared"))]
+    if _twemproxy_ready(rig, results):
+        job = replace(plain, system=TWEMPROXY, address=rig.twemproxy(size))
+        systems.append((f"twemproxy C={size}", _throughput(rig, results, job, "s2.twemproxy")))
+    _rounds(rig, results, "S2", systems)
+
+
+def s2x_sizes(rig: Rig) -> list[int]:
+    return rig.sizes([2, 4, rig.settings.workers])
+
+
+def scenario_s2x(rig: Rig, results: Results) -> None:
+    plain = _request_job(rig, io=False)
+    systems = [("plain", _throughput(rig, results, plain, "s2x.plain"))]
+    twemproxy = _twemproxy_ready(rig, results)
+    for size in s2x_sizes(rig):
+        job = replace(plain, system=SHARED, address=rig.manager(size))
+        systems.append((f"sharedpool C={size}", _throughput(rig, results, job, f"s2x.shared.c{size}")))
+        if twemproxy:
+            job = replace(plain, system=TWEMPROXY, address=rig.twemproxy(size))
+            systems.append((f"twemproxy C={size}", _throughput(rig, results, job, f"s2x.twemproxy.c{size}")))
+    _rounds(rig, results, "S2'", systems)
+
+
+def _twemproxy_ready(rig: Rig, results: Results) -> bool:
+    if "s4" not in rig.settings.scenarios:
+        return False
+    if rig.nutcracker is None:
+        note = "S4 skipped: nutcracker (twemproxy) is not on PATH (Debian: apt-get install nutcracker)"
+        if note not in results.notes:
+            results.notes.append(note)
+        return False
+    return True
+
+
+def scenario_s3(rig: Rig, results: Results) -> None:
+    s = rig.settings
+    size = rig.sizes([s.max_connections])[0]
+    plain = replace(_request_job(rig, io=True), life=s.restart_every)
+
+    def churn(job: Job, system: str) -> Callable[[int], str]:
+        def measure(round_no: int) -> str:
+            run = run_workers(rig, job, s.workers, respawn=True)
+            results.add(f"s3.{system}.rps", round_no, run.rate)
+            results.add(f"s3.{system}.restarts", round_no, run.restarts)
+            if run.restarts and run.new_connections is not None:
+                results.add(f"s3.{system}.new_per_restart", round_no, run.new_connections / run.restarts)
+            elif not run.restarts and few not in results.notes:
+                results.notes.append(few)
+            return f"{run.rate:,.0f} req/s, {run.restarts} restarts, {run.new_connections} new Redis connections"
+        return measure
+
+    few = (f"S3: no worker served its {s.restart_every} requests within a {s.duration:g} s window, so no restart "
+           "was measured: lower --restart-every or raise --duration")
+    _rounds(rig, results, "S3", [("plain", churn(plain, "plain")),
+                                 (f"sharedpool C={size}", churn(replace(plain, system=SHARED, address=rig.manager(size)), "shared"))])
+
+
+def scenario_s5(rig: Rig, results: Results) -> None:
+    size = rig.sizes([rig.settings.max_connections])[0]
+    job = Job("grants", SHARED, rig.manager(size), rig.protocol)
+
+    def measure(round_no: int) -> str:
+        run = run_workers(rig, job, rig.settings.workers)
+        results.add("s5.shared.grants_per_s", round_no, run.rate)
+        results.add("s5.shared.p99_us", round_no, _us(run, 0.99))
+        results.add("s5.shared.cpu_us", round_no, run.cpu_per(run.count) * 1e6)
+        return f"{run.rate:,.0f} grants/s, p99 {_us(run, 0.99):.0f} us"
+
+    _rounds(rig, results, "S5", [(f"sharedpool C={size}", measure)])
+
+
+SCENARIO_RUNNERS: dict[str, Callable[[Rig, Results], None]] = {
+    "s1": scenario_s1, "s2": scenario_s2, "s2x": scenario_s2x, "s3": scenario_s3, "s5": scenario_s5,
+}
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
