@@ -154,6 +154,9 @@ class ManagerConfig:
     max_clients: int = _spec(1024, "most control connections at once; more are refused", int, _int_range(1, 1_000_000), "N")
     handshake_timeout: float = _spec(5.0, "seconds a new control connection has to send HELLO", float, _positive_float, "SECONDS")
     log_level: str = _spec("INFO", "DEBUG, INFO, WARNING or ERROR", str.upper, _choice("DEBUG", "INFO", "WARNING", "ERROR"), "LEVEL")
+    log_format: str = _spec("text", "text, or json (one object per line)", str.lower, _choice("text", "json"), "FORMAT")
+    metrics_port: int = _spec(0, "serve Prometheus metrics on this TCP port (0: off)", int, _int_range(0, 65535), "PORT")
+    metrics_host: str = _spec("127.0.0.1", "address the metrics endpoint listens on", str, None, "HOST")
 
     def __post_init__(self) -> None:
         if not self.socket_path:

@@ -133,6 +133,9 @@ class Outcome(enum.IntEnum):
     BROKEN = 2
 
 
+_OUTCOMES = tuple(Outcome)  # index = wire value; cheaper than Outcome(value)
+
+
 class ErrorCode(enum.IntEnum):
     MALFORMED = 1
     UNSUPPORTED = 2
@@ -237,10 +240,9 @@ def decode_release(body: bytes) -> tuple[int, Outcome]:
     if len(body) != _RELEASE.size:
         raise ProtocolError(f"RELEASE body of {len(body)} bytes, expected {_RELEASE.size}")
     lease_id, outcome = _RELEASE.unpack(body)
-    try:
-        return lease_id, Outcome(outcome)
-    except ValueError:
-        raise ProtocolError(f"RELEASE outcome {outcome} is not one of 0, 1, 2") from None
+    if outcome >= len(_OUTCOMES):
+        raise ProtocolError(f"RELEASE outcome {outcome} is not one of 0, 1, 2")
+    return lease_id, _OUTCOMES[outcome]
 
 
 def encode_fetch_fd(lease_id: int) -> bytes:
@@ -282,11 +284,18 @@ def encode_empty(frame_type: FrameType) -> bytes:
     return _HEADERS[frame_type]
 
 
+# Plain ints: IntFlag arithmetic is Python code, and this runs per frame.
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+
+
 def check_recv_flags(flags: int) -> None:
     """Refuse a frame the kernel had to cut (data or fds)."""
-    if flags & socket.MSG_TRUNC:
+    if not flags:
+        return
+    if flags & _MSG_TRUNC:
         raise ProtocolError(f"frame truncated: larger than the {MAX_FRAME}-byte cap")
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         raise ProtocolError("ancillary data truncated: more fds than a frame may carry")
 
 

@@ -9,6 +9,7 @@ what the real client never would.
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
 import random
@@ -31,6 +32,7 @@ SERVER_TYPES = (
 BAD_VERSIONS = tuple(v for v in (0, protocol.VERSION + 1, 0x7F, 0xFF) if v not in protocol.SUPPORTED_VERSIONS)
 
 _ANCILLARY = socket.CMSG_SPACE(struct.calcsize("i") * 256)
+_TIMEVAL = struct.Struct("ll")
 
 
 # ----- the manager's fd table -------------------------------------------------
@@ -80,8 +82,16 @@ class RawPeer:
     def __init__(self, socket_path: str, timeout: float = 5.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
-        self.sock.connect(socket_path)
+        try:
+            self.sock.connect(socket_path)
+        except BaseException:
+            self.sock.close()
+            raise
         self.timeout = timeout
+        # Linux reports ECONNRESET once, ahead of the frames still queued, when
+        # the manager closed its end with frames of ours unread. Noted, then
+        # the queued frames are read as usual.
+        self.was_reset = False
 
     def __enter__(self) -> RawPeer:
         return self
@@ -103,7 +113,14 @@ class RawPeer:
         self.sock.settimeout(self.timeout if timeout is None else timeout)
         try:
             data, anc, flags, _ = self.sock.recvmsg(protocol.MAX_FRAME + 1, _ANCILLARY)
-        except (ConnectionResetError, BrokenPipeError):
+        except ConnectionResetError:
+            if self.was_reset:
+                raise Closed() from None
+            self.was_reset = True
+            return self.recv(timeout)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise
             raise Closed() from None
         fds = protocol.fds_from_ancillary(anc)
         if not data:
@@ -251,12 +268,14 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 
 
 def random_frame(rng: random.Random) -> bytes:
+    # Mostly frames that keep the connection open, so that bursts reach
+    # deeper states (held leases, waiting ACQUIREs) before a fatal one.
     roll = rng.random()
-    if roll < 0.15:
+    if roll < 0.08:
         return rng.randbytes(rng.randrange(0, 24))
-    if roll < 0.20:
+    if roll < 0.12:
         return frame(rng.randrange(256), rng.randbytes(rng.randrange(64)), rng.randrange(256), rng.randrange(65536))
-    if roll < 0.50:
+    if roll < 0.70:
         return valid_frame(rng)
     return mutate(rng, valid_frame(rng))
 
@@ -273,9 +292,12 @@ def fuzz(socket_path: str, seed: int, duration: float, report: Any) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        # Blocking, with kernel timeouts, so that MSG_DONTWAIT means what it says
+        # (a Python-level timeout polls before every call).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(2, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(0, 50_000))
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            sock.settimeout(1.0)
             sock.connect(socket_path)
         except OSError:
             sock.close()
@@ -298,8 +320,7 @@ def fuzz(socket_path: str, seed: int, duration: float, report: Any) -> None:
                 if reads:
                     _drain(sock, summary)
             if reads and rng.random() < 0.5:
-                sock.settimeout(0.05)
-                _drain(sock, summary, flags=0)
+                _drain(sock, summary, flags=0)  # waits SO_RCVTIMEO for late replies
         except OSError:
             pass  # the manager closed us: expected for most bursts
         finally:
@@ -312,7 +333,7 @@ def _drain(sock: socket.socket, summary: dict[str, Any], flags: int = socket.MSG
     while True:
         try:
             data, anc, _flags, _ = sock.recvmsg(protocol.MAX_FRAME + 1, _ANCILLARY, flags)
-        except (BlockingIOError, socket.timeout):
+        except BlockingIOError:
             return
         close_fds(protocol.fds_from_ancillary(anc))
         if not data:

@@ -413,6 +413,7 @@ def test_slow_drip_clients(start_manager) -> None:
                 peer.send(hp.frame(SOME_UNKNOWN_TYPE))
                 frames.append(peer.recv_no_fd())
             except (Closed, BrokenPipeError, ConnectionResetError):
+                frames += peer.expect_closed()  # what was queued before the close
                 break
             assert time.monotonic() - started < 10 * timeout + 5, "a dripping peer was never cut off"
             time.sleep(timeout / 10)  # the deliberate drip
@@ -549,10 +550,10 @@ def test_a_thousand_idle_control_connections(start_manager) -> None:
     max_clients, flood = 50, 1000
     manager, good, baseline = _start(start_manager, max_clients=max_clients, handshake_timeout=60)
     observer = RawPeer(manager.socket_path)
-    observer.hello()
-    _wait_fds(manager, baseline + 1)  # exactly two control connections now: good's and ours
     peers: list[RawPeer] = []
     try:
+        observer.hello()
+        _wait_fds(manager, baseline + 1)  # exactly two control connections now: good's and ours
         for batch in range(flood // 100):
             for _ in range(100):
                 peer = RawPeer(manager.socket_path)
@@ -575,12 +576,14 @@ def test_a_thousand_idle_control_connections(start_manager) -> None:
         assert stats["counters"]["clients_refused"] == refused
         _roundtrip(manager, good)
         peers[0].ping()  # an admitted one is served
+        for peer in peers:
+            peer.close()
+        _wait_fds(manager, baseline + 1)
+        assert _stats_via(observer)["control_connections"] == 2
     finally:
         for peer in peers:
             peer.close()
-    _wait_fds(manager, baseline + 1)
-    assert _stats_via(observer)["control_connections"] == 2
-    observer.close()
+        observer.close()
     fresh = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True)
     try:
         _roundtrip(manager, fresh)  # new connections are admitted again
@@ -884,4 +887,25 @@ def test_fd_exhaustion_does_not_spin_the_accept_loop(start_manager) -> None:
         if manager.process is not None and manager.process.poll() is None:
             process.rlimit(psutil.RLIMIT_NOFILE, original)
     _roundtrip(manager, good)
+    _at_rest(manager, baseline)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a worker refused for max_clients never learns why: ControlChannel.__init__ reports the "
+    "ERROR TOO_MANY_CLIENTS reply to HELLO as ProtocolMismatch('answered HELLO with frame type 7'), "
+    "lets a bare BrokenPipeError out of sock.send(HELLO), and the manager's _refuse() closes with "
+    "the HELLO unread, so the worker often gets ECONNRESET before the ERROR frame"
+))
+def test_a_worker_refused_for_max_clients_is_told_why(start_manager) -> None:
+    manager, good, baseline = _start(start_manager, max_clients=2)
+    with RawPeer(manager.socket_path) as filler:
+        filler.hello()
+        for _ in range(10):
+            refused = sharedpool.Redis(socket_path=manager.socket_path, manager_timeout=0)
+            try:
+                with pytest.raises(sharedpool.ManagerUnavailable, match="max_clients=2"):
+                    refused.ping()
+            finally:
+                refused.close()
+        _roundtrip(manager, good)
     _at_rest(manager, baseline)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 import subprocess
@@ -107,6 +108,7 @@ class Rig:
         self._managers: dict[int, str] = {}
         self._twemproxies: dict[int, Twemproxy] = {}
         self.protocol = 3
+        self._external_pid = 0
         redis_url: str | None = args.redis_url
         if self.external_manager:
             welcome = self._welcome(self.external_manager)
@@ -121,7 +123,7 @@ class Rig:
             self.redis_where = "given by --redis-url" if args.redis_url else "the manager's, from its WELCOME"
         else:
             server = RedisServer(directory=os.path.join(self.workdir, "redis"))
-            os.makedirs(server.directory)
+            os.makedirs(server.directory, mode=0o700, exist_ok=True)
             stack.callback(server.cleanup)
             server.start()
             redis_url, self.redis_where = server.url, f"started by bench: {server.binary}"
@@ -193,11 +195,20 @@ class Rig:
             self._twemproxies[connections] = proxy.start()
         return self._twemproxies[connections].path
 
+    def manager_pid(self, path: str) -> int:
+        return self._manager_pids.get(path) or self._external_pid
+
+    def with_duration(self, seconds: float) -> Rig:
+        """The same rig with another window length (S1 runs its three modes in one window)."""
+        other = copy.copy(self)
+        other.settings = replace(self.settings, duration=seconds)
+        return other
+
     def sidecar_pids(self, job: Job) -> list[int]:
         """Processes besides the workers that spend CPU on this system's requests."""
         pids = [self.redis_pid] if self.redis_pid else []
         if job.system == SHARED:
-            pid = self._manager_pids.get(job.address) or getattr(self, "_external_pid", 0)
+            pid = self.manager_pid(job.address)
             pids += [pid] if pid else []
         elif job.system == TWEMPROXY:
             pids += [p.process.pid for p in self._twemproxies.values() if p.path == job.address and p.process]

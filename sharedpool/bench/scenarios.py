@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+from array import array
 from collections.abc import Callable
 from dataclasses import replace
 
 from sharedpool.bench.report import PLAIN, SHARED, TWEMPROXY, Results, percentile
 from sharedpool.bench.rig import Rig, Skipped
-from sharedpool.bench.workers import Job, Run, run_workers
+from sharedpool.bench.workers import S1_MODES, Job, Run, run_workers
 
 Measure = tuple[str, Callable[[int], str]]  # label, run for a round -> progress text
 
@@ -37,32 +38,34 @@ def _us(run: Run, q: float) -> float:
 
 def scenario_s1(rig: Rig, results: Results) -> None:
     s = rig.settings
-    plain = Job("latency", PLAIN, rig.redis_url, rig.protocol)
-    shared = replace(plain, system=SHARED, address=rig.manager(rig.sizes([s.max_connections])[0]))
+    address = rig.manager(rig.sizes([s.max_connections])[0])
+    job = Job("latency", PLAIN, rig.redis_url, rig.protocol, manager=address, redis_pid=rig.redis_pid,
+              manager_pid=rig.manager_pid(address))
+    # All modes share one window, so it is as long as the three separate ones would be.
+    long_rig = rig.with_duration(s.duration * len(S1_MODES))
 
-    def run_plain(round_no: int) -> str:
-        run = run_workers(rig, plain, 1)
-        results.add("s1a.plain.p50", round_no, _us(run, 0.5))
-        results.add("s1a.plain.p99", round_no, _us(run, 0.99))
-        # (b)'s baseline: the same commands timed in consecutive groups of ten.
-        groups = sorted(sum(run.samples[i:i + 10]) / 10 for i in range(0, len(run.samples) - 9, 10))
-        results.add("s1b.plain.p50", round_no, percentile(groups, 0.5) * 1e6)
-        results.add("s1b.plain.p99", round_no, percentile(groups, 0.99) * 1e6)
-        results.add("s1a.plain.cpu_us", round_no, run.cpu_per(len(run.samples)) * 1e6)
-        return f"p50 {_us(run, 0.5):.1f} us, p99 {_us(run, 0.99):.1f} us, {len(run.samples)} GETs"
+    def measure(round_no: int) -> str:
+        run = run_workers(long_rig, job, 1)
+        figures = []
+        for mode in S1_MODES:
+            raw, cpu_s = run.results[0].modes[mode]
+            samples = array("d")
+            samples.frombytes(raw)
+            system, part = (PLAIN, "a") if mode == "plain" else (SHARED, mode)
+            ordered = sorted(samples)
+            results.add(f"s1{part}.{system}.p50", round_no, percentile(ordered, 0.5) * 1e6)
+            results.add(f"s1{part}.{system}.p99", round_no, percentile(ordered, 0.99) * 1e6)
+            if mode == "plain":
+                # (b)'s baseline: the same plain commands timed in consecutive groups of ten.
+                groups = sorted(sum(samples[i:i + 10]) / 10 for i in range(0, len(samples) - 9, 10))
+                results.add("s1b.plain.p50", round_no, percentile(groups, 0.5) * 1e6)
+                results.add("s1b.plain.p99", round_no, percentile(groups, 0.99) * 1e6)
+            if mode != "b":
+                results.add(f"s1a.{system}.cpu_us", round_no, cpu_s / max(1, len(samples)) * 1e6)
+            figures.append(f"{mode} p50 {percentile(ordered, 0.5) * 1e6:.1f} us")
+        return ", ".join(figures)
 
-    def run_shared(part: str, block: int) -> Callable[[int], str]:
-        def measure(round_no: int) -> str:
-            run = run_workers(rig, replace(shared, block=block), 1)
-            results.add(f"s1{part}.shared.p50", round_no, _us(run, 0.5))
-            results.add(f"s1{part}.shared.p99", round_no, _us(run, 0.99))
-            if part == "a":
-                results.add("s1a.shared.cpu_us", round_no, run.cpu_per(len(run.samples)) * 1e6)
-            return f"p50 {_us(run, 0.5):.1f} us, p99 {_us(run, 0.99):.1f} us per command"
-        return measure
-
-    _rounds(rig, results, "S1", [("plain", run_plain), ("sharedpool (a)", run_shared("a", 1)),
-                                 ("sharedpool (b)", run_shared("b", 10))])
+    _rounds(rig, results, "S1", [("plain, sharedpool (a) and (b) interleaved", measure)])
 
 
 def _request_job(rig: Rig, io: bool) -> Job:

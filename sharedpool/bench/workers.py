@@ -37,11 +37,13 @@ READY = "ready"
 class Job:
     """Everything a forked worker needs; the parent's state is not to be used there."""
 
-    kind: str  # "latency" (S1), "requests" (S2, S3), "grants" (S5)
+    kind: str  # "latency" (S1, every mode in one process), "requests" (S2, S3), "grants" (S5)
     system: str  # PLAIN, SHARED or TWEMPROXY
     address: str  # Redis URL, manager socket path or twemproxy socket path
     protocol: int = 3
-    block: int = 1  # S1: commands per lease() block (shared) or per timed group
+    manager: str = ""  # S1: the manager's socket (address is then the Redis URL)
+    redis_pid: int = 0  # S1: to charge Redis's CPU to the mode that caused it (0: unknown)
+    manager_pid: int = 0
     commands: int = 5
     cpu_us: float = 0.0
     io_ms: float = 0.0
@@ -55,6 +57,7 @@ class WorkerResult:
     latencies: bytes = b""  # array("d") of seconds
     lived_out: bool = False  # S3: exited because it served its `life` requests
     cpu_s: float = 0.0  # this process's CPU time inside the window
+    modes: dict[str, tuple[bytes, float]] = field(default_factory=dict)  # S1: mode -> (latencies, CPU s)
     error: str = ""
 
 
@@ -75,35 +78,77 @@ def _busy(seconds: float, clock: Callable[[], float] = time.perf_counter) -> Non
         pass
 
 
+# S1 modes: plain redis-py, (a) one lease per command, (b) ten commands per lease().
+S1_MODES = ("plain", "a", "b")
+S1_SLICE = 100  # commands per slice; slices of the modes alternate for the whole window
+
+
 def _latency_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
-    r, key, clock = _client(job), KEY_PREFIX + "small", time.perf_counter
-    lat = array("d")
-    lease = getattr(r, "lease", None)
-    blocked = job.block > 1 and lease is not None
-    for _ in range(300):  # warm up: connection, fd cache, command classification
-        r.get(key)
-    end = sync()
-    cpu = time.process_time()
-    if blocked:
-        assert lease is not None
-        while True:
+    """S1: the three modes interleaved in short slices, in rotating order.
+
+    On a shared machine the speed drifts over seconds; slices a few tens of
+    milliseconds long give every mode the same share of good and bad moments,
+    which separate windows cannot. CPU is charged per slice: this process's
+    own, plus Redis's and (for sharedpool modes) the manager's.
+    """
+    plain = redis.Redis.from_url(job.address, protocol=job.protocol)
+    shared = sharedpool.Redis(socket_path=job.manager, protocol=job.protocol)
+    key, clock = KEY_PREFIX + "small", time.perf_counter
+    redis_proc, manager_proc = _process(job.redis_pid), _process(job.manager_pid)
+
+    def one_by_one(client: redis.Redis) -> Callable[[array[float]], None]:
+        def run(lat: array[float]) -> None:
+            for _ in range(S1_SLICE):
+                started = clock()
+                client.get(key)
+                lat.append(clock() - started)
+        return run
+
+    def leased(lat: array[float]) -> None:
+        for _ in range(S1_SLICE // 10):
             started = clock()
-            with lease() as pinned:
-                for _ in range(job.block):
+            with shared.lease() as pinned:
+                for _ in range(10):
                     pinned.get(key)
-            done = clock()
-            lat.append((done - started) / job.block)
-            if done >= end:
-                break
-    else:
-        while True:
-            started = clock()
-            r.get(key)
-            done = clock()
-            lat.append(done - started)
-            if done >= end:
-                break
-    return WorkerResult(len(lat), lat.tobytes(), cpu_s=time.process_time() - cpu)
+            lat.append((clock() - started) / 10)
+
+    modes = [(one_by_one(plain), [redis_proc]), (one_by_one(shared), [redis_proc, manager_proc]),
+             (leased, [redis_proc, manager_proc])]
+    lat = {name: array("d") for name in S1_MODES}
+    cpu = dict.fromkeys(S1_MODES, 0.0)
+    for run, _ in modes * 3:  # warm up: connections, fd cache, command classification
+        run(array("d"))
+    end = sync()
+    cycle = 0
+    while clock() < end:
+        for i in range(len(modes)):
+            index = (cycle + i) % len(modes)
+            run, sidecars = modes[index]
+            before = time.process_time() + _cpu_of(sidecars)
+            run(lat[S1_MODES[index]])
+            cpu[S1_MODES[index]] += time.process_time() + _cpu_of(sidecars) - before
+        cycle += 1
+    return WorkerResult(sum(len(v) for v in lat.values()),
+                        modes={name: (lat[name].tobytes(), cpu[name]) for name in S1_MODES})
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid) if pid else None
+    except psutil.Error:
+        return None
+
+
+def _cpu_of(processes: list[psutil.Process | None]) -> float:
+    total = 0.0
+    for proc in processes:
+        if proc is not None:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+    return total
 
 
 def _requests_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
@@ -191,6 +236,7 @@ class Run:
     restarts: int = 0
     new_connections: int | None = None
     cpu_s: float = 0.0  # workers' CPU in the window, plus Redis's and the sidecar's
+    results: list[WorkerResult] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -250,6 +296,7 @@ def run_workers(rig: Rig, job: Job, processes: int, *, sample_clients: bool = Fa
                 reader.close()
                 if not isinstance(result, WorkerResult) or result.error:
                     raise RuntimeError(getattr(result, "error", "") or f"unexpected message {result!r}")
+                run.results.append(result)
                 run.count += result.count
                 run.cpu_s += result.cpu_s
                 run.samples.frombytes(result.latencies)

@@ -27,6 +27,13 @@ lazy-apps on
     inherited and the hook (registered too late to fire for that worker)
     has nothing to do. Both modes need nothing else.
 
+``env =`` lines and pyuwsgi
+    pyuwsgi starts Python before uWSGI reads its options, so ``env =``
+    lines reach the C environment (and so the attached manager) but not
+    ``os.environ``. Importing this module under uWSGI copies the
+    ``SHAREDPOOL_*`` variables that ``os.environ`` lacks from the C
+    environment, so import it before making a ``sharedpool.Redis()``.
+
 Dead workers
     uWSGI's master runs no Python when a worker dies, so there is no
     ``child_exit``: a worker that exits, is recycled (``max-requests``,
@@ -74,11 +81,14 @@ Running the manager under uWSGI's master
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 
+from sharedpool.config import ENV_PREFIX
 from sharedpool.integrations import after_fork_in_child
 
-__all__ = ["postfork", "register"]
+__all__ = ["import_uwsgi_environment", "postfork", "register"]
 
 log = logging.getLogger("sharedpool.integrations.uwsgi")
 
@@ -99,7 +109,7 @@ def register() -> bool:
     if _registered:
         return True
     try:
-        import uwsgidecorators
+        import uwsgidecorators  # type: ignore[import-untyped, import-not-found]
     except ImportError:
         return False  # not under uWSGI: nothing forks us
     except Exception as exc:
@@ -112,4 +122,41 @@ def register() -> bool:
     return True
 
 
+def import_uwsgi_environment() -> list[str]:
+    """Copy ``SHAREDPOOL_*`` variables set by uWSGI's ``env =`` into ``os.environ``.
+
+    Only those ``os.environ`` lacks; returns their names. A no-op outside
+    uWSGI and wherever the C environment cannot be read.
+    """
+    try:
+        import uwsgi  # type: ignore[import-untyped, import-not-found]  # noqa: F401  (only inside uWSGI)
+    except ImportError:
+        return []
+    copied = []
+    for key, value in _c_environment().items():
+        if key.startswith(ENV_PREFIX) and key not in os.environ:
+            os.environ[key] = value
+            copied.append(key)
+    return copied
+
+
+def _c_environment() -> dict[str, str]:
+    """The process's C ``environ``, which ``setenv()`` changes and ``os.environ`` does not see."""
+    try:
+        entries = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), "environ")
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, str] = {}
+    index = 0
+    while True:
+        entry = entries[index]
+        if entry is None:
+            return found
+        key, sep, value = entry.partition(b"=")
+        if sep:
+            found[os.fsdecode(key)] = os.fsdecode(value)
+        index += 1
+
+
+import_uwsgi_environment()
 register()
