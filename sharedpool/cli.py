@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="control socket [env SHAREDPOOL_SOCKET; default /tmp/sharedpool-<uid>/sharedpool.sock]")
         if name == "stats":
             sub.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
+            sub.add_argument("--watch", action="store_true", help="refresh in place, like top, until Ctrl-C")
+            sub.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period for --watch (default 1)")
         else:
             sub.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="how long to wait for the manager")
 
@@ -70,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--redis-url", metavar="URL", help="use this Redis instead of starting one")
     demo.add_argument("--kill-every", type=float, default=2.0, metavar="SECONDS",
                       help="SIGKILL a random worker this often to show reaping (0: never; default 2)")
+    from sharedpool.bench.settings import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure sharedpool against plain redis-py (and twemproxy) side by side",
+        description="Runs every scenario for plain redis-py and sharedpool in the same run, alternating, and prints ratios.",
+    )
+    add_bench_arguments(bench)
     return parser
 
 
@@ -88,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "admin":
             return _admin(args)
+        if args.command == "bench":
+            from sharedpool.bench import run_bench
+
+            return run_bench(args)
         if args.command == "demo":
             from sharedpool.demo import run_demo
 
@@ -144,18 +158,32 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    import time
+
     try:
         channel = _open_channel(args)
-        snapshot = channel.request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
     except errors.SharedPoolError as exc:
         print(f"sharedpool stats: {exc}", file=sys.stderr)
         return 1
-    channel.close()
-    if args.json:
-        print(json.dumps(snapshot, indent=2, sort_keys=True))
-    else:
-        print(format_stats(snapshot))
-    return 0
+    try:
+        while True:
+            try:
+                snapshot = channel.request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
+            except errors.SharedPoolError as exc:
+                print(f"sharedpool stats: {exc}", file=sys.stderr)
+                return 1
+            text = json.dumps(snapshot, indent=2, sort_keys=True) if args.json else format_stats(snapshot)
+            if not args.watch:
+                print(text)
+                return 0
+            # Home the cursor and clear below: the table is redrawn in place.
+            sys.stdout.write("\x1b[H\x1b[J" + text + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        channel.close()
 
 
 def format_stats(snapshot: dict[str, Any]) -> str:

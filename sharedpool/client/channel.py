@@ -53,14 +53,18 @@ class ControlChannel:
         # lease id -> why the manager took it back (REVOKED frames)
         self.revoked: dict[int, str] = {}
         try:
-            sock.send(protocol.encode_json(FrameType.HELLO, {"pid": self.pid, "client": f"sharedpool/{__version__}"}))
+            try:
+                sock.send(protocol.encode_json(FrameType.HELLO, {"pid": self.pid, "client": f"sharedpool/{__version__}"}))
+            except OSError:
+                pass  # refused and closed at once: the reason may still be waiting to be read
             frame_type, body, _fd = self._read(expect_fd=False)
         except BaseException:
             self.close()
             raise
         if frame_type != FrameType.WELCOME:
+            error = self._unexpected(frame_type, body, "WELCOME")
             self.close()
-            raise errors.ProtocolMismatch(f"manager at {socket_path} answered HELLO with frame type {frame_type}")
+            raise error
         self.welcome: dict[str, Any] = protocol.decode_json(body)
         self.epoch = str(self.welcome.get("epoch", ""))
         sock.settimeout(reply_timeout)

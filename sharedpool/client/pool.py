@@ -51,14 +51,28 @@ _OUR_DIRS = tuple(
 _LIB_DIRS = _OUR_DIRS + (os.path.dirname(contextmanager.__code__.co_filename) + os.sep + "contextlib",)
 
 
+_CALLER_TEXT: dict[tuple[Any, int], str] = {}
+
+
 def _caller() -> str:
-    """The first frame outside sharedpool and redis-py: where the lease was asked for."""
+    """The first frame outside sharedpool and redis-py: where the lease was asked for.
+
+    Sent with every ACQUIRE so a leak warning can name the line; the text
+    of each (code, line) is built once.
+    """
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith(_LIB_DIRS):
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return ""
-    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+    code = frame.f_code
+    key = (code, frame.f_lineno)
+    text = _CALLER_TEXT.get(key)
+    if text is None:
+        text = f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
+        if len(_CALLER_TEXT) < 10_000:
+            _CALLER_TEXT[key] = text
+    return text
 
 
 class SharedConnectionPool(redis.ConnectionPool):

@@ -541,13 +541,13 @@ class Pool:
             waiter.active = False
             waiter.holder.waiter = None
             actions.append(self._grant(waiter.holder, self._pick_idle(waiter.holder.process), now, waiter.where, waiter.enqueued_at))
-        if self.shutting_down or now < self.next_connect_at:
-            return actions
+        empty = self._by_state[SlotState.EMPTY]
+        if not empty or self.shutting_down or now < self.next_connect_at:
+            return actions  # the steady state: every slot has a connection
         connecting = self.count(SlotState.CONNECTING)
         wanted = len(self._waiters) + max(0, self.limits.min_idle - len(self._idle)) - connecting
         if self.redis_down_since is not None:
             wanted = 1 - connecting  # while Redis is down, probe with one connection at a time
-        empty = self._by_state[SlotState.EMPTY]
         for slot in list(empty.values())[: max(0, wanted)]:
             if slot.index >= self.limits.max_connections:
                 continue

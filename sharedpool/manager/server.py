@@ -17,7 +17,7 @@ import logging
 import os
 import queue
 import secrets
-import selectors
+import select
 import signal
 import socket
 import stat
@@ -53,6 +53,7 @@ from sharedpool.protocol import ErrorCode, FrameType
 log = logging.getLogger("sharedpool.manager")
 
 _PEERCRED = struct.Struct("3i")
+_FRAMES_PER_WAKEUP = 16
 
 
 class ManagerAlreadyRunning(RuntimeError):
@@ -97,7 +98,10 @@ class Manager:
         self.state = State.STARTING
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
-        self._selector = selectors.DefaultSelector()
+        # epoll directly, fd -> handler: the selectors layer costs more per
+        # wake-up than the rest of a grant's bookkeeping.
+        self._epoll = select.epoll()
+        self._handlers_by_fd: dict[int, Callable[[], None]] = {}
         self._clients: dict[int, ControlClient] = {}  # holder id -> client
         self._handshaking: set[ControlClient] = set()
         self._holder_ids = itertools.count(1)
@@ -149,8 +153,10 @@ class Manager:
 
     def start(self) -> None:
         self._claim_socket_path()
-        self._selector.register(self._listener, selectors.EVENT_READ, self._on_accept)  # type: ignore[arg-type]
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        listener = self._listener
+        assert listener is not None
+        self._watch(listener.fileno(), lambda: self._on_accept(listener))
+        self._watch(self._wake_r, lambda: self._on_wake(None))
         self.state = State.RUNNING
         log.info(
             "manager %r started: pid %d, socket %s, redis %s, max_connections %d, min_idle %d, epoch %s",
@@ -180,11 +186,11 @@ class Manager:
             self._drop(client, "manager stopping", reap=False)
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._listener is not None:
-            self._selector.unregister(self._listener)
+            self._unwatch(self._listener.fileno())
             self._listener.close()
             self._listener = None
             self._remove_socket_file()
-        self._selector.close()
+        self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         if self._lock_fd >= 0:
@@ -192,6 +198,17 @@ class Manager:
             self._lock_fd = -1
         self.state = State.STOPPED
         log.info("manager %r stopped", self.config.pool_name)
+
+    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._handlers_by_fd[fd] = handler
+
+    def _unwatch(self, fd: int) -> None:
+        if self._handlers_by_fd.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
 
     def _install_signal_handlers(self) -> None:
         def enqueue(signum: int, frame: Any) -> None:
@@ -259,8 +276,14 @@ class Manager:
             deadline = min(deadline, min(c.accepted_at for c in self._handshaking) + self.config.handshake_timeout)
         if self.state is State.DRAINING:
             deadline = min(deadline, self._drain_deadline)
-        for key, _mask in self._selector.select(max(0.0, deadline - now)):
-            key.data(key.fileobj)
+        try:
+            events = self._epoll.poll(max(0.0, deadline - now))
+        except InterruptedError:
+            events = []
+        for fd, _mask in events:
+            handler = self._handlers_by_fd.get(fd)
+            if handler is not None:  # an earlier handler of this batch may have closed it
+                handler()
         now = time.monotonic()
         self._perform(self.pool.expire(now))
         self._expire_handshakes(now)
@@ -463,7 +486,7 @@ class Manager:
             return
         self.counters[keys.CLIENTS_ACCEPTED] += 1
         self._handshaking.add(client)
-        self._selector.register(sock, selectors.EVENT_READ, lambda _s, c=client: self._on_readable(c))
+        self._watch(sock.fileno(), lambda: self._on_readable(client))
 
     def _expire_handshakes(self, now: float) -> None:
         limit = self.config.handshake_timeout
@@ -476,10 +499,7 @@ class Manager:
             return
         client.state = ClientState.CLOSED
         self._handshaking.discard(client)
-        try:
-            self._selector.unregister(client.sock)
-        except (KeyError, ValueError):
-            pass
+        self._unwatch(client.sock.fileno())
         client.sock.close()
         holder = client.holder
         if holder is not None:
@@ -494,16 +514,24 @@ class Manager:
             log.debug("control connection of %s closed before HELLO (%s)", client.label, reason)
 
     def _on_readable(self, client: ControlClient) -> None:
-        try:
-            data, _anc, flags, _addr = client.sock.recvmsg(protocol.MAX_FRAME)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._drop(client, f"read failed ({exc.strerror or exc})")
-            return
-        if not data:
-            self._drop(client, "closed by peer")
-            return
+        # A worker's RELEASE and its next ACQUIRE often arrive together:
+        # handle what is queued in one wake-up, up to a bound for fairness.
+        for _ in range(_FRAMES_PER_WAKEUP):
+            if client.state is ClientState.CLOSED:
+                return
+            try:
+                data, _anc, flags, _addr = client.sock.recvmsg(protocol.MAX_FRAME)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._drop(client, f"read failed ({exc.strerror or exc})")
+                return
+            if not data:
+                self._drop(client, "closed by peer")
+                return
+            self._on_frame(client, data, flags)
+
+    def _on_frame(self, client: ControlClient, data: bytes, flags: int) -> None:
         try:
             protocol.check_recv_flags(flags)
             version, frame_type, body = protocol.split(data)
@@ -657,10 +685,7 @@ class Manager:
             assert holder is not None
             reaped += len(holder.leases)
             client.state = ClientState.CLOSED
-            try:
-                self._selector.unregister(client.sock)
-            except (KeyError, ValueError):
-                pass
+            self._unwatch(client.sock.fileno())
             client.sock.close()
             self._clients.pop(holder.id, None)
             self._perform(self.pool.holder_gone(holder, now, ReapCause.HOLDER_DEAD))
@@ -734,6 +759,11 @@ def _create_time(pid: int) -> float:
 def _refuse(sock: socket.socket, code: ErrorCode, message: str) -> None:
     try:
         sock.send(protocol.encode_error(code, message))
+        # Closing with the peer's HELLO unread would reset the connection
+        # before the peer reads our reason: read what has arrived first.
+        for _ in range(4):
+            if not sock.recv(protocol.MAX_FRAME):
+                break
     except OSError:
         pass
     sock.close()
