@@ -119,15 +119,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings: ManagerConfig = config.from_args(ManagerConfig, args)
     environ = dict(os.environ)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    from sharedpool.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
     try:
         # SIGHUP re-reads the file and environment as they were given at start.
         return Manager(settings, reload=lambda: config.from_args(ManagerConfig, args, environ)).serve()
-    except (ManagerAlreadyRunning, PermissionError, FileExistsError) as exc:
+    except (ManagerAlreadyRunning, OSError) as exc:
         print(f"sharedpool serve: error: {exc}", file=sys.stderr)
         return 1
 

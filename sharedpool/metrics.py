@@ -117,7 +117,12 @@ def render_prometheus(snapshot: Mapping[str, Any]) -> str:
         return new
 
     conns = snapshot.get("connections", {})
-    gauge = family("connections", "gauge", "Redis connections of the pool by state (open = all the others).")
+    # "open" overlaps the others (idle + leased + resetting), as in the stats
+    # dict; the HELP line says so, since summing over state would count twice.
+    gauge = family(
+        "connections", "gauge",
+        'Redis connections by state; state="open" is idle + leased + resetting, so do not sum over state.',
+    )
     for state in _CONNECTION_STATES:
         gauge.add(conns.get(state, 0), state=state)
     family("connections_max", "gauge", "Most Redis connections the manager may open (max_connections).").add(conns.get("max", 0))

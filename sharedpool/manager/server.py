@@ -48,6 +48,7 @@ from sharedpool.manager.pool import (
     SendGrant,
     SlotState,
 )
+from sharedpool.metrics import MetricsServer
 from sharedpool.protocol import ErrorCode, FrameType
 
 log = logging.getLogger("sharedpool.manager")
@@ -118,6 +119,10 @@ class Manager:
         self._next_sweep = 0.0
         self._next_health_check = time.monotonic() + config.health_check_interval
         self.counters = self.pool.counters
+        # The metrics thread only reads this reference; the loop replaces it.
+        self._snapshot_cache: dict[str, Any] = {}
+        self._next_snapshot = 0.0
+        self._metrics: MetricsServer | None = None
 
     @staticmethod
     def _limits(config: ManagerConfig) -> Limits:
@@ -158,6 +163,19 @@ class Manager:
         self._watch(listener.fileno(), lambda: self._on_accept(listener))
         self._watch(self._wake_r, lambda: self._on_wake(None))
         self.state = State.RUNNING
+        if self.config.metrics_port:
+            self._snapshot_cache = self.snapshot()
+            try:
+                self._metrics = MetricsServer(
+                    self.config.metrics_host, self.config.metrics_port, lambda: self._snapshot_cache
+                ).start()
+            except OSError as exc:
+                self.close()
+                raise OSError(
+                    exc.errno,
+                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc.strerror}",
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self._metrics.port)
         log.info(
             "manager %r started: pid %d, socket %s, redis %s, max_connections %d, min_idle %d, epoch %s",
             self.config.pool_name, os.getpid(), self.config.socket_path, mask_url(self.config.redis_url),
@@ -178,6 +196,9 @@ class Manager:
             self._perform(self.pool.begin_shutdown(now))
 
     def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
         now = time.monotonic()
         if self.pool.leases:
             log.warning("grace period over: closing %d leased connections", len(self.pool.leases))
@@ -296,6 +317,9 @@ class Manager:
             self._next_health_check = now + self.config.health_check_interval
         while self._signals:
             self._on_signal(self._signals.popleft())
+        if self._metrics is not None and now >= self._next_snapshot:
+            self._snapshot_cache = self.snapshot()
+            self._next_snapshot = now + 0.5
         if self.state is State.DRAINING and (not self.pool.leases or now >= self._drain_deadline):
             self.state = State.STOPPED
 
