@@ -202,6 +202,8 @@ def decode_json(body: bytes) -> dict[str, Any]:
         value = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"body is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("body is JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"body is JSON {type(value).__name__}, expected an object")
     return value

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import fcntl
@@ -71,6 +72,7 @@ __all__ = [
     "Settings",
     "after_fork_in_child",
     "close_control_channels",
+    "embedded_main",
     "release_process_state",
     "settings_from",
 ]
@@ -226,25 +228,6 @@ class ManagerState(enum.Enum):
     STOPPING = "stopping"
 
 
-# Run in the child instead of 'python -m sharedpool serve' on Linux: it asks
-# the kernel to SIGTERM the manager when the thread that started it (our
-# supervisor thread, which lives as long as the master) dies, so a SIGKILLed
-# master leaves no orphan holding Redis connections. Done after exec rather
-# than in preexec_fn, which is unsafe in a process that has threads.
-_BOOTSTRAP = """\
-# sharedpool: manager embedded in a pre-fork server's master
-import os, sys
-try:
-    import ctypes, signal
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(0)  # the master died before the prctl took effect
-from sharedpool.cli import main
-sys.exit(main(["serve", *sys.argv[2:]]))
-"""
-
 _RESTART_DELAY_MIN = 0.25
 _RESTART_DELAY_MAX = 5.0
 _STABLE_AFTER = 10.0  # a manager up this long resets the restart backoff
@@ -399,9 +382,9 @@ class EmbeddedManager:
                 self.state = ManagerState.BACKOFF
                 self._pause(delay)
                 self.restarts += 1
-        except Exception:  # the master must outlive any bug of ours
+        except Exception as exc:  # the master must outlive any bug of ours
             log.exception("sharedpool manager supervisor failed; the manager is no longer supervised")
-            self._first_start_error = self._first_start_error or "supervisor failed (see log)"
+            self._first_start_error = self._first_start_error or f"{type(exc).__name__}: {exc}"
             self._first_start_done.set()
         finally:
             self.state = ManagerState.STOPPING
@@ -424,9 +407,7 @@ class EmbeddedManager:
             if name in ("redis_url", "socket_path"):
                 continue  # the URL goes by environment (it may hold a password)
             args += [_config.flag_name(name), _flag_value(name, value)]
-        if sys.platform.startswith("linux"):
-            return [sys.executable, "-c", _BOOTSTRAP, str(os.getpid()), *args]
-        return [sys.executable, "-m", "sharedpool", "serve", *args]
+        return [sys.executable, "-c", _ENTRY, str(os.getpid()), *args]
 
     def _child_environ(self) -> dict[str, str]:
         # The environment as it is now: the socket path was exported into it.
@@ -587,6 +568,32 @@ class EmbeddedManager:
             pass
 
     _last_pid: int = 0
+
+
+_ENTRY = "import sharedpool.integrations as i; i.embedded_main()"
+_PR_SET_PDEATHSIG = 1
+
+
+def embedded_main() -> None:
+    """The embedded manager's process: ``sharedpool serve``, tied to the master's life.
+
+    argv: the master's pid, then ``serve`` arguments. On Linux it first asks
+    the kernel for SIGTERM when the thread that started it (the supervisor,
+    which lives as long as the master) dies, so a SIGKILLed master leaves
+    no orphan holding Redis connections. Done here, after exec, because
+    ``preexec_fn`` is unsafe in a process with threads.
+    """
+    master = int(sys.argv[1])
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != master:
+        sys.exit(0)  # the master died before the request took effect
+    from sharedpool.cli import main
+
+    sys.exit(main(["serve", *sys.argv[2:]]))
 
 
 def _answers(socket_path: str) -> bool:

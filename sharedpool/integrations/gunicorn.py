@@ -37,8 +37,13 @@ preload_app
     forks (``when_ready``, ``pre_fork``). The socket path must be known
     before the app is imported: set it in the real environment or call
     ``configure()`` in the config file, both of which happen before the
-    preload. (gunicorn's ``raw_env``/``-e`` is applied after the preload
-    is read from the config, so do not rely on it for ``SHAREDPOOL_*``.)
+    preload. (gunicorn's ``raw_env``/``-e`` is applied after the config
+    file is read, so do not rely on it for ``SHAREDPOOL_*``.) gunicorn
+    imports a preloaded app before it calls any hook, so the embedded
+    manager is not running yet then: the app may create its client at
+    import time but must not use it before the workers run (or in a
+    master-side hook after ``on_starting``); an app that needs Redis
+    while it is imported needs a manager run separately.
 
 The hooks
     ``on_starting``/``when_ready`` (master): start the embedded manager;
@@ -106,6 +111,7 @@ log = logging.getLogger("sharedpool.integrations.gunicorn")
 _settings: Settings | None = None
 _private_path = ""  # a socket path we made up (and whose directory we remove)
 _manager: EmbeddedManager | None = None
+_announced = False  # the separately run manager was named in the log
 
 
 # ----- settings ---------------------------------------------------------------
@@ -197,11 +203,12 @@ def on_exit(server: Any) -> None:
 
 
 def _start() -> None:
-    global _manager
+    global _manager, _announced
     settings = current_settings()
     if not settings.embedded:
-        if _manager is None:
+        if not _announced:
             log.info("sharedpool: workers use the manager at %s", settings.socket_path or "the default socket")
+            _announced = True
         return
     if _manager is not None:
         return

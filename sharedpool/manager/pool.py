@@ -128,6 +128,9 @@ class Slot:
 class SendGrant:
     lease: Lease
     with_fd: bool
+    # A re-send (FETCH_FD) of a lease the worker already has: if it cannot
+    # be delivered, the lease is live and must be reaped, not undone.
+    redelivery: bool = False
 
 
 @dataclass(frozen=True, slots=True)

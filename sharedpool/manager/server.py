@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import queue
+import resource
 import secrets
 import select
 import signal
@@ -55,6 +56,10 @@ log = logging.getLogger("sharedpool.manager")
 
 _PEERCRED = struct.Struct("3i")
 _FRAMES_PER_WAKEUP = 16
+# Per-worker rows in a STATS reply: ~100 bytes each, well inside MAX_FRAME.
+_STATS_WORKER_ROWS = 300
+# After EMFILE, stop watching the listener this long (else: a busy loop).
+_ACCEPT_BACKOFF = 0.5
 
 
 class ManagerAlreadyRunning(RuntimeError):
@@ -117,6 +122,7 @@ class Manager:
         self._socket_inode = -1
         self._drain_deadline = 0.0
         self._next_sweep = 0.0
+        self._accept_paused_until = 0.0
         self._next_health_check = time.monotonic() + config.health_check_interval
         self.counters = self.pool.counters
         # The metrics thread only reads this reference; the loop replaces it.
@@ -157,6 +163,7 @@ class Manager:
         return 0
 
     def start(self) -> None:
+        _raise_fd_limit()
         self._claim_socket_path()
         listener = self._listener
         assert listener is not None
@@ -297,6 +304,8 @@ class Manager:
             deadline = min(deadline, min(c.accepted_at for c in self._handshaking) + self.config.handshake_timeout)
         if self.state is State.DRAINING:
             deadline = min(deadline, self._drain_deadline)
+        if self._accept_paused_until:
+            deadline = min(deadline, self._accept_paused_until)
         try:
             events = self._epoll.poll(max(0.0, deadline - now))
         except InterruptedError:
@@ -306,6 +315,10 @@ class Manager:
             if handler is not None:  # an earlier handler of this batch may have closed it
                 handler()
         now = time.monotonic()
+        if self._accept_paused_until and now >= self._accept_paused_until and self._listener is not None:
+            self._accept_paused_until = 0.0
+            listener = self._listener
+            self._watch(listener.fileno(), lambda: self._on_accept(listener))
         self._perform(self.pool.expire(now))
         self._expire_handshakes(now)
         if now >= self._next_sweep:
@@ -432,6 +445,9 @@ class Manager:
             else:
                 client.sock.send(frame)
         except OSError as exc:
+            if action.redelivery:
+                self._drop(client, f"fd re-send undeliverable ({exc.strerror or exc})")
+                return []
             actions = self.pool.undeliverable(lease, now)
             self._drop(client, f"grant undeliverable ({exc.strerror or exc})")
             return actions
@@ -483,8 +499,12 @@ class Manager:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("cannot accept control connection: %s", exc.strerror)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The pending connection keeps the listener readable:
+                    # stop watching it for a while instead of spinning.
+                    log.error("cannot accept control connections (%s); pausing accepts for %.1f s", exc.strerror, _ACCEPT_BACKOFF)
+                    self._unwatch(listener.fileno())
+                    self._accept_paused_until = time.monotonic() + _ACCEPT_BACKOFF
                     return
                 continue
             self._admit(sock)
@@ -578,6 +598,14 @@ class Manager:
             log.warning("malformed frame from %s: %s; closing its connection", client.label, exc)
             self._send(client, protocol.encode_error(ErrorCode.MALFORMED, str(exc)))
             self._drop(client, "malformed frame")
+        except Exception:
+            # One worker's frame must never take the manager down: whatever
+            # it triggered, only that worker's connection pays.
+            self.counters[keys.PROTOCOL_ERRORS] += 1
+            log.exception("internal error handling a frame from %s; closing its connection", client.label)
+            if client.state is not ClientState.CLOSED:
+                self._send(client, protocol.encode_error(ErrorCode.INTERNAL, "internal error; see the manager log"))
+                self._drop(client, "internal error")
 
     def _on_hello(self, client: ControlClient, body: bytes) -> None:
         if client.state is not ClientState.HANDSHAKE:
@@ -626,10 +654,10 @@ class Manager:
         if lease is None:
             self._send(client, protocol.encode_error(ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is not held by this connection", lease_id))
             return
-        self._perform([SendGrant(lease, True)])
+        self._perform([SendGrant(lease, True, redelivery=True)])
 
     def _on_stats(self, client: ControlClient, body: bytes) -> None:
-        self._send(client, protocol.encode_json(FrameType.STATS_REPLY, self.snapshot()))
+        self._send(client, protocol.encode_json(FrameType.STATS_REPLY, self.snapshot(max_workers=_STATS_WORKER_ROWS)))
 
     def _on_ping(self, client: ControlClient, body: bytes) -> None:
         self._send(client, protocol.encode_empty(FrameType.PONG))
@@ -717,7 +745,9 @@ class Manager:
 
     # ----- stats ----------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, max_workers: int | None = None) -> dict[str, Any]:
+        """The stats. ``max_workers`` caps the per-worker rows (busiest first) so a
+        host with thousands of workers still fits one frame."""
         pool = self.pool
         now = time.monotonic()
         workers = []
@@ -751,9 +781,16 @@ class Manager:
             "counters": dict(pool.counters),
             "wait_time": keys.percentiles(pool.wait_times),
             "hold_time": keys.percentiles(pool.hold_times),
-            "workers": sorted(workers, key=lambda w: w["pid"]),
+            "workers": _top_workers(workers, max_workers),
+            "workers_total": len(workers),
             "config": self.config.safe_dict(),
         }
+
+
+def _top_workers(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    if limit is not None and len(rows) > limit:
+        rows = sorted(rows, key=lambda w: (-w["leases_held"], -w["leases_total"]))[:limit]
+    return sorted(rows, key=lambda w: w["pid"])
 
 
 def _holds_leases(manager: Manager, pid: int) -> bool:
@@ -769,15 +806,25 @@ def _alive(pid: int, create_time: float) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
-    except psutil.AccessDenied:
-        return True
+    except (psutil.AccessDenied, OSError):
+        return True  # cannot tell (no permission, no fds left): never reap on a guess
 
 
 def _create_time(pid: int) -> float:
     try:
         return float(psutil.Process(pid).create_time())
-    except psutil.Error:
+    except (psutil.Error, OSError):
         return 0.0
+
+
+def _raise_fd_limit() -> None:
+    """Each control connection is an fd: take the hard limit, not the usual 1024."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
 
 
 def _refuse(sock: socket.socket, code: ErrorCode, message: str) -> None:
