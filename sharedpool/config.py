@@ -134,6 +134,9 @@ class ManagerConfig:
         "", "control socket path [default: /tmp/sharedpool-<uid>/sharedpool.sock]", str, None, "PATH"
     )
     socket_mode: int = _spec(0o600, "permission bits of the control socket, octal", _parse_octal, _socket_mode, "MODE")
+    socket_group: str = _spec(
+        "", "group (name or gid) that owns the socket and its directory, to share them with socket_mode 660", str, None, "GROUP"
+    )
     allowed_uids: tuple[int, ...] = _spec(
         (), "uids allowed to connect, comma separated [default: the manager's own uid]", _parse_uid_list, None, "UIDS"
     )
@@ -161,6 +164,8 @@ class ManagerConfig:
     def __post_init__(self) -> None:
         if not self.socket_path:
             object.__setattr__(self, "socket_path", default_socket_path())
+        if self.socket_group:
+            socket_gid(self.socket_group)  # refuse an unknown group at start
         if self.min_idle > self.max_connections:
             raise ConfigError(
                 "min_idle", self.min_idle, f"at most max_connections ({self.max_connections})"
@@ -194,6 +199,15 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if not self.socket_path:
             object.__setattr__(self, "socket_path", default_socket_path())
+
+
+def socket_gid(group: str) -> int:
+    import grp
+
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError("socket_group", group, "an existing group name or a numeric gid") from None
 
 
 def mask_url(url: str) -> str:

@@ -112,3 +112,23 @@ def test_rediss_is_refused_at_start(tmp_path) -> None:
     assert result.returncode == 2
     assert "invalid redis_url='rediss://localhost:6380'" in result.stderr
     assert "TLS" in result.stderr
+
+
+def test_socket_group_shares_socket_and_directory(start_manager, tmp_path) -> None:
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name if os.getgid() else "root"
+    path = tmp_path / "shared" / "sp.sock"
+    start_manager(socket_path=str(path), socket_group=group, socket_mode="660")
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    assert os.stat(path).st_gid == grp.getgrnam(group).gr_gid
+
+
+def test_unknown_socket_group_is_refused(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sharedpool", "serve", "--socket", str(tmp_path / "s.sock"), "--socket-group", "no-such-group-x"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "invalid socket_group='no-such-group-x': an existing group name or a numeric gid" in result.stderr

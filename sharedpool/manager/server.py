@@ -33,7 +33,7 @@ import psutil
 
 from sharedpool import __version__, protocol
 from sharedpool import stats as keys
-from sharedpool.config import ManagerConfig, mask_url
+from sharedpool.config import ManagerConfig, mask_url, socket_gid
 from sharedpool.manager.backend import Backend, RedisTarget, open_backend
 from sharedpool.manager.pool import (
     Action,
@@ -249,9 +249,15 @@ class Manager:
     def _claim_socket_path(self) -> None:
         path = self.config.socket_path
         parent = os.path.dirname(os.path.abspath(path))
+        gid = socket_gid(self.config.socket_group) if self.config.socket_group else -1
         if not os.path.isdir(parent):
             os.makedirs(parent, mode=0o700, exist_ok=True)
-            os.chmod(parent, 0o700)
+            if gid >= 0:
+                # Members of the group may traverse to the socket, nobody else.
+                os.chown(parent, -1, gid)
+                os.chmod(parent, 0o750)
+            else:
+                os.chmod(parent, 0o700)
         info = os.stat(parent)
         if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
             raise PermissionError(f"socket directory {parent} is writable by everyone; refusing to use it")
@@ -281,6 +287,8 @@ class Manager:
             listener.bind(path)
         finally:
             os.umask(old_umask)
+        if gid >= 0:
+            os.chown(path, -1, gid)
         os.chmod(path, self.config.socket_mode)
         listener.listen(min(socket.SOMAXCONN, 4096))
         listener.setblocking(False)
