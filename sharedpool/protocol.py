@@ -60,7 +60,22 @@ such types it does not know (a future RECALL of sticky leases will be one):
 64     REVOKED     s->c   ``!Q`` lease id, then the reason in UTF-8: the lease
                           was taken back (``max_lease_time``) and its
                           connection shut down.
-=====  ==========  =====  ===================================================== A manager answers an unknown type with ERROR ``UNSUPPORTED`` and
+65     RECALL      s->c   ``!Q`` lease id, on the process's notify channel:
+                          give this sticky lease back (at once if parked,
+                          else when its current use ends).
+=====  ==========  =====  =====================================================
+
+Sticky leases
+-------------
+A process may open one extra control connection whose HELLO says
+``"role": "notify"``; it takes no leases and is read by a background
+thread. While it is open, the process's leases are *sticky*: a clean
+release may be kept (parked) by the worker instead of sent, and the next
+use of it costs no frame at all. The manager sends RECALL on the notify
+channel when someone waits and no connection can be opened, and for
+leases older than ``sticky_max_age``; the worker then sends the RELEASE on
+the channel that holds the lease. WELCOME says ``"sticky": true`` when the
+manager allows this. A manager answers an unknown type with ERROR ``UNSUPPORTED`` and
 keeps the connection; a malformed frame of a known type is answered with
 ERROR ``MALFORMED`` and the connection is closed.
 
@@ -122,6 +137,7 @@ class FrameType(enum.IntEnum):
     ADMIN = 12
     ADMIN_REPLY = 13
     REVOKED = 64  # unsolicited: !Q lease id, then the reason in UTF-8
+    RECALL = 65  # unsolicited, on the notify channel: !Q lease id
 
 
 UNSOLICITED_TYPES = range(64, 128)
@@ -280,6 +296,17 @@ def decode_revoked(body: bytes) -> tuple[int, str]:
         raise ProtocolError(f"REVOKED body of {len(body)} bytes, expected at least {_LEASE_ID.size}")
     (lease_id,) = _LEASE_ID.unpack_from(body)
     return int(lease_id), body[_LEASE_ID.size :].decode("utf-8", "replace")
+
+
+def encode_recall(lease_id: int) -> bytes:
+    return _HEADERS[FrameType.RECALL] + _LEASE_ID.pack(lease_id)
+
+
+def decode_recall(body: bytes) -> int:
+    if len(body) != _LEASE_ID.size:
+        raise ProtocolError(f"RECALL body of {len(body)} bytes, expected {_LEASE_ID.size}")
+    (lease_id,) = _LEASE_ID.unpack(body)
+    return int(lease_id)
 
 
 def encode_empty(frame_type: FrameType) -> bytes:

@@ -26,6 +26,7 @@ RECYCLED = "connections_recycled"
 IDLE_CLOSED = "connections_idle_closed"
 HEALTH_CHECK_FAILED = "health_checks_failed"
 LEAK_WARNINGS = "leak_warnings"
+RECALLS = "sticky_recalls"
 
 REAP_CAUSES = ("holder_closed", "holder_dead", "broken", "revoked", "undelivered")
 
@@ -38,7 +39,7 @@ COUNTERS = (
     GRANTED, RELEASED, TIMEOUTS, REFUSED_FULL, REFUSED_UNAVAILABLE, REFUSED_SHUTDOWN,
     RELEASE_REFUSED, RESETS, OPENED, CLOSED, REDIS_ERRORS, STALE_AT_GRANT, FDS_SENT,
     CLIENTS_ACCEPTED, CLIENTS_REFUSED, PROTOCOL_ERRORS, REFUSED_WORKER_LIMIT, RECYCLED,
-    IDLE_CLOSED, HEALTH_CHECK_FAILED, LEAK_WARNINGS,
+    IDLE_CLOSED, HEALTH_CHECK_FAILED, LEAK_WARNINGS, RECALLS,
 ) + tuple(reaped_key(cause) for cause in REAP_CAUSES)
 
 

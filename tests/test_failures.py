@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -21,7 +22,8 @@ def _load(socket_path: str, stop: multiprocess.Event, report: multiprocess.Queue
     """SET/GET own keys until told to stop; report every outcome with a timestamp."""
     r = sharedpool.Redis(socket_path=socket_path, decode_responses=True, manager_timeout=0.5, acquire_timeout=2)
     outcomes = []
-    while not stop.is_set():
+    parent = os.getppid()
+    while not stop.is_set() and os.getppid() == parent:  # never outlive a killed test run
         k = f"load:{uuid.uuid4().hex}"
         try:
             r.set(k, k)

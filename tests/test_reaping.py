@@ -22,9 +22,9 @@ from conftest import manager_clients, wait_for
 ctx = multiprocess.get_context("fork")
 
 
-def _storm_worker(socket_path: str, worker: int, bad: multiprocess.Queue) -> None:
+def _storm_worker(socket_path: str, worker: int, bad: multiprocess.Queue, sticky: bool) -> None:
     """Take leases, hold them a while, check every value; die whenever killed."""
-    r = sharedpool.Redis(socket_path=socket_path, decode_responses=True, acquire_timeout=30)
+    r = sharedpool.Redis(socket_path=socket_path, decode_responses=True, acquire_timeout=30, sticky=sticky)
     rng = random.Random(worker)
     for i in range(1_000_000):
         k, value = f"storm:{worker}:{uuid.uuid4().hex}", f"{worker}:{i}"
@@ -40,10 +40,11 @@ def _storm_worker(socket_path: str, worker: int, bad: multiprocess.Queue) -> Non
 
 
 @pytest.mark.slow
-def test_kill_storm_leaks_nothing_and_corrupts_nothing(start_manager, admin: redis.Redis) -> None:
+@pytest.mark.parametrize("sticky", [False, True], ids=["per-command", "sticky"])
+def test_kill_storm_leaks_nothing_and_corrupts_nothing(start_manager, admin: redis.Redis, sticky: bool) -> None:
     manager = start_manager(max_connections=4, min_idle=1, acquire_timeout=30, reap_interval=0.2)
     bad = ctx.Queue()
-    workers = {n: ctx.Process(target=_storm_worker, args=(manager.socket_path, n, bad)) for n in range(8)}
+    workers = {n: ctx.Process(target=_storm_worker, args=(manager.socket_path, n, bad, sticky)) for n in range(8)}
     for process in workers.values():
         process.start()
     rng = random.Random(1)
@@ -57,7 +58,7 @@ def test_kill_storm_leaks_nothing_and_corrupts_nothing(start_manager, admin: red
         os.kill(workers[victim_slot].pid, signal.SIGKILL)
         workers[victim_slot].join(10)
         kills += 1
-        workers[victim_slot] = ctx.Process(target=_storm_worker, args=(manager.socket_path, next_id, bad))
+        workers[victim_slot] = ctx.Process(target=_storm_worker, args=(manager.socket_path, next_id, bad, sticky))
         workers[victim_slot].start()
         next_id += 1
         wait_for(lambda: manager.stats()["counters"]["leases_granted"] > 0, what="leases flowing")

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sharedpool import __version__, errors, protocol
@@ -37,7 +38,14 @@ _ERRORS: dict[int, type[errors.SharedPoolError]] = {
 
 
 class ControlChannel:
-    def __init__(self, socket_path: str, connect_timeout: float = 5.0, reply_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        connect_timeout: float = 5.0,
+        reply_timeout: float | None = 30.0,
+        role: str = "",
+        on_recall: Callable[[int], None] | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self.pid = os.getpid()
         self.closed = False
@@ -52,9 +60,13 @@ class ControlChannel:
         self._reply_timeout = reply_timeout
         # lease id -> why the manager took it back (REVOKED frames)
         self.revoked: dict[int, str] = {}
+        self._on_recall = on_recall
         try:
             try:
-                sock.send(protocol.encode_json(FrameType.HELLO, {"pid": self.pid, "client": f"sharedpool/{__version__}"}))
+                hello: dict[str, Any] = {"pid": self.pid, "client": f"sharedpool/{__version__}"}
+                if role:
+                    hello["role"] = role
+                sock.send(protocol.encode_json(FrameType.HELLO, hello))
             except OSError:
                 pass  # refused and closed at once: the reason may still be waiting to be read
             frame_type, body, _fd = self._read(expect_fd=False)
@@ -117,6 +129,24 @@ class ControlChannel:
         if frame_type == reply_type:
             return protocol.decode_json(body) if body else {}
         raise self._unexpected(frame_type, body, reply_type.name)
+
+    def listen(self) -> None:
+        """Read unsolicited frames until the channel ends (the notify thread's loop)."""
+        while True:
+            self._read(expect_fd=False)
+
+    def wake_and_close(self) -> None:
+        """End a channel another thread is blocked reading (``listen``).
+
+        Only for the notify channel of this very process: ``shutdown()``
+        wakes the reader, which ``close()`` alone does not.
+        """
+        if not self.closed:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.close()
 
     def ping(self) -> float:
         started = time.monotonic()
@@ -182,7 +212,7 @@ class ControlChannel:
             except socket.timeout:
                 self.close()
                 raise errors.ManagerUnavailable(
-                    f"manager at {self.socket_path} did not answer within {self._reply_timeout:.1f} s"
+                    f"manager at {self.socket_path} did not answer within {self._reply_timeout} s"
                 ) from None
             except OSError as exc:
                 self.close()
@@ -206,6 +236,8 @@ class ControlChannel:
                     lease_id, message = protocol.decode_revoked(body)
                     self.revoked[lease_id] = message
                     log.warning("%s", message)
+                elif frame_type == FrameType.RECALL and self._on_recall is not None:
+                    self._on_recall(protocol.decode_recall(body))
                 continue  # others: a newer manager's frame we do not know
             if frame_type == FrameType.ERROR:
                 error = protocol.decode_error(body)

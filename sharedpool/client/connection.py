@@ -100,6 +100,13 @@ class LeasedConnection(Connection):
         self._watching = False
         self._pending_replies = 0
 
+    def resume_lease(self) -> None:
+        """Start another use of a parked lease: only this process touched the fd since."""
+        self._session_changed = False
+        self._in_multi = False
+        self._watching = False
+        self._pending_replies = 0
+
     def outcome(self) -> Outcome:
         if self._lost or self._sock is None:
             return Outcome.BROKEN

@@ -10,6 +10,7 @@ waiting for the manager, so threads of one process never block each other.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -81,7 +82,9 @@ class SharedConnectionPool(redis.ConnectionPool):
     ``socket_path`` (or ``SHAREDPOOL_SOCKET``) names the manager;
     ``acquire_timeout`` bounds the wait for a lease (default: the manager's);
     ``manager_timeout`` is how long to keep retrying while no manager
-    answers (0: raise ``ManagerUnavailable`` at once). Other keyword
+    answers (0: raise ``ManagerUnavailable`` at once). ``sticky`` (off by
+    default; ``SHAREDPOOL_STICKY=1``) keeps a clean lease parked in the
+    thread between uses until the manager recalls it. Other keyword
     arguments are redis-py connection options (``decode_responses``,
     ``socket_timeout``, ``retry``, ``protocol``, ``db``...). Options the
     manager owns (host, password, ssl, ...) are refused.
@@ -93,6 +96,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         *,
         acquire_timeout: float | None = None,
         manager_timeout: float | None = None,
+        sticky: bool | None = None,
         **connection_kwargs: Any,
     ) -> None:
         refused = sorted(set(connection_kwargs) & _MANAGER_OWNED)
@@ -104,8 +108,9 @@ class SharedConnectionPool(redis.ConnectionPool):
             )
         connection_kwargs.pop("max_connections", None)
         self.config = client_config(
-            socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout
+            socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, sticky=sticky
         )
+        self._sticky_wanted = self.config.sticky
         self._requested_protocol = connection_kwargs.get("protocol")
         self._requested_db = connection_kwargs.pop("db", None)
         connection_kwargs.setdefault(
@@ -132,12 +137,17 @@ class SharedConnectionPool(redis.ConnectionPool):
         """Start this process's state afresh (also what a forked child does)."""
         old_slots: dict[int, LeasedConnection] = getattr(self, "_slots", {})
         old_channels: list[ControlChannel] = getattr(self, "_channels", [])
+        old_notifier: _Notifier | None = getattr(self, "_notifier", None)
         inherited = getattr(self, "pid", os.getpid()) != os.getpid()
         self.pid = os.getpid()
         self._local = threading.local()
         self._slots: dict[int, LeasedConnection] = {}
         self._slots_lock = threading.Lock()
         self._channels: list[ControlChannel] = []
+        self._notifier: _Notifier | None = None
+        self._park_lock = threading.Lock()
+        self._parked: dict[int, LeasedConnection] = {}  # lease id -> parked connection
+        self._recalled: set[int] = set()  # recalled while in use: give back at release
         self._epoch: str | None = None
         self._welcome: dict[str, Any] | None = None
         self._connection_kwargs_checked = False
@@ -156,6 +166,8 @@ class SharedConnectionPool(redis.ConnectionPool):
             # parent died, and the manager would not see their EOF.
             for channel in old_channels:
                 channel.abandon()
+            if old_notifier is not None:
+                old_notifier.channel.abandon()  # its thread did not survive the fork
 
     def _checkpid(self) -> None:
         if self.pid != os.getpid():
@@ -200,6 +212,10 @@ class SharedConnectionPool(redis.ConnectionPool):
             log.warning("manager restarted (epoch %s -> %s): dropping cached connections", self._epoch, epoch)
             with self._slots_lock:
                 slots, self._slots = self._slots, {}
+            with self._park_lock:
+                # Parked leases were the old manager's: nothing to give back.
+                self._parked.clear()
+                self._recalled.clear()
             for conn in slots.values():
                 if not conn.lease_id:
                     conn.disconnect()
@@ -223,7 +239,21 @@ class SharedConnectionPool(redis.ConnectionPool):
 
     def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> LeasedConnection:
         self._checkpid()
+        local = self._local
+        parked: tuple[int, LeasedConnection] | None = getattr(local, "parked", None)
+        if parked is not None:
+            # The steady state of a sticky lease: no frame, no syscall.
+            local.parked = None
+            lease_id, conn = parked
+            with self._park_lock:
+                still_parked = self._parked.pop(lease_id, None) is conn
+            if still_parked:
+                conn.resume_lease()
+                self._in_use_connections.add(conn)
+                return conn
         channel = self._channel()
+        if self._sticky_wanted and self._notifier is None and (self._welcome or {}).get("sticky"):
+            self._start_notifier()
         grant, fd = channel.acquire(self._timeout_ms, _caller())
         try:
             conn = self._bind(channel, grant.slot, grant.generation, grant.lease_id, fd)
@@ -277,9 +307,12 @@ class SharedConnectionPool(redis.ConnectionPool):
             connection.returned_early = False
             self._in_use_connections.discard(connection)
             return
-        if not lease_id or channel is None:
+        if not lease_id or channel is None or lease_id in self._parked:
             raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
         outcome = connection.outcome()
+        if outcome is Outcome.CLEAN and self._notifier is not None and self._park(connection, lease_id, channel):
+            self._in_use_connections.discard(connection)
+            return
         connection.lease_id = 0
         connection.channel = None
         self._in_use_connections.discard(connection)
@@ -289,12 +322,68 @@ class SharedConnectionPool(redis.ConnectionPool):
             connection.disconnect()
         channel.release(lease_id, outcome)
 
+    def _park(self, connection: LeasedConnection, lease_id: int, channel: ControlChannel) -> bool:
+        """Keep a clean lease in this thread instead of returning it; False if it must go back."""
+        local = self._local
+        if channel.closed or getattr(local, "channel", None) is not channel or getattr(local, "parked", None) is not None:
+            return False  # one parked lease per thread, on the thread's own channel
+        with self._park_lock:
+            if lease_id in self._recalled:
+                self._recalled.discard(lease_id)
+                return False  # the manager wants it back
+            self._parked[lease_id] = connection
+        local.parked = (lease_id, connection)
+        return True
+
+    def _on_recall(self, lease_id: int) -> None:
+        """Runs on the notify thread: give a parked lease back, or mark an in-use one."""
+        with self._park_lock:
+            conn = self._parked.pop(lease_id, None)
+            if conn is None:
+                if len(self._recalled) > 10_000:
+                    self._recalled.clear()  # ids of leases that ended before their recall arrived
+                self._recalled.add(lease_id)
+                return
+            channel = conn.channel
+            conn.lease_id = 0
+            conn.channel = None
+        if channel is not None:
+            channel.release(lease_id, Outcome.CLEAN)
+
+    def _release_parked(self) -> None:
+        """Give every parked lease back (exit, disconnect, lost notify channel)."""
+        with self._park_lock:
+            parked, self._parked = self._parked, {}
+            self._recalled.clear()
+        for lease_id, conn in parked.items():
+            channel = conn.channel
+            conn.lease_id = 0
+            conn.channel = None
+            if channel is not None and channel.pid == os.getpid():
+                channel.release(lease_id, Outcome.CLEAN)
+
+    def _start_notifier(self) -> None:
+        try:
+            self._notifier = _Notifier(self)
+        except errors.SharedPoolError as exc:
+            log.warning("no notify channel (%s): leases will not be sticky", exc)
+            self._sticky_wanted = False
+
+    def _notifier_gone(self, notifier: _Notifier) -> None:
+        if self._notifier is notifier:
+            self._notifier = None
+            self._release_parked()
+
     def owns_connection(self, connection: Any) -> bool:
         return isinstance(connection, LeasedConnection) and connection.shared_pool is self and connection.pid == self.pid
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         """Drop this process's cached fds (never the manager's connections) and channels."""
         self._checkpid()
+        self._release_parked()
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.stop()
         with self._slots_lock:
             slots = list(self._slots.values())
             channels, self._channels = self._channels, []
@@ -393,6 +482,28 @@ class SharedConnectionPool(redis.ConnectionPool):
         return self._channel().request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
 
 
+class _Notifier:
+    """The process's notify channel and the daemon thread that reads RECALLs on it."""
+
+    def __init__(self, pool: SharedConnectionPool) -> None:
+        self.pool = pool
+        self.channel = ControlChannel(pool.config.socket_path, reply_timeout=None, role="notify", on_recall=pool._on_recall)
+        self.thread = threading.Thread(target=self._run, name="sharedpool-notify", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.channel.listen()
+        except Exception as exc:  # EOF, manager gone: sticky leases end with it
+            log.debug("notify channel ended: %s", exc)
+        finally:
+            self.channel.close()
+            self.pool._notifier_gone(self)
+
+    def stop(self) -> None:
+        self.channel.wake_and_close()
+
+
 class _PinnedPool:
     """Hands out one already-leased connection, for ``SharedRedis.lease()``."""
 
@@ -444,6 +555,7 @@ def Redis(
     *,
     acquire_timeout: float | None = None,
     manager_timeout: float | None = None,
+    sticky: bool | None = None,
     single_connection_client: bool = False,
     **redis_kwargs: Any,
 ) -> SharedRedis:
@@ -453,7 +565,7 @@ def Redis(
     (``decode_responses``, ``socket_timeout``, ``retry``, ``protocol``...).
     """
     pool = SharedConnectionPool(
-        socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, **redis_kwargs
+        socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, sticky=sticky, **redis_kwargs
     )
     client = SharedRedis(connection_pool=pool, single_connection_client=single_connection_client)
     client.auto_close_connection_pool = True
@@ -472,4 +584,16 @@ def _reset_pools_in_child() -> None:
             log.debug("pool reset after fork failed", exc_info=True)
 
 
+def _release_parked_at_exit() -> None:
+    # A worker leaving normally (gunicorn max_requests) gives its parked
+    # leases back clean, so its exit costs Redis no new connection.
+    for pool in list(_POOLS):
+        try:
+            if pool.pid == os.getpid():
+                pool._release_parked()
+        except Exception:
+            pass
+
+
 os.register_at_fork(after_in_child=_reset_pools_in_child)
+atexit.register(_release_parked_at_exit)

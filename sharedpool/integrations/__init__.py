@@ -383,7 +383,8 @@ class EmbeddedManager:
                 self._pause(delay)
                 self.restarts += 1
         except Exception as exc:  # the master must outlive any bug of ours
-            log.exception("sharedpool manager supervisor failed; the manager is no longer supervised")
+            # The manager goes too (below, and by its parent-death signal).
+            log.exception("sharedpool manager supervisor failed: stopping the embedded manager")
             self._first_start_error = self._first_start_error or f"{type(exc).__name__}: {exc}"
             self._first_start_done.set()
         finally:

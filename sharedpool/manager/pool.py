@@ -69,6 +69,8 @@ class Process:
     holders: int = 0
     leases_total: int = 0
     leases_held: int = 0
+    # The process's notification channel: where RECALLs of its sticky leases go.
+    notify: Holder | None = None
     last_seen: float = 0.0
 
 
@@ -94,6 +96,15 @@ class Lease:
     granted_at: float
     where: str = ""
     leak_warned: bool = False
+    # Sticky: the worker may keep it parked between uses until recalled.
+    sticky: bool = False
+    recalled_at: float = 0.0
+
+    def accountable_since(self) -> float:
+        """Leak and revoke clocks: a sticky lease is only late once recalled."""
+        if self.sticky:
+            return self.recalled_at or float("inf")
+        return self.granted_at
 
 
 @dataclass(eq=False)
@@ -142,6 +153,14 @@ class SendError:
 
 
 @dataclass(frozen=True, slots=True)
+class SendRecall:
+    """Ask a process to give back a sticky lease (now if parked, else after its use)."""
+
+    notify: Holder
+    lease_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class OpenConnection:
     slot: int
     generation: int
@@ -169,7 +188,7 @@ class NotifyRevoked:
     message: str
 
 
-Action = SendGrant | SendError | OpenConnection | ResetConnection | CloseConnection | NotifyRevoked
+Action = SendGrant | SendError | OpenConnection | ResetConnection | CloseConnection | NotifyRevoked | SendRecall
 
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 5.0
@@ -190,6 +209,8 @@ class Limits:
     idle_timeout: float = 0.0
     leak_threshold: float = 0.0
     max_lease_time: float = 0.0
+    sticky: bool = True
+    sticky_max_age: float = 5.0
 
 
 class Pool:
@@ -217,6 +238,7 @@ class Pool:
         self.counters: dict[str, int] = {name: 0 for name in keys.COUNTERS}
         # Recent samples for p50/p95/p99; bounded so a busy pool costs constant memory.
         self.wait_times: deque[float] = deque(maxlen=4096)
+        self._recalls_outstanding = 0
         self.hold_times: deque[float] = deque(maxlen=4096)
 
     # ----- bookkeeping -------------------------------------------------
@@ -270,6 +292,10 @@ class Pool:
         process.last_seen = now
         return Holder(holder_id, process)
 
+    def set_notify(self, holder: Holder) -> None:
+        """This holder is its process's notification channel (it never takes leases)."""
+        holder.process.notify = holder
+
     def holder_gone(self, holder: Holder, now: float, cause: ReapCause = ReapCause.HOLDER_CLOSED) -> list[Action]:
         """The holder's control connection closed: cancel its wait, reap its leases."""
         actions: list[Action] = []
@@ -277,6 +303,8 @@ class Pool:
         for lease in list(holder.leases.values()):
             actions += self._reap(lease, cause, now)
         process = holder.process
+        if process.notify is holder:
+            process.notify = None
         process.holders -= 1
         if process.holders <= 0 and self.processes.get(process.pid) is process:
             del self.processes[process.pid]
@@ -366,6 +394,7 @@ class Pool:
     def _grant(self, holder: Holder, slot: Slot, now: float, where: str, enqueued_at: float) -> SendGrant:
         self._move(slot, SlotState.LEASED)
         lease = Lease(next(self._lease_ids), slot, holder, now, where)
+        lease.sticky = self.limits.sticky and holder.process.notify is not None
         slot.lease = lease
         holder.leases[lease.id] = lease
         self.leases[lease.id] = lease
@@ -417,6 +446,8 @@ class Pool:
         return lease
 
     def _end_lease(self, lease: Lease) -> None:
+        if lease.recalled_at:
+            self._recalls_outstanding -= 1
         lease.holder.process.leases_held -= 1
         del lease.holder.leases[lease.id]
         del self.leases[lease.id]
@@ -545,6 +576,8 @@ class Pool:
             waiter.holder.waiter = None
             actions.append(self._grant(waiter.holder, self._pick_idle(waiter.holder.process), now, waiter.where, waiter.enqueued_at))
         empty = self._by_state[SlotState.EMPTY]
+        if self._waiters and not self.paused and not any(s.index < self.limits.max_connections for s in empty.values()):
+            actions += self._recall(len(self._waiters) - self._recalls_outstanding - self.count(SlotState.CONNECTING), now)
         if not empty or self.shutting_down or now < self.next_connect_at:
             return actions  # the steady state: every slot has a connection
         connecting = self.count(SlotState.CONNECTING)
@@ -557,6 +590,29 @@ class Pool:
             self._move(slot, SlotState.CONNECTING)
             actions.append(OpenConnection(slot.index, slot.generation))
         return actions
+
+    def _recall(self, wanted: int, now: float) -> list[Action]:
+        """Recall up to ``wanted`` sticky leases, the longest held first."""
+        if wanted <= 0:
+            return []
+        candidates = [
+            lease for lease in self.leases.values()
+            if lease.sticky and not lease.recalled_at and lease.holder.process.notify is not None
+        ]
+        candidates.sort(key=lambda lease: lease.granted_at)
+        actions: list[Action] = []
+        for lease in candidates[:wanted]:
+            actions += self._recall_one(lease, now)
+        return actions
+
+    def _recall_one(self, lease: Lease, now: float) -> list[Action]:
+        notify = lease.holder.process.notify
+        if notify is None or lease.recalled_at:
+            return []
+        lease.recalled_at = now
+        self._recalls_outstanding += 1
+        self.counters[keys.RECALLS] += 1
+        return [SendRecall(notify, lease.id)]
 
     def expire(self, now: float) -> list[Action]:
         """Time out waiters whose deadline passed; retry connects after backoff."""
@@ -598,8 +654,17 @@ class Pool:
         """Periodic duties: leak warnings, revocations, lifetime and idle trimming."""
         actions: list[Action] = []
         limits = self.limits
+        stale_sticky = [
+            lease for lease in self.leases.values()
+            if lease.sticky and not lease.recalled_at
+            and (now - lease.granted_at >= limits.sticky_max_age or now >= lease.slot.expires_at)
+        ]
+        for lease in stale_sticky:
+            # Parked leases come home now and then, so that leak warnings,
+            # max_lease_time and max_lifetime keep their meaning.
+            actions += self._recall_one(lease, now)
         for lease in list(self.leases.values()):
-            age = now - lease.granted_at
+            age = now - lease.accountable_since()
             if limits.max_lease_time and age >= limits.max_lease_time:
                 actions += self.revoke(lease, f"max_lease_time={limits.max_lease_time:g} s", now)
             elif limits.leak_threshold and age >= limits.leak_threshold and not lease.leak_warned:
@@ -645,7 +710,7 @@ class Pool:
 
     def retire_all(self, now: float) -> list[Action]:
         """Replace every connection: idle ones now, leased ones when they come back."""
-        actions: list[Action] = []
+        actions: list[Action] = self._recall(len(self.leases), now)
         for slot in self.slots:
             if slot.state in (SlotState.LEASED, SlotState.RESETTING, SlotState.CONNECTING):
                 slot.retire = True
@@ -672,7 +737,7 @@ class Pool:
 
     def begin_shutdown(self, now: float) -> list[Action]:
         self.shutting_down = True
-        actions: list[Action] = []
+        actions: list[Action] = self._recall(len(self.leases), now)  # parked leases come home now
         while self._waiters:
             waiter = self._waiters.popleft()
             waiter.active = False

@@ -47,6 +47,7 @@ from sharedpool.manager.pool import (
     ResetConnection,
     SendError,
     SendGrant,
+    SendRecall,
     SlotState,
 )
 from sharedpool.metrics import MetricsServer
@@ -144,6 +145,8 @@ class Manager:
             idle_timeout=config.idle_timeout,
             leak_threshold=config.leak_threshold,
             max_lease_time=config.max_lease_time,
+            sticky=config.sticky,
+            sticky_max_age=config.sticky_max_age,
         )
 
     def __repr__(self) -> str:
@@ -425,6 +428,10 @@ class Manager:
                 self._open(action)
             elif isinstance(action, ResetConnection):
                 self._reset(action)
+            elif isinstance(action, SendRecall):
+                client = self._clients.get(action.notify.id)
+                if client is not None:
+                    self._send(client, protocol.encode_recall(action.lease_id))
             elif isinstance(action, NotifyRevoked):
                 client = self._clients.get(action.holder.id)
                 if client is not None:
@@ -625,6 +632,8 @@ class Manager:
         now = time.monotonic()
         holder = self.pool.add_holder(next(self._holder_ids), client.pid, now, _create_time(client.pid))
         holder.name = str(hello.get("client", ""))[:100]
+        if hello.get("role") == "notify":
+            self.pool.set_notify(holder)
         client.holder = holder
         client.state = ClientState.READY
         self._handshaking.discard(client)
@@ -642,6 +651,7 @@ class Manager:
             "max_connections": self.config.max_connections,
             "versions": list(protocol.SUPPORTED_VERSIONS),
             "server": f"sharedpool/{__version__}",
+            "sticky": self.config.sticky,
         }
 
     def _on_acquire(self, client: ControlClient, body: bytes) -> None:
