@@ -34,8 +34,9 @@ code   name        dir    body
 3      ACQUIRE     c->s   ``!I`` timeout in ms (``DEFAULT_TIMEOUT`` = the
                           manager's ``acquire_timeout``), then optionally the
                           UTF-8 place in the worker's code that asked.
-4      GRANT       s->c   ``!QIIB`` lease id, slot, generation, has_fd; when
-                          has_fd is 1, one fd in SCM_RIGHTS (a dup of the
+4      GRANT       s->c   ``!QIIB`` lease id, slot, generation, flags: bit 0
+                          has_fd, bit 1 sticky (the worker may park it); with
+                          has_fd, one fd in SCM_RIGHTS (a dup of the
                           slot's Redis socket).
 5      RELEASE     c->s   ``!QB`` lease id, outcome (``Outcome``). No reply
                           on success; a refused release gets an ERROR with
@@ -69,7 +70,8 @@ Sticky leases
 -------------
 A process may open one extra control connection whose HELLO says
 ``"role": "notify"``; it takes no leases and is read by a background
-thread. While it is open, the process's leases are *sticky*: a clean
+thread. While it is open, a lease granted while the pool has spare
+connections and nobody waits is *sticky* (GRANT flag bit 1): a clean
 release may be kept (parked) by the worker instead of sent, and the next
 use of it costs no frame at all. The manager sends RECALL on the notify
 channel when someone waits and no connection can be opened, and for
@@ -180,6 +182,7 @@ class Grant:
     slot: int
     generation: int
     has_fd: bool
+    sticky: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,15 +242,20 @@ def decode_acquire(body: bytes) -> tuple[int, str]:
     return timeout_ms, where
 
 
-def encode_grant(lease_id: int, slot: int, generation: int, has_fd: bool) -> bytes:
-    return _HEADERS[FrameType.GRANT] + _GRANT.pack(lease_id, slot, generation, has_fd)
+GRANT_HAS_FD = 1
+GRANT_STICKY = 2
+
+
+def encode_grant(lease_id: int, slot: int, generation: int, has_fd: bool, sticky: bool = False) -> bytes:
+    flags = (GRANT_HAS_FD if has_fd else 0) | (GRANT_STICKY if sticky else 0)
+    return _HEADERS[FrameType.GRANT] + _GRANT.pack(lease_id, slot, generation, flags)
 
 
 def decode_grant(body: bytes) -> Grant:
     if len(body) != _GRANT.size:
         raise ProtocolError(f"GRANT body of {len(body)} bytes, expected {_GRANT.size}")
-    lease_id, slot, generation, has_fd = _GRANT.unpack(body)
-    return Grant(lease_id, slot, generation, bool(has_fd))
+    lease_id, slot, generation, flags = _GRANT.unpack(body)
+    return Grant(lease_id, slot, generation, bool(flags & GRANT_HAS_FD), bool(flags & GRANT_STICKY))
 
 
 def encode_release(lease_id: int, outcome: Outcome) -> bytes:

@@ -43,17 +43,21 @@ def _park_and_wait(socket_path: str, parked: multiprocess.Event, done: multiproc
 
 
 def test_a_waiter_recalls_a_parked_lease(start_manager) -> None:
-    manager = start_manager(max_connections=1, min_idle=1)
+    manager = start_manager(max_connections=2, min_idle=1)
     parked, done, result = ctx.Event(), ctx.Event(), ctx.Queue()
     holder = ctx.Process(target=_park_and_wait, args=(manager.socket_path, parked, done, result))
     holder.start()
     assert parked.wait(30)
     wait_for(lambda: manager.stats()["leases"]["held"] == 1, what="the parked lease")
+    blocker = sharedpool.SharedConnectionPool(manager.socket_path)
+    held = blocker.get_connection()  # the other connection: now the pool is full
     other = sharedpool.Redis(socket_path=manager.socket_path, acquire_timeout=5, decode_responses=True)
     started = time.monotonic()
     assert other.get("park") == "a"  # served through the recall, not a timeout
     assert time.monotonic() - started < 4
     assert manager.stats()["counters"]["sticky_recalls"] >= 1
+    blocker.release(held)
+    blocker.disconnect()
     done.set()
     assert result.get(timeout=30) == "a"
     holder.join(10)
@@ -63,36 +67,46 @@ def test_a_waiter_recalls_a_parked_lease(start_manager) -> None:
     other.close()
 
 
-def _park_then(socket_path: str, parked: multiprocess.Event, exit_normally: bool) -> None:
+def _park_then(socket_path: str, parked: multiprocess.Event, leave: multiprocess.Event) -> None:
     r = sharedpool.Redis(socket_path=socket_path, sticky=True)
     r.ping()
     parked.set()
-    if exit_normally:
-        return  # atexit gives the parked lease back
-    time.sleep(60)
+    leave.wait(60)  # then exit normally: atexit gives the parked lease back
 
 
 def test_normal_exit_returns_parked_lease_clean_and_kill_reaps_it(start_manager, admin: redis.Redis) -> None:
-    manager = start_manager(max_connections=1, min_idle=1)
-    parked = ctx.Event()
-    leaver = ctx.Process(target=_park_then, args=(manager.socket_path, parked, True))
+    manager = start_manager(max_connections=2, min_idle=1)
+    parked, leave = ctx.Event(), ctx.Event()
+    leaver = ctx.Process(target=_park_then, args=(manager.socket_path, parked, leave))
     leaver.start()
     assert parked.wait(30)
+    wait_for(lambda: manager.stats()["leases"]["held"] == 1, what="the parked lease")
+    leave.set()
     leaver.join(30)
     stats = wait_for(lambda: (s := manager.stats())["leases"]["held"] == 0 and s, what="parked lease back")
-    assert stats["counters"]["connections_opened"] == 1  # given back clean: no replacement
+    assert stats["counters"]["connections_closed"] == 0  # given back clean: nothing replaced
     assert stats["counters"]["reaped_holder_closed"] == 0
 
     parked = ctx.Event()
-    victim = ctx.Process(target=_park_then, args=(manager.socket_path, parked, False))
+    victim = ctx.Process(target=_park_then, args=(manager.socket_path, parked, ctx.Event()))
     victim.start()
     assert parked.wait(30)
+    wait_for(lambda: manager.stats()["leases"]["held"] == 1, what="the victim's parked lease")
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(10)
     wait_for(lambda: manager.stats()["counters"]["reaped_holder_closed"] == 1, what="parked lease reaped")
-    assert len(manager_clients(admin, manager.pool_name)) <= 1
+    assert len(manager_clients(admin, manager.pool_name)) <= 2
     r = sharedpool.Redis(socket_path=manager.socket_path)
     assert r.ping() is True
+    r.close()
+
+
+def test_no_sticky_lease_without_spare_connections(start_manager) -> None:
+    manager = start_manager(max_connections=1, min_idle=1)
+    r = sharedpool.Redis(socket_path=manager.socket_path, sticky=True)
+    for _ in range(5):
+        r.ping()
+    assert manager.stats()["leases"]["held"] == 0  # the only connection is never parked
     r.close()
 
 
@@ -128,7 +142,7 @@ def test_manager_without_sticky_keeps_clients_per_command(start_manager) -> None
 
 
 def test_reconnect_recalls_parked_leases(start_manager, admin: redis.Redis) -> None:
-    manager = start_manager(max_connections=1, min_idle=1)
+    manager = start_manager(max_connections=2, min_idle=1)
     r = sharedpool.Redis(socket_path=manager.socket_path, sticky=True)
     first = r.client_id()
     admin_command("reconnect", manager.socket_path)

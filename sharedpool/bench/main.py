@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -26,6 +27,8 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sharedpool bench: error: {exc}", file=sys.stderr)
         return 2
+    # Worker clients read SHAREDPOOL_STICKY like any client would; S5 pins it off.
+    os.environ["SHAREDPOOL_STICKY"] = "1" if settings.sticky else "0"
     command, started = report.command_line(), time.perf_counter()
     results = Results()
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket-path", metavar="PATH",
                         help="use the manager already serving this control socket (S2' then runs at its C only)")
     parser.add_argument("--no-twemproxy", action="store_true", help="skip S4 even when nutcracker is on PATH")
+    parser.add_argument("--sticky", action="store_true",
+                        help="sharedpool clients use sticky leases (S1, S2, S2', S3; S5 always measures plain grants)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
 
 
@@ -50,6 +52,7 @@ class Settings:
     time_limit: float
     quick: bool
     scenarios: tuple[str, ...]
+    sticky: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -60,7 +63,8 @@ class Settings:
         unknown = sorted(set(names) - set(SCENARIOS))
         if unknown:
             raise ValueError(f"--scenarios: unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
-        settings = cls(quick=bool(args.quick), scenarios=tuple(n for n in SCENARIOS if n in names), **values)
+        settings = cls(quick=bool(args.quick), scenarios=tuple(n for n in SCENARIOS if n in names),
+                       sticky=bool(getattr(args, "sticky", False)), **values)
         for name in ("workers", "commands", "max_connections", "restart_every", "rounds"):
             if getattr(settings, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be 1 or more, not {getattr(settings, name)}")

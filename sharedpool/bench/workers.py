@@ -181,7 +181,8 @@ def _requests_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
 
 
 def _grants_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
-    pool = sharedpool.SharedConnectionPool(socket_path=job.address, protocol=job.protocol)
+    # The manager's grant path itself: a sticky lease would skip it.
+    pool = sharedpool.SharedConnectionPool(socket_path=job.address, protocol=job.protocol, sticky=False)
     clock = time.perf_counter
     for _ in range(100):
         pool.release(pool.get_connection())

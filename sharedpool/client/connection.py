@@ -68,6 +68,7 @@ class LeasedConnection(Connection):
         self.channel: ControlChannel | None = None
         self.revoked = ""  # the manager's reason, once it took this lease back
         self.returned_early = False  # lease given back while redis-py retries
+        self.sticky = False  # the manager lets us park this lease
         self._lost = False
         self._session_changed = False
         self._in_multi = False

@@ -261,6 +261,7 @@ class SharedConnectionPool(redis.ConnectionPool):
             channel.release(grant.lease_id, Outcome.BROKEN)
             raise
         conn.begin_lease(grant.lease_id, channel)
+        conn.sticky = grant.sticky
         self._in_use_connections.add(conn)
         return conn
 
@@ -310,7 +311,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         if not lease_id or channel is None or lease_id in self._parked:
             raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
         outcome = connection.outcome()
-        if outcome is Outcome.CLEAN and self._notifier is not None and self._park(connection, lease_id, channel):
+        if outcome is Outcome.CLEAN and connection.sticky and self._notifier is not None and self._park(connection, lease_id, channel):
             self._in_use_connections.discard(connection)
             return
         connection.lease_id = 0
@@ -457,6 +458,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         conn.slot, conn.generation = grant.slot, grant.generation
         conn._sock = sock  # type: ignore[assignment]  # redis-py declares it None-typed
         conn.begin_lease(grant.lease_id, channel)
+        conn.sticky = grant.sticky
         self._in_use_connections.add(conn)
         return sock
 

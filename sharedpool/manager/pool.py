@@ -394,7 +394,15 @@ class Pool:
     def _grant(self, holder: Holder, slot: Slot, now: float, where: str, enqueued_at: float) -> SendGrant:
         self._move(slot, SlotState.LEASED)
         lease = Lease(next(self._lease_ids), slot, holder, now, where)
-        lease.sticky = self.limits.sticky and holder.process.notify is not None
+        # Sticky only while the pool has room to spare: under contention a
+        # parked lease would just be recalled, at a higher cost than a release.
+        lease.sticky = (
+            self.limits.sticky and holder.process.notify is not None and not self._waiters
+            and (
+                bool(self._idle) or bool(self._by_state[SlotState.CONNECTING])
+                or any(s.index < self.limits.max_connections for s in self._by_state[SlotState.EMPTY].values())
+            )
+        )
         slot.lease = lease
         holder.leases[lease.id] = lease
         self.leases[lease.id] = lease

@@ -450,7 +450,7 @@ class Manager:
         if not backend.is_quiet():
             log.warning("slot %d found closed or holding stray data at grant: replaced", lease.slot.index)
             return self.pool.stale_at_grant(lease, now)
-        frame = protocol.encode_grant(lease.id, lease.slot.index, lease.slot.generation, action.with_fd)
+        frame = protocol.encode_grant(lease.id, lease.slot.index, lease.slot.generation, action.with_fd, lease.sticky)
         try:
             if action.with_fd:
                 client.sock.sendmsg(
