@@ -6,12 +6,13 @@
     curl localhost:8000/incr; curl 'localhost:8000/echo?v=hi'; curl localhost:8000/pool
 
 The master runs the manager itself (embedded) unless SHAREDPOOL_EMBEDDED=0
-is set, in which case the workers use a manager you run separately at
+is set; then the workers use a manager you run separately at
 SHAREDPOOL_SOCKET_PATH (``sharedpool serve``). Every other SHAREDPOOL_*
 variable (SHAREDPOOL_MAX_CONNECTIONS, SHAREDPOOL_POOL_NAME...) reaches the
 embedded manager as usual; keyword arguments of configure() win over them.
+Command-line flags (--workers, --threads, --preload...) win over this file.
 
-Without a config file of your own, the hooks alone are enough:
+With no config file of your own, the hooks alone are enough:
     SHAREDPOOL_EMBEDDED=1 gunicorn -c python:sharedpool.integrations.gunicorn wsgi_app:app
 """
 
@@ -20,18 +21,17 @@ import os
 from sharedpool.integrations import gunicorn as sharedpool_hooks
 from sharedpool.integrations.gunicorn import *  # noqa: F401,F403  (on_starting, post_fork, child_exit...)
 
-# Before the app is imported (preload_app), so that a sharedpool.Redis()
-# made at import time already sees the socket path exported here.
+# Here, in the config file, so that it runs before gunicorn imports a
+# preloaded app: a sharedpool.Redis() made at import time then already sees
+# the socket path this exports.
 sharedpool_hooks.configure(
     embedded=os.environ.get("SHAREDPOOL_EMBEDDED", "1") not in ("0", "false", "no", "off"),
-    max_connections=int(os.environ.get("SHAREDPOOL_MAX_CONNECTIONS", "4")),
+    # Only a default: SHAREDPOOL_MAX_CONNECTIONS, when set, decides.
+    max_connections=None if "SHAREDPOOL_MAX_CONNECTIONS" in os.environ else 4,
 )
 
-bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("GUNICORN_WORKERS", "4"))
-worker_class = "gthread" if int(os.environ.get("GUNICORN_THREADS", "1")) > 1 else "sync"
-threads = int(os.environ.get("GUNICORN_THREADS", "1"))
-preload_app = os.environ.get("GUNICORN_PRELOAD", "0") == "1"
+bind = "127.0.0.1:8000"
+workers = 4
 # Recycled workers cost nothing here: the manager keeps the connections.
 max_requests = 1000
 max_requests_jitter = 100
@@ -41,6 +41,6 @@ control_socket_disable = True
 
 
 # A hook of your own next to ours: call ours first (or use sharedpool_hooks.chain).
-def post_fork(server, worker):  # type: ignore[no-untyped-def]  # noqa: F811
+def post_fork(server, worker):  # noqa: F811
     sharedpool_hooks.post_fork(server, worker)
     server.log.info("worker %s ready; sharedpool socket %s", worker.pid, os.environ.get("SHAREDPOOL_SOCKET_PATH"))

@@ -109,3 +109,14 @@ def test_manager_killed_and_restarted_workers_recover(start_manager) -> None:
     assert after and all(text == "ok" for text in after)
     # Errors are allowed only around the gap: the client waits out short ones.
     assert all(killed_at - 1 < at for at, text in outcomes if text != "ok")
+
+
+def test_first_command_after_a_manager_restart_succeeds(start_manager) -> None:
+    first = start_manager(max_connections=2)
+    r = sharedpool.Redis(socket_path=first.socket_path, sticky=False)
+    assert r.ping() is True
+    first.kill()
+    second = start_manager(socket_path=first.socket_path, max_connections=2)
+    assert r.ping() is True  # the dead channel is replaced, not reported
+    assert second.stats()["counters"]["leases_granted"] == 1
+    r.close()

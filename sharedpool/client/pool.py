@@ -254,7 +254,16 @@ class SharedConnectionPool(redis.ConnectionPool):
         channel = self._channel()
         if self._sticky_wanted and self._notifier is None and (self._welcome or {}).get("sticky"):
             self._start_notifier()
-        grant, fd = channel.acquire(self._timeout_ms, _caller())
+        try:
+            grant, fd = channel.acquire(self._timeout_ms, _caller())
+        except errors.ManagerUnavailable:
+            # The channel died with its manager (found on this send, or an
+            # EOF instead of a reply): a restarted manager knows nothing of
+            # the request, so asking it once on a fresh channel is safe.
+            if not channel.closed:
+                raise
+            channel = self._channel()
+            grant, fd = channel.acquire(self._timeout_ms, _caller())
         try:
             conn = self._bind(channel, grant.slot, grant.generation, grant.lease_id, fd)
         except BaseException:
