@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import multiprocess
@@ -102,37 +104,36 @@ def _hold_then_die_leaving_socket_in_child(socket_path: str, child_pid) -> None:
     os._exit(0)
 
 
-def test_sweep_reaps_a_dead_holder_whose_socket_lives_in_a_child(start_manager) -> None:
-    manager = start_manager(max_connections=2, reap_interval=0.5)
+@contextmanager
+def _dead_holder_with_living_socket(socket_path: str) -> Iterator[int]:
+    """A holder that died with a lease, its control socket kept open by a child; yields its pid."""
     receiver, sender = ctx.Pipe(duplex=False)
-    holder = ctx.Process(target=_hold_then_die_leaving_socket_in_child, args=(manager.socket_path, sender))
+    holder = ctx.Process(target=_hold_then_die_leaving_socket_in_child, args=(socket_path, sender))
     holder.start()
     assert receiver.poll(30)
     grandchild = receiver.recv()
     holder.join(10)
     try:
+        yield holder.pid
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+
+
+def test_sweep_reaps_a_dead_holder_whose_socket_lives_in_a_child(start_manager) -> None:
+    manager = start_manager(max_connections=2, reap_interval=0.5)
+    with _dead_holder_with_living_socket(manager.socket_path):
         started = time.monotonic()
         wait_for(lambda: manager.stats()["counters"]["reaped_holder_dead"] == 1, timeout=10, what="psutil sweep reaping")
         assert time.monotonic() - started < 0.5 + 3.0
         assert manager.stats()["leases"]["held"] == 0
-    finally:
-        os.kill(grandchild, signal.SIGKILL)
 
 
 def test_integration_report_reaps_at_once(start_manager) -> None:
     manager = start_manager(max_connections=2, reap_interval=60)
-    receiver, sender = ctx.Pipe(duplex=False)
-    holder = ctx.Process(target=_hold_then_die_leaving_socket_in_child, args=(manager.socket_path, sender))
-    holder.start()
-    assert receiver.poll(30)
-    grandchild = receiver.recv()
-    holder.join(10)
-    try:
-        assert report_dead_worker(holder.pid, manager.socket_path) == 1
+    with _dead_holder_with_living_socket(manager.socket_path) as dead_pid:
+        assert report_dead_worker(dead_pid, manager.socket_path) == 1
         assert manager.stats()["counters"]["reaped_holder_dead"] == 1
         assert report_dead_worker(os.getpid(), manager.socket_path) == 0  # alive: left alone
-    finally:
-        os.kill(grandchild, signal.SIGKILL)
 
 
 def test_max_lease_time_revokes_and_names_the_limit(start_manager) -> None:
