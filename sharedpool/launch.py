@@ -33,8 +33,10 @@ class ManagerProcess:
 
     def start(self, timeout: float = 15.0) -> ManagerProcess:
         env = dict(os.environ)
-        # The URL goes by environment, never argv, in case it has a password.
-        env["SHAREDPOOL_REDIS_URL"] = self.redis_url
+        # The URL goes by environment, never argv, in case it has a password;
+        # an empty one leaves it to the config file.
+        if self.redis_url:
+            env["SHAREDPOOL_REDIS_URL"] = self.redis_url
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(self.command(), env=env, stdout=output, stderr=subprocess.STDOUT)

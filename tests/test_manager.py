@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import redis
@@ -132,3 +133,43 @@ def test_unknown_socket_group_is_refused(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert "invalid socket_group='no-such-group-x': an existing group name or a numeric gid" in result.stderr
+
+
+def test_sighup_reloads_limits_and_a_new_redis_url_replaces_connections(start_manager, tmp_path, admin, redis_server) -> None:
+    from sharedpool.redis_server import RedisServer
+
+    config_file = tmp_path / "sharedpool.toml"
+    config_file.write_text(f'max_connections = 2\nmin_idle = 1\nredis_url = "{redis_server.url}"\n')
+    os.chmod(config_file, 0o600)
+    # Started by hand: the factory passes the URL by environment, which
+    # would outrank the file we are about to change.
+    manager = ManagerProcess(
+        socket_path=str(tmp_path / "reload" / "sp.sock"), redis_url="",
+        log_path=str(tmp_path / "reload.log"), config=str(config_file), pool_name=f"reload{os.getpid()}",
+    )
+    manager.pool_name = f"reload{os.getpid()}"
+    start_manager.started.append(manager)
+    manager.start()
+    assert manager.stats()["config"]["max_connections"] == 2
+    wait_for(lambda: manager_clients(admin, manager.pool_name), what="the first connection")
+
+    other = RedisServer(directory=str(tmp_path / "other")).start()
+    try:
+        config_file.write_text(f'max_connections = 3\nmin_idle = 2\nredis_url = "{other.url}"\n')
+        manager.signal(signal.SIGHUP)
+        wait_for(lambda: manager.stats()["config"]["max_connections"] == 3, what="limits applied live")
+        other_admin = other.client(decode_responses=True)
+        wait_for(lambda: len(manager_clients(other_admin, manager.pool_name)) == 2, what="connections on the new Redis")
+        wait_for(lambda: not manager_clients(admin, manager.pool_name), what="old connections drained")
+        r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True)
+        r.set("moved", "yes")
+        assert other_admin.get("moved") == "yes"
+        r.close()
+        other_admin.close()
+        # A bad file is refused and the running configuration kept.
+        config_file.write_text("max_connections = -1\n")
+        manager.signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in Path(manager.log_path).read_text(), what="refusal logged")
+        assert manager.stats()["config"]["max_connections"] == 3 and manager.process.poll() is None
+    finally:
+        other.cleanup()
