@@ -305,6 +305,10 @@ class Pool:
         process = holder.process
         if process.notify is holder:
             process.notify = None
+            # Nothing can recall them now: their clocks run from the grant.
+            for lease in self.leases.values():
+                if lease.holder.process is process:
+                    lease.sticky = False
         process.holders -= 1
         if process.holders <= 0 and self.processes.get(process.pid) is process:
             del self.processes[process.pid]
