@@ -146,3 +146,17 @@ def test_resp2_manager_serves_resp2_clients(start_manager) -> None:
     r.hset("h2", mapping={"a": "1"})
     assert r.hgetall("h2") == {"a": "1"}
     r.close()
+
+
+def test_reply_in_flight_after_a_reconnect_is_never_handed_on(start_manager) -> None:
+    manager = start_manager(max_connections=1, min_idle=1)
+    pool = sharedpool.SharedConnectionPool(manager.socket_path)
+    r = redis.Redis(connection_pool=pool)
+    r.set("inflight:b", "value-of-b")
+    conn = pool.get_connection()
+    conn.disconnect()  # as redis-py does after an error: the next send takes a new lease
+    conn.send_command("BLPOP", "inflight:nolist", "0.3")  # a reply that arrives late
+    pool.release(conn)  # never read
+    assert r.get("inflight:b") == b"value-of-b"
+    assert manager.stats()["counters"]["reaped_broken"] == 2
+    pool.disconnect()

@@ -159,8 +159,10 @@ def test_stale_connection_at_grant_keeps_the_waiters_place() -> None:
     (grant,) = grants(connect_all(pool, pool.acquire(a, None, 0.0)))
     actions = pool.stale_at_grant(grant.lease, 0.1)
     assert any(isinstance(x, CloseConnection) for x in actions)
-    assert any(isinstance(x, OpenConnection) for x in actions)
     assert pool.waiting == 1 and a.waiter is not None
+    # The replacement is opened after a short backoff, not in a tight loop.
+    assert not any(isinstance(x, OpenConnection) for x in actions)
+    assert any(isinstance(x, OpenConnection) for x in pool.expire(pool.next_connect_at))
 
 
 def test_impossible_transition_is_refused() -> None:
@@ -174,3 +176,31 @@ def test_repr_tells_the_state() -> None:
     holder = pool.add_holder(1, pid=10, now=0.0)
     connect_all(pool, pool.acquire(holder, None, 0.0))
     assert repr(pool) == "<Pool 'default' [conns: 1 open, 0 idle, 0 connecting | leases: 1 held, 0 waiting]>"
+
+
+def test_lowering_max_connections_still_opens_an_in_range_slot() -> None:
+    pool = make_pool(max_connections=4, max_waiting=10)
+    holders = [pool.add_holder(i, pid=10 + i, now=0.0) for i in range(4)]
+    for holder in holders:
+        connect_all(pool, pool.acquire(holder, None, 0.0))
+    for holder in holders:
+        lease = next(iter(holder.leases.values()))
+        pool.release(holder, lease.id, Outcome.CLEAN, 0.1)
+    from sharedpool.manager.pool import Limits as L
+    pool.apply_limits(L(max_connections=2, min_idle=0, acquire_timeout=2.0, max_waiting=10), 0.2)
+    a, b = holders[0], holders[1]
+    pool.acquire(a, None, 0.3)
+    pool.acquire(b, None, 0.3)
+    lease = next(iter(a.leases.values()))
+    pool.release(a, lease.id, Outcome.BROKEN, 0.4)  # an in-range slot is now EMPTY
+    actions = pool.acquire(a, None, 0.5)
+    assert [x for x in actions if isinstance(x, OpenConnection)] == [OpenConnection(lease.slot.index, lease.slot.generation)]
+
+
+def test_stale_grant_keeps_the_original_deadline() -> None:
+    pool = make_pool(max_connections=1)
+    holder = pool.add_holder(1, pid=10, now=0.0)
+    (grant,) = grants(connect_all(pool, pool.acquire(holder, 1.0, 0.0)))
+    pool.stale_at_grant(grant.lease, 0.9)
+    (timeout,) = [a for a in pool.expire(1.0) if isinstance(a, SendError)]
+    assert timeout.code is ErrorCode.TIMEOUT  # not pushed out to 0.9 + acquire_timeout

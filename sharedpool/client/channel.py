@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -117,11 +118,24 @@ class ControlChannel:
         """Fire and forget: a refusal comes back later as an ERROR and is logged."""
         if self.closed:
             return
+        frame = protocol.encode_release(lease_id, outcome)
         try:
-            self.sock.send(protocol.encode_release(lease_id, outcome))
+            self.sock.send(frame)
+        except BlockingIOError:
+            # The owner thread has the socket non-blocking for a moment
+            # (poll_unsolicited): wait until it can take the frame.
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLOUT)
+            poller.poll(1000)
+            try:
+                self.sock.send(frame)
+            except OSError:
+                pass
         except OSError:
             # The manager is gone; it reclaims the lease when it sees our EOF.
-            self.close()
+            # Not closed here: this may be the notify thread, and the owner
+            # thread may be reading this socket; the owner finds out itself.
+            pass
 
     def request(self, frame: bytes, reply_type: FrameType) -> dict[str, Any]:
         self._send(frame)

@@ -159,6 +159,10 @@ class LeasedConnection(Connection):
             pool._forget_slot(self)
 
     def send_command(self, *args: Any, **kwargs: Any) -> None:
+        if self._sock is None:
+            # Reconnecting binds a fresh lease and resets the counts: do it
+            # before counting this command, or its reply would go unseen.
+            self.connect()
         name = args[0]
         if name not in _HARMLESS:
             self._classify(args)
@@ -166,6 +170,8 @@ class LeasedConnection(Connection):
         self.send_packed_command(self._command_packer.pack(*args), check_health=kwargs.get("check_health", True))
 
     def pack_commands(self, commands: Any) -> Any:
+        if self._sock is None:
+            self.connect()  # as in send_command: count on the lease that will carry them
         commands = list(commands)
         for args in commands:
             if args[0] not in _HARMLESS:

@@ -390,10 +390,11 @@ class SharedConnectionPool(redis.ConnectionPool):
     def disconnect(self, inuse_connections: bool = True) -> None:
         """Drop this process's cached fds (never the manager's connections) and channels."""
         self._checkpid()
-        self._release_parked()
+        # Stop parking first, so no thread parks a lease after the sweep below.
         notifier, self._notifier = self._notifier, None
         if notifier is not None:
             notifier.stop()
+        self._release_parked()
         with self._slots_lock:
             slots = list(self._slots.values())
             channels, self._channels = self._channels, []

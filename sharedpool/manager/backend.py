@@ -99,11 +99,13 @@ class Backend:
 
     def is_quiet(self) -> bool:
         """True when nothing is readable: no EOF, no reply nobody asked for."""
+        # poll, not select: the manager has more than FD_SETSIZE fds.
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([self.fileno], [], [], 0)
+            poller.register(self.fileno, select.POLLIN)
+            return not poller.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     def close(self) -> None:
         try:

@@ -96,6 +96,10 @@ class Lease:
     granted_at: float
     where: str = ""
     leak_warned: bool = False
+    # The wait this lease ended, kept so a grant found dead can resume it.
+    enqueued_at: float = 0.0
+    deadline: float = float("inf")
+    timeout: float = 0.0
     # Sticky: the worker may keep it parked between uses until recalled.
     sticky: bool = False
     recalled_at: float = 0.0
@@ -357,8 +361,11 @@ class Pool:
                     f"{self.limits.pool_name!r} (max_leases_per_worker={limit})",
                 )
             ]
+        wait = self.limits.acquire_timeout if timeout is None else timeout
         if self._idle and not self._waiters and not self.paused:
-            return [self._grant(holder, self._pick_idle(holder.process), now, where, now)]
+            grant = self._grant(holder, self._pick_idle(holder.process), now, where, now)
+            grant.lease.deadline, grant.lease.timeout = now + wait, wait
+            return [grant]
         if len(self._waiters) >= self.limits.max_waiting:
             self.counters[keys.REFUSED_FULL] += 1
             return [
@@ -368,7 +375,6 @@ class Pool:
                     f"(max_waiting={self.limits.max_waiting}; {self.describe_pressure()})",
                 )
             ]
-        wait = self.limits.acquire_timeout if timeout is None else timeout
         waiter = Waiter(holder, now, now + wait, wait, where)
         holder.waiter = waiter
         self._waiters.append(waiter)
@@ -397,7 +403,7 @@ class Pool:
 
     def _grant(self, holder: Holder, slot: Slot, now: float, where: str, enqueued_at: float) -> SendGrant:
         self._move(slot, SlotState.LEASED)
-        lease = Lease(next(self._lease_ids), slot, holder, now, where)
+        lease = Lease(next(self._lease_ids), slot, holder, now, where, enqueued_at=enqueued_at)
         # Sticky only while the pool has room to spare: under contention a
         # parked lease would just be recalled, at a higher cost than a release.
         lease.sticky = (
@@ -492,7 +498,12 @@ class Pool:
         self.counters[keys.GRANTED] -= 1
         self.counters[keys.STALE_AT_GRANT] += 1
         actions = self._discard(lease.slot, "dead when granted", now)
-        waiter = Waiter(holder, now, now + self.limits.acquire_timeout, self.limits.acquire_timeout, lease.where)
+        # Its original deadline: a Redis that keeps dropping connections must
+        # not hold a worker for ever. And a pause before the next open.
+        self._connect_failures += 1
+        self.next_connect_at = now + min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(self._connect_failures, 20))
+        deadline = lease.deadline if lease.deadline != float("inf") else now + self.limits.acquire_timeout
+        waiter = Waiter(holder, lease.enqueued_at or now, deadline, lease.timeout or self.limits.acquire_timeout, lease.where)
         holder.waiter = waiter
         self._waiters.appendleft(waiter)
         heapq.heappush(self._deadlines, (waiter.deadline, next(self._seq), waiter))
@@ -586,7 +597,9 @@ class Pool:
                 continue
             waiter.active = False
             waiter.holder.waiter = None
-            actions.append(self._grant(waiter.holder, self._pick_idle(waiter.holder.process), now, waiter.where, waiter.enqueued_at))
+            grant = self._grant(waiter.holder, self._pick_idle(waiter.holder.process), now, waiter.where, waiter.enqueued_at)
+            grant.lease.deadline, grant.lease.timeout = waiter.deadline, waiter.timeout
+            actions.append(grant)
         empty = self._by_state[SlotState.EMPTY]
         if self._waiters and not self.paused and not any(s.index < self.limits.max_connections for s in empty.values()):
             actions += self._recall(len(self._waiters) - self._recalls_outstanding - self.count(SlotState.CONNECTING), now)
@@ -596,9 +609,8 @@ class Pool:
         wanted = len(self._waiters) + max(0, self.limits.min_idle - len(self._idle)) - connecting
         if self.redis_down_since is not None:
             wanted = 1 - connecting  # while Redis is down, probe with one connection at a time
-        for slot in list(empty.values())[: max(0, wanted)]:
-            if slot.index >= self.limits.max_connections:
-                continue
+        openable = [slot for slot in empty.values() if slot.index < self.limits.max_connections]
+        for slot in openable[: max(0, wanted)]:
             self._move(slot, SlotState.CONNECTING)
             actions.append(OpenConnection(slot.index, slot.generation))
         return actions

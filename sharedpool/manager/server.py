@@ -447,7 +447,8 @@ class Manager:
         if client is None:
             return self.pool.undeliverable(lease, now)
         backend: Backend = lease.slot.backend
-        if not backend.is_quiet():
+        # A re-send (FETCH_FD) is of a lease in use: its data is the holder's.
+        if not action.redelivery and not backend.is_quiet():
             log.warning("slot %d found closed or holding stray data at grant: replaced", lease.slot.index)
             return self.pool.stale_at_grant(lease, now)
         frame = protocol.encode_grant(lease.id, lease.slot.index, lease.slot.generation, action.with_fd, lease.sticky)
