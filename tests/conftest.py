@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,6 +34,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what} (last value {value!r})")
         time.sleep(interval)
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m sharedpool ARGS`` and capture its output."""
+    return subprocess.run([sys.executable, "-m", "sharedpool", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import pytest
 
 from sharedpool import config
 from sharedpool.config import ManagerConfig
 from sharedpool.errors import ConfigError
+
+from conftest import run_cli
 
 
 def test_precedence_defaults_toml_env_flags(tmp_path) -> None:
@@ -68,19 +68,16 @@ def test_client_socket_from_environment() -> None:
 
 
 def test_serve_help_documents_every_option() -> None:
-    result = subprocess.run([sys.executable, "-m", "sharedpool", "serve", "--help"], capture_output=True, text=True, timeout=30)
+    result = run_cli("serve", "--help")
     assert result.returncode == 0
     for spec in dataclasses.fields(ManagerConfig):
         assert config.flag_name(spec.name) in result.stdout
         assert config.env_name(spec.name) in result.stdout
-    top = subprocess.run([sys.executable, "-m", "sharedpool", "--help"], capture_output=True, text=True, timeout=30)
+    top = run_cli("--help")
     assert "serve" in top.stdout and "stats" in top.stdout
 
 
 def test_serve_refuses_bad_flag_with_exit_2(tmp_path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sharedpool", "serve", "--socket", str(tmp_path / "s"), "--max-connections", "-3"],
-        capture_output=True, text=True, timeout=30,
-    )
+    result = run_cli("serve", "--socket", str(tmp_path / "s"), "--max-connections", "-3")
     assert result.returncode == 2
     assert "invalid max_connections='-3' (from --max-connections): an integer from 1 to 10000" in result.stderr

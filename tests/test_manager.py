@@ -16,7 +16,7 @@ import redis
 import sharedpool
 from sharedpool.launch import ManagerProcess
 
-from conftest import manager_clients, wait_for
+from conftest import manager_clients, run_cli, wait_for
 
 
 def test_socket_dir_0700_socket_0600_and_min_idle_open_at_start(start_manager, admin: redis.Redis, tmp_path) -> None:
@@ -47,10 +47,7 @@ def test_acceptance_many_processes_at_most_max_connections(start_manager, admin:
 
 
 def test_second_manager_on_the_same_socket_is_refused(manager: ManagerProcess, redis_server) -> None:
-    second = subprocess.run(
-        [sys.executable, "-m", "sharedpool", "serve", "--socket", manager.socket_path, "--redis-url", redis_server.url],
-        capture_output=True, text=True, timeout=30,
-    )
+    second = run_cli("serve", "--socket", manager.socket_path, "--redis-url", redis_server.url)
     assert second.returncode == 1
     assert f"another manager (pid {manager.pid}) already serves {manager.socket_path}" in second.stderr
     assert sharedpool.Redis(socket_path=manager.socket_path).ping() is True
@@ -106,10 +103,7 @@ def test_sigterm_grace_period_ends_held_leases(start_manager) -> None:
 
 
 def test_rediss_is_refused_at_start(tmp_path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sharedpool", "serve", "--socket", str(tmp_path / "s.sock"), "--redis-url", "rediss://localhost:6380"],
-        capture_output=True, text=True, timeout=30,
-    )
+    result = run_cli("serve", "--socket", str(tmp_path / "s.sock"), "--redis-url", "rediss://localhost:6380")
     assert result.returncode == 2
     assert "invalid redis_url='rediss://localhost:6380'" in result.stderr
     assert "TLS" in result.stderr
@@ -127,10 +121,7 @@ def test_socket_group_shares_socket_and_directory(start_manager, tmp_path) -> No
 
 
 def test_unknown_socket_group_is_refused(tmp_path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sharedpool", "serve", "--socket", str(tmp_path / "s.sock"), "--socket-group", "no-such-group-x"],
-        capture_output=True, text=True, timeout=30,
-    )
+    result = run_cli("serve", "--socket", str(tmp_path / "s.sock"), "--socket-group", "no-such-group-x")
     assert result.returncode == 2
     assert "invalid socket_group='no-such-group-x': an existing group name or a numeric gid" in result.stderr
 
