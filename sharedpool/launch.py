@@ -1,7 +1,9 @@
 """Run ``sharedpool serve`` as a child process and wait until it answers.
 
-Used by ``sharedpool demo``, ``sharedpool bench``, the server integrations
-and the tests, so that all of them start a manager the same way.
+Used by ``sharedpool demo``, ``sharedpool bench`` and the tests, so that
+they start a manager the same way. (The server integrations supervise
+their manager themselves: a pre-fork master reaps children with
+``waitpid(-1)``, so a ``Popen`` there could poll a reused pid.)
 """
 
 from __future__ import annotations

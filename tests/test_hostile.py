@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import multiprocess
@@ -885,14 +886,22 @@ def test_stats_with_many_worker_processes_does_not_crash_the_manager(start_manag
 
 
 
-def _exhaust_fds(manager: ManagerProcess, spare: int) -> tuple[psutil.Process, tuple[int, int], list[RawPeer]]:
-    """Lower the manager's RLIMIT_NOFILE to its fd count + ``spare``, then fill it with silent peers."""
+@contextlib.contextmanager
+def _exhausted_fds(manager: ManagerProcess, spare: int) -> Iterator[tuple[psutil.Process, list[RawPeer]]]:
+    """Lower the manager's RLIMIT_NOFILE to its fd count + ``spare``, fill it with silent
+    peers; afterwards close them and give the manager its limit back."""
     process = psutil.Process(manager.pid)
     original = process.rlimit(psutil.RLIMIT_NOFILE)
     process.rlimit(psutil.RLIMIT_NOFILE, (hp.fd_count(manager.pid) + spare, original[1]))
     peers = [RawPeer(manager.socket_path) for _ in range(spare + 10)]
-    wait_for(lambda: _log_count(manager, "cannot accept control connection") > 0, what="the manager's fd table full")
-    return process, original, peers
+    try:
+        wait_for(lambda: _log_count(manager, "cannot accept control connection") > 0, what="the manager's fd table full")
+        yield process, peers
+    finally:
+        for peer in peers:
+            peer.close()
+        if manager.process is not None and manager.process.poll() is None:
+            process.rlimit(psutil.RLIMIT_NOFILE, original)
 
 
 def _survives(manager: ManagerProcess, seconds: float) -> None:
@@ -912,8 +921,7 @@ def test_fd_exhaustion_does_not_crash_the_manager(start_manager, trigger: str) -
         pinned = stack.enter_context(good.lease()) if trigger == "sweep" else None  # what the sweep looks at
         if pinned is not None:
             pinned.set("exhausted", "yes")
-        process, original, peers = _exhaust_fds(manager, spare=4)
-        try:
+        with _exhausted_fds(manager, spare=4) as (_process, peers):
             if trigger == "hello":
                 peers[0].send(hp.hello())  # accepted before the table filled
                 try:
@@ -924,30 +932,19 @@ def test_fd_exhaustion_does_not_crash_the_manager(start_manager, trigger: str) -
             _survives(manager, 1.5)  # several sweeps (reap_interval 0.2 s) with the table full
             if pinned is not None:
                 assert pinned.get("exhausted") == "yes"
-        finally:
-            for peer in peers:
-                peer.close()
-            if manager.process is not None and manager.process.poll() is None:
-                process.rlimit(psutil.RLIMIT_NOFILE, original)
     _roundtrip(manager, good)
     _at_rest(manager, baseline)
 
 
 def test_fd_exhaustion_does_not_spin_the_accept_loop(start_manager) -> None:
     manager, good, baseline = _start(start_manager, max_connections=1, handshake_timeout=60)
-    process, original, peers = _exhaust_fds(manager, spare=4)
-    try:
+    with _exhausted_fds(manager, spare=4) as (process, _peers):
         logged = _log_count(manager, "cannot accept control connection")
         # A measurement window (not a wait for a condition): CPU used and errors logged over 1 s.
         cpu = process.cpu_percent(interval=1.0)
         logged = _log_count(manager, "cannot accept control connection") - logged
         _alive(manager)
         assert cpu < 50 and logged < 20, f"out of fds, the manager used {cpu:.0f}% CPU and logged {logged} accept errors in 1 s"
-    finally:
-        for peer in peers:
-            peer.close()
-        if manager.process is not None and manager.process.poll() is None:
-            process.rlimit(psutil.RLIMIT_NOFILE, original)
     _roundtrip(manager, good)
     _at_rest(manager, baseline)
 

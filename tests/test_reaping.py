@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -221,9 +222,18 @@ def test_pause_makes_acquire_wait_and_resume_lets_it_through(start_manager) -> N
     pool = sharedpool.SharedConnectionPool(manager.socket_path, acquire_timeout=0.3)
     with pytest.raises(sharedpool.PoolTimeout):
         pool.get_connection()
+    patient = sharedpool.SharedConnectionPool(manager.socket_path, acquire_timeout=30)
+    granted: list[object] = []
+    waiter = threading.Thread(target=lambda: granted.append(patient.get_connection()))
+    waiter.start()
+    wait_for(lambda: manager.stats()["leases"]["waiting"] == 1, what="a waiter queued while paused")
+    assert not granted
     admin_command("resume", manager.socket_path)
-    pool.release(pool.get_connection())
+    waiter.join(30)
+    assert len(granted) == 1  # the waiter itself got through, without asking again
+    patient.release(granted[0])
     pool.disconnect()
+    patient.disconnect()
 
 
 def test_reconnect_replaces_every_connection(start_manager, admin: redis.Redis) -> None:

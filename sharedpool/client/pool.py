@@ -326,6 +326,8 @@ class SharedConnectionPool(redis.ConnectionPool):
         connection.lease_id = 0
         connection.channel = None
         self._in_use_connections.discard(connection)
+        if channel.revoked:
+            channel.revoked.pop(lease_id, None)  # a notice that arrived while the lease went unused
         if outcome is Outcome.BROKEN or channel.closed:
             # A closed channel means the manager that lent it is gone: the
             # connection is no longer anyone's to reuse.

@@ -68,12 +68,16 @@ class Backend:
         self.timeout = target.kwargs["socket_timeout"]
         self.slot = slot
         self.fileno = -1
+        # poll, not select: the manager has more than FD_SETSIZE fds. One
+        # poller per connection, registered once: checked on every grant.
+        self._poller = select.poll()
 
     def open(self) -> Backend:
         self.connection.connect()
         sock = self.connection._sock
         assert sock is not None
         self.fileno = sock.fileno()
+        self._poller.register(self.fileno, select.POLLIN)
         return self
 
     def reset(self) -> None:
@@ -99,12 +103,9 @@ class Backend:
 
     def is_quiet(self) -> bool:
         """True when nothing is readable: no EOF, no reply nobody asked for."""
-        # poll, not select: the manager has more than FD_SETSIZE fds.
-        poller = select.poll()
         try:
-            poller.register(self.fileno, select.POLLIN)
-            return not poller.poll(0)
-        except (OSError, ValueError):
+            return not self._poller.poll(0)  # EOF, error or stray data all show as events
+        except OSError:
             return False
 
     def close(self) -> None:

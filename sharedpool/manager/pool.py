@@ -352,7 +352,7 @@ class Pool:
             # Fail fast, and let the demand trigger the next probe (after backoff).
             return [SendError(holder, ErrorCode.REDIS_UNAVAILABLE, self._outage_message(now))] + self._dispatch(now)
         limit = self.limits.max_leases_per_worker
-        if limit and self._held_by(holder.process) >= limit:
+        if limit and holder.process.leases_held >= limit:
             self.counters[keys.REFUSED_WORKER_LIMIT] += 1
             return [
                 SendError(
@@ -380,9 +380,6 @@ class Pool:
         self._waiters.append(waiter)
         heapq.heappush(self._deadlines, (waiter.deadline, next(self._seq), waiter))
         return self._dispatch(now)
-
-    def _held_by(self, process: Process) -> int:
-        return process.leases_held
 
     def _outage_message(self, now: float) -> str:
         since = self.redis_down_since or now

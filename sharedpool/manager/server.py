@@ -732,7 +732,7 @@ class Manager:
         # only its socket closing (EOF) can reap it.
         dead = [
             p.pid for p in self.pool.processes.values()
-            if p.pid > 0 and _holds_leases(self, p.pid) and not _alive(p.pid, p.create_time)
+            if p.pid > 0 and p.leases_held and not _alive(p.pid, p.create_time)
         ]
         for pid in dead:
             self.reap_pid(pid, now)
@@ -771,9 +771,8 @@ class Manager:
         now = time.monotonic()
         workers = []
         for process in pool.processes.values():
-            held = sum(len(c.holder.leases) for c in self._clients.values() if c.holder and c.holder.process is process)
             workers.append({
-                "pid": process.pid, "leases_held": held, "leases_total": process.leases_total,
+                "pid": process.pid, "leases_held": process.leases_held, "leases_total": process.leases_total,
                 "control_connections": process.holders, "last_seen_s_ago": round(now - process.last_seen, 3),
             })
         return {
@@ -810,10 +809,6 @@ def _top_workers(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str
     if limit is not None and len(rows) > limit:
         rows = sorted(rows, key=lambda w: (-w["leases_held"], -w["leases_total"]))[:limit]
     return sorted(rows, key=lambda w: w["pid"])
-
-
-def _holds_leases(manager: Manager, pid: int) -> bool:
-    return any(c.pid == pid and c.holder is not None and c.holder.leases for c in manager._clients.values())
 
 
 def _alive(pid: int, create_time: float) -> bool:
