@@ -32,7 +32,6 @@ def _parser() -> argparse.ArgumentParser:
             "SHAREDPOOL_* environment < flags. Every flag below has an environment "
             "variable and a TOML key of the same name."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     serve.add_argument("--config", metavar="PATH", help="TOML file of settings (flat, or under [sharedpool])")
     config.add_arguments(serve, ManagerConfig)
@@ -198,26 +197,35 @@ def format_stats(snapshot: dict[str, Any]) -> str:
     if snapshot.get("redis_down_for_s") is not None:
         lines.append(f"REDIS DOWN for {snapshot['redis_down_for_s']:.1f} s: {snapshot['last_redis_error']}")
     lines.append("counters     " + "  ".join(f"{k} {v}" for k, v in sorted(counters.items()) if v))
-    lines.append(f"{'pid':>8} {'held':>5} {'total':>8} {'conns':>5} {'last seen':>10}")
+    lines.append(f"{'pid':>8} {'held':>5} {'channels':>8}")
     for worker in snapshot["workers"]:
-        lines.append(
-            f"{worker['pid']:>8} {worker['leases_held']:>5} {worker['leases_total']:>8} "
-            f"{worker['control_connections']:>5} {worker['last_seen_s_ago']:>9.1f}s"
-        )
+        lines.append(f"{worker['pid']:>8} {worker['leases_held']:>5} {worker['control_connections']:>8}")
     return "\n".join(lines)
 
 
 def _check(args: argparse.Namespace) -> int:
+    """Ask the manager to verify Redis now (a fresh connect and PING), within --timeout."""
+    import time
+
+    started = time.monotonic()
     try:
         channel = _open_channel(args, timeout=args.timeout)
-        snapshot = channel.request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
-        channel.close()
+        try:
+            remaining = max(0.05, args.timeout - (time.monotonic() - started))
+            answer = channel.request(
+                protocol.encode_json(protocol.FrameType.PROBE, {"timeout": remaining * 0.8}),
+                protocol.FrameType.PROBE_REPLY, timeout=remaining,
+            )
+        finally:
+            channel.close()
     except errors.SharedPoolError as exc:
         print(f"not ok: {exc}")
         return 1
-    if snapshot.get("redis_down_for_s") is not None:
-        print(f"not ok: Redis at {snapshot['redis']} unreachable for {snapshot['redis_down_for_s']:.1f} s: {snapshot['last_redis_error']}")
+    if not answer.get("ok"):
+        print(f"not ok: Redis at {answer.get('redis')}: {answer.get('error')}")
         return 1
-    print(f"ok: pool {snapshot['pool']!r}, {snapshot['connections']['open']} connections open to {snapshot['redis']}")
+    print(
+        f"ok: pool {answer.get('pool')!r}, {answer.get('open')} connections open to {answer.get('redis')}, "
+        f"PING answered in {float(answer.get('elapsed_s', 0)) * 1000:.1f} ms"
+    )
     return 0
-

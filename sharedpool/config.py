@@ -149,8 +149,6 @@ class ManagerConfig:
     idle_timeout: float = _spec(600.0, "seconds idle before a connection above min_idle is closed (0: never)", float, _non_negative_float, "SECONDS")
     health_check_interval: float = _spec(30.0, "seconds between health checks of idle connections (0: off)", float, _non_negative_float, "SECONDS")
     leak_threshold: float = _spec(30.0, "seconds a lease may be held before a warning is logged (0: off)", float, _non_negative_float, "SECONDS")
-    sticky: bool = _spec(True, "let workers keep a clean lease between uses until recalled (true/false)", _parse_bool, None, "BOOL")
-    sticky_max_age: float = _spec(5.0, "seconds after which a sticky lease is recalled even without demand", float, _positive_float, "SECONDS")
     max_lease_time: float = _spec(0.0, "seconds after which a held lease is revoked (0: never)", float, _non_negative_float, "SECONDS")
     reap_interval: float = _spec(1.0, "seconds between sweeps for dead lease holders", float, _positive_float, "SECONDS")
     shutdown_grace: float = _spec(10.0, "seconds to wait for leases on SIGTERM before closing anyway", float, _non_negative_float, "SECONDS")
@@ -197,7 +195,6 @@ class ClientConfig:
     manager_timeout: float = _spec(
         5.0, "seconds to keep retrying when no manager answers (0: fail at once)", float, _non_negative_float, "SECONDS"
     )
-    sticky: bool = _spec(False, "keep a clean lease parked in the thread between uses until recalled", _parse_bool, None, "BOOL")
 
     def __post_init__(self) -> None:
         if not self.socket_path:

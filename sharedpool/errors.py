@@ -43,6 +43,14 @@ class LeaseError(SharedPoolError):
     """A lease was misused: released twice, or released by the wrong pool."""
 
 
+class WorkerLimit(SharedPoolError):
+    """This process already holds ``max_leases_per_worker`` leases."""
+
+
+class StaleSlot(SharedPoolError):
+    """Internal: the slot was replaced between reading its row and asking for its fd."""
+
+
 class Forbidden(SharedPoolError, redis.exceptions.ConnectionError):
     """The manager refused this process (uid not allowed, admin denied)."""
 

@@ -59,27 +59,23 @@ _REAPED_FAMILY = "leases_reaped"
 # HELP text of the counters we know; an unknown key (a newer manager) is
 # still exported, with a generic help line.
 _COUNTER_HELP: dict[str, str] = {
-    keys.GRANTED: "Leases granted to workers.",
-    keys.RELEASED: "Leases released by workers.",
-    keys.TIMEOUTS: "Acquires that timed out waiting for a lease.",
-    keys.REFUSED_FULL: "Acquires refused because max_waiting workers were already queued.",
-    keys.REFUSED_UNAVAILABLE: "Acquires refused because Redis was unreachable.",
-    keys.REFUSED_SHUTDOWN: "Acquires refused because the manager was stopping.",
-    keys.RELEASE_REFUSED: "Releases refused (unknown lease or wrong holder).",
+    keys.GRANTED: "Leases taken by workers (read from the lease table).",
+    keys.RELEASED: "Leases given back by workers (taken minus held).",
+    keys.REFUSED_UNAVAILABLE: "Demands for a connection refused because Redis was unreachable.",
     keys.RESETS: "Connections reset between leases.",
     keys.OPENED: "Redis connections opened.",
     keys.CLOSED: "Redis connections closed.",
     keys.REDIS_ERRORS: "Errors talking to Redis (connect, reset).",
-    keys.STALE_AT_GRANT: "Connections found dead when about to be granted.",
     keys.FDS_SENT: "File descriptors passed to workers.",
     keys.CLIENTS_ACCEPTED: "Control connections accepted.",
     keys.CLIENTS_REFUSED: "Control connections refused (uid not allowed, max_clients).",
     keys.PROTOCOL_ERRORS: "Malformed frames received from workers.",
-    keys.REFUSED_WORKER_LIMIT: "Acquires refused by max_leases_per_worker.",
     keys.RECYCLED: "Connections recycled after max_lifetime.",
     keys.IDLE_CLOSED: "Connections closed after idle_timeout.",
-    keys.HEALTH_CHECK_FAILED: "Idle connections that failed a health check.",
+    keys.HEALTH_CHECK_FAILED: "Idle connections found closed by Redis or dirty.",
     keys.LEAK_WARNINGS: "Leases held longer than leak_threshold.",
+    keys.TABLE_REPAIRS: "Lease-table rows the manager found scribbled and repaired.",
+    keys.STALE_FETCHES: "Requests for the fd of a slot generation that no longer exists.",
 }
 
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_:]")

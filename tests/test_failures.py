@@ -113,7 +113,7 @@ def test_manager_killed_and_restarted_workers_recover(start_manager) -> None:
 
 def test_first_command_after_a_manager_restart_succeeds(start_manager) -> None:
     first = start_manager(max_connections=2)
-    r = sharedpool.Redis(socket_path=first.socket_path, sticky=False)
+    r = sharedpool.Redis(socket_path=first.socket_path)
     assert r.ping() is True
     first.kill()
     second = start_manager(socket_path=first.socket_path, max_connections=2)

@@ -70,10 +70,13 @@ def app(environ, start_response):
         body = {k: v for k, v in os.environ.items() if k.startswith("SHAREDPOOL_")}
     elif path == "/_hold":
         # Take a lease and never give it back; a child keeps the control
-        # connection open, so the manager sees no EOF when we die.
-        conn = wsgi_app.r.connection_pool.get_connection()
+        # connection and the lease's lock open, so the manager sees no EOF
+        # and no free lock when we die.
+        pool = wsgi_app.r.connection_pool
+        conn = pool.get_connection()
         keeper = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(120)"], pass_fds=[conn.channel.sock.fileno()]
+            [sys.executable, "-c", "import time; time.sleep(120)"],
+            pass_fds=[conn.lease.lock_fd, pool._attachment.channel.sock.fileno()],
         )
         HELD.append((conn, keeper))
         body = {"pid": os.getpid(), "keeper": keeper.pid}

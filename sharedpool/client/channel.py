@@ -1,173 +1,140 @@
-"""A worker's control connection to the manager.
+"""A worker process's control connection to the manager.
 
-Each thread of a worker process owns one channel (see ``pool.py``), so a
-thread blocked waiting for a grant never holds anything another thread
-needs. A channel belongs to the process that opened it: after a fork the
-child never touches it (DESIGN fact 5).
+One channel per process, shared by its threads under a lock: with the lease
+table, a lease takes no frame, so the channel carries only the rare
+requests (a first fd, a slot to open, a report, stats) and a thread per
+request costs no connection (issue 12: thousands of short-lived threads).
+
+Every request carries an id and every wait has a deadline. A reply whose
+asker gave up (a signal handler raised while it waited) is dropped when it
+arrives, never read as the answer to the next request, and any fd it
+carried is closed. A channel belongs to the process that opened it: after a
+fork the child never touches it (DESIGN fact 5).
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
-import select
 import socket
+import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from sharedpool import __version__, errors, protocol
-from sharedpool.protocol import ErrorCode, FrameType, Grant, Outcome
+from sharedpool.protocol import ErrorCode, FrameType
 
 log = logging.getLogger("sharedpool.client")
 
-# Beyond the manager's own acquire deadline, how long to wait for its
-# answer before deciding the manager is hung.
-_REPLY_MARGIN = 5.0
-
 _ERRORS: dict[int, type[errors.SharedPoolError]] = {
-    ErrorCode.TIMEOUT: errors.PoolTimeout,
-    ErrorCode.POOL_FULL: errors.PoolFull,
     ErrorCode.REDIS_UNAVAILABLE: errors.RedisUnavailable,
     ErrorCode.SHUTTING_DOWN: errors.ShuttingDown,
     ErrorCode.FORBIDDEN: errors.Forbidden,
     ErrorCode.VERSION: errors.ProtocolMismatch,
     ErrorCode.TOO_MANY_CLIENTS: errors.ManagerUnavailable,
-    ErrorCode.UNKNOWN_LEASE: errors.LeaseLost,
+    ErrorCode.STALE: errors.StaleSlot,
 }
+# Errors after which the manager closes its end: so do we.
+_FATAL = frozenset({ErrorCode.MALFORMED, ErrorCode.NOT_READY, ErrorCode.VERSION, ErrorCode.TOO_MANY_CLIENTS, ErrorCode.FORBIDDEN})
 
 
 class ControlChannel:
-    def __init__(
-        self,
-        socket_path: str,
-        connect_timeout: float = 5.0,
-        reply_timeout: float | None = 30.0,
-        role: str = "",
-        on_recall: Callable[[int], None] | None = None,
-    ) -> None:
+    """One control connection. ``welcome`` and ``table_fd`` come from the handshake."""
+
+    def __init__(self, socket_path: str, connect_timeout: float = 5.0, reply_timeout: float = 30.0) -> None:
         self.socket_path = socket_path
+        self.reply_timeout = reply_timeout
+        timeout = connect_timeout
         self.pid = os.getpid()
         self.closed = False
+        self.table_fd = -1
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        started = time.monotonic()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock.settimeout(connect_timeout)
+        sock.settimeout(max(0.001, timeout))
         try:
             sock.connect(socket_path)
         except OSError as exc:
             sock.close()
             raise errors.ManagerUnavailable(_connect_problem(socket_path, exc)) from None
         self.sock = sock
-        self._reply_timeout = reply_timeout
-        # lease id -> why the manager took it back (REVOKED frames)
-        self.revoked: dict[int, str] = {}
-        self._on_recall = on_recall
         try:
             try:
-                hello: dict[str, Any] = {"pid": self.pid, "client": f"sharedpool/{__version__}"}
-                if role:
-                    hello["role"] = role
-                sock.send(protocol.encode_json(FrameType.HELLO, hello))
+                sock.send(protocol.encode_json(FrameType.HELLO, {"pid": self.pid, "client": f"sharedpool/{__version__}"}))
             except OSError:
                 pass  # refused and closed at once: the reason may still be waiting to be read
-            frame_type, body, _fd = self._read(expect_fd=False)
+            frame_type, _rid, body, fd = self._read(started + timeout, want_fd=True)
+            if frame_type != FrameType.WELCOME:
+                if fd is not None:
+                    os.close(fd)
+                raise self._unexpected(frame_type, body, "WELCOME")
+            if fd is None:
+                raise self._broken("WELCOME carried no lease table")
+            self.table_fd = fd
+            self.welcome: dict[str, Any] = protocol.decode_json(body)
         except BaseException:
             self.close()
             raise
-        if frame_type != FrameType.WELCOME:
-            error = self._unexpected(frame_type, body, "WELCOME")
-            self.close()
-            raise error
-        self.welcome: dict[str, Any] = protocol.decode_json(body)
         self.epoch = str(self.welcome.get("epoch", ""))
-        sock.settimeout(reply_timeout)
-
-    def __del__(self) -> None:
-        # A thread that ended takes its channel with it; closing our fd is
-        # what tells the manager (EOF), and is harmless in a forked child.
-        sock = getattr(self, "sock", None)
-        if sock is not None and not getattr(self, "closed", True):
-            self.closed = True
-            sock.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        return f"<ControlChannel {self.socket_path} pid={self.pid} {state}>"
+        return f"<ControlChannel {self.socket_path} pid={self.pid} {'closed' if self.closed else 'open'}>"
 
-    # ----- requests --------------------------------------------------------
+    # ----- requests ----------------------------------------------------------
 
-    def acquire(self, timeout_ms: int, where: str = "") -> tuple[Grant, int | None]:
-        """Ask for a lease; return the grant and the fd it carried, if any."""
-        self._send(protocol.encode_acquire(timeout_ms, where))
-        frame_type, body, fd = self._read(expect_fd=True)
-        if frame_type == FrameType.GRANT:
-            grant = protocol.decode_grant(body)
-            if grant.has_fd and fd is None:
-                raise self._broken("GRANT announced an fd but carried none")
-            return grant, fd
-        raise self._unexpected(frame_type, body, "GRANT")
+    def call(self, frame_type: FrameType, body: bytes, reply_type: FrameType, timeout: float, want_fd: bool = False) -> tuple[bytes, int | None]:
+        """Send a request and wait for its own reply, at most ``timeout`` seconds in all."""
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=max(0.0, timeout)):
+            raise errors.ManagerUnavailable(
+                f"manager at {self.socket_path}: another thread's request did not finish within {timeout:.2f} s"
+            )
+        try:
+            request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+            self._send(protocol.header(frame_type, request_id) + body)
+            while True:
+                got_type, got_id, got_body, fd = self._read(deadline, want_fd)
+                if got_id != request_id:
+                    # The answer to a request whose asker gave up: drop it.
+                    if fd is not None:
+                        os.close(fd)
+                    continue
+                if got_type == reply_type:
+                    if want_fd and fd is None:
+                        raise self._broken(f"{reply_type.name} carried no fd")
+                    return got_body, fd
+                if fd is not None:
+                    os.close(fd)
+                raise self._unexpected(got_type, got_body, reply_type.name)
+        finally:
+            self._lock.release()
 
-    def fetch_fd(self, lease_id: int) -> int:
-        self._send(protocol.encode_fetch_fd(lease_id))
-        frame_type, body, fd = self._read(expect_fd=True)
-        if frame_type == FrameType.GRANT and fd is not None:
-            return fd
-        raise self._unexpected(frame_type, body, "GRANT with an fd")
+    def request(self, frame: bytes, reply_type: FrameType, timeout: float | None = None) -> dict[str, Any]:
+        """Send an encoded frame (its request id is set here); return the JSON reply."""
+        _version, frame_type, _rid, body = protocol.split(frame)
+        reply, _fd = self.call(FrameType(frame_type), body, reply_type, self.reply_timeout if timeout is None else timeout)
+        return protocol.decode_json(reply) if reply else {}
 
-    def release(self, lease_id: int, outcome: Outcome) -> None:
-        """Fire and forget: a refusal comes back later as an ERROR and is logged."""
+    def notify(self, frame: bytes) -> None:
+        """Send a frame that gets no reply. A dead manager is not an error here:
+        the next one repairs from the table, or the channel's EOF said enough."""
         if self.closed:
             return
-        frame = protocol.encode_release(lease_id, outcome)
+        if not self._lock.acquire(timeout=1.0):
+            return
         try:
             self.sock.send(frame)
-        except BlockingIOError:
-            # The owner thread has the socket non-blocking for a moment
-            # (poll_unsolicited): wait until it can take the frame.
-            poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLOUT)
-            poller.poll(1000)
-            try:
-                self.sock.send(frame)
-            except OSError:
-                pass
         except OSError:
-            # The manager is gone; it reclaims the lease when it sees our EOF.
-            # Not closed here: this may be the notify thread, and the owner
-            # thread may be reading this socket; the owner finds out itself.
             pass
+        finally:
+            self._lock.release()
 
-    def request(self, frame: bytes, reply_type: FrameType) -> dict[str, Any]:
-        self._send(frame)
-        frame_type, body, _fd = self._read(expect_fd=False)
-        if frame_type == reply_type:
-            return protocol.decode_json(body) if body else {}
-        raise self._unexpected(frame_type, body, reply_type.name)
-
-    def listen(self) -> None:
-        """Read unsolicited frames until the channel ends (the notify thread's loop)."""
-        while True:
-            self._read(expect_fd=False)
-
-    def wake_and_close(self) -> None:
-        """End a channel another thread is blocked reading (``listen``).
-
-        Only for the notify channel of this very process: ``shutdown()``
-        wakes the reader, which ``close()`` alone does not.
-        """
-        if not self.closed:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.close()
-
-    def ping(self) -> float:
+    def ping(self, timeout: float | None = None) -> float:
         started = time.monotonic()
-        self._send(protocol.encode_empty(FrameType.PING))
-        frame_type, body, _fd = self._read(expect_fd=False)
-        if frame_type != FrameType.PONG:
-            raise self._unexpected(frame_type, body, "PONG")
+        self.call(FrameType.PING, b"", FrameType.PONG, self.reply_timeout if timeout is None else timeout)
         return time.monotonic() - started
 
     def close(self) -> None:
@@ -175,20 +142,26 @@ class ControlChannel:
         if not self.closed:
             self.closed = True
             self.sock.close()
+            if self.table_fd >= 0:
+                os.close(self.table_fd)
+                self.table_fd = -1
 
     def abandon(self) -> None:
-        """Drop the fd in a forked child without telling the manager anything.
+        """Drop the fds in a forked child without telling the manager anything.
 
         ``close()`` on an inherited descriptor only drops the child's
-        reference; the parent's connection and leases are untouched.
+        reference; the parent's connection is untouched.
         """
         self.closed = True
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self._lock = threading.Lock()  # a parent thread may have held it at fork
+        for close in (self.sock.close, lambda: os.close(self.table_fd) if self.table_fd >= 0 else None):
+            try:
+                close()
+            except OSError:
+                pass
+        self.table_fd = -1
 
-    # ----- frames ----------------------------------------------------------
+    # ----- frames --------------------------------------------------------------
 
     def _send(self, frame: bytes) -> None:
         if self.closed:
@@ -197,42 +170,21 @@ class ControlChannel:
             self.sock.send(frame)
         except OSError as exc:
             self.close()
-            raise errors.ManagerUnavailable(
-                f"manager at {self.socket_path} went away ({exc.strerror or exc})"
-            ) from None
+            raise errors.ManagerUnavailable(f"manager at {self.socket_path} went away ({exc.strerror or exc})") from None
 
-    def poll_unsolicited(self) -> None:
-        """Read, without waiting, what the manager sent unprompted (REVOKED notices)."""
-        if self.closed:
-            return
-        # A socket with a timeout polls before every recv, MSG_DONTWAIT or
-        # not: only non-blocking mode makes this return at once.
-        self.sock.setblocking(False)
-        try:
-            while True:
-                self._read(expect_fd=False)
-        except (BlockingIOError, errors.SharedPoolError):
-            pass
-        finally:
-            if not self.closed:
-                self.sock.settimeout(self._reply_timeout)
-
-    def _read(self, expect_fd: bool) -> tuple[int, bytes, int | None]:
+    def _read(self, deadline: float, want_fd: bool) -> tuple[int, int, bytes, int | None]:
         while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._silent(deadline)
+            self.sock.settimeout(remaining)
             try:
-                data, ancdata, flags, _ = self.sock.recvmsg(protocol.MAX_FRAME, protocol.FD_ANCILLARY_SPACE)
-            except BlockingIOError:
-                raise
+                data, ancdata, flags, _ = self.sock.recvmsg(protocol.MAX_FRAME, protocol.FD_ANCILLARY_SPACE, protocol.RECV_FLAGS)
             except socket.timeout:
-                self.close()
-                raise errors.ManagerUnavailable(
-                    f"manager at {self.socket_path} did not answer within {self._reply_timeout} s"
-                ) from None
+                raise self._silent(deadline) from None
             except OSError as exc:
                 self.close()
-                raise errors.ManagerUnavailable(
-                    f"manager at {self.socket_path} went away ({exc.strerror or exc})"
-                ) from None
+                raise errors.ManagerUnavailable(f"manager at {self.socket_path} went away ({exc.strerror or exc})") from None
             fds = protocol.fds_from_ancillary(ancdata)
             if not data:
                 _close_fds(fds)
@@ -240,29 +192,28 @@ class ControlChannel:
                 raise errors.ManagerUnavailable(f"manager at {self.socket_path} closed the control connection")
             try:
                 protocol.check_recv_flags(flags)
-                version, frame_type, body = protocol.split(data)
+                version, frame_type, request_id, body = protocol.split(data)
             except protocol.ProtocolError as exc:
                 _close_fds(fds)
                 raise self._broken(str(exc)) from None
+            if version == 1:
+                _close_fds(fds)
+                self.close()
+                raise errors.ProtocolMismatch(
+                    f"manager at {self.socket_path} speaks protocol version 1; this client speaks "
+                    f"{protocol.VERSION}: run the same sharedpool version in the manager and the workers"
+                )
             if frame_type in protocol.UNSOLICITED_TYPES:
                 _close_fds(fds)
-                if frame_type == FrameType.REVOKED:
-                    lease_id, message = protocol.decode_revoked(body)
-                    self.revoked[lease_id] = message
-                    log.warning("%s", message)
-                elif frame_type == FrameType.RECALL and self._on_recall is not None:
-                    self._on_recall(protocol.decode_recall(body))
-                continue  # others: a newer manager's frame we do not know
-            if frame_type == FrameType.ERROR:
-                error = protocol.decode_error(body)
-                if error.code == ErrorCode.RELEASE_REFUSED:
-                    log.warning("manager refused release of lease %d: %s", error.lease_id, error.message)
-                    _close_fds(fds)
-                    continue
-            if len(fds) > (1 if expect_fd else 0):
+                continue  # a newer manager's notice we do not know
+            if len(fds) > (1 if want_fd else 0):
                 _close_fds(fds)
                 raise self._broken(f"frame type {frame_type} carried {len(fds)} fds")
-            return frame_type, body, (fds[0] if fds else None)
+            return frame_type, request_id, body, (fds[0] if fds else None)
+
+    def _silent(self, deadline: float) -> errors.ManagerUnavailable:
+        self.close()
+        return errors.ManagerUnavailable(f"manager at {self.socket_path} did not answer in time")
 
     def _broken(self, why: str) -> errors.SharedPoolError:
         self.close()
@@ -271,7 +222,7 @@ class ControlChannel:
     def _unexpected(self, frame_type: int, body: bytes, wanted: str) -> errors.SharedPoolError:
         if frame_type == FrameType.ERROR:
             error = protocol.decode_error(body)
-            if error.code in (ErrorCode.MALFORMED, ErrorCode.NOT_READY, ErrorCode.VERSION, ErrorCode.TOO_MANY_CLIENTS, ErrorCode.FORBIDDEN):
+            if error.code in _FATAL:
                 self.close()
             return _ERRORS.get(error.code, errors.SharedPoolError)(error.message)
         return self._broken(f"expected {wanted}, got frame type {frame_type}")
@@ -290,8 +241,12 @@ def _connect_problem(path: str, exc: OSError) -> str:
         why = "no socket file there"
     elif exc.errno == errno.ECONNREFUSED:
         why = "socket file exists but no manager is listening (stale)"
-    elif exc.errno == errno.EACCES:
-        why = "permission denied"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"sharedpool manager at {path}: permission denied for uid {os.getuid()}. The socket exists; "
+            f"run this process as the manager's uid, or share the socket through 'sharedpool serve "
+            f"--socket-group GROUP --socket-mode 660' and --allowed-uids"
+        )
     else:
         why = exc.strerror or str(exc)
     return (

@@ -11,15 +11,18 @@ It differs from ``redis.Connection`` in three ways:
 
 from __future__ import annotations
 
+import enum
+import os
 import socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.connection import Connection
 
-from sharedpool.protocol import Outcome
+from sharedpool.errors import LeaseLost
+from sharedpool.table import Outcome
 
 if TYPE_CHECKING:
-    from sharedpool.client.channel import ControlChannel
     from sharedpool.client.pool import SharedConnectionPool
 
 # Commands after which the session differs from the manager's handshake
@@ -30,7 +33,7 @@ _SESSION_COMMANDS = frozenset({
     "ASKING", "QUIT", "SYNC", "PSYNC", "REPLCONF",
 })
 _SESSION_CLIENT_SUBCOMMANDS = frozenset({
-    "TRACKING", "REPLY", "SETNAME", "SETINFO", "NO-EVICT", "NO-TOUCH", "CACHING",
+    "TRACKING", "SETNAME", "SETINFO", "NO-EVICT", "NO-TOUCH", "CACHING",
 })
 _TRANSACTION_COMMANDS = frozenset({"MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH"})
 
@@ -44,6 +47,32 @@ def _token(value: Any) -> str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode("latin-1").upper()
     return str(value).upper()
+
+
+class LeaseState(enum.Enum):
+    """Where a connection object stands with respect to a lease. Only its own methods move it."""
+
+    FREE = "free"  # cached for its slot, no lease
+    IN_USE = "in use"
+    LOST = "lost"  # failed mid-lease: given back broken; redis-py's retry may bind a fresh one
+    REVOKED = "revoked"  # the manager took the lease back (max_lease_time)
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """One lease: the slot lock this thread took, and the row it wrote."""
+
+    attachment: Any  # the pool's per-manager state the lease was taken in
+    slot: int
+    generation: int
+    seq: int  # the row's lease number
+    lock_fd: int  # the taking thread's own open file description of the table
+    taken_at: float
+    thread: Any = None  # the taking thread's state in the pool
+
+    @property
+    def id(self) -> int:
+        return (self.slot << 40) | (self.seq & 0xFFFFFFFFFF)
 
 
 class LeasedConnection(Connection):
@@ -60,56 +89,85 @@ class LeasedConnection(Connection):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.shared_pool = shared_pool
+        self.shared_pool: SharedConnectionPool | None = shared_pool
         self.slot = slot
         self.generation = generation
         self.redis_label = redis_label
-        self.lease_id = 0
-        self.channel: ControlChannel | None = None
-        self.revoked = ""  # the manager's reason, once it took this lease back
-        self.returned_early = False  # lease given back while redis-py retries
-        self.sticky = False  # the manager lets us park this lease
-        self._lost = False
+        self.state = LeaseState.FREE
+        self.lease: Lease | None = None
+        self.why = ""  # what ended the last lease early (revocation text)
         self._session_changed = False
         self._in_multi = False
         self._watching = False
+        self._broken = False
         self._pending_replies = 0
+        # A socket object made from an fd assumes blocking mode whatever the
+        # shared description says (DESIGN fact 9): give it its own mode now.
+        sock.settimeout(self.socket_timeout)
         self._sock = sock  # type: ignore[assignment]  # redis-py declares it None-typed
         self._parser.on_connect(self)
 
     def repr_pieces(self) -> list[tuple[str, Any]]:
-        return [("slot", self.slot), ("generation", self.generation), ("lease", self.lease_id or None), ("redis", self.redis_label)]
+        lease = self.lease.id if self.lease is not None else None
+        return [("slot", self.slot), ("generation", self.generation), ("lease", lease), ("state", self.state.value), ("redis", self.redis_label)]
 
     def _host_error(self) -> str:
         return f"{self.redis_label} (sharedpool slot {self.slot})"
 
+    @property
+    def lease_id(self) -> int:
+        return self.lease.id if self.lease is not None else 0
+
     # ----- lease lifecycle (called by the pool) ----------------------------
 
-    def begin_lease(self, lease_id: int, channel: ControlChannel) -> None:
-        # Another holder may have left the shared file description in the
-        # other blocking mode (DESIGN fact 9): always re-apply ours.
-        sock = self._sock
-        assert sock is not None
-        sock.settimeout(self.socket_timeout)
-        self.lease_id = lease_id
-        self.channel = channel
-        self.revoked = ""
-        self.returned_early = False
-        self._lost = False
-        self._session_changed = False
-        self._in_multi = False
-        self._watching = False
+    def begin(self, lease: Lease, sock: socket.socket | None = None) -> None:
+        """Start a lease; ``sock`` rebinds this object to another slot's fd (a retry)."""
+        if sock is not None:
+            self._sock = sock  # type: ignore[assignment]
+            self.slot, self.generation = lease.slot, lease.generation
+            self._parser.on_connect(self)
+        current = self._sock
+        assert current is not None
+        if sock is not None or self.socket_timeout is None:
+            # Another holder may have left the shared file description
+            # non-blocking (DESIGN fact 9), and a socket object in blocking
+            # mode would then fail with EAGAIN: re-apply ours. A socket with
+            # a timeout polls before every read and write, so it works
+            # whichever mode the description is in: no syscall per lease.
+            # (One holder in blocking mode followed by one with a timeout can
+            # make a send larger than the socket buffer wait past the timeout.)
+            current.settimeout(self.socket_timeout)
+        self.state = LeaseState.IN_USE
+        self.lease = lease
+        self.why = ""
+        self._session_changed = self._in_multi = self._watching = self._broken = False
         self._pending_replies = 0
 
-    def resume_lease(self) -> None:
-        """Start another use of a parked lease: only this process touched the fd since."""
-        self._session_changed = False
-        self._in_multi = False
-        self._watching = False
-        self._pending_replies = 0
+    def end(self) -> Lease | None:
+        """The lease is over for this object (given back, lost or revoked)."""
+        lease, self.lease = self.lease, None
+        if self.state is LeaseState.IN_USE:
+            self.state = LeaseState.FREE
+        return lease
+
+    def lose(self) -> Lease | None:
+        """The connection failed mid-lease: the caller gives the lease back broken."""
+        lease, self.lease = self.lease, None
+        self.state = LeaseState.LOST
+        return lease
+
+    def revoked(self, why: str) -> None:
+        self.lease = None
+        self.state = LeaseState.REVOKED
+        self.why = why
+
+    def settle(self) -> None:
+        """redis-py is done with this object after a lost or revoked lease."""
+        if self.state in (LeaseState.LOST, LeaseState.REVOKED):
+            self.state = LeaseState.FREE
 
     def outcome(self) -> Outcome:
-        if self._lost or self._sock is None:
+        if self._broken or self._sock is None:
             return Outcome.BROKEN
         if self._session_changed or self._in_multi or self._watching:
             # RESET also reads past any reply still in flight.
@@ -132,7 +190,10 @@ class LeasedConnection(Connection):
 
     def _connect(self) -> socket.socket:
         """redis-py reconnects after a failure mid-lease: swap in a fresh lease."""
-        return self.shared_pool._replace_lost_lease(self)
+        pool = self.shared_pool
+        if pool is None or self.pid != os.getpid():
+            raise LeaseLost(f"{self!r} was inherited across fork: take a lease from the pool in this process")
+        return pool.replace_lost_lease(self)
 
     def on_connect(self) -> None:
         self._parser.on_connect(self)
@@ -146,17 +207,15 @@ class LeasedConnection(Connection):
         self.reset_should_reconnect()
         if sock is None:
             return
-        if self.lease_id:
-            self._lost = True
         # Never shutdown(): the open file description is shared with the
         # manager, and only the manager may end the TCP connection.
         try:
             sock.close()
         except OSError:
             pass
-        pool = getattr(self, "shared_pool", None)
-        if pool is not None:
-            pool._forget_slot(self)
+        pool = self.shared_pool
+        if pool is not None and self.pid == os.getpid():
+            pool.connection_lost(self)
 
     def send_command(self, *args: Any, **kwargs: Any) -> None:
         if self._sock is None:
@@ -206,7 +265,11 @@ class LeasedConnection(Connection):
             return
         if command == "CLIENT":
             sub = words[1] if len(words) > 1 else (_token(args[1]) if len(args) > 1 else "")
-            if sub in _SESSION_CLIENT_SUBCOMMANDS:
+            if sub == "REPLY":
+                # Redis may skip our next replies, the manager's RESET's
+                # included: nobody can tell which reply is whose any more.
+                self._broken = True
+            elif sub in _SESSION_CLIENT_SUBCOMMANDS:
                 self._session_changed = True
             return  # CLIENT subcommands differ: never remembered as harmless
         if len(_HARMLESS) < _HARMLESS_CAP:

@@ -1,11 +1,17 @@
-"""``SharedConnectionPool``: redis-py's pool interface over leases from the manager.
+"""``SharedConnectionPool``: redis-py's pool interface over the manager's lease table.
 
-Per process, the pool keeps one ``LeasedConnection`` per slot it has seen,
-bound to this process's dup of that slot's fd for the current generation;
-per thread, one control channel. ``get_connection`` asks the manager for a
-lease over the thread's channel and returns the slot's connection object;
-``release`` tells the manager how the lease ended. No lock is held while
-waiting for the manager, so threads of one process never block each other.
+A lease is a lock on one byte of the shared table plus a row written
+(``sharedpool.table``): ``get_connection`` scans the rows, locks a ready
+slot and returns this process's connection object for it; ``release``
+writes how the lease ended and unlocks. The manager hears of a lease only
+when it has work to do: a first fd for a (slot, generation), a slot to
+open, a reset, a broken connection.
+
+Per process (one ``_Attachment`` per manager epoch): the control channel,
+the mapped table, and one ``LeasedConnection`` per slot bound to this
+process's dup of that slot's fd. Per thread: its own open file description
+of the table (DESIGN fact 11: locks of one description do not exclude each
+other) and, once it has had to wait, a datagram socket it is woken on.
 """
 
 from __future__ import annotations
@@ -13,23 +19,29 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
+import select
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psutil
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from sharedpool import errors, protocol
+from sharedpool import table as tbl
 from sharedpool.client.channel import ControlChannel
-from sharedpool.client.connection import LeasedConnection
+from sharedpool.client.connection import Lease, LeasedConnection, LeaseState
 from sharedpool.config import client_config
-from sharedpool.protocol import Outcome
+from sharedpool.protocol import FrameType, ReportCause
+from sharedpool.table import Flag, Outcome, RowState
 
 log = logging.getLogger("sharedpool.client")
 
@@ -42,6 +54,17 @@ _MANAGER_OWNED = frozenset({
     "cache", "cache_config", "maint_notifications_config",
 })
 
+# A waiter looks at the table this often even unwoken: a wake lost to a
+# waker that died between picking us and sending costs at most this much.
+_RESCAN_S = 0.05
+# How often a process checks that the manager that lent it the table lives.
+_LIVENESS_S = 0.1
+# Header flags as plain ints: IntFlag arithmetic is Python code, and the hot path reads them.
+_STOPPING = int(Flag.STOPPING)
+_PAUSED = int(Flag.PAUSED)
+_REDIS_DOWN = int(Flag.REDIS_DOWN)
+_READY = int(RowState.READY)
+
 _POOLS: weakref.WeakSet[SharedConnectionPool] = weakref.WeakSet()
 
 _OUR_DIRS = tuple(
@@ -50,17 +73,11 @@ _OUR_DIRS = tuple(
     if module.__file__
 )
 _LIB_DIRS = _OUR_DIRS + (os.path.dirname(contextmanager.__code__.co_filename) + os.sep + "contextlib",)
-
-
 _CALLER_TEXT: dict[tuple[Any, int], str] = {}
 
 
 def _caller() -> str:
-    """The first frame outside sharedpool and redis-py: where the lease was asked for.
-
-    Sent with every ACQUIRE so a leak warning can name the line; the text
-    of each (code, line) is built once.
-    """
+    """The first frame outside sharedpool and redis-py: where the lease was asked for."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith(_LIB_DIRS):
         frame = frame.f_back  # type: ignore[assignment]
@@ -76,16 +93,118 @@ def _caller() -> str:
     return text
 
 
+def _process_start(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
+        return 0.0
+
+
+_WAKER: tuple[int, socket.socket] | None = None
+
+
+def _process_waker() -> socket.socket:
+    """One unbound datagram socket per process to send wakes from (any thread may)."""
+    global _WAKER
+    waker = _WAKER
+    if waker is None or waker[0] != os.getpid():
+        waker = (os.getpid(), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK))
+        _WAKER = waker
+    return waker[1]
+
+
+class _Attachment:
+    """This process's view of one manager (one epoch): channel, table, cached connections."""
+
+    def __init__(self, channel: ControlChannel) -> None:
+        welcome = channel.welcome
+        geometry = welcome.get("table") or {}
+        self.channel = channel
+        self.welcome = welcome
+        self.epoch = str(welcome.get("epoch", ""))
+        self.pool_name = str(welcome.get("pool", "?"))
+        self.table = tbl.Table(channel.table_fd, int(geometry["capacity"]), int(geometry["waiter_capacity"]))
+        self.pid = os.getpid()
+        self.start = _process_start(self.pid)
+        self.conns: dict[int, LeasedConnection] = {}
+        self.sites: dict[str, int] = {}
+        self.held = 0  # leases this process holds on this table
+        self.detached = False
+        self.checked_at = time.monotonic()
+        self.max_lease_time = float(welcome.get("max_lease_time", 0) or 0)
+
+    def manager_alive(self) -> bool:
+        try:
+            return tbl.is_locked(self.table.fd, tbl.ALIVE_LOCK, exclusive=False)
+        except OSError:
+            return False
+
+    def site_id(self, text: str) -> int:
+        site = self.sites.get(text)
+        if site is None:
+            if len(self.sites) >= 10_000:
+                return 0
+            site = len(self.sites) + 1
+            self.sites[text] = site
+            self.channel.notify(protocol.encode_site(site, text))
+        return site
+
+
+class _ThreadState:
+    """One thread's own description of the table, and its wake socket. Closed with the thread."""
+
+    def __init__(self, attachment: _Attachment) -> None:
+        self.attachment = attachment
+        self.pid = os.getpid()
+        self.lock_fd = tbl.own_description(attachment.table.fd)
+        self.wake: socket.socket | None = None
+        self.token = 0
+        # Slots this thread holds: its own description does not exclude
+        # itself, so these must never be taken for abandoned rows.
+        self.held: set[int] = set()
+
+    def wake_socket(self) -> socket.socket:
+        if self.wake is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+            for _ in range(8):
+                token = random.getrandbits(32) or 1
+                try:
+                    sock.bind(tbl.wake_address(self.attachment.epoch, self.pid, token))
+                    break
+                except OSError:
+                    continue
+            else:
+                sock.close()
+                raise errors.SharedPoolError("could not bind a wake socket for waiting")
+            self.wake, self.token = sock, token
+        return self.wake
+
+    def close(self) -> None:
+        # In a forked child these are the parent's descriptions too: closing
+        # our copy never unlocks what the parent holds (DESIGN fact 12).
+        if self.lock_fd >= 0:
+            try:
+                os.close(self.lock_fd)
+            except OSError:
+                pass
+            self.lock_fd = -1
+        if self.wake is not None:
+            self.wake.close()
+            self.wake = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class SharedConnectionPool(redis.ConnectionPool):
     """A redis-py ``ConnectionPool`` whose connections are leases from a sharedpool manager.
 
     ``socket_path`` (or ``SHAREDPOOL_SOCKET``) names the manager;
     ``acquire_timeout`` bounds the wait for a lease (default: the manager's);
-    ``manager_timeout`` is how long to keep retrying while no manager
-    answers (0: raise ``ManagerUnavailable`` at once). ``sticky`` (off by
-    default; ``SHAREDPOOL_STICKY=1``) keeps a clean lease parked in the
-    thread between uses until the manager recalls it. Other keyword
-    arguments are redis-py connection options (``decode_responses``,
+    ``manager_timeout`` is how long to keep trying while no manager answers
+    (0: raise ``ManagerUnavailable`` at once). No call waits longer than
+    ``acquire_timeout + manager_timeout`` in all. Other keyword arguments
+    are redis-py connection options (``decode_responses``,
     ``socket_timeout``, ``retry``, ``protocol``, ``db``...). Options the
     manager owns (host, password, ssl, ...) are refused.
     """
@@ -96,7 +215,6 @@ class SharedConnectionPool(redis.ConnectionPool):
         *,
         acquire_timeout: float | None = None,
         manager_timeout: float | None = None,
-        sticky: bool | None = None,
         **connection_kwargs: Any,
     ) -> None:
         refused = sorted(set(connection_kwargs) & _MANAGER_OWNED)
@@ -107,67 +225,48 @@ class SharedConnectionPool(redis.ConnectionPool):
                 "(set it on 'sharedpool serve', e.g. in --redis-url)",
             )
         connection_kwargs.pop("max_connections", None)
-        self.config = client_config(
-            socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, sticky=sticky
-        )
-        self._sticky_wanted = self.config.sticky
+        self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
         self._requested_protocol = connection_kwargs.get("protocol")
         self._requested_db = connection_kwargs.pop("db", None)
         connection_kwargs.setdefault(
             "retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries=3)
         )
-        self._timeout_ms = (
-            protocol.DEFAULT_TIMEOUT if not self.config.acquire_timeout else int(self.config.acquire_timeout * 1000)
-        )
-        # The longest the manager may make us wait; past it, it is hung.
-        self._reply_timeout = (self.config.acquire_timeout or 60.0) + 5.0
         super().__init__(connection_class=LeasedConnection, **connection_kwargs)
         _POOLS.add(self)
 
     def __repr__(self) -> str:
-        welcome = self._welcome or {}
-        return (
-            f"<SharedConnectionPool {self.config.socket_path} pool={welcome.get('pool', '?')!r} "
-            f"[{len(self._in_use_connections)} leased here, {len(self._slots)} slots cached]>"
-        )
+        att = self._attachment
+        name = att.pool_name if att is not None else "?"
+        held = att.held if att is not None else 0
+        cached = len(att.conns) if att is not None else 0
+        return f"<SharedConnectionPool {self.config.socket_path} pool={name!r} [{held} leased here, {cached} slots cached]>"
 
     # ----- per-process state ---------------------------------------------
 
     def reset(self) -> None:
         """Start this process's state afresh (also what a forked child does)."""
-        old_slots: dict[int, LeasedConnection] = getattr(self, "_slots", {})
-        old_channels: list[ControlChannel] = getattr(self, "_channels", [])
-        old_notifier: _Notifier | None = getattr(self, "_notifier", None)
+        old: _Attachment | None = getattr(self, "_attachment", None)
+        old_local: threading.local | None = getattr(self, "_local", None)
         inherited = getattr(self, "pid", os.getpid()) != os.getpid()
         self.pid = os.getpid()
         self._local = threading.local()
-        self._slots: dict[int, LeasedConnection] = {}
-        self._slots_lock = threading.Lock()
-        self._channels: list[ControlChannel] = []
-        self._notifier: _Notifier | None = None
-        self._park_lock = threading.Lock()
-        self._parked: dict[int, LeasedConnection] = {}  # lease id -> parked connection
-        self._recalled: set[int] = set()  # recalled while in use: give back at release
-        self._epoch: str | None = None
-        self._welcome: dict[str, Any] | None = None
-        self._connection_kwargs_checked = False
+        self._attach_lock = threading.Lock()
+        self._attachment: _Attachment | None = None
         self._created_connections = 0
         self._available_connections: list[Any] = []
         self._in_use_connections: set[Any] = set()
         if inherited:
-            # The parent's fds and channel are the parent's: close our copies,
-            # tell no one (DESIGN fact 5).
-            for conn in old_slots.values():
-                conn.shared_pool = None  # type: ignore[assignment]
-                conn.lease_id = 0
-                conn.disconnect()
-            # Every thread's channel, not only the forking thread's: otherwise
-            # the child would keep the parent's other channels open after the
-            # parent died, and the manager would not see their EOF.
-            for channel in old_channels:
-                channel.abandon()
-            if old_notifier is not None:
-                old_notifier.channel.abandon()  # its thread did not survive the fork
+            # The parent's fds, table and channel are the parent's: close our
+            # copies, unlock nothing, tell no one (DESIGN facts 5 and 12).
+            state = getattr(old_local, "state", None) if old_local is not None else None
+            if state is not None:
+                state.close()
+            if old is not None:
+                for conn in old.conns.values():
+                    conn.shared_pool = None
+                    conn.disconnect()
+                old.channel.abandon()
+                old.table.close()
 
     def _checkpid(self) -> None:
         if self.pid != os.getpid():
@@ -175,52 +274,64 @@ class SharedConnectionPool(redis.ConnectionPool):
                 if self.pid != os.getpid():
                     self.reset()
 
-    def _channel(self) -> ControlChannel:
-        channel: ControlChannel | None = getattr(self._local, "channel", None)
-        if channel is not None and not channel.closed:
-            return channel
-        channel = self._open_channel()
-        self._local.channel = channel
-        return channel
-
-    def _open_channel(self) -> ControlChannel:
-        deadline_wait = self.config.manager_timeout
-        waited = 0.0
-        delay = 0.05
-        while True:
-            try:
-                channel = ControlChannel(self.config.socket_path, reply_timeout=self._reply_timeout)
-                break
-            except errors.ManagerUnavailable:
-                if waited >= deadline_wait:
-                    raise
-                threading.Event().wait(delay)
-                waited += delay
-                delay = min(delay * 2, 0.5)
+    def _attach(self, deadline: float) -> _Attachment:
+        att = self._attachment
+        if att is not None and not att.detached:
+            now = time.monotonic()
+            if now - att.checked_at < _LIVENESS_S:
+                return att
+            att.checked_at = now
+            if att.manager_alive() and not att.channel.closed:
+                return att
+            log.warning("manager of pool %r (epoch %s) is gone: dropping its table and connections", att.pool_name, att.epoch)
+            self._detach(att)
+        if not self._attach_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise errors.ManagerUnavailable(f"no sharedpool manager at {self.config.socket_path}: another thread is still connecting")
         try:
-            self._adopt(channel.welcome)
-        except BaseException:
-            channel.close()
-            raise
-        with self._slots_lock:
-            self._channels.append(channel)
-        return channel
+            att = self._attachment
+            if att is not None and not att.detached:
+                return att
+            channel = self._open_channel(deadline)
+            try:
+                self._check_welcome(channel.welcome)
+                att = _Attachment(channel)
+            except BaseException:
+                channel.close()
+                raise
+            self._attachment = att
+            return att
+        finally:
+            self._attach_lock.release()
 
-    def _adopt(self, welcome: dict[str, Any]) -> None:
-        epoch = str(welcome.get("epoch"))
-        if self._epoch is not None and epoch != self._epoch:
-            log.warning("manager restarted (epoch %s -> %s): dropping cached connections", self._epoch, epoch)
-            with self._slots_lock:
-                slots, self._slots = self._slots, {}
-            with self._park_lock:
-                # Parked leases were the old manager's: nothing to give back.
-                self._parked.clear()
-                self._recalled.clear()
-            for conn in slots.values():
-                if not conn.lease_id:
-                    conn.disconnect()
-        self._epoch = epoch
-        self._welcome = welcome
+    def _detach(self, att: _Attachment) -> None:
+        """Forget a manager that died or restarted; leases in use end on their own."""
+        att.detached = True
+        if self._attachment is att:
+            self._attachment = None
+        for conn in list(att.conns.values()):
+            if conn.state is not LeaseState.IN_USE:
+                conn.disconnect()
+        att.channel.close()
+
+    def _open_channel(self, deadline: float) -> ControlChannel:
+        """Connect, retrying while no manager answers, until ``deadline``."""
+        delay = 0.02
+        started = time.monotonic()
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return ControlChannel(self.config.socket_path, connect_timeout=max(0.05, min(remaining, 5.0)))
+            except errors.ManagerUnavailable as exc:
+                if time.monotonic() + delay >= deadline:
+                    waited = time.monotonic() - started
+                    raise errors.ManagerUnavailable(f"{exc} (waited {waited:.2f} s)") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def _check_welcome(self, welcome: dict[str, Any]) -> None:
+        versions = welcome.get("versions") or []
+        if protocol.VERSION not in versions:
+            raise errors.ProtocolMismatch(f"manager speaks protocol {versions}, this client {protocol.VERSION}")
         manager_protocol = int(welcome.get("protocol", 3))
         manager_db = int(welcome.get("db", 0))
         asked = self._requested_protocol
@@ -235,244 +346,426 @@ class SharedConnectionPool(redis.ConnectionPool):
                 f"{self._requested_db}: run a manager per db, or drop db="
             )
 
-    # ----- redis-py pool interface -----------------------------------------
+    def _thread_state(self, att: _Attachment) -> _ThreadState:
+        state: _ThreadState | None = getattr(self._local, "state", None)
+        if state is not None and state.attachment is att:
+            return state
+        if state is not None:
+            state.close()
+        state = _ThreadState(att)
+        self._local.state = state
+        return state
+
+    def _timeouts(self, att: _Attachment | None) -> float:
+        if self.config.acquire_timeout:
+            return self.config.acquire_timeout
+        if att is not None:
+            return float(att.welcome.get("acquire_timeout", 5.0))
+        return 5.0
+
+    # ----- taking a lease ------------------------------------------------------
 
     def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> LeasedConnection:
         self._checkpid()
-        local = self._local
-        parked: tuple[int, LeasedConnection] | None = getattr(local, "parked", None)
-        if parked is not None:
-            # The steady state of a sticky lease: no frame, no syscall.
-            local.parked = None
-            lease_id, conn = parked
-            with self._park_lock:
-                still_parked = self._parked.pop(lease_id, None) is conn
-            if still_parked:
-                conn.resume_lease()
-                self._in_use_connections.add(conn)
-                return conn
-        channel = self._channel()
-        if self._sticky_wanted and self._notifier is None and (self._welcome or {}).get("sticky"):
-            self._start_notifier()
-        try:
-            grant, fd = channel.acquire(self._timeout_ms, _caller())
-        except errors.ManagerUnavailable:
-            # The channel died with its manager (found on this send, or an
-            # EOF instead of a reply): a restarted manager knows nothing of
-            # the request, so asking it once on a fresh channel is safe.
-            if not channel.closed:
-                raise
-            channel = self._channel()
-            grant, fd = channel.acquire(self._timeout_ms, _caller())
-        try:
-            conn = self._bind(channel, grant.slot, grant.generation, grant.lease_id, fd)
-        except BaseException:
-            channel.release(grant.lease_id, Outcome.BROKEN)
-            raise
-        conn.begin_lease(grant.lease_id, channel)
-        conn.sticky = grant.sticky
-        self._in_use_connections.add(conn)
-        return conn
+        return self._lease(_caller())
 
-    def _bind(self, channel: ControlChannel, slot: int, generation: int, lease_id: int, fd: int | None) -> LeasedConnection:
-        if fd is None:
-            conn = self._slots.get(slot)
-            if conn is not None and conn.generation == generation and conn._sock is not None:
-                return conn
-            fd = channel.fetch_fd(lease_id)
+    def _lease(self, site_text: str, conn: LeasedConnection | None = None) -> LeasedConnection:
+        """Take a lease and return the connection bound to it (``conn`` rebinds that object).
+
+        The whole call is bounded by ``manager_timeout + acquire_timeout``:
+        finding a manager may use the first, waiting for a lease the second,
+        and whatever asks the manager something uses what is left.
+        """
+        started = time.monotonic()
+        att = self._attach(started + self.config.manager_timeout)
+        final = started + self.config.manager_timeout + self._timeouts(att)
+        deadline = min(final, time.monotonic() + self._timeouts(att))
+        limit = int(att.welcome.get("max_leases_per_worker", 0) or 0)
+        if limit and att.held >= limit:
+            raise errors.WorkerLimit(
+                f"pid {att.pid} already holds {limit} leases of pool {att.pool_name!r} (max_leases_per_worker={limit})"
+            )
+        state = self._thread_state(att)
+        site = att.site_id(site_text) if site_text else 0
+        while True:
+            taken = None
+            flags, waiters = att.table.hot()
+            if flags & _STOPPING:
+                if not att.manager_alive():
+                    self._detach(att)
+                    att = self._attach(max(final - self._timeouts(att), time.monotonic() + 0.5))
+                    state = self._thread_state(att)
+                    continue
+                raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
+            if not flags and not waiters:
+                taken = self._try_slots(att, state, site, started)
+            if taken is None:
+                taken = self._wait(att, state, site, started, deadline)
+            slot, generation, seq = taken
+            lease = Lease(att, slot, generation, seq, state.lock_fd, time.monotonic(), state)
+            att.held += 1
+            try:
+                return self._bind(att, lease, conn, final, started)
+            except errors.StaleSlot:
+                self._give_back(lease, Outcome.CLEAN, used=False)
+                continue
+            except BaseException:
+                self._give_back(lease, Outcome.CLEAN, used=False)
+                raise
+
+    def _try_slots(self, att: _Attachment, state: _ThreadState, site: int, started: float) -> tuple[int, int, int] | None:
+        table = att.table
+        state_of = table.state_of
+        # Slots whose fd we have first: no frame, and the object redis-py
+        # parsed with last time.
+        cached = tuple(att.conns)  # other threads may bind slots meanwhile
+        for slot in cached:
+            if state_of(slot) == _READY:
+                taken = self._try_slot(att, state, slot, site, started)
+                if taken is not None:
+                    return taken
+        for slot in range(table.slots_in_use):
+            if slot not in cached and state_of(slot) == _READY:
+                taken = self._try_slot(att, state, slot, site, started)
+                if taken is not None:
+                    return taken
+        return None
+
+    def _try_slot(self, att: _Attachment, state: _ThreadState, slot: int, site: int, started: float) -> tuple[int, int, int] | None:
+        table = att.table
+        generation = table.generation_of(slot)
+        offset = tbl.slot_lock(slot, generation)
+        if not tbl.try_lock(state.lock_fd, offset):
+            return None
+        seq = 0
+        try:
+            now = time.monotonic()
+            seq = table.take_in_place(slot, generation, att.pid, att.start, now, site)
+            if not seq:
+                tbl.unlock(state.lock_fd, offset)
+                return None
+            table.count_wait(slot, now - started)
+            state.held.add(slot)
+            return slot, generation, seq
+        except BaseException:
+            # Interrupted (a signal handler raised): leave the row as we found it.
+            if seq:
+                table.give_back_in_place(slot, generation, seq, Outcome.CLEAN, 0.0)
+            tbl.unlock(state.lock_fd, offset)
+            raise
+
+    def _wait(self, att: _Attachment, state: _ThreadState, site: int, started: float, deadline: float) -> tuple[int, int, int]:
+        """Every open slot is taken: queue, ask for a connection if there is room, sleep on our socket.
+
+        Whatever interrupts the wait (a timeout, a signal handler that
+        raises) takes us out of the queue, and a wake meant for us is
+        passed on: nothing of the wait is left behind.
+        """
+        table = att.table
+        wake = state.wake_socket()
+        poller = select.poll()
+        poller.register(wake.fileno(), select.POLLIN)
+        if not tbl.lock_within(state.lock_fd, tbl.HEADER_LOCK, max(0.0, deadline - time.monotonic())):
+            raise errors.PoolTimeout(f"no lease from pool {att.pool_name!r} within {self._timeouts(att):.2f} s (the lease table's queue stayed locked)")
+        try:
+            index = table.enqueue(att.pid, state.token, time.monotonic())
+        finally:
+            tbl.unlock(state.lock_fd, tbl.HEADER_LOCK)
+        if index < 0:
+            raise errors.PoolFull(
+                f"pool {att.pool_name!r} refused to queue another waiter "
+                f"(max_waiting={table.max_waiting}; {self._pressure(att)})"
+            )
+        taken: tuple[int, int, int] | None = None
+        demanded_at = 0.0
+        abandoned_checked = 0.0
+        try:
+            while True:
+                flags = table.hot()[0]
+                if flags & _STOPPING:
+                    raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
+                if not flags & _PAUSED:
+                    taken = self._try_slots(att, state, site, started)
+                    if taken is not None:
+                        return taken
+                now = time.monotonic()
+                if now - abandoned_checked >= _RESCAN_S * 4:
+                    abandoned_checked = now
+                    self._find_abandoned(att, state)
+                if not flags & _PAUSED and now - demanded_at >= 0.5 and self._room_to_open(att):
+                    demanded_at = now
+                    self._demand(att, deadline)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise errors.PoolTimeout(
+                        f"no lease from pool {att.pool_name!r} within {self._timeouts(att):.2f} s "
+                        f"({self._pressure(att, waiting_self=True)})"
+                    )
+                if poller.poll(min(remaining, _RESCAN_S) * 1000):
+                    try:
+                        while wake.recv(16):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    if tbl.lock_within(state.lock_fd, tbl.HEADER_LOCK, 0.1):
+                        try:
+                            table.requeue(index, att.pid, state.token)
+                        finally:
+                            tbl.unlock(state.lock_fd, tbl.HEADER_LOCK)
+        finally:
+            was_woken = False
+            # Bounded even here: a frozen holder of the queue's lock must not
+            # hold us past our deadline; the manager's sweep drops entries of
+            # the dead, and a stale entry of a live process costs a wake.
+            if tbl.lock_within(state.lock_fd, tbl.HEADER_LOCK, 0.2):
+                try:
+                    was_woken = table.dequeue(index, att.pid, state.token)
+                finally:
+                    tbl.unlock(state.lock_fd, tbl.HEADER_LOCK)
+            if was_woken and taken is None:
+                self._wake_one(att, state.lock_fd)  # the slot meant for us goes to the next
+
+    def _room_to_open(self, att: _Attachment) -> bool:
+        table = att.table
+        return any(table.state_of(slot) == RowState.CLOSED for slot in range(table.slots_in_use))
+
+    def _demand(self, att: _Attachment, deadline: float) -> None:
+        try:
+            att.channel.call(FrameType.DEMAND, b"", FrameType.ACK, max(0.05, deadline - time.monotonic()))
+        except errors.ManagerUnavailable:
+            if not att.manager_alive():
+                self._detach(att)
+                raise
+        # RedisUnavailable and ShuttingDown reach the caller as they are.
+
+    def _find_abandoned(self, att: _Attachment, state: _ThreadState) -> None:
+        """A row HELD whose lock is free lost its holder mid-lease (DESIGN fact 2): report it."""
+        table = att.table
+        for slot in range(table.slots_in_use):
+            if table.state_of(slot) != RowState.HELD or slot in state.held:
+                continue
+            generation = table.generation_of(slot)
+            offset = tbl.slot_lock(slot, generation)
+            if not tbl.try_lock(state.lock_fd, offset):
+                continue
+            try:
+                row = table.row(slot)
+                if row.state is RowState.HELD and row.generation == generation:
+                    table.write_row(slot, tbl.found_abandoned(row))
+                    log.warning("slot %d was left held by pid %d, which is gone: reported for replacement", slot, row.holder_pid)
+                    att.channel.notify(protocol.encode_report(slot, generation, row.lease_seq, Outcome.BROKEN, ReportCause.HOLDER_GONE))
+            except tbl.RowError:
+                pass
+            finally:
+                tbl.unlock(state.lock_fd, offset)
+
+    def _pressure(self, att: _Attachment, waiting_self: bool = False) -> str:
+        table = att.table
+        states = [table.state_of(slot) for slot in range(table.slots_in_use)]
+        held = states.count(RowState.HELD)
+        opening = states.count(RowState.CLOSED) + states.count(RowState.MANAGER)
+        others = max(0, table.waiters - (1 if waiting_self else 0))
+        words = f"{held} of {len(states)} connections leased, {others} waiting"
+        if table.flags & Flag.REDIS_DOWN:
+            words += f"; Redis at {att.welcome.get('redis')} is not answering the manager"
+        elif table.flags & Flag.PAUSED:
+            words += "; the pool is paused"
+        elif opening and held < len(states):
+            words += f"; {opening} connections not open yet (being opened or replaced)"
+        return words
+
+    def _wake_one(self, att: _Attachment, lock_fd: int) -> None:
+        """Hand a freed slot's turn to the oldest waiter."""
+        table = att.table
+        for _ in range(4):
+            if not tbl.lock_within(lock_fd, tbl.HEADER_LOCK, 0.05):
+                return  # the waiters rescan every _RESCAN_S anyway
+            try:
+                picked = table.pick_waiter()
+            finally:
+                tbl.unlock(lock_fd, tbl.HEADER_LOCK)
+            if picked is None:
+                return
+            _index, pid, token = picked
+            waker = _process_waker()
+            try:
+                waker.sendto(b"\1", tbl.wake_address(att.epoch, pid, token))
+                return
+            except BlockingIOError:
+                return  # its queue is full: it is awake already
+            except OSError:
+                continue  # gone without dequeuing (killed): its rescan is moot, try the next
+
+    # ----- binding the fd ---------------------------------------------------------
+
+    def _bind(self, att: _Attachment, lease: Lease, conn: LeasedConnection | None, final: float, started: float) -> LeasedConnection:
+        cached = att.conns.get(lease.slot)
+        if conn is None and cached is not None and cached.generation == lease.generation and cached._sock is not None:
+            cached.begin(lease)
+            return cached
+        if conn is not None and cached is not None and cached.generation == lease.generation and cached._sock is not None:
+            fd = os.dup(cached._sock.fileno())
+        else:
+            fd = self._fetch_fd(att, lease, final, started)
         sock = socket.socket(fileno=fd)
-        with self._slots_lock:
-            stale = self._slots.get(slot)
-            conn = self._make(slot, generation, sock)
-            self._slots[slot] = conn
+        if conn is None:
+            conn = self._make(att, lease.slot, lease.generation, sock)
+            conn.begin(lease)
+        else:
+            conn.begin(lease, sock)
+        stale = att.conns.get(lease.slot)
+        att.conns[lease.slot] = conn
         if stale is not None and stale is not conn:
+            stale.shared_pool = None
             stale.disconnect()  # an older generation: only our copy of a dead fd
         return conn
 
-    def _make(self, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:
-        welcome = self._welcome or {}
+    def _fetch_fd(self, att: _Attachment, lease: Lease, final: float, started: float) -> int:
+        body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+        try:
+            _body, fd = att.channel.call(FrameType.FETCH_FD, body, FrameType.FD, max(0.05, final - time.monotonic()), want_fd=True)
+        except errors.ManagerUnavailable as exc:
+            raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
+        assert fd is not None
+        return fd
+
+    def _make(self, att: _Attachment, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:
         kwargs = dict(self.connection_kwargs)
-        kwargs["protocol"] = int(welcome.get("protocol", 3))
-        kwargs["db"] = int(welcome.get("db", 0))
+        kwargs["protocol"] = int(att.welcome.get("protocol", 3))
+        kwargs["db"] = int(att.welcome.get("db", 0))
         return LeasedConnection(
             shared_pool=self, slot=slot, generation=generation, sock=sock,
-            redis_label=str(welcome.get("redis", "")), **kwargs,
+            redis_label=str(att.welcome.get("redis", "")), **kwargs,
         )
 
     def make_connection(self) -> LeasedConnection:
         raise errors.LeaseError("SharedConnectionPool makes no connections of its own; use get_connection()")
 
+    # ----- giving it back -------------------------------------------------------------
+
     def release(self, connection: Any) -> None:
         if not isinstance(connection, LeasedConnection) or connection.shared_pool is not self:
             if isinstance(connection, LeasedConnection) and connection.pid != os.getpid():
                 return  # inherited across fork: the parent's, not ours to return
+            if isinstance(connection, LeasedConnection) and connection.shared_pool is None:
+                connection.settle()
+                return  # detached from a manager that is gone
             raise errors.LeaseError(f"{connection!r} does not belong to {self!r}")
         if connection.pid != os.getpid():
             return
-        lease_id, channel = connection.lease_id, connection.channel
-        if connection.revoked or connection.returned_early:
-            # Already given back: revoked by the manager, or returned while
-            # redis-py's retry looked for a replacement that never came.
-            connection.revoked = ""
-            connection.returned_early = False
-            self._in_use_connections.discard(connection)
-            return
-        if not lease_id or channel is None or lease_id in self._parked:
+        if connection.state is not LeaseState.IN_USE:
+            if connection.state in (LeaseState.LOST, LeaseState.REVOKED):
+                connection.settle()  # already given back while redis-py retried
+                return
             raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
         outcome = connection.outcome()
-        if outcome is Outcome.CLEAN and connection.sticky and self._notifier is not None and self._park(connection, lease_id, channel):
-            self._in_use_connections.discard(connection)
-            return
-        connection.lease_id = 0
-        connection.channel = None
-        self._in_use_connections.discard(connection)
-        if channel.revoked:
-            channel.revoked.pop(lease_id, None)  # a notice that arrived while the lease went unused
-        if outcome is Outcome.BROKEN or channel.closed:
-            # A closed channel means the manager that lent it is gone: the
-            # connection is no longer anyone's to reuse.
+        lease = connection.end()
+        assert lease is not None
+        if outcome is Outcome.BROKEN:
             connection.disconnect()
-        channel.release(lease_id, outcome)
+        self._give_back(lease, outcome)
 
-    def _park(self, connection: LeasedConnection, lease_id: int, channel: ControlChannel) -> bool:
-        """Keep a clean lease in this thread instead of returning it; False if it must go back."""
-        local = self._local
-        if channel.closed or getattr(local, "channel", None) is not channel or getattr(local, "parked", None) is not None:
-            return False  # one parked lease per thread, on the thread's own channel
-        with self._park_lock:
-            if lease_id in self._recalled:
-                self._recalled.discard(lease_id)
-                return False  # the manager wants it back
-            self._parked[lease_id] = connection
-        local.parked = (lease_id, connection)
-        return True
-
-    def _on_recall(self, lease_id: int) -> None:
-        """Runs on the notify thread: give a parked lease back, or mark an in-use one."""
-        with self._park_lock:
-            conn = self._parked.pop(lease_id, None)
-            if conn is None:
-                if len(self._recalled) > 10_000:
-                    self._recalled.clear()  # ids of leases that ended before their recall arrived
-                self._recalled.add(lease_id)
-                return
-            channel = conn.channel
-            conn.lease_id = 0
-            conn.channel = None
-        if channel is not None:
-            channel.release(lease_id, Outcome.CLEAN)
-
-    def _release_parked(self) -> None:
-        """Give every parked lease back (exit, disconnect, lost notify channel)."""
-        with self._park_lock:
-            parked, self._parked = self._parked, {}
-            self._recalled.clear()
-        for lease_id, conn in parked.items():
-            channel = conn.channel
-            conn.lease_id = 0
-            conn.channel = None
-            if channel is not None and channel.pid == os.getpid():
-                channel.release(lease_id, Outcome.CLEAN)
-
-    def _start_notifier(self) -> None:
+    def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
+        att: _Attachment = lease.attachment
+        table = att.table
+        att.held -= 1
+        offset = tbl.slot_lock(lease.slot, lease.generation)
+        report = False
         try:
-            self._notifier = _Notifier(self)
-        except errors.SharedPoolError as exc:
-            log.warning("no notify channel (%s): leases will not be sticky", exc)
-            self._sticky_wanted = False
+            if used:
+                table.count_hold(lease.slot, time.monotonic() - lease.taken_at)
+            written = table.give_back_in_place(lease.slot, lease.generation, lease.seq, outcome, time.monotonic())
+            if written is not None and written is not Outcome.CLEAN:
+                report = True
+                if written is not outcome:
+                    # Expired (max_lifetime, reconnect): the manager replaces it.
+                    outcome = written
+                    conn = att.conns.pop(lease.slot, None)
+                    if conn is not None:
+                        conn.disconnect()
+        except ValueError:
+            pass  # the table was unmapped under us (the manager is gone)
+        finally:
+            try:
+                tbl.unlock(lease.lock_fd, offset)
+            except OSError:
+                pass  # the thread's description is gone (thread ended): so is the lock
+            if lease.thread is not None:
+                lease.thread.held.discard(lease.slot)
+        if att.detached:
+            conn = att.conns.pop(lease.slot, None)
+            if conn is not None:
+                conn.disconnect()
+            return
+        if report:
+            att.channel.notify(protocol.encode_report(lease.slot, lease.generation, lease.seq, outcome, ReportCause.GIVEN_BACK))
+        elif table.hot()[1] > 0:
+            self._wake_one(att, lease.lock_fd)
 
-    def _notifier_gone(self, notifier: _Notifier) -> None:
-        if self._notifier is notifier:
-            self._notifier = None
-            self._release_parked()
+    # ----- redis-py's retry after a lost connection ---------------------------------
+
+    def connection_lost(self, conn: LeasedConnection) -> None:
+        """``conn`` closed its fd: it no longer serves its slot in this process."""
+        att = self._attachment
+        if att is not None and att.conns.get(conn.slot) is conn:
+            del att.conns[conn.slot]
+
+    def replace_lost_lease(self, conn: LeasedConnection) -> socket.socket:
+        """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""
+        if conn.state is LeaseState.REVOKED:
+            raise errors.LeaseLost(conn.why)
+        lease = conn.lease
+        if conn.state is LeaseState.IN_USE and lease is not None:
+            att: _Attachment = lease.attachment
+            row = None
+            try:
+                row = att.table.row(lease.slot)
+            except tbl.RowError:
+                pass
+            if row is not None and tbl.was_revoked(row, lease.generation, lease.seq):
+                why = (
+                    f"lease {lease.id} of pool {att.pool_name!r} was revoked after "
+                    f"{time.monotonic() - lease.taken_at:.1f} s (max_lease_time={att.max_lease_time:g} s); "
+                    f"its connection was closed"
+                )
+                conn.end()
+                conn.revoked(why)
+                self._give_back(lease, Outcome.BROKEN)
+                raise errors.LeaseLost(why)
+            conn.lose()
+            self._give_back(lease, Outcome.BROKEN)
+        elif conn.state is not LeaseState.LOST:
+            raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
+        self._lease(_caller(), conn)
+        sock = conn._sock
+        assert sock is not None
+        return sock  # type: ignore[return-value]
+
+    # ----- redis-py pool interface, the rest ------------------------------------------
 
     def owns_connection(self, connection: Any) -> bool:
         return isinstance(connection, LeasedConnection) and connection.shared_pool is self and connection.pid == self.pid
 
     def disconnect(self, inuse_connections: bool = True) -> None:
-        """Drop this process's cached fds (never the manager's connections) and channels."""
+        """Drop this process's cached fds (never the manager's connections) and its channel."""
         self._checkpid()
-        # Stop parking first, so no thread parks a lease after the sweep below.
-        notifier, self._notifier = self._notifier, None
-        if notifier is not None:
-            notifier.stop()
-        self._release_parked()
-        with self._slots_lock:
-            slots = list(self._slots.values())
-            channels, self._channels = self._channels, []
-        for conn in slots:
-            if conn.lease_id and not inuse_connections:
-                continue
-            conn.disconnect()
-        for channel in channels:
-            if inuse_connections or not any(c.channel is channel for c in slots if c.lease_id):
-                channel.close()
+        att = self._attachment
+        if att is None:
+            return
+        busy = [c for c in att.conns.values() if c.state is LeaseState.IN_USE]
+        if busy and not inuse_connections:
+            for conn in list(att.conns.values()):
+                if conn.state is not LeaseState.IN_USE:
+                    del att.conns[conn.slot]
+                    conn.disconnect()
+            return
+        self._detach(att)
 
     def close(self) -> None:
         self.disconnect()
 
     def get_connection_count(self) -> list[tuple[int, dict[Any, Any]]]:
         return []
-
-    # ----- internals used by LeasedConnection ------------------------------
-
-    def _forget_slot(self, conn: LeasedConnection) -> None:
-        with self._slots_lock:
-            if self._slots.get(conn.slot) is conn:
-                del self._slots[conn.slot]
-
-    def _replace_lost_lease(self, conn: LeasedConnection) -> socket.socket:
-        """Give back a lost lease and bind ``conn`` to a fresh one, for redis-py's retry."""
-        if conn.pid != os.getpid():
-            raise errors.LeaseLost("connection inherited across fork cannot reconnect")
-        channel = conn.channel
-        if conn.revoked:
-            raise errors.LeaseLost(conn.revoked)
-        if conn.returned_early:
-            channel = self._channel()  # an earlier replacement failed; try again
-        elif not conn.lease_id or channel is None:
-            raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
-        else:
-            channel.poll_unsolicited()
-            message = channel.revoked.pop(conn.lease_id, "")
-            if message:
-                # Not retried on a new lease: the limit exists to stop this holder.
-                conn.revoked = message
-                conn.lease_id = 0
-                conn.channel = None
-                raise errors.LeaseLost(message)
-            channel.release(conn.lease_id, Outcome.BROKEN)
-        self._in_use_connections.discard(conn)
-        conn.lease_id = 0
-        conn.channel = None
-        conn.returned_early = True
-        channel = self._channel()
-        grant, fd = channel.acquire(self._timeout_ms, _caller())
-        conn.returned_early = False
-        try:
-            if fd is None:
-                cached = self._slots.get(grant.slot)
-                if cached is not None and cached.generation == grant.generation and cached._sock is not None:
-                    fd = os.dup(cached._sock.fileno())
-                else:
-                    fd = channel.fetch_fd(grant.lease_id)
-            sock = socket.socket(fileno=fd)
-        except BaseException:
-            channel.release(grant.lease_id, Outcome.BROKEN)
-            conn.returned_early = True
-            raise
-        with self._slots_lock:
-            stale = self._slots.get(grant.slot)
-            self._slots[grant.slot] = conn
-        if stale is not None and stale is not conn:
-            stale.shared_pool = None  # type: ignore[assignment]
-            stale.disconnect()
-        conn.slot, conn.generation = grant.slot, grant.generation
-        conn._sock = sock  # type: ignore[assignment]  # redis-py declares it None-typed
-        conn.begin_lease(grant.lease_id, channel)
-        conn.sticky = grant.sticky
-        self._in_use_connections.add(conn)
-        return sock
 
     # ----- sharedpool extras -------------------------------------------------
 
@@ -487,35 +780,49 @@ class SharedConnectionPool(redis.ConnectionPool):
     def manager_info(self) -> dict[str, Any]:
         """What the manager said in its WELCOME (pool, epoch, db, protocol, redis)."""
         self._checkpid()
-        self._channel()
-        return dict(self._welcome or {})
+        att = self._attach(time.monotonic() + self.config.manager_timeout)
+        return dict(att.welcome)
 
     def stats(self) -> dict[str, Any]:
         """The manager's stats snapshot."""
         self._checkpid()
-        return self._channel().request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
+        att = self._attach(time.monotonic() + self.config.manager_timeout)
+        return att.channel.request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY, timeout=10.0)
 
+    # ----- hooks for servers -----------------------------------------------------------
 
-class _Notifier:
-    """The process's notify channel and the daemon thread that reads RECALLs on it."""
+    def after_fork_in_child(self) -> None:
+        """Drop the parent's state in a forked child (``os.fork`` runs this by itself)."""
+        # A lock held by a parent thread at fork time would never be
+        # released in the child: start with fresh ones.
+        self._fork_lock = threading.RLock()
+        self._lock = threading.RLock()
+        self._checkpid()
 
-    def __init__(self, pool: SharedConnectionPool) -> None:
-        self.pool = pool
-        self.channel = ControlChannel(pool.config.socket_path, reply_timeout=None, role="notify", on_recall=pool._on_recall)
-        self.thread = threading.Thread(target=self._run, name="sharedpool-notify", daemon=True)
-        self.thread.start()
+    def abort(self) -> int:
+        """A dying worker's hook (gunicorn ``worker_abort``): give up this process's
+        leases now, even those a stuck thread is in, and close the channel.
 
-    def _run(self) -> None:
+        The manager shuts each such connection down (which wakes a thread
+        blocked reading from it) and replaces it. Takes no lock the stuck
+        thread may hold. Returns how many leases and channels it ended.
+        """
+        att = self._attachment
+        if self.pid != os.getpid() or att is None or att.channel.closed:
+            return 0
+        ended = 0
+        for conn in list(att.conns.values()):
+            lease = conn.lease
+            if conn.state is LeaseState.IN_USE and lease is not None:
+                att.channel.notify(protocol.encode_report(lease.slot, lease.generation, lease.seq, Outcome.BROKEN, ReportCause.ABORTED))
+                ended += 1
+        # A ping makes sure the reports were read before our end closes.
         try:
-            self.channel.listen()
-        except Exception as exc:  # EOF, manager gone: sticky leases end with it
-            log.debug("notify channel ended: %s", exc)
-        finally:
-            self.channel.close()
-            self.pool._notifier_gone(self)
-
-    def stop(self) -> None:
-        self.channel.wake_and_close()
+            att.channel.ping(timeout=1.0)
+        except errors.SharedPoolError:
+            pass
+        att.channel.close()
+        return ended + 1
 
 
 class _PinnedPool:
@@ -523,11 +830,13 @@ class _PinnedPool:
 
     def __init__(self, pool: SharedConnectionPool, connection: LeasedConnection) -> None:
         self._pool = pool
-        self._connection = connection
+        self._connection: LeasedConnection | None = connection
 
     def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> LeasedConnection:
         if self._connection is None:
             raise errors.LeaseError("this lease() block has ended; use the client it came from")
+        if self._connection.pid != os.getpid():
+            raise errors.LeaseLost("a lease() block's connection was inherited across fork: use the client in this process")
         return self._connection
 
     def release(self, connection: Any) -> None:
@@ -560,7 +869,7 @@ class SharedRedis(redis.Redis):
         try:
             yield client
         finally:
-            pinned._connection = None  # type: ignore[assignment]
+            pinned._connection = None
             pool.release(conn)
 
 
@@ -569,7 +878,6 @@ def Redis(
     *,
     acquire_timeout: float | None = None,
     manager_timeout: float | None = None,
-    sticky: bool | None = None,
     single_connection_client: bool = False,
     **redis_kwargs: Any,
 ) -> SharedRedis:
@@ -578,36 +886,35 @@ def Redis(
     Keyword arguments are those of ``redis.Redis`` that concern the client
     (``decode_responses``, ``socket_timeout``, ``retry``, ``protocol``...).
     """
-    pool = SharedConnectionPool(
-        socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, sticky=sticky, **redis_kwargs
-    )
+    pool = SharedConnectionPool(socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, **redis_kwargs)
     client = SharedRedis(connection_pool=pool, single_connection_client=single_connection_client)
     client.auto_close_connection_pool = True
     return client
 
 
+def all_pools() -> list[SharedConnectionPool]:
+    """Every live ``SharedConnectionPool`` of this process (for server integrations)."""
+    return list(_POOLS)
+
+
 def _reset_pools_in_child() -> None:
     for pool in list(_POOLS):
         try:
-            # A lock held by a parent thread at fork time would never be
-            # released in the child: start with fresh ones.
-            pool._fork_lock = threading.RLock()
-            pool._lock = threading.RLock()
-            pool._checkpid()
+            pool.after_fork_in_child()
         except Exception:  # never let one pool break a fork
             log.debug("pool reset after fork failed", exc_info=True)
 
 
-def _release_parked_at_exit() -> None:
-    # A worker leaving normally (gunicorn max_requests) gives its parked
-    # leases back clean, so its exit costs Redis no new connection.
+def _close_at_exit() -> None:
+    # A worker leaving normally closes its descriptions: the manager sees
+    # its channel end and nothing is left for a sweep to find.
     for pool in list(_POOLS):
         try:
             if pool.pid == os.getpid():
-                pool._release_parked()
+                pool.disconnect(inuse_connections=False)
         except Exception:
             pass
 
 
 os.register_at_fork(after_in_child=_reset_pools_in_child)
-atexit.register(_release_parked_at_exit)
+atexit.register(_close_at_exit)

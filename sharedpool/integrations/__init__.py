@@ -622,7 +622,8 @@ def after_fork_in_child() -> None:
     that fork in C (uWSGI, unless ``py-call-uwsgi-fork-hooks``) do not, so
     their ``postfork`` hook calls it. Idempotent.
     """
-    _client_pool._reset_pools_in_child()
+    for pool in _client_pool.all_pools():
+        pool.after_fork_in_child()
 
 
 def release_process_state() -> None:
@@ -631,7 +632,7 @@ def release_process_state() -> None:
     A master calls it before forking so its workers inherit nothing of it
     (an app preloaded in the master may have used Redis at import time).
     """
-    for pool in list(_client_pool._POOLS):
+    for pool in _client_pool.all_pools():
         try:
             pool.disconnect(inuse_connections=False)
         except Exception:
@@ -639,20 +640,17 @@ def release_process_state() -> None:
 
 
 def close_control_channels() -> int:
-    """Close every control channel of this process at once; return how many.
+    """End every lease and control channel of this process at once; return how many.
 
     For a worker about to die while a request may be stuck holding a lease
-    (gunicorn's ``worker_abort``): the manager sees EOF, takes the leases
-    back and shuts their connections down, which also wakes a thread
-    blocked reading from Redis. Takes no lock, because the thread that was
-    interrupted may hold one.
+    (gunicorn's ``worker_abort``): the manager shuts those connections down,
+    which also wakes a thread blocked reading from Redis, and replaces them.
+    Takes no lock, because the thread that was interrupted may hold one.
     """
-    closed = 0
-    for pool in list(_client_pool._POOLS):
-        if getattr(pool, "pid", None) != os.getpid():
-            continue  # inherited and not yet reset: not ours to close
-        for channel in list(getattr(pool, "_channels", ())):
-            if not channel.closed:
-                channel.close()
-                closed += 1
-    return closed
+    ended = 0
+    for pool in _client_pool.all_pools():
+        try:
+            ended += pool.abort()
+        except Exception:
+            log.debug("could not abort %r", pool, exc_info=True)
+    return ended

@@ -1,9 +1,12 @@
-"""The manager's event loop: control socket, workers' frames, Redis I/O off the loop.
+"""The manager's event loop: control socket, the lease table, Redis I/O off the loop.
 
-One thread runs the loop. It reads frames, asks the pool (``pool.py``)
-what to do, and does it. Connecting to Redis and resetting a connection
-block, so they run in a small thread pool whose results come back through
-a queue and a wake-up pipe. Signal handlers only enqueue.
+One thread runs the loop. Workers take and give back leases in the lease
+table without it; the loop answers the rare frames (a first fd, a demand
+for a connection, a report of a connection to reset or replace), sweeps
+the table every ``reap_interval``, asks the pool core (``pool.py``) what
+to do, and does it. Connecting to Redis and resetting a connection block,
+so they run in a small thread pool whose results come back through a
+queue and a wake-up pipe. Signal handlers only enqueue.
 """
 
 from __future__ import annotations
@@ -33,29 +36,36 @@ import psutil
 
 from sharedpool import __version__, protocol
 from sharedpool import stats as keys
+from sharedpool import table as tbl
 from sharedpool.config import ManagerConfig, mask_url, socket_gid
-from sharedpool.manager.backend import Backend, RedisTarget, open_backend
+from sharedpool.manager.backend import Backend, RedisTarget, open_backend, probe
 from sharedpool.manager.pool import (
     Action,
+    ReapCause,
     CloseConnection,
-    Holder,
+    Expire,
     Limits,
-    NotifyRevoked,
     OpenConnection,
     Pool,
-    ReapCause,
+    Publish,
+    Release,
     ResetConnection,
-    SendError,
-    SendGrant,
-    SendRecall,
+    RowView,
     SlotState,
+    Wake,
 )
 from sharedpool.metrics import MetricsServer
 from sharedpool.protocol import ErrorCode, FrameType
+from sharedpool.table import Flag, Outcome, RowState
 
 log = logging.getLogger("sharedpool.manager")
 
 _PEERCRED = struct.Struct("3i")
+# The table has at least this many rows, so a reload can raise
+# max_connections that far without a restart.
+_MIN_TABLE_ROWS = 64
+_MAX_WAITER_ROWS = 65536
+_MAX_SITES = 100_000
 _FRAMES_PER_WAKEUP = 16
 # Per-worker rows in a STATS reply: ~100 bytes each, well inside MAX_FRAME.
 _STATS_WORKER_ROWS = 300
@@ -81,18 +91,18 @@ class ClientState(enum.Enum):
 
 
 class ControlClient:
-    """One accepted control connection."""
+    """One accepted control connection (one per worker process, plus one-shot admin ones)."""
 
-    __slots__ = ("sock", "pid", "uid", "state", "holder", "accepted_at", "label")
+    __slots__ = ("sock", "pid", "uid", "state", "accepted_at", "label", "start")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int, now: float) -> None:
         self.sock = sock
         self.pid = pid
         self.uid = uid
         self.state = ClientState.HANDSHAKE
-        self.holder: Holder | None = None
         self.accepted_at = now
         self.label = f"pid {pid} uid {uid}"
+        self.start = 0.0
 
 
 class Manager:
@@ -100,26 +110,35 @@ class Manager:
         self.config = config
         self._reload = reload
         self.target = RedisTarget.from_config(config)
-        self.pool = Pool(self._limits(config))
         self.epoch = secrets.token_hex(8)
+        capacity = max(_MIN_TABLE_ROWS, config.max_connections)
+        self.table = tbl.Table.create(
+            capacity, min(max(config.max_waiting, 1), _MAX_WAITER_ROWS), config.max_waiting, self.epoch.encode()
+        )
+        self.table.set_slots_in_use(config.max_connections)
+        # Our own description of the table: the one we pass to workers is
+        # shared with them, and a lock on it would live on in them.
+        self._lock_fd = tbl.own_description(self.table.fd)
+        self._held_locks: dict[int, int] = {}  # slot -> generation whose lock we hold
+        self.pool = Pool(Limits.from_config(config, self.target.label), capacity)
         self.state = State.STARTING
-        self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         # epoll directly, fd -> handler: the selectors layer costs more per
-        # wake-up than the rest of a grant's bookkeeping.
+        # wake-up than the rest of the loop's work.
         self._epoll = select.epoll()
         self._handlers_by_fd: dict[int, Callable[[], None]] = {}
-        self._clients: dict[int, ControlClient] = {}  # holder id -> client
+        self._clients: dict[int, ControlClient] = {}  # socket fd -> client
         self._handshaking: set[ControlClient] = set()
-        self._holder_ids = itertools.count(1)
+        self._peer_watch: dict[int, tuple[int, int]] = {}  # backend fd -> (slot, generation)
         self._executor = ThreadPoolExecutor(
             max_workers=max(1, min(8, config.max_connections)), thread_name_prefix="sharedpool-redis"
         )
         self._completions: queue.SimpleQueue[Callable[[float], list[Action]]] = queue.SimpleQueue()
         self._signals: deque[int] = deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._waker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         self._listener: socket.socket | None = None
-        self._lock_fd = -1
+        self._lock_file_fd = -1
         self._socket_inode = -1
         self._drain_deadline = 0.0
         self._next_sweep = 0.0
@@ -130,24 +149,7 @@ class Manager:
         self._snapshot_cache: dict[str, Any] = {}
         self._next_snapshot = 0.0
         self._metrics: MetricsServer | None = None
-
-    @staticmethod
-    def _limits(config: ManagerConfig) -> Limits:
-        return Limits(
-            max_connections=config.max_connections,
-            min_idle=config.min_idle,
-            acquire_timeout=config.acquire_timeout,
-            max_waiting=config.max_waiting,
-            redis_label=RedisTarget.from_config(config).label,
-            pool_name=config.pool_name,
-            max_leases_per_worker=config.max_leases_per_worker,
-            max_lifetime=config.max_lifetime,
-            idle_timeout=config.idle_timeout,
-            leak_threshold=config.leak_threshold,
-            max_lease_time=config.max_lease_time,
-            sticky=config.sticky,
-            sticky_max_age=config.sticky_max_age,
-        )
+        self._alive_cache: dict[tuple[int, float], bool] = {}
 
     def __repr__(self) -> str:
         return f"<Manager {self.config.pool_name!r} {self.state.value} {self.pool!r}>"
@@ -168,6 +170,10 @@ class Manager:
     def start(self) -> None:
         _raise_fd_limit()
         self._claim_socket_path()
+        # Held for our whole life: a worker that can read-lock this byte
+        # knows we died, even if nobody closed anything.
+        if not tbl.try_lock(self._lock_fd, tbl.ALIVE_LOCK):
+            raise ManagerAlreadyRunning("the new lease table's liveness lock is taken: this cannot happen")
         listener = self._listener
         assert listener is not None
         self._watch(listener.fileno(), lambda: self._on_accept(listener))
@@ -191,7 +197,7 @@ class Manager:
             self.config.pool_name, os.getpid(), self.config.socket_path, mask_url(self.config.redis_url),
             self.config.max_connections, self.config.min_idle, self.epoch,
         )
-        self._perform(self.pool._dispatch(time.monotonic()))
+        self._perform(self.pool.dispatch(time.monotonic(), 0, 0))
 
     def stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
@@ -200,21 +206,25 @@ class Manager:
             self.state = State.DRAINING
             self._drain_deadline = now + self.config.shutdown_grace
             log.info(
-                "stopping: no more grants; waiting up to %.1f s for %d leases",
-                self.config.shutdown_grace, len(self.pool.leases),
+                "stopping: no more leases; waiting up to %.1f s for %d held leases",
+                self.config.shutdown_grace, self._held_count(),
             )
-            self._perform(self.pool.begin_shutdown(now))
+            self._perform(self.pool.begin_shutdown())
+            self._sweep(now)
 
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
         now = time.monotonic()
-        if self.pool.leases:
-            log.warning("grace period over: closing %d leased connections", len(self.pool.leases))
+        held = self._held_count()
+        if held:
+            log.warning("grace period over: closing %d leased connections", held)
+        self.pool.shutting_down = True
+        self._sync_flags()
         self._perform(self.pool.close_all(now))
         for client in list(self._clients.values()) + list(self._handshaking):
-            self._drop(client, "manager stopping", reap=False)
+            self._drop(client, "manager stopping", sweep=False)
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._listener is not None:
             self._unwatch(self._listener.fileno())
@@ -224,9 +234,12 @@ class Manager:
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._waker.close()
+        os.close(self._lock_fd)  # drops ALIVE_LOCK: workers see we are gone
+        self.table.close()
+        if self._lock_file_fd >= 0:
+            os.close(self._lock_file_fd)
+            self._lock_file_fd = -1
         self.state = State.STOPPED
         log.info("manager %r stopped", self.config.pool_name)
 
@@ -267,27 +280,34 @@ class Manager:
         # The lock file, held for the manager's life, decides who owns the
         # path: the kernel drops it when we die, so a stale socket file is
         # one whose lock is free.
-        self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_file_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_file_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = _read_pid(self._lock_fd)
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+            owner = _read_pid(self._lock_file_fd)
+            os.close(self._lock_file_fd)
+            self._lock_file_fd = -1
             raise ManagerAlreadyRunning(
                 f"another manager (pid {owner}) already serves {path}; stop it or choose another --socket-path"
             ) from None
-        os.ftruncate(self._lock_fd, 0)
-        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        os.ftruncate(self._lock_file_fd, 0)
+        os.write(self._lock_file_fd, f"{os.getpid()}\n".encode())
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
             log.info("replacing stale socket file %s", path)
             os.unlink(path)
+        self._bind_listener(path)
+
+    def _bind_listener(self, path: str) -> None:
+        gid = socket_gid(self.config.socket_group) if self.config.socket_group else -1
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o177)
         try:
             listener.bind(path)
+        except OSError:
+            listener.close()
+            raise
         finally:
             os.umask(old_umask)
         if gid >= 0:
@@ -297,6 +317,38 @@ class Manager:
         listener.setblocking(False)
         self._listener = listener
         self._socket_inode = os.stat(path).st_ino
+
+    def _check_socket_file(self) -> None:
+        """Someone deleted or replaced our socket file (a tmp cleaner, a stray rm):
+        bind a new one, so new workers find us; connected workers never noticed."""
+        path = self.config.socket_path
+        try:
+            if os.stat(path).st_ino == self._socket_inode:
+                return
+            why = "replaced by another file"
+        except FileNotFoundError:
+            why = "deleted"
+        except OSError:
+            return
+        log.error("control socket %s was %s: creating it again", path, why)
+        old = self._listener
+        if old is not None:
+            self._unwatch(old.fileno())
+            old.close()
+            self._listener = None
+        try:
+            if os.path.lexists(path):
+                if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                    log.error("%s is now a file that is not a socket; not touching it: new workers cannot connect", path)
+                    return
+                os.unlink(path)
+            self._bind_listener(path)
+        except OSError as exc:
+            log.error("cannot create the control socket %s again: %s", path, exc)
+            return
+        listener = self._listener
+        assert listener is not None
+        self._watch(listener.fileno(), lambda: self._on_accept(listener))
 
     def _remove_socket_file(self) -> None:
         path = self.config.socket_path
@@ -310,11 +362,13 @@ class Manager:
 
     def step(self, max_wait: float = 1.0) -> None:
         now = time.monotonic()
-        deadline = min(self.pool.next_deadline(), now + max_wait, self._next_sweep or now + max_wait)
+        deadline = min(now + max_wait, self._next_sweep or now + max_wait)
+        if self.pool.next_connect_at and self.pool.next_connect_at > now:
+            deadline = min(deadline, self.pool.next_connect_at)
         if self._handshaking:
             deadline = min(deadline, min(c.accepted_at for c in self._handshaking) + self.config.handshake_timeout)
         if self.state is State.DRAINING:
-            deadline = min(deadline, self._drain_deadline)
+            deadline = min(deadline, self._drain_deadline, now + 0.05)
         if self._accept_paused_until:
             deadline = min(deadline, self._accept_paused_until)
         try:
@@ -330,11 +384,12 @@ class Manager:
             self._accept_paused_until = 0.0
             listener = self._listener
             self._watch(listener.fileno(), lambda: self._on_accept(listener))
-        self._perform(self.pool.expire(now))
         self._expire_handshakes(now)
+        if self.pool.next_connect_at and now >= self.pool.next_connect_at:
+            self._perform(self.pool.dispatch(now, self._ready_count(), self.table.waiters))
         if now >= self._next_sweep:
             self._sweep(now)
-            self._perform(self.pool.maintain(now))
+            self._check_socket_file()
             self._next_sweep = now + self.config.reap_interval
         if self.config.health_check_interval and now >= self._next_health_check:
             self._health_check(now)
@@ -344,8 +399,11 @@ class Manager:
         if self._metrics is not None and now >= self._next_snapshot:
             self._snapshot_cache = self.snapshot()
             self._next_snapshot = now + 0.5
-        if self.state is State.DRAINING and (not self.pool.leases or now >= self._drain_deadline):
-            self.state = State.STOPPED
+        if self.state is State.DRAINING:
+            if self._held_count() == 0 or now >= self._drain_deadline:
+                self.state = State.STOPPED
+            else:
+                self._sweep(now)
 
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -369,22 +427,188 @@ class Manager:
             log.warning("socket_path changes only on restart; still serving %s", old.socket_path)
             object.__setattr__(new, "socket_path", old.socket_path)
         now = time.monotonic()
-        actions = self.pool.apply_limits(self._limits(new), now)
+        actions = self.pool.apply_limits(Limits.from_config(new, RedisTarget.from_config(new).label))
+        self.table.set_slots_in_use(self.pool.limits.max_connections)
+        self.table.set_max_waiting(new.max_waiting)
         if new.redis_url != old.redis_url or new.protocol != old.protocol:
             self.target = RedisTarget.from_config(new)
             log.info("Redis target changed to %s: replacing every connection", mask_url(new.redis_url))
             actions += self.pool.retire_all(now)
         self._perform(actions)
+        self._sweep(now)
         log.info("configuration reloaded: %s", new)
         return "reloaded"
 
+    # ----- the table ----------------------------------------------------------
+
+    def _ready_count(self) -> int:
+        table = self.table
+        return sum(
+            1 for slot in self.pool.in_state(SlotState.SHARED)
+            if table.state_of(slot.index) == RowState.READY
+        )
+
+    def _held_count(self) -> int:
+        table = self.table
+        return sum(
+            1 for slot in self.pool.in_state(SlotState.SHARED)
+            if table.state_of(slot.index) == RowState.HELD
+        )
+
+    def _try_lock(self, slot: int, generation: int) -> bool:
+        if self._held_locks.get(slot) == generation:
+            return True
+        if tbl.try_lock(self._lock_fd, tbl.slot_lock(slot, generation)):
+            self._held_locks[slot] = generation
+            return True
+        return False
+
+    def _unlock(self, slot: int) -> None:
+        generation = self._held_locks.pop(slot, None)
+        if generation is not None:
+            tbl.unlock(self._lock_fd, tbl.slot_lock(slot, generation))
+
+    def _alive(self, pid: int, start: float) -> bool:
+        key = (pid, start)
+        alive = self._alive_cache.get(key)
+        if alive is None:
+            alive = pid <= 0 or _alive(pid, start)
+            self._alive_cache[key] = alive
+        return alive
+
+    def _sweep(self, now: float) -> None:
+        """Read every shared row (untrusted), lock what can be locked, let the core decide."""
+        table = self.table
+        self._alive_cache.clear()
+        views: list[RowView] = []
+        for slot in self.pool.in_state(SlotState.SHARED):
+            index, generation = slot.index, slot.generation
+            try:
+                row = table.row(index)
+            except tbl.RowError:
+                views.append(RowView(index, None, generation))
+                continue
+            lock_free = False
+            if row.generation == generation and row.state in _LOCKABLE:
+                lock_free = self._try_lock(index, generation)
+                if lock_free:
+                    # Read again under the lock: a holder may have given it back
+                    # between our read and our lock, and HELD would look abandoned.
+                    try:
+                        row = table.row(index)
+                    except tbl.RowError:
+                        self._unlock(index)
+                        views.append(RowView(index, None, generation))
+                        continue
+            alive = True
+            if row.state is RowState.HELD and not lock_free and row.generation == generation:
+                alive = self._alive(row.holder_pid, row.holder_start)
+            views.append(RowView(
+                index, row.state, row.generation, row.lease_seq, row.holder_pid,
+                row.acquired_at, row.call_site, lock_free, alive,
+            ))
+        self._perform(self.pool.sweep(views, now, table.waiters))
+        self._sweep_waiters()
+
+    def _sweep_waiters(self) -> None:
+        table = self.table
+        if not table.waiters and not table.hwm():
+            return
+        # Never a blocking wait in the loop: a worker frozen inside the
+        # queue's lock would freeze the manager with it. Next sweep, then.
+        if not tbl.lock_within(self._lock_fd, tbl.HEADER_LOCK, 0.01):
+            return
+        try:
+            table.repair_waiters()
+            dead = {pid for pid in set(table.waiter_pids()) if not self._alive(pid, 0.0)}
+            if dead:
+                table.drop_waiters_of(dead)
+        finally:
+            tbl.unlock(self._lock_fd, tbl.HEADER_LOCK)
+        if table.waiters and self._ready_count():
+            # A wake lost to a waker that died mid-way: hand the turn on.
+            self._wake(1)
+
+    def _wake(self, count: int) -> None:
+        """Wake ``count`` waiters (-1: all), oldest first."""
+        table = self.table
+        woken = 0
+        while count < 0 or woken < count:
+            if not tbl.lock_within(self._lock_fd, tbl.HEADER_LOCK, 0.01):
+                return  # the waiters rescan on their own every few tens of ms
+            try:
+                picked = table.pick_waiter()
+            finally:
+                tbl.unlock(self._lock_fd, tbl.HEADER_LOCK)
+            if picked is None:
+                return
+            _index, pid, token = picked
+            try:
+                self._waker.sendto(b"\1", tbl.wake_address(self.epoch, pid, token))
+                woken += 1
+            except BlockingIOError:
+                woken += 1
+            except OSError:
+                continue  # gone: the sweep removes its entry
+
+    def _publish(self, action: Publish) -> None:
+        table = self.table
+        index = action.slot
+        try:
+            old = table.row(index)
+            seq, revoked_generation, revoked_seq = old.lease_seq, old.revoked_generation, old.revoked_seq
+        except tbl.RowError:
+            seq, revoked_generation, revoked_seq = self.pool.slots[index].seen_seq, 0, 0
+        if action.revoked_seq:
+            revoked_generation, revoked_seq = action.revoked_generation, action.revoked_seq
+        table.write_row(index, tbl.Row(
+            action.state, action.generation, lease_seq=seq,
+            revoked_generation=revoked_generation, revoked_seq=revoked_seq, expires_at=action.expires_at,
+        ))
+        if action.state is not RowState.MANAGER:
+            self._unlock(index)
+
+    def _sync_flags(self) -> None:
+        flags = Flag(0)
+        if self.pool.paused:
+            flags |= Flag.PAUSED
+        if self.pool.shutting_down:
+            flags |= Flag.STOPPING
+        if self.pool.redis_down_since is not None:
+            flags |= Flag.REDIS_DOWN
+        if self.table.flags != flags:
+            self.table.set_flags(flags)
+
     def _health_check(self, now: float) -> None:
         """An idle connection with EOF or bytes nobody asked for is dead or dirty."""
-        for slot in list(self.pool._idle):
-            if not slot.backend.is_quiet():
+        for slot in self.pool.in_state(SlotState.SHARED):
+            index, generation = slot.index, slot.generation
+            if self.table.state_of(index) != RowState.READY or not self._try_lock(index, generation):
+                continue
+            if self.table.state_of(index) == RowState.READY and not slot.backend.is_quiet():
                 self.counters[keys.HEALTH_CHECK_FAILED] += 1
-                log.warning("health check: idle slot %d closed by Redis or holding stray data; replaced", slot.index)
-                self._perform(self.pool.discard_idle(slot.index, "health check failed", now))
+                log.warning("health check: idle slot %d closed by Redis or holding stray data; replaced", index)
+                self._perform(self.pool.discard(index, generation, "health check failed", now))
+            else:
+                self._unlock(index)
+        self._perform(self.pool.dispatch(now, self._ready_count(), self.table.waiters))
+
+    def _on_peer_closed(self, fd: int) -> None:
+        """Redis closed one of our connections (restart, its ``timeout``): replace it now."""
+        slot_gen = self._peer_watch.pop(fd, None)
+        self._unwatch(fd)
+        if slot_gen is None:
+            return
+        index, generation = slot_gen
+        now = time.monotonic()
+        locked = self.table.state_of(index) == RowState.READY and self._try_lock(index, generation)
+        if locked and self.table.state_of(index) != RowState.READY:
+            self._unlock(index)
+            locked = False
+        if locked:
+            log.warning("slot %d closed by Redis while idle: replaced", index)
+        self._perform(self.pool.peer_closed(index, generation, locked, now))
+        self._perform(self.pool.dispatch(now, self._ready_count(), self.table.waiters))
 
     def _on_wake(self, _fileobj: Any) -> None:
         try:
@@ -415,59 +639,27 @@ class Manager:
     # ----- performing decisions -------------------------------------------
 
     def _perform(self, actions: list[Action]) -> None:
-        pending = deque(actions)
-        while pending:
-            action = pending.popleft()
-            if isinstance(action, SendGrant):
-                pending.extend(self._send_grant(action))
-            elif isinstance(action, SendError):
-                client = self._clients.get(action.holder.id)
-                if client is not None:
-                    self._send(client, protocol.encode_error(action.code, action.message, action.lease_id))
+        for action in actions:
+            if isinstance(action, Publish):
+                self._publish(action)
+            elif isinstance(action, Wake):
+                self._wake(action.count)
+            elif isinstance(action, Expire):
+                self.table.set_expiry(action.slot, action.expires_at)
+            elif isinstance(action, Release):
+                if self._held_locks.get(action.slot) == action.generation:
+                    self._unlock(action.slot)
             elif isinstance(action, OpenConnection):
                 self._open(action)
             elif isinstance(action, ResetConnection):
                 self._reset(action)
-            elif isinstance(action, SendRecall):
-                client = self._clients.get(action.notify.id)
-                if client is not None:
-                    self._send(client, protocol.encode_recall(action.lease_id))
-            elif isinstance(action, NotifyRevoked):
-                client = self._clients.get(action.holder.id)
-                if client is not None:
-                    self._send(client, protocol.encode_revoked(action.lease_id, action.message))
             elif isinstance(action, CloseConnection):
                 log.debug("closing slot %s: %s", getattr(action.backend, "slot", "?"), action.reason)
+                fd = getattr(action.backend, "fileno", -1)
+                if self._peer_watch.pop(fd, None) is not None:
+                    self._unwatch(fd)
                 action.backend.close()
-
-    def _send_grant(self, action: SendGrant) -> list[Action]:
-        lease = action.lease
-        now = time.monotonic()
-        client = self._clients.get(lease.holder.id)
-        if client is None:
-            return self.pool.undeliverable(lease, now)
-        backend: Backend = lease.slot.backend
-        # A re-send (FETCH_FD) is of a lease in use: its data is the holder's.
-        if not action.redelivery and not backend.is_quiet():
-            log.warning("slot %d found closed or holding stray data at grant: replaced", lease.slot.index)
-            return self.pool.stale_at_grant(lease, now)
-        frame = protocol.encode_grant(lease.id, lease.slot.index, lease.slot.generation, action.with_fd, lease.sticky)
-        try:
-            if action.with_fd:
-                client.sock.sendmsg(
-                    [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [backend.fileno]))]
-                )
-                self.counters[keys.FDS_SENT] += 1
-            else:
-                client.sock.send(frame)
-        except OSError as exc:
-            if action.redelivery:
-                self._drop(client, f"fd re-send undeliverable ({exc.strerror or exc})")
-                return []
-            actions = self.pool.undeliverable(lease, now)
-            self._drop(client, f"grant undeliverable ({exc.strerror or exc})")
-            return actions
-        return []
+        self._sync_flags()
 
     def _send(self, client: ControlClient, frame: bytes) -> bool:
         try:
@@ -490,9 +682,22 @@ class Manager:
             except Exception as exc:  # any failure to connect is reported, never raised
                 return self.pool.connect_failed(action.slot, action.generation, _describe(exc), now)
             log.info("connected slot %d (generation %d) to %s", action.slot, action.generation, self.target.label)
-            return self.pool.connected(action.slot, action.generation, backend, now)
+            actions = self.pool.connected(action.slot, action.generation, backend, now)
+            if self.pool.slot(action.slot, action.generation) is not None and backend.fileno >= 0:
+                self._watch_peer(backend.fileno, action.slot, action.generation)
+            return actions
 
         self._submit(lambda: open_backend(target, name, action.slot), done)
+
+    def _watch_peer(self, fd: int, slot: int, generation: int) -> None:
+        # EPOLLRDHUP only: replies to workers must not wake us, Redis
+        # closing the connection must.
+        try:
+            self._epoll.register(fd, select.EPOLLRDHUP)
+        except OSError:
+            return
+        self._handlers_by_fd[fd] = lambda: self._on_peer_closed(fd)
+        self._peer_watch[fd] = (slot, generation)
 
     def _reset(self, action: ResetConnection) -> None:
         backend: Backend = action.backend
@@ -554,24 +759,24 @@ class Manager:
             self._send(client, protocol.encode_error(ErrorCode.NOT_READY, f"no HELLO within {limit:.1f} s"))
             self._drop(client, "handshake timeout")
 
-    def _drop(self, client: ControlClient, reason: str, reap: bool = True) -> None:
+    def _drop(self, client: ControlClient, reason: str, sweep: bool = True) -> None:
         if client.state is ClientState.CLOSED:
             return
+        was_ready = client.state is ClientState.READY
         client.state = ClientState.CLOSED
         self._handshaking.discard(client)
-        self._unwatch(client.sock.fileno())
+        fd = client.sock.fileno()
+        self._clients.pop(fd, None)
+        self._unwatch(fd)
         client.sock.close()
-        holder = client.holder
-        if holder is not None:
-            self._clients.pop(holder.id, None)
-            if holder.leases:
-                log.warning("control connection of %s closed while holding %d leases (%s)", client.label, len(holder.leases), reason)
-            else:
-                log.debug("control connection of %s closed (%s)", client.label, reason)
-            if reap:
-                self._perform(self.pool.holder_gone(holder, time.monotonic()))
-        else:
-            log.debug("control connection of %s closed before HELLO (%s)", client.label, reason)
+        log.debug("control connection of %s closed (%s)", client.label, reason)
+        if was_ready and not any(c.pid == client.pid for c in self._clients.values()):
+            for key in [k for k in self.pool.sites if k[0] == client.pid]:
+                del self.pool.sites[key]
+            if sweep:
+                # The process may be gone: a lease it held shows as a row
+                # HELD with a free lock. Look now rather than at the next sweep.
+                self._sweep(time.monotonic())
 
     def _on_readable(self, client: ControlClient) -> None:
         # A worker's RELEASE and its next ACQUIRE often arrive together:
@@ -592,27 +797,34 @@ class Manager:
             self._on_frame(client, data, flags)
 
     def _on_frame(self, client: ControlClient, data: bytes, flags: int) -> None:
+        request_id = 0
         try:
             protocol.check_recv_flags(flags)
-            version, frame_type, body = protocol.split(data)
+            version, frame_type, request_id, body = protocol.split(data)
             if version not in protocol.SUPPORTED_VERSIONS:
-                self._send(client, protocol.encode_error(
-                    ErrorCode.VERSION, f"protocol version {version} not supported; this manager speaks {list(protocol.SUPPORTED_VERSIONS)}"))
+                message = (
+                    f"this manager speaks sharedpool protocol {protocol.VERSION}, the client speaks {version}: "
+                    f"run the same sharedpool version in the workers as in the manager"
+                )
+                if version == 1:
+                    self._send(client, protocol.encode_v1_refusal(message))
+                else:
+                    self._send(client, protocol.encode_error(ErrorCode.VERSION, message, request_id))
                 self._drop(client, f"unsupported protocol version {version}")
                 return
             handler = self._handlers.get(frame_type)
             if handler is None:
-                self._send(client, protocol.encode_error(ErrorCode.UNSUPPORTED, f"frame type {frame_type} is not supported"))
+                self._send(client, protocol.encode_error(ErrorCode.UNSUPPORTED, f"frame type {frame_type} is not supported", request_id))
                 return
             if client.state is ClientState.HANDSHAKE and frame_type != FrameType.HELLO:
-                self._send(client, protocol.encode_error(ErrorCode.NOT_READY, "the first frame must be HELLO"))
+                self._send(client, protocol.encode_error(ErrorCode.NOT_READY, "the first frame must be HELLO", request_id))
                 self._drop(client, f"frame type {frame_type} before HELLO")
                 return
-            handler(self, client, body)
+            handler(self, client, request_id, body)
         except protocol.ProtocolError as exc:
             self.counters[keys.PROTOCOL_ERRORS] += 1
             log.warning("malformed frame from %s: %s; closing its connection", client.label, exc)
-            self._send(client, protocol.encode_error(ErrorCode.MALFORMED, str(exc)))
+            self._send(client, protocol.encode_error(ErrorCode.MALFORMED, str(exc), request_id))
             self._drop(client, "malformed frame")
         except Exception:
             # One worker's frame must never take the manager down: whatever
@@ -620,26 +832,24 @@ class Manager:
             self.counters[keys.PROTOCOL_ERRORS] += 1
             log.exception("internal error handling a frame from %s; closing its connection", client.label)
             if client.state is not ClientState.CLOSED:
-                self._send(client, protocol.encode_error(ErrorCode.INTERNAL, "internal error; see the manager log"))
+                self._send(client, protocol.encode_error(ErrorCode.INTERNAL, "internal error; see the manager log", request_id))
                 self._drop(client, "internal error")
 
-    def _on_hello(self, client: ControlClient, body: bytes) -> None:
+    def _on_hello(self, client: ControlClient, request_id: int, body: bytes) -> None:
         if client.state is not ClientState.HANDSHAKE:
             raise protocol.ProtocolError("HELLO sent twice")
         hello = protocol.decode_json(body)
         claimed = hello.get("pid")
         if claimed != client.pid:
             log.debug("HELLO claims pid %r, peer credentials say %d; using the latter", claimed, client.pid)
-        now = time.monotonic()
-        holder = self.pool.add_holder(next(self._holder_ids), client.pid, now, _create_time(client.pid))
-        holder.name = str(hello.get("client", ""))[:100]
-        if hello.get("role") == "notify":
-            self.pool.set_notify(holder)
-        client.holder = holder
         client.state = ClientState.READY
         self._handshaking.discard(client)
-        self._clients[holder.id] = client
-        self._send(client, protocol.encode_json(FrameType.WELCOME, self.welcome()))
+        self._clients[client.sock.fileno()] = client
+        frame = protocol.encode_json(FrameType.WELCOME, self.welcome(), request_id)
+        try:
+            client.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.table.fd]))])
+        except OSError as exc:
+            self._drop(client, f"WELCOME undeliverable ({exc.strerror or exc})", sweep=False)
 
     def welcome(self) -> dict[str, Any]:
         return {
@@ -652,41 +862,111 @@ class Manager:
             "max_connections": self.config.max_connections,
             "versions": list(protocol.SUPPORTED_VERSIONS),
             "server": f"sharedpool/{__version__}",
-            "sticky": self.config.sticky,
+            "table": {"capacity": self.table.capacity, "waiter_capacity": self.table.waiter_capacity, "layout": tbl.LAYOUT_VERSION},
+            "acquire_timeout": self.config.acquire_timeout,
+            "max_lease_time": self.config.max_lease_time,
+            "max_leases_per_worker": self.config.max_leases_per_worker,
         }
 
-    def _on_acquire(self, client: ControlClient, body: bytes) -> None:
-        timeout_ms, where = protocol.decode_acquire(body)
-        timeout = None if timeout_ms == protocol.DEFAULT_TIMEOUT else timeout_ms / 1000.0
-        assert client.holder is not None
-        self._perform(self.pool.acquire(client.holder, timeout, time.monotonic(), where))
-
-    def _on_release(self, client: ControlClient, body: bytes) -> None:
-        lease_id, outcome = protocol.decode_release(body)
-        assert client.holder is not None
-        self._perform(self.pool.release(client.holder, lease_id, outcome, time.monotonic()))
-
-    def _on_fetch_fd(self, client: ControlClient, body: bytes) -> None:
-        lease_id = protocol.decode_fetch_fd(body)
-        assert client.holder is not None
-        lease = self.pool.lease_for_fetch(client.holder, lease_id)
-        if lease is None:
-            self._send(client, protocol.encode_error(ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is not held by this connection", lease_id))
+    def _on_fetch_fd(self, client: ControlClient, request_id: int, body: bytes) -> None:
+        index, generation = protocol.decode_slot(body)
+        slot = self.pool.slot(index, generation)
+        if slot is None or slot.state is not SlotState.SHARED or slot.backend is None:
+            self.counters[keys.STALE_FETCHES] += 1
+            self._send(client, protocol.encode_error(
+                ErrorCode.STALE, f"slot {index} generation {generation} is not open (replaced or closed)", request_id))
             return
-        self._perform([SendGrant(lease, True, redelivery=True)])
+        frame = protocol.encode_slot(FrameType.FD, index, generation, request_id)
+        try:
+            client.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [slot.backend.fileno]))])
+            self.counters[keys.FDS_SENT] += 1
+        except OSError as exc:
+            self._drop(client, f"fd undeliverable ({exc.strerror or exc})")
 
-    def _on_stats(self, client: ControlClient, body: bytes) -> None:
-        self._send(client, protocol.encode_json(FrameType.STATS_REPLY, self.snapshot(max_workers=_STATS_WORKER_ROWS)))
+    def _on_report(self, client: ControlClient, request_id: int, body: bytes) -> None:
+        report = protocol.decode_report(body)
+        slot = self.pool.slot(report.slot, report.generation)
+        if slot is None or slot.state is not SlotState.SHARED:
+            return  # already repaired (the sweep was first), or a stale report
+        now = time.monotonic()
+        if report.cause is protocol.ReportCause.ABORTED:
+            # Its holder still has the lock and may be blocked on the socket:
+            # shutting the connection down is what wakes it, and the new
+            # generation moves the lock byte (as for an orphan).
+            try:
+                row = self.table.row(report.slot)
+            except tbl.RowError:
+                return
+            if row.state is RowState.HELD and row.holder_pid == client.pid and row.generation == report.generation:
+                self._perform(self.pool.given_back(report.slot, report.generation, Outcome.BROKEN, now, ReapCause.HOLDER_CLOSED))
+                self._perform(self.pool.dispatch(now, self._ready_count(), self.table.waiters))
+            return
+        if not self._try_lock(report.slot, report.generation):
+            return  # someone is on it right now; the sweep will find the row
+        try:
+            found: tbl.Row | None = self.table.row(report.slot)
+        except tbl.RowError:
+            found = None
+        if found is None or found.generation != report.generation or found.state not in (RowState.RESET, RowState.BROKEN):
+            self._unlock(report.slot)
+            return
+        outcome = Outcome.BROKEN if found.state is RowState.BROKEN else Outcome.NEEDS_RESET
+        cause = ReapCause.HOLDER_CLOSED if report.cause is protocol.ReportCause.HOLDER_GONE else None
+        self._perform(self.pool.given_back(report.slot, report.generation, outcome, now, cause))
+        self._perform(self.pool.dispatch(now, self._ready_count(), self.table.waiters))
 
-    def _on_ping(self, client: ControlClient, body: bytes) -> None:
-        self._send(client, protocol.encode_empty(FrameType.PONG))
+    def _on_demand(self, client: ControlClient, request_id: int, body: bytes) -> None:
+        now = time.monotonic()
+        refusal = self.pool.demanded(now)
+        if refusal:
+            code = ErrorCode.SHUTTING_DOWN if self.pool.shutting_down else ErrorCode.REDIS_UNAVAILABLE
+            self._send(client, protocol.encode_error(code, refusal, request_id))
+        else:
+            self._send(client, protocol.encode_empty(FrameType.ACK, request_id))
+        self._perform(self.pool.dispatch(now, self._ready_count(), self.table.waiters))
 
-    def _on_admin(self, client: ControlClient, body: bytes) -> None:
+    def _on_site(self, client: ControlClient, request_id: int, body: bytes) -> None:
+        site_id, text = protocol.decode_site(body)
+        if len(self.pool.sites) < _MAX_SITES:
+            self.pool.sites[(client.pid, site_id)] = text
+
+    def _on_probe(self, client: ControlClient, request_id: int, body: bytes) -> None:
+        request = protocol.decode_json(body)
+        timeout = request.get("timeout", 2.0)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
+            raise protocol.ProtocolError("PROBE needs a 'timeout' in seconds, above 0 and at most 60")
+        target = self.target
+        started = time.monotonic()
+
+        def done(now: float, future: Future[str]) -> list[Action]:
+            try:
+                error = future.result()
+            except Exception as exc:  # reported, never raised
+                error = _describe(exc)
+            if "max number of clients" in error:
+                log.warning("Redis at %s refuses new connections: %s", target.label, error)
+            if client.state is ClientState.READY:
+                self._send(client, protocol.encode_json(FrameType.PROBE_REPLY, {
+                    "ok": not error, "error": error, "elapsed_s": round(now - started, 4),
+                    "redis": target.label, "pool": self.config.pool_name, "open": self.pool.open_connections,
+                }, request_id))
+            return []
+
+        self._submit(lambda: probe(target, float(timeout)), done)
+
+    def _on_stats(self, client: ControlClient, request_id: int, body: bytes) -> None:
+        self._send(client, protocol.encode_json(FrameType.STATS_REPLY, self.snapshot(max_workers=_STATS_WORKER_ROWS), request_id))
+
+    def _on_ping(self, client: ControlClient, request_id: int, body: bytes) -> None:
+        self._send(client, protocol.encode_empty(FrameType.PONG, request_id))
+
+    def _on_admin(self, client: ControlClient, request_id: int, body: bytes) -> None:
         request = protocol.decode_json(body)
         command = request.get("command")
         if client.uid not in (os.getuid(), 0):
             log.warning("refused admin command %r from pid %d uid %d: not the manager's uid or root", command, client.pid, client.uid)
-            self._send(client, protocol.encode_error(ErrorCode.FORBIDDEN, f"admin commands are for uid {os.getuid()} and root, not uid {client.uid}"))
+            self._send(client, protocol.encode_error(
+                ErrorCode.FORBIDDEN, f"admin commands are for uid {os.getuid()} and root, not uid {client.uid}", request_id))
             return
         now = time.monotonic()
         reply: dict[str, Any] = {"command": command, "ok": True}
@@ -697,84 +977,101 @@ class Manager:
             reply["reaped"] = self.reap_pid(pid, now)
         elif command == "pause":
             self.pool.pause()
-            log.info("paused by pid %d: no grants until resume", client.pid)
+            self._sync_flags()
+            log.info("paused by pid %d: no leases until resume", client.pid)
         elif command == "resume":
             log.info("resumed by pid %d", client.pid)
-            self._perform(self.pool.resume(now))
+            self._perform(self.pool.resume())
         elif command == "reconnect":
             log.info("reconnect requested by pid %d: replacing every connection", client.pid)
             self._perform(self.pool.retire_all(now))
+            self._sweep(now)
         elif command == "reload":
             reply["result"] = self.reload()
         elif command == "shutdown":
             log.info("shutdown requested by pid %d", client.pid)
             self.stop()
         else:
-            self._send(client, protocol.encode_error(ErrorCode.UNSUPPORTED, f"unknown admin command {command!r}"))
+            self._send(client, protocol.encode_error(ErrorCode.UNSUPPORTED, f"unknown admin command {command!r}", request_id))
             return
-        self._send(client, protocol.encode_json(FrameType.ADMIN_REPLY, reply))
+        self._send(client, protocol.encode_json(FrameType.ADMIN_REPLY, reply, request_id))
 
-    _handlers: dict[int, Callable[[Manager, ControlClient, bytes], None]] = {
+    _handlers: dict[int, Callable[[Manager, ControlClient, int, bytes], None]] = {
         FrameType.ADMIN: _on_admin,
         FrameType.HELLO: _on_hello,
-        FrameType.ACQUIRE: _on_acquire,
-        FrameType.RELEASE: _on_release,
         FrameType.FETCH_FD: _on_fetch_fd,
+        FrameType.REPORT: _on_report,
+        FrameType.DEMAND: _on_demand,
+        FrameType.SITE: _on_site,
         FrameType.STATS: _on_stats,
         FrameType.PING: _on_ping,
+        FrameType.PROBE: _on_probe,
     }
 
     # ----- reaping ------------------------------------------------------------
 
-    def _sweep(self, now: float) -> None:
-        """Reap leases whose holder process died while its socket stays open elsewhere."""
-        # pid 0: the peer lives in another pid namespace; we cannot see it, so
-        # only its socket closing (EOF) can reap it.
-        dead = [
-            p.pid for p in self.pool.processes.values()
-            if p.pid > 0 and p.leases_held and not _alive(p.pid, p.create_time)
-        ]
-        for pid in dead:
-            self.reap_pid(pid, now)
-
     def reap_pid(self, pid: int, now: float | None = None) -> int:
-        """Reap every lease of a dead pid and close its control connections.
+        """A server reports a worker dead: sweep its rows now; return how many leases were reaped.
 
         A pid that is still alive is left alone: the integration may be
         wrong, or the pid already reused.
         """
         now = time.monotonic() if now is None else now
-        reaped = 0
         if pid <= 0:
             return 0
-        clients = [c for c in self._clients.values() if c.pid == pid]
-        if clients and clients[0].holder is not None and _alive(pid, clients[0].holder.process.create_time):
+        if _alive(pid, 0.0):
             log.info("asked to reap pid %d, which is alive: left alone", pid)
             return 0
-        for client in clients:
-            holder = client.holder
-            assert holder is not None
-            reaped += len(holder.leases)
-            client.state = ClientState.CLOSED
-            self._unwatch(client.sock.fileno())
-            client.sock.close()
-            self._clients.pop(holder.id, None)
-            self._perform(self.pool.holder_gone(holder, now, ReapCause.HOLDER_DEAD))
-        return reaped
+        held = self._held_by(pid)
+        for client in [c for c in self._clients.values() if c.pid == pid]:
+            self._drop(client, "reported dead", sweep=False)
+        self._sweep(now)
+        return held - self._held_by(pid)
+
+    def _held_by(self, pid: int) -> int:
+        count = 0
+        for slot in self.pool.in_state(SlotState.SHARED):
+            try:
+                row = self.table.row(slot.index)
+            except tbl.RowError:
+                continue
+            if row.state is RowState.HELD and row.holder_pid == pid and row.generation == slot.generation:
+                count += 1
+        return count
 
     # ----- stats ----------------------------------------------------------------
 
     def snapshot(self, max_workers: int | None = None) -> dict[str, Any]:
         """The stats. ``max_workers`` caps the per-worker rows (busiest first) so a
         host with thousands of workers still fits one frame."""
-        pool = self.pool
+        pool, table = self.pool, self.table
         now = time.monotonic()
-        workers = []
-        for process in pool.processes.values():
-            workers.append({
-                "pid": process.pid, "leases_held": process.leases_held, "leases_total": process.leases_total,
-                "control_connections": process.holders, "last_seen_s_ago": round(now - process.last_seen, 3),
-            })
+        held_by: dict[int, int] = {}
+        idle = held = granted = 0
+        for slot in pool.slots:
+            try:
+                row = table.row(slot.index)
+            except tbl.RowError:
+                continue
+            granted += row.lease_seq
+            if slot.state is not SlotState.SHARED or row.generation != slot.generation:
+                continue
+            if row.state is RowState.READY:
+                idle += 1
+            elif row.state is RowState.HELD:
+                held += 1
+                held_by[row.holder_pid] = held_by.get(row.holder_pid, 0) + 1
+        channels: dict[int, int] = {}
+        for client in self._clients.values():
+            channels[client.pid] = channels.get(client.pid, 0) + 1
+        workers = [
+            {"pid": pid, "leases_held": held_by.get(pid, 0), "control_connections": channels.get(pid, 0)}
+            for pid in sorted(set(held_by) | set(channels))
+        ]
+        waits, holds = table.histograms(len(pool.slots))
+        counters = dict(pool.counters)
+        counters[keys.GRANTED] = granted
+        counters[keys.RELEASED] = max(0, granted - held)
         return {
             "pool": self.config.pool_name,
             "state": self.state.value,
@@ -787,22 +1084,25 @@ class Manager:
             "last_redis_error": pool.last_connect_error,
             "connections": {
                 "open": pool.open_connections,
-                "idle": pool.count(SlotState.IDLE),
-                "leased": pool.count(SlotState.LEASED),
+                "idle": idle,
+                "leased": held,
                 "connecting": pool.count(SlotState.CONNECTING),
-                "resetting": pool.count(SlotState.RESETTING),
+                "resetting": pool.count(SlotState.MANAGED),
                 "max": self.config.max_connections,
             },
-            "leases": {"held": len(pool.leases), "waiting": pool.waiting},
+            "leases": {"held": held, "waiting": max(0, table.waiters)},
             "paused": pool.paused,
             "control_connections": len(self._clients) + len(self._handshaking),
-            "counters": dict(pool.counters),
-            "wait_time": keys.percentiles(pool.wait_times),
-            "hold_time": keys.percentiles(pool.hold_times),
+            "counters": counters,
+            "wait_time": keys.from_histogram(waits),
+            "hold_time": keys.from_histogram(holds),
             "workers": _top_workers(workers, max_workers),
             "workers_total": len(workers),
             "config": self.config.safe_dict(),
         }
+
+
+_LOCKABLE = frozenset({RowState.READY, RowState.HELD, RowState.RESET, RowState.BROKEN})
 
 
 def _top_workers(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:

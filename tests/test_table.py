@@ -1,0 +1,189 @@
+"""The lease table's rows and locks: the pure moves, the in-place hot path, the waiter queue."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sharedpool import table as tbl
+from sharedpool.table import Outcome, Row, RowError, RowState
+
+
+@pytest.fixture
+def table() -> tbl.Table:
+    created = tbl.Table.create(capacity=4, waiter_capacity=8, max_waiting=3, epoch=b"test-epoch")
+    yield created
+    created.close()
+
+
+def test_take_then_give_back_moves_the_row_and_counts_the_lease() -> None:
+    ready = Row(RowState.READY, generation=7, lease_seq=41)
+    held = tbl.take(ready, pid=123, start=5.0, now=9.5, call_site=3)
+    assert (held.state, held.holder_pid, held.lease_seq, held.acquired_at, held.call_site) == (RowState.HELD, 123, 42, 9.5, 3)
+    assert tbl.still_mine(held, 7, 42) and not tbl.still_mine(held, 8, 42) and not tbl.still_mine(held, 7, 41)
+    for outcome, after in ((Outcome.CLEAN, RowState.READY), (Outcome.NEEDS_RESET, RowState.RESET), (Outcome.BROKEN, RowState.BROKEN)):
+        back = tbl.give_back(held, outcome)
+        assert back.state is after and back.holder_pid == 0 and back.lease_seq == 42 and back.generation == 7
+
+
+@pytest.mark.parametrize("state", [s for s in RowState if s is not RowState.READY])
+def test_only_a_ready_row_can_be_taken(state: RowState) -> None:
+    with pytest.raises(RowError, match=f"take from {state.name}"):
+        tbl.take(Row(state, 1), 1, 0.0, 0.0, 0)
+
+
+@pytest.mark.parametrize("state", [s for s in RowState if s is not RowState.HELD])
+def test_only_a_held_row_can_be_given_back_or_found_abandoned(state: RowState) -> None:
+    with pytest.raises(RowError):
+        tbl.give_back(Row(state, 1), Outcome.CLEAN)
+    with pytest.raises(RowError):
+        tbl.found_abandoned(Row(state, 1))
+
+
+def test_an_expired_connection_goes_back_broken_to_be_replaced() -> None:
+    held = tbl.take(Row(RowState.READY, 1, expires_at=10.0), 1, 0.0, 0.0, 0)
+    assert tbl.give_back(held, Outcome.CLEAN, now=9.0).state is RowState.READY
+    assert tbl.give_back(held, Outcome.CLEAN, now=10.0).state is RowState.BROKEN
+    assert tbl.give_back(held, Outcome.NEEDS_RESET, now=10.0).state is RowState.RESET  # reset decides then
+    table = tbl.Table.create(capacity=1, waiter_capacity=1, max_waiting=1, epoch=b"x")
+    try:
+        table.write_row(0, held)
+        table.set_expiry(0, tbl.RETIRE_NOW)
+        assert table.give_back_in_place(0, 1, held.lease_seq, Outcome.CLEAN, 5.0) is Outcome.BROKEN
+    finally:
+        table.close()
+
+
+def test_found_abandoned_marks_broken() -> None:
+    assert tbl.found_abandoned(Row(RowState.HELD, 3, holder_pid=9)).state is RowState.BROKEN
+
+
+def test_revocation_is_recognised_only_for_the_revoked_lease() -> None:
+    row = Row(RowState.CLOSED, 5, revoked_generation=4, revoked_seq=10)
+    assert tbl.was_revoked(row, 4, 10)
+    assert not tbl.was_revoked(row, 4, 11) and not tbl.was_revoked(row, 5, 10)
+
+
+@given(
+    generation=st.integers(0, 2**32 - 1), seq=st.integers(0, 2**40), pid=st.integers(1, 2**31 - 1),
+    now=st.floats(0, 1e9), site=st.integers(0, 2**32 - 1), outcome=st.sampled_from(list(Outcome)),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_in_place_hot_path_agrees_with_the_pure_moves(generation: int, seq: int, pid: int, now: float, site: int, outcome: Outcome) -> None:
+    table = tbl.Table.create(capacity=1, waiter_capacity=1, max_waiting=1, epoch=b"x")
+    try:
+        ready = Row(RowState.READY, generation, lease_seq=seq)
+        table.write_row(0, ready)
+        taken = table.take_in_place(0, generation, pid, 1.5, now, site)
+        assert table.row(0) == tbl.take(ready, pid, 1.5, now, site) and taken == seq + 1
+        assert table.take_in_place(0, generation, pid, 1.5, now, site) == 0  # not READY any more
+        assert table.give_back_in_place(0, generation, taken + 1, outcome, now) is None  # not our lease
+        held = table.row(0)
+        assert table.give_back_in_place(0, generation, taken, outcome, now) is outcome
+        assert table.row(0) == tbl.give_back(held, outcome, now)
+    finally:
+        table.close()
+
+
+def test_a_scribbled_state_byte_is_a_row_error(table: tbl.Table) -> None:
+    table.map[tbl.ROWS_AT] = 200
+    with pytest.raises(RowError, match="state byte 200"):
+        table.row(0)
+    with pytest.raises(RowError, match="outside"):
+        table.row(4)
+
+
+def test_histogram_buckets_and_percentiles() -> None:
+    assert tbl.bucket(0.0) == 0 and tbl.bucket(9e-6) == 0
+    assert tbl.bucket(15e-6) == 1 and tbl.bucket(25e-6) == 2
+    assert tbl.bucket(1e9) == tbl.HISTOGRAM_BUCKETS - 1
+    for seconds in (5e-6, 1e-4, 3e-3, 0.5, 2.0):
+        assert seconds < tbl.BUCKET_BOUNDS_S[tbl.bucket(seconds)]
+    histogram = [0] * tbl.HISTOGRAM_BUCKETS
+    histogram[tbl.bucket(1e-4)] = 99
+    histogram[tbl.bucket(0.5)] = 1
+    assert tbl.percentile(histogram, 0.5) == tbl.BUCKET_BOUNDS_S[tbl.bucket(1e-4)]
+    assert tbl.percentile(histogram, 1.0) == tbl.BUCKET_BOUNDS_S[tbl.bucket(0.5)]
+    assert tbl.percentile([0] * tbl.HISTOGRAM_BUCKETS, 0.99) == 0.0
+
+
+def test_counts_land_in_the_row_that_was_leased(table: tbl.Table) -> None:
+    table.count_wait(1, 2e-3)
+    table.count_hold(1, 2e-3)
+    table.count_hold(2, 1.0)
+    waits, holds = table.histograms(4)
+    assert sum(waits) == 1 and sum(holds) == 2 and waits[tbl.bucket(2e-3)] == 1
+
+
+def test_waiters_queue_in_ticket_order_and_respect_max_waiting(table: tbl.Table) -> None:
+    first = table.enqueue(pid=10, token=1, now=0.0)
+    second = table.enqueue(pid=11, token=2, now=0.1)
+    third = table.enqueue(pid=12, token=3, now=0.2)
+    assert table.waiters == 3
+    assert table.enqueue(pid=13, token=4, now=0.3) == -1  # max_waiting=3
+    assert table.pick_waiter() == (first, 10, 1)
+    assert table.pick_waiter() == (second, 11, 2)
+    # A woken waiter that found nothing keeps its place in line.
+    table.requeue(first, 10, 1)
+    assert table.pick_waiter() == (first, 10, 1)
+    assert table.dequeue(first, 10, 1) is True  # it had been woken: the wake is its to pass on
+    assert table.dequeue(third, 12, 3) is False
+    assert not table.dequeue(second, 99, 2)  # not its entry
+    assert table.waiters == 1
+    assert table.drop_waiters_of({11}) == 1 and table.waiters == 0 and table.hwm() == 0
+    assert table.pick_waiter() is None
+
+
+def test_repair_waiters_survives_garbage(table: tbl.Table) -> None:
+    table.enqueue(pid=10, token=1, now=0.0)
+    table.map[table.waiters_at + 3 * tbl.WAITER_SIZE] = 77  # no state at all
+    table.map[28:32] = b"\xff\xff\xff\x7f"  # the waiter count
+    table.repair_waiters()
+    assert table.waiters == 1 and table.waiter_pids() == [10]
+
+
+def test_locks_of_two_descriptions_exclude_even_in_one_process(table: tbl.Table) -> None:
+    mine, other = tbl.own_description(table.fd), tbl.own_description(table.fd)
+    try:
+        offset = tbl.slot_lock(2, 5)
+        assert tbl.try_lock(mine, offset)
+        assert tbl.try_lock(mine, offset)  # the same description: no exclusion (DESIGN fact 11)
+        assert not tbl.try_lock(other, offset)
+        assert tbl.is_locked(other, offset) and not tbl.is_locked(mine, offset)
+        # The next generation of the slot is another byte: an orphan's lock never blocks it.
+        assert tbl.try_lock(other, tbl.slot_lock(2, 6))
+        tbl.unlock(mine, offset)
+        assert tbl.try_lock(other, offset)
+    finally:
+        os.close(mine)
+        os.close(other)
+
+
+def test_closing_the_last_fd_of_a_description_frees_its_locks(table: tbl.Table) -> None:
+    holder, other = tbl.own_description(table.fd), tbl.own_description(table.fd)
+    copy = os.dup(holder)  # like a forked child's inherited fd: the same description
+    try:
+        assert tbl.try_lock(holder, tbl.ALIVE_LOCK)
+        os.close(holder)
+        assert tbl.is_locked(other, tbl.ALIVE_LOCK, exclusive=False)  # the copy keeps it (DESIGN fact 12)
+        os.close(copy)
+        copy = -1
+        assert not tbl.is_locked(other, tbl.ALIVE_LOCK, exclusive=False)
+    finally:
+        os.close(other)
+        if copy >= 0:
+            os.close(copy)
+
+
+def test_slot_lock_offsets_never_collide_across_slots_and_generations() -> None:
+    offsets = {tbl.slot_lock(slot, generation) for slot in range(64) for generation in range(64)}
+    assert len(offsets) == 64 * 64
+    assert tbl.ALIVE_LOCK not in offsets and tbl.HEADER_LOCK not in offsets
+
+
+def test_wake_addresses_are_abstract_and_distinct() -> None:
+    assert tbl.wake_address("e", 1, 2).startswith(b"\0")
+    assert tbl.wake_address("e", 1, 2) != tbl.wake_address("e", 1, 3) != tbl.wake_address("f", 1, 2)
