@@ -409,7 +409,8 @@ class Table:
         """Add one sample to a row's histogram. Only by the slot's lock holder: no lost counts."""
         index = int(seconds * 1e5).bit_length() if seconds >= 10e-6 else 0
         at = ROWS_AT + slot * ROW_SIZE + histogram_at + 8 * (index if index < HISTOGRAM_BUCKETS else HISTOGRAM_BUCKETS - 1)
-        _U64.pack_into(self.map, at, (_U64.unpack_from(self.map, at)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
+        (count,) = _U64.unpack_from(self.map, at)
+        _U64.pack_into(self.map, at, (count + 1) & 0xFFFFFFFFFFFFFFFF)
 
     def count_wait(self, slot: int, seconds: float) -> None:
         self.count(slot, _WAIT_HIST_AT, seconds)

@@ -132,6 +132,8 @@ class _Attachment:
         self.detached = False
         self.checked_at = time.monotonic()
         self.max_lease_time = float(welcome.get("max_lease_time", 0) or 0)
+        self.acquire_timeout = float(welcome.get("acquire_timeout", 5.0) or 5.0)
+        self.lease_limit = int(welcome.get("max_leases_per_worker", 0) or 0)
 
     def manager_alive(self) -> bool:
         try:
@@ -356,12 +358,8 @@ class SharedConnectionPool(redis.ConnectionPool):
         self._local.state = state
         return state
 
-    def _timeouts(self, att: _Attachment | None) -> float:
-        if self.config.acquire_timeout:
-            return self.config.acquire_timeout
-        if att is not None:
-            return float(att.welcome.get("acquire_timeout", 5.0))
-        return 5.0
+    def _timeouts(self, att: _Attachment) -> float:
+        return self.config.acquire_timeout or att.acquire_timeout
 
     # ----- taking a lease ------------------------------------------------------
 
@@ -377,15 +375,21 @@ class SharedConnectionPool(redis.ConnectionPool):
         and whatever asks the manager something uses what is left.
         """
         started = time.monotonic()
-        att = self._attach(started + self.config.manager_timeout)
-        final = started + self.config.manager_timeout + self._timeouts(att)
-        deadline = min(final, time.monotonic() + self._timeouts(att))
-        limit = int(att.welcome.get("max_leases_per_worker", 0) or 0)
+        manager_timeout = self.config.manager_timeout
+        att = self._attachment
+        if att is None or att.detached or started - att.checked_at >= _LIVENESS_S:
+            att = self._attach(started + manager_timeout)
+        acquire_timeout = self.config.acquire_timeout or att.acquire_timeout
+        final = started + manager_timeout + acquire_timeout
+        deadline = started + acquire_timeout
+        limit = att.lease_limit
         if limit and att.held >= limit:
             raise errors.WorkerLimit(
                 f"pid {att.pid} already holds {limit} leases of pool {att.pool_name!r} (max_leases_per_worker={limit})"
             )
-        state = self._thread_state(att)
+        state = getattr(self._local, "state", None)
+        if state is None or state.attachment is not att:
+            state = self._thread_state(att)
         site = att.site_id(site_text) if site_text else 0
         while True:
             taken = None
@@ -393,7 +397,7 @@ class SharedConnectionPool(redis.ConnectionPool):
             if flags & _STOPPING:
                 if not att.manager_alive():
                     self._detach(att)
-                    att = self._attach(max(final - self._timeouts(att), time.monotonic() + 0.5))
+                    att = self._attach(max(final - acquire_timeout, time.monotonic() + 0.5))
                     state = self._thread_state(att)
                     continue
                 raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
@@ -672,9 +676,10 @@ class SharedConnectionPool(redis.ConnectionPool):
         offset = tbl.slot_lock(lease.slot, lease.generation)
         report = False
         try:
+            now = time.monotonic()
             if used:
-                table.count_hold(lease.slot, time.monotonic() - lease.taken_at)
-            written = table.give_back_in_place(lease.slot, lease.generation, lease.seq, outcome, time.monotonic())
+                table.count_hold(lease.slot, now - lease.taken_at)
+            written = table.give_back_in_place(lease.slot, lease.generation, lease.seq, outcome, now)
             if written is not None and written is not Outcome.CLEAN:
                 report = True
                 if written is not outcome:
