@@ -1,206 +1,818 @@
-"""The manager's pool as a pure state machine: no sockets, no clock."""
+"""The manager's pool core as a pure state machine: no sockets, no processes, no clock.
+
+Every entry point is given ``now`` (seconds of test time: the numbers here
+are small on purpose) and the random source is fixed (``rng=lambda: 0.5``),
+so each time-driven duty (backoff, leak warning, revocation, lifetime, idle
+trimming, shutdown) is tested by passing times, never by waiting. The tests
+assert on the actions returned (the I/O the loop must do) and the counters.
+
+Backends are plain strings: the core never touches them, it only hands them
+back in actions.
+"""
 
 from __future__ import annotations
 
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+
 import pytest
 
+from sharedpool import stats as keys
+from sharedpool.config import ManagerConfig
 from sharedpool.manager.pool import (
+    _ALLOWED_MOVES,
+    Action,
     CloseConnection,
+    Expire,
     Limits,
     OpenConnection,
     Pool,
+    Publish,
+    ReapCause,
+    Release,
     ResetConnection,
-    SendError,
-    SendGrant,
+    RowView,
+    Slot,
     SlotState,
+    Wake,
 )
-from sharedpool.protocol import ErrorCode, Outcome
+from sharedpool.table import RETIRE_NOW, Outcome, RowState
+
+EMPTY, CONNECTING, SHARED, MANAGED = SlotState.EMPTY, SlotState.CONNECTING, SlotState.SHARED, SlotState.MANAGED
+READY, HELD, CLOSED, MANAGER = RowState.READY, RowState.HELD, RowState.CLOSED, RowState.MANAGER
+
+MakePool = Callable[..., Pool]
 
 
-def make_pool(**limits: object) -> Pool:
-    values = dict(max_connections=2, min_idle=0, acquire_timeout=2.0, max_waiting=3)
-    values.update(limits)
-    return Pool(Limits(**values), rng=lambda: 0.5)  # type: ignore[arg-type]
+def _consistent(pool: Pool) -> None:
+    """Each slot sits in exactly the collection of its state: nothing moved a slot around ``_move``."""
+    seen: list[int] = []
+    for state in SlotState:
+        for index, slot in pool._by_state[state].items():
+            assert slot.state is state and slot.index == index and pool.slots[index] is slot, (state, slot)
+            seen.append(index)
+        assert pool.count(state) == len(pool.in_state(state))
+    assert sorted(seen) == list(range(pool.capacity))
+    assert pool.open_connections == pool.count(SHARED) + pool.count(MANAGED)
 
 
-def connect_all(pool: Pool, actions: list, now: float = 0.0) -> list:
+@pytest.fixture
+def make_pool() -> Iterator[MakePool]:
+    """Pools with a fixed random source; at teardown each must still be consistent."""
+    made: list[Pool] = []
+
+    def make(capacity: int = 4, **limits: object) -> Pool:
+        values: dict[str, object] = dict(max_connections=2, min_idle=0)
+        values.update(limits)
+        pool = Pool(Limits(**values), capacity, rng=lambda: 0.5)  # type: ignore[arg-type]
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        _consistent(pool)
+
+
+def backend(slot: int, generation: int) -> str:
+    return f"redis-conn-{slot}.{generation}"
+
+
+def connect(pool: Pool, actions: list[Action], now: float = 0.0) -> list[Action]:
     """Complete every OpenConnection among ``actions``; return the follow-up actions."""
-    follow: list = []
+    follow: list[Action] = []
     for action in actions:
         if isinstance(action, OpenConnection):
-            follow += pool.connected(action.slot, action.generation, f"backend{action.slot}", now)
+            follow += pool.connected(action.slot, action.generation, backend(action.slot, action.generation), now)
     return follow
 
 
-def grants(actions: list) -> list[SendGrant]:
-    return [a for a in actions if isinstance(a, SendGrant)]
+def open_slots(pool: Pool, count: int, now: float = 0.0) -> list[Slot]:
+    """Open exactly ``count`` slots (as waiters would ask) and share them: READY in the table."""
+    connect(pool, pool.dispatch(now, idle=pool.limits.min_idle, waiters=count), now)
+    shared = pool.in_state(SHARED)
+    assert len(shared) == count
+    return sorted(shared, key=lambda s: s.index)
 
 
-def test_min_idle_opens_at_start_and_first_grant_carries_fd_once_per_generation() -> None:
-    pool = make_pool(min_idle=1)
-    opened = pool._dispatch(0.0)
-    assert [type(a) for a in opened] == [OpenConnection]
-    connect_all(pool, opened)
-    holder = pool.add_holder(1, pid=100, now=0.0)
-    (first,) = grants(pool.acquire(holder, None, 0.0))
-    assert first.with_fd
-    pool.release(holder, first.lease.id, Outcome.CLEAN, 0.1)
-    (second,) = grants(pool.acquire(holder, None, 0.2))
-    assert second.lease.slot is first.lease.slot and not second.with_fd
-    # A second thread of the same process (another holder) needs no fd either.
-    pool.release(holder, second.lease.id, Outcome.CLEAN, 0.3)
-    other_thread = pool.add_holder(2, pid=100, now=0.3)
-    (third,) = grants(pool.acquire(other_thread, None, 0.3))
-    assert not third.with_fd
+def ready(slot: Slot, lock_free: bool = True, lease_seq: int = 0) -> RowView:
+    return RowView(slot.index, READY, slot.generation, lease_seq=lease_seq, lock_free=lock_free)
 
 
-def test_waiters_are_served_first_come_first_served() -> None:
-    pool = make_pool(max_connections=1)
-    holders = [pool.add_holder(i, pid=100 + i, now=0.0) for i in range(3)]
-    connect_all(pool, pool.acquire(holders[0], None, 0.0))
-    lease0 = next(iter(holders[0].leases.values()))
-    pool.acquire(holders[1], None, 0.1)
-    pool.acquire(holders[2], None, 0.2)
-    (granted,) = grants(pool.release(holders[0], lease0.id, Outcome.CLEAN, 0.3))
-    assert granted.lease.holder is holders[1]
-    (granted,) = grants(pool.release(holders[1], granted.lease.id, Outcome.CLEAN, 0.4))
-    assert granted.lease.holder is holders[2]
+def held(slot: Slot, acquired_at: float = 0.0, lease_seq: int = 1, pid: int = 4242, site: int = 0,
+         lock_free: bool = False, holder_alive: bool = True) -> RowView:
+    return RowView(slot.index, HELD, slot.generation, lease_seq, pid, acquired_at, site, lock_free, holder_alive)
 
 
-def test_max_waiting_refuses_at_once_and_timeout_names_the_pressure() -> None:
-    pool = make_pool(max_connections=1, max_waiting=1)
-    a, b, c = (pool.add_holder(i, pid=10 + i, now=0.0) for i in range(3))
-    connect_all(pool, pool.acquire(a, None, 0.0))
-    assert pool.acquire(b, 0.5, 0.0) == []  # queued
-    (refusal,) = pool.acquire(c, None, 0.0)
-    assert isinstance(refusal, SendError) and refusal.code is ErrorCode.POOL_FULL
-    assert "max_waiting=1" in refusal.message
-    assert pool.expire(0.4) == []
-    (timeout,) = pool.expire(0.5)
-    assert isinstance(timeout, SendError) and timeout.code is ErrorCode.TIMEOUT
-    assert timeout.message == "no lease from pool 'default' within 0.50 s (1 of 1 connections leased, 0 waiting)"
+def of(kind: type, actions: list[Action]) -> list:
+    return [a for a in actions if isinstance(a, kind)]
 
 
-def test_gone_waiter_is_never_granted() -> None:
-    pool = make_pool(max_connections=1)
-    a, b, c = (pool.add_holder(i, pid=10 + i, now=0.0) for i in range(3))
-    connect_all(pool, pool.acquire(a, None, 0.0))
-    pool.acquire(b, None, 0.0)
-    pool.acquire(c, None, 0.0)
-    pool.holder_gone(b, 0.1)
-    lease = next(iter(a.leases.values()))
-    (granted,) = grants(pool.release(a, lease.id, Outcome.CLEAN, 0.2))
-    assert granted.lease.holder is c
+# ----- states and moves ------------------------------------------------------------
 
 
-def test_broken_and_abandoned_connections_are_replaced_with_a_new_generation() -> None:
-    pool = make_pool(max_connections=1)
-    holder = pool.add_holder(1, pid=10, now=0.0)
-    connect_all(pool, pool.acquire(holder, None, 0.0))
-    lease = next(iter(holder.leases.values()))
-    actions = pool.release(holder, lease.id, Outcome.BROKEN, 0.1)
-    assert [type(a) for a in actions] == [CloseConnection]
+def test_allowed_moves_table_is_the_slot_life_cycle() -> None:
+    assert _ALLOWED_MOVES == {
+        EMPTY: frozenset({CONNECTING}),
+        CONNECTING: frozenset({SHARED, EMPTY}),
+        SHARED: frozenset({MANAGED, EMPTY}),
+        MANAGED: frozenset({SHARED, EMPTY}),
+    }
+    assert set(_ALLOWED_MOVES) == set(SlotState)
+
+
+_IMPOSSIBLE = [(old, new) for old, new in itertools.product(SlotState, SlotState) if new not in _ALLOWED_MOVES[old]]
+
+
+@pytest.mark.parametrize("old, new", _IMPOSSIBLE, ids=[f"{o.value}->{n.value}" for o, n in _IMPOSSIBLE])
+def test_every_impossible_move_is_refused_and_changes_nothing(make_pool: MakePool, old: SlotState, new: SlotState) -> None:
+    pool = make_pool()
     slot = pool.slots[0]
-    assert (slot.state, slot.generation) == (SlotState.EMPTY, 1)
-    # The holder dies holding the replacement: closed and replaced again.
-    opened = pool.acquire(holder, None, 0.2)
-    assert opened == [OpenConnection(0, 1)]
-    (grant,) = grants(connect_all(pool, opened))
-    assert grant.with_fd  # a new generation always travels with its fd
-    actions = pool.holder_gone(holder, 0.3)
-    assert any(isinstance(a, CloseConnection) for a in actions)
-    assert slot.generation == 2 and pool.counters["reaped_holder_closed"] == 1
+    walk = {EMPTY: [], CONNECTING: [CONNECTING], SHARED: [CONNECTING, SHARED], MANAGED: [CONNECTING, SHARED, MANAGED]}
+    for step in walk[old]:
+        pool._move(slot, step)
+    with pytest.raises(AssertionError, match=f"slot 0: impossible move {old.value} -> {new.value}"):
+        pool._move(slot, new)
+    assert slot.state is old and pool.count(old) == (4 if old is EMPTY else 1)
 
 
-def test_needs_reset_goes_through_resetting_before_reuse() -> None:
-    pool = make_pool(max_connections=1)
-    a, b = pool.add_holder(1, pid=10, now=0.0), pool.add_holder(2, pid=11, now=0.0)
-    connect_all(pool, pool.acquire(a, None, 0.0))
-    lease = next(iter(a.leases.values()))
-    pool.acquire(b, None, 0.1)
-    actions = pool.release(a, lease.id, Outcome.NEEDS_RESET, 0.2)
-    assert [type(x) for x in actions] == [ResetConnection]
-    assert pool.slots[0].state is SlotState.RESETTING and not b.leases
-    (granted,) = grants(pool.reset_done(0, pool.slots[0].generation, True, 0.3))
-    assert granted.lease.holder is b
-
-
-@pytest.mark.parametrize("twice", [False, True])
-def test_release_of_unknown_or_foreign_lease_is_refused_not_applied(twice: bool) -> None:
+def test_every_allowed_move_updates_the_collections(make_pool: MakePool) -> None:
     pool = make_pool()
-    a, b = pool.add_holder(1, pid=10, now=0.0), pool.add_holder(2, pid=11, now=0.0)
-    connect_all(pool, pool.acquire(a, None, 0.0))
-    lease = next(iter(a.leases.values()))
-    if twice:
-        pool.release(a, lease.id, Outcome.CLEAN, 0.1)
-        (refusal,) = pool.release(a, lease.id, Outcome.CLEAN, 0.2)
-        assert "unknown or already released" in refusal.message
+    slot = pool.slots[1]
+    for old, new in [(EMPTY, CONNECTING), (CONNECTING, SHARED), (SHARED, MANAGED), (MANAGED, SHARED),
+                     (SHARED, EMPTY), (EMPTY, CONNECTING), (CONNECTING, EMPTY), (EMPTY, CONNECTING),
+                     (CONNECTING, SHARED), (SHARED, MANAGED), (MANAGED, EMPTY)]:
+        assert slot.state is old
+        pool._move(slot, new)
+        assert slot in pool.in_state(new) and slot not in pool.in_state(old)
+        _consistent(pool)
+
+
+def test_a_scenario_moves_slots_only_through_move(make_pool: MakePool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every state change a public method makes is one recorded ``_move``."""
+    pool = make_pool(max_connections=3, min_idle=1, max_lifetime=50.0)
+    moves: list[tuple[int, SlotState, SlotState]] = []
+    real_move = Pool._move
+
+    def recording_move(self: Pool, slot: Slot, new: SlotState) -> None:
+        moves.append((slot.index, slot.state, new))
+        real_move(self, slot, new)
+
+    monkeypatch.setattr(Pool, "_move", recording_move)
+    states = [s.state for s in pool.slots]
+    expected_changes = 0
+
+    def step(actions: list[Action]) -> list[Action]:
+        nonlocal states, expected_changes
+        now_states = [s.state for s in pool.slots]
+        expected_changes += sum(a is not b for a, b in zip(states, now_states))
+        states = now_states
+        _consistent(pool)
+        return actions
+
+    a, b = open_slots(pool, 2)
+    step([])
+    step(pool.given_back(a.index, a.generation, Outcome.NEEDS_RESET, 1.0))
+    step(pool.reset_done(a.index, a.generation, True, 2.0))
+    step(pool.given_back(b.index, b.generation, Outcome.BROKEN, 3.0))
+    step(pool.sweep([ready(a)], 60.0, waiters=0))  # a expired; min_idle reopens
+    step(connect(pool, pool.dispatch(61.0, 0, 1), 61.0))
+    step(pool.begin_shutdown())
+    step(pool.close_all(62.0))
+    # Two changes within one call (CONNECTING -> SHARED -> EMPTY) show as one above: at least as many moves.
+    assert len(moves) >= expected_changes > 0
+    for index, old, new in moves:
+        assert new in _ALLOWED_MOVES[old]
+
+
+def test_repr_tells_the_state(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=5, max_connections=5, pool_name="web")
+    assert repr(pool) == "<Pool 'web' [conns: 0 open, 0 connecting, 0 in repair]>"
+    a, b, c = open_slots(pool, 3)
+    pool.given_back(c.index, c.generation, Outcome.NEEDS_RESET, 1.0)
+    pool.dispatch(1.0, idle=0, waiters=1)
+    assert repr(pool) == "<Pool 'web' [conns: 3 open, 1 connecting, 1 in repair]>"
+    assert repr(pool.slots[2]) == "<Slot 2 gen 0 managed>"
+    assert repr(pool.slots[4]) == "<Slot 4 gen 0 empty>"
+
+
+def test_limits_from_config_takes_the_pool_fields() -> None:
+    config = ManagerConfig(
+        pool_name="jobs", max_connections=7, min_idle=2, max_lifetime=11.0, idle_timeout=12.0,
+        leak_threshold=13.0, max_lease_time=14.0, socket_path="/nonexistent/sp.sock",
+    )
+    assert Limits.from_config(config, "127.0.0.1:6379/0") == Limits(
+        max_connections=7, min_idle=2, redis_label="127.0.0.1:6379/0", pool_name="jobs",
+        max_lifetime=11.0, idle_timeout=12.0, leak_threshold=13.0, max_lease_time=14.0,
+    )
+
+
+def test_slot_lookup_trusts_only_a_true_name(make_pool: MakePool) -> None:
+    pool = make_pool()
+    (a,) = open_slots(pool, 1)
+    assert pool.slot(a.index, a.generation) is a
+    for index, generation in [(a.index, a.generation + 1), (-1, 0), (4, 0), (2**32, 0)]:
+        assert pool.slot(index, generation) is None
+
+
+# ----- opening ----------------------------------------------------------------------
+
+
+def test_min_idle_opens_at_start_then_nothing_more(make_pool: MakePool) -> None:
+    pool = make_pool(max_connections=3, min_idle=2)
+    actions = pool.dispatch(0.0, idle=0, waiters=0)
+    assert actions == [
+        Publish(0, 0, MANAGER), OpenConnection(0, 0),
+        Publish(1, 0, MANAGER), OpenConnection(1, 0),
+    ]
+    assert pool.count(CONNECTING) == 2
+    assert pool.dispatch(0.001, idle=0, waiters=0) == []  # the two connecting count
+    follow = connect(pool, actions, 0.002)
+    assert follow == [Publish(0, 0, READY), Wake(1), Publish(1, 0, READY), Wake(1)]
+    assert pool.counters[keys.OPENED] == 2 and pool.open_connections == 2
+    assert pool.dispatch(0.003, idle=2, waiters=0) == []
+    # One of them is taken: min_idle asks for another, within max_connections.
+    assert pool.dispatch(0.004, idle=1, waiters=0) == [Publish(2, 0, MANAGER), OpenConnection(2, 0)]
+
+
+def test_demand_opens_within_max_connections(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=6, max_connections=3)
+    for _ in range(5):
+        assert pool.demanded(0.0) == ""
+    assert pool.demand == 5
+    opened = of(OpenConnection, pool.dispatch(0.0, idle=0, waiters=0))
+    assert opened == [OpenConnection(0, 0), OpenConnection(1, 0), OpenConnection(2, 0)]
+    assert pool.demand == 0  # consumed
+    connect(pool, opened)
+    # Slots 3-5 exist in the table but lie beyond max_connections: never opened.
+    assert pool.demanded(0.1) == ""
+    assert pool.dispatch(0.1, idle=0, waiters=10) == []
+    assert pool.in_state(EMPTY) == pool.slots[3:]
+
+
+def test_dispatch_takes_the_larger_of_waiters_and_demand(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=8, max_connections=8)
+    pool.demanded(0.0)
+    pool.demanded(0.0)
+    assert len(of(OpenConnection, pool.dispatch(0.0, idle=0, waiters=1))) == 2
+    assert len(of(OpenConnection, pool.dispatch(0.0, idle=0, waiters=3))) == 1  # 3 wanted, 2 connecting
+
+
+def test_dispatch_opens_nothing_without_an_empty_slot_or_while_stopping(make_pool: MakePool) -> None:
+    full = make_pool(capacity=2, max_connections=2)
+    open_slots(full, 2)
+    assert full.dispatch(1.0, idle=0, waiters=5) == []
+    stopping = make_pool(min_idle=2)
+    stopping.begin_shutdown()
+    assert stopping.dispatch(1.0, idle=0, waiters=5) == []
+
+
+def test_connected_publishes_ready_with_a_jittered_expiry(make_pool: MakePool) -> None:
+    pool = make_pool(max_lifetime=100.0)
+    (open_,) = of(OpenConnection, pool.dispatch(1.0, 0, 1))
+    # rng 0.5: up to 10% earlier, here 5% of 100 s.
+    assert pool.connected(0, 0, "conn", 2.0) == [Publish(0, 0, READY, expires_at=97.0), Wake(1)]
+    slot = pool.slots[0]
+    assert (slot.state, slot.backend, slot.expires_at, slot.idle_since) == (SHARED, "conn", 97.0, 2.0)
+
+
+@pytest.mark.parametrize("index, generation", [(0, 1), (1, 0), (-1, 0), (99, 0)])
+def test_connected_for_a_slot_no_longer_wanted_closes_the_connection(make_pool: MakePool, index: int, generation: int) -> None:
+    pool = make_pool()
+    pool.dispatch(0.0, 0, 1)  # slot 0 generation 0 is CONNECTING; slot 1 is EMPTY
+    assert pool.connected(index, generation, "late", 1.0) == [CloseConnection("late", "no longer wanted")]
+    assert pool.counters[keys.OPENED] == 0 and pool.open_connections == 0
+
+
+def test_connected_twice_closes_the_second(make_pool: MakePool) -> None:
+    pool = make_pool()
+    connect(pool, pool.dispatch(0.0, 0, 1))
+    assert pool.connected(0, 0, "again", 1.0) == [CloseConnection("again", "no longer wanted")]
+
+
+def test_connected_while_shutting_down_is_closed_at_once(make_pool: MakePool) -> None:
+    pool = make_pool()
+    pool.dispatch(0.0, 0, 1)
+    pool.begin_shutdown()
+    assert pool.connected(0, 0, "conn", 1.0) == [CloseConnection("conn", "shutting down"), Publish(0, 1, CLOSED)]
+    assert pool.slots[0].state is EMPTY and pool.slots[0].generation == 1
+    assert pool.counters[keys.OPENED] == 1 and pool.counters[keys.CLOSED] == 1
+
+
+def test_connected_beyond_a_lowered_max_connections_is_retired(make_pool: MakePool) -> None:
+    pool = make_pool(max_connections=4)
+    pool.dispatch(0.0, 0, 4)
+    assert pool.apply_limits(Limits(max_connections=2, min_idle=0)) == []  # nothing shared yet: no Expire
+    assert pool.slots[3].retire
+    assert pool.connected(3, 0, "c3", 1.0) == [CloseConnection("c3", "retired"), Publish(3, 1, CLOSED)]
+    assert pool.connected(1, 0, "c1", 1.0) == [Publish(1, 0, READY), Wake(1)]
+
+
+# ----- Redis unreachable ------------------------------------------------------------
+
+
+def test_connect_failures_back_off_exponentially_up_to_a_cap(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(min_idle=1, redis_label="10.0.0.9:6379/0")
+    caplog.set_level(logging.INFO, "sharedpool.manager")
+    assert pool.dispatch(0.0, 0, 0) == [Publish(0, 0, MANAGER), OpenConnection(0, 0)]
+    assert pool.connect_failed(0, 0, "ConnectionError: refused", 1.0) == [Publish(0, 1, CLOSED), Wake(-1)]
+    assert pool.slots[0].state is EMPTY and pool.slots[0].generation == 1
+    assert pool.counters[keys.REDIS_ERRORS] == 1
+    assert pool.redis_down_since == 1.0 and pool.last_connect_error == "ConnectionError: refused"
+    assert "Redis at 10.0.0.9:6379/0 unreachable: ConnectionError: refused" in caplog.text
+    # 0.05 s * 2**1, times the jitter (0.5 + 0.5/2).
+    assert pool.next_connect_at == pytest.approx(1.0 + 0.1 * 0.75)
+    assert pool.dispatch(1.07, 0, 0) == []
+    delays = []
+    now = 1.075
+    for generation in range(1, 12):
+        assert pool.dispatch(now, 0, 0) == [Publish(0, generation, MANAGER), OpenConnection(0, generation)]
+        pool.connect_failed(0, generation, "ConnectionError: refused", now)
+        delays.append(round(pool.next_connect_at - now, 6))
+        now = pool.next_connect_at
+    assert delays[:3] == [0.15, 0.3, 0.6]  # doubling
+    assert delays[-1] == 3.75 and max(delays) == 3.75  # capped at 5 s, times the jitter
+    # Still one outage: the first failure's time, logged once.
+    assert pool.redis_down_since == 1.0 and caplog.text.count("unreachable") == 1
+    assert pool.dispatch(now, 0, 0) == [Publish(0, 12, MANAGER), OpenConnection(0, 12)]
+    assert pool.connected(0, 12, "conn", now + 2.0) == [Publish(0, 12, READY), Wake(1)]
+    assert pool.redis_down_since is None and pool.next_connect_at == 0.0
+    assert "reachable again after" in caplog.text
+    # The count of failures was reset: the next failure backs off from the start.
+    pool.dispatch(now + 3.0, 0, 1)
+    pool.connect_failed(1, 0, "ConnectionError: refused", now + 3.0)
+    assert pool.next_connect_at == pytest.approx(now + 3.0 + 0.075)
+    assert pool.redis_down_since is None  # a connection is open: Redis is not down
+
+
+def test_outage_probes_with_one_connection_at_a_time(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=4, min_idle=3)
+    assert len(of(OpenConnection, pool.dispatch(0.0, 0, 0))) == 3
+    # While others still connect, one failure is not an outage yet.
+    assert pool.connect_failed(0, 0, "timeout", 0.1) == [Publish(0, 1, CLOSED)]
+    assert pool.redis_down_since is None
+    pool.connect_failed(1, 0, "timeout", 0.2)
+    assert pool.redis_down_since is None
+    assert pool.connect_failed(2, 0, "timeout", 0.3) == [Publish(2, 1, CLOSED), Wake(-1)]
+    assert pool.redis_down_since == 0.3
+    probe = pool.dispatch(pool.next_connect_at, 0, waiters=10)
+    assert probe == [Publish(0, 1, MANAGER), OpenConnection(0, 1)]
+    assert pool.dispatch(pool.next_connect_at + 1.0, 0, waiters=10) == []  # one probe in flight is enough
+
+
+def test_connect_failed_for_a_stale_attempt_is_ignored(make_pool: MakePool) -> None:
+    pool = make_pool()
+    pool.dispatch(0.0, 0, 1)
+    assert pool.connect_failed(0, 1, "x", 1.0) == []
+    assert pool.connect_failed(1, 0, "x", 1.0) == []
+    assert pool.connect_failed(7, 0, "x", 1.0) == []
+    assert pool.counters[keys.REDIS_ERRORS] == 0 and pool.slots[0].state is CONNECTING
+
+
+def test_demand_refused_while_redis_is_down_with_nothing_open(make_pool: MakePool) -> None:
+    pool = make_pool(min_idle=1, redis_label="cache:6379/2", pool_name="api")
+    pool.dispatch(0.0, 0, 0)
+    pool.connect_failed(0, 0, "ConnectionError: Connection refused", 10.0)
+    message = pool.demanded(12.5)
+    assert message == (
+        "Redis at cache:6379/2 unreachable for 2.5 s (last error: ConnectionError: Connection refused); "
+        "pool 'api' has no open connection"
+    )
+    assert pool.outage_message(12.5) == message
+    assert pool.counters[keys.REFUSED_UNAVAILABLE] == 1 and pool.demand == 0
+    # Back up: demand is taken again.
+    pool.dispatch(pool.next_connect_at, 0, 0)
+    connect(pool, [OpenConnection(0, 1)], 13.0)
+    assert pool.demanded(13.0) == "" and pool.demand == 1
+
+
+def test_outage_message_without_an_outage_says_zero_seconds(make_pool: MakePool) -> None:
+    pool = make_pool()
+    assert pool.outage_message(5.0).startswith("Redis at redis unreachable for 0.0 s (last error: )")
+
+
+def test_demand_refused_while_shutting_down(make_pool: MakePool) -> None:
+    pool = make_pool(pool_name="web")
+    open_slots(pool, 1)
+    pool.begin_shutdown()
+    assert pool.demanded(1.0) == "pool 'web' is shutting down"
+    assert pool.demand == 0 and pool.counters[keys.REFUSED_UNAVAILABLE] == 0
+
+
+# ----- what workers gave back -------------------------------------------------------
+
+
+def test_given_back_needing_reset_is_reset_by_the_manager(make_pool: MakePool) -> None:
+    pool = make_pool()
+    (a,) = open_slots(pool, 1)
+    assert pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.0) == [
+        Publish(0, 0, MANAGER), ResetConnection(0, 0, backend(0, 0)),
+    ]
+    assert a.state is MANAGED and pool.counters[keys.RESETS] == 1
+    assert pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.1) == []  # already in repair
+    assert repr(pool) == "<Pool 'default' [conns: 1 open, 0 connecting, 1 in repair]>"
+
+
+def test_given_back_broken_is_discarded_with_a_new_generation(make_pool: MakePool) -> None:
+    pool = make_pool()
+    (a,) = open_slots(pool, 1)
+    assert pool.given_back(0, 0, Outcome.BROKEN, 1.0) == [
+        CloseConnection(backend(0, 0), "returned broken"), Publish(0, 1, CLOSED),
+    ]
+    assert (a.state, a.generation, a.backend) == (EMPTY, 1, None)
+    assert pool.counters[keys.reaped_key("broken")] == 1 and pool.counters[keys.CLOSED] == 1
+    assert pool.given_back(0, 0, Outcome.BROKEN, 1.1) == []  # the old generation is gone
+    assert pool.counters[keys.reaped_key("broken")] == 1
+
+
+def test_given_back_by_a_finder_of_an_abandoned_lease_counts_its_cause(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool()
+    open_slots(pool, 1)
+    actions = pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.0, cause=ReapCause.HOLDER_CLOSED)
+    assert actions == [CloseConnection(backend(0, 0), "reaped: holder_closed"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.reaped_key("holder_closed")] == 1
+    assert pool.counters[keys.RESETS] == 0 and pool.counters[keys.reaped_key("broken")] == 0
+    assert "reaped slot 0 (holder_closed): connection replaced" in caplog.text
+
+
+def test_an_expired_connection_given_back_is_recycled(make_pool: MakePool) -> None:
+    pool = make_pool(max_lifetime=20.0)  # expires at 19.0 (rng 0.5)
+    open_slots(pool, 2)
+    # The holder saw the expiry and gave it back BROKEN: recycling, not breakage.
+    assert pool.given_back(0, 0, Outcome.BROKEN, 19.0) == [CloseConnection(backend(0, 0), "retired"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.RECYCLED] == 1 and pool.counters[keys.reaped_key("broken")] == 0
+    assert pool.given_back(1, 0, Outcome.BROKEN, 18.9)[0] == CloseConnection(backend(1, 0), "returned broken")
+
+
+def test_a_retired_connection_given_back_is_replaced_not_counted_as_recycled(make_pool: MakePool) -> None:
+    pool = make_pool()
+    open_slots(pool, 2)
+    assert pool.retire_all(1.0) == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
+    assert pool.given_back(0, 0, Outcome.NEEDS_RESET, 2.0) == [CloseConnection(backend(0, 0), "retired"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.RECYCLED] == 0 and pool.counters[keys.RESETS] == 0
+    assert not pool.slots[0].retire  # the new generation starts fresh
+    pool.begin_shutdown()
+    assert pool.given_back(1, 0, Outcome.BROKEN, 3.0)[0] == CloseConnection(backend(1, 0), "retired")
+
+
+def test_reset_done_shares_the_slot_again(make_pool: MakePool) -> None:
+    pool = make_pool(max_lifetime=100.0)
+    open_slots(pool, 1)
+    pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.0)
+    assert pool.reset_done(0, 0, True, 2.0) == [Publish(0, 0, READY, expires_at=95.0), Wake(1)]
+    assert pool.slots[0].state is SHARED and pool.slots[0].idle_since == 2.0
+    assert pool.reset_done(0, 0, True, 2.1) == []  # not in repair any more
+
+
+def test_reset_done_failed_replaces_the_connection(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool()
+    open_slots(pool, 1)
+    pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.0)
+    assert pool.reset_done(0, 0, False, 2.0, "TimeoutError: timed out") == [
+        CloseConnection(backend(0, 0), "reset failed"), Publish(0, 1, CLOSED),
+    ]
+    assert "reset of slot 0 failed (TimeoutError: timed out)" in caplog.text
+    assert pool.reset_done(0, 0, False, 2.1) == [] and pool.reset_done(0, 1, True, 2.1) == []
+
+
+@pytest.mark.parametrize("why", ["retire", "shutdown", "expired", "beyond max_connections"])
+def test_reset_done_of_a_connection_that_is_not_wanted_any_more(make_pool: MakePool, why: str) -> None:
+    pool = make_pool(max_connections=2, max_lifetime=100.0)
+    open_slots(pool, 2)
+    pool.given_back(1, 0, Outcome.NEEDS_RESET, 1.0)
+    now = 2.0
+    if why == "retire":
+        assert pool.retire_all(1.5) == [Expire(0, RETIRE_NOW)]  # the one in repair is told later
+    elif why == "shutdown":
+        pool.begin_shutdown()
+    elif why == "expired":
+        now = 95.0
     else:
-        (refusal,) = pool.release(b, lease.id, Outcome.BROKEN, 0.1)
-        assert "held by pid 10" in refusal.message
-        assert pool.slots[0].state is SlotState.LEASED  # not applied
-    assert refusal.code is ErrorCode.RELEASE_REFUSED and refusal.lease_id == lease.id
+        pool.apply_limits(Limits(max_connections=1))
+    assert pool.reset_done(1, 0, True, now) == [CloseConnection(backend(1, 0), "retired"), Publish(1, 1, CLOSED)]
 
 
-def test_outage_fails_waiters_fast_and_probes_with_backoff() -> None:
-    pool = make_pool(max_connections=2)
-    holder = pool.add_holder(1, pid=10, now=0.0)
-    (opening,) = pool.acquire(holder, None, 0.0)
-    (failure,) = pool.connect_failed(opening.slot, opening.generation, "ConnectionError: refused", 0.01)
-    assert failure.code is ErrorCode.REDIS_UNAVAILABLE and "refused" in failure.message
-    (again,) = pool.acquire(holder, None, 0.02)
-    assert again.code is ErrorCode.REDIS_UNAVAILABLE and "unreachable for 0.0 s" in again.message
-    assert pool.next_connect_at > 0.02
-
-
-def test_stale_connection_at_grant_keeps_the_waiters_place() -> None:
-    pool = make_pool(max_connections=2)
-    a = pool.add_holder(1, pid=10, now=0.0)
-    (grant,) = grants(connect_all(pool, pool.acquire(a, None, 0.0)))
-    actions = pool.stale_at_grant(grant.lease, 0.1)
-    assert any(isinstance(x, CloseConnection) for x in actions)
-    assert pool.waiting == 1 and a.waiter is not None
-    # The replacement is opened after a short backoff, not in a tight loop.
-    assert not any(isinstance(x, OpenConnection) for x in actions)
-    assert any(isinstance(x, OpenConnection) for x in pool.expire(pool.next_connect_at))
-
-
-def test_impossible_transition_is_refused() -> None:
+def test_peer_closed_while_idle_replaces_now(make_pool: MakePool) -> None:
     pool = make_pool()
-    with pytest.raises(AssertionError, match="impossible move empty -> leased"):
-        pool._move(pool.slots[0], SlotState.LEASED)
+    open_slots(pool, 1)
+    assert pool.peer_closed(0, 0, locked=True, now=1.0) == [CloseConnection(backend(0, 0), "closed by Redis"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1
+    assert pool.redis_down_since is None  # one closed connection is not an outage
 
 
-def test_repr_tells_the_state() -> None:
-    pool = make_pool(max_connections=2)
-    holder = pool.add_holder(1, pid=10, now=0.0)
-    connect_all(pool, pool.acquire(holder, None, 0.0))
-    assert repr(pool) == "<Pool 'default' [conns: 1 open, 0 idle, 0 connecting | leases: 1 held, 0 waiting]>"
+def test_peer_closed_while_held_marks_it_for_replacement_when_given_back(make_pool: MakePool) -> None:
+    pool = make_pool()
+    open_slots(pool, 1)
+    assert pool.peer_closed(0, 0, locked=False, now=1.0) == []
+    assert pool.slots[0].retire and pool.slots[0].state is SHARED
+    assert pool.given_back(0, 0, Outcome.CLEAN, 2.0) == [CloseConnection(backend(0, 0), "retired"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 0
 
 
-def test_lowering_max_connections_still_opens_an_in_range_slot() -> None:
-    pool = make_pool(max_connections=4, max_waiting=10)
-    holders = [pool.add_holder(i, pid=10 + i, now=0.0) for i in range(4)]
-    for holder in holders:
-        connect_all(pool, pool.acquire(holder, None, 0.0))
-    for holder in holders:
-        lease = next(iter(holder.leases.values()))
-        pool.release(holder, lease.id, Outcome.CLEAN, 0.1)
-    from sharedpool.manager.pool import Limits as L
-    pool.apply_limits(L(max_connections=2, min_idle=0, acquire_timeout=2.0, max_waiting=10), 0.2)
-    a, b = holders[0], holders[1]
-    pool.acquire(a, None, 0.3)
-    pool.acquire(b, None, 0.3)
-    lease = next(iter(a.leases.values()))
-    pool.release(a, lease.id, Outcome.BROKEN, 0.4)  # an in-range slot is now EMPTY
-    actions = pool.acquire(a, None, 0.5)
-    assert [x for x in actions if isinstance(x, OpenConnection)] == [OpenConnection(lease.slot.index, lease.slot.generation)]
+def test_peer_closed_for_a_stale_slot_releases_the_lock_the_loop_took(make_pool: MakePool) -> None:
+    pool = make_pool()
+    open_slots(pool, 1)
+    assert pool.peer_closed(0, 7, locked=True, now=1.0) == [Release(0, 7)]
+    assert pool.peer_closed(0, 7, locked=False, now=1.0) == []
+    assert pool.peer_closed(3, 0, locked=True, now=1.0) == [Release(3, 0)]
+    assert pool.open_connections == 1 and not pool.slots[0].retire
 
 
-def test_stale_grant_keeps_the_original_deadline() -> None:
-    pool = make_pool(max_connections=1)
-    holder = pool.add_holder(1, pid=10, now=0.0)
-    (grant,) = grants(connect_all(pool, pool.acquire(holder, 1.0, 0.0)))
-    pool.stale_at_grant(grant.lease, 0.9)
-    (timeout,) = [a for a in pool.expire(1.0) if isinstance(a, SendError)]
-    assert timeout.code is ErrorCode.TIMEOUT  # not pushed out to 0.9 + acquire_timeout
+def test_discard_replaces_a_shared_connection_only(make_pool: MakePool) -> None:
+    pool = make_pool()
+    open_slots(pool, 1)
+    assert pool.discard(0, 1, "health check failed", 1.0) == []
+    assert pool.discard(0, 0, "health check failed", 1.0) == [
+        CloseConnection(backend(0, 0), "health check failed"), Publish(0, 1, CLOSED),
+    ]
+    assert pool.discard(0, 1, "again", 1.0) == []  # EMPTY now
+
+
+# ----- the sweep ----------------------------------------------------------------------
+
+
+def test_sweep_releases_ready_rows_with_nothing_to_do(make_pool: MakePool) -> None:
+    pool = make_pool(min_idle=2, idle_timeout=10.0, max_lifetime=100.0)
+    a, b = open_slots(pool, 2)
+    assert pool.sweep([ready(a), ready(b)], 5.0, waiters=0) == [Release(0, 0), Release(1, 0)]
+    assert pool.counters[keys.CLOSED] == 0
+
+
+def test_sweep_leaves_a_ready_row_being_taken_alone(make_pool: MakePool) -> None:
+    pool = make_pool(max_lifetime=10.0, idle_timeout=1.0)
+    (a,) = open_slots(pool, 1)
+    pool.retire_all(0.5)
+    # Expired, retired and idle, but its lock is someone else's: no action at all.
+    assert pool.sweep([ready(a, lock_free=False)], 50.0, waiters=0) == []
+    assert a.state is SHARED and pool.counters[keys.CLOSED] == 0
+
+
+def test_sweep_reaps_a_held_row_whose_lock_is_free(make_pool: MakePool) -> None:
+    pool = make_pool(min_idle=1)
+    (a,) = open_slots(pool, 1)
+    actions = pool.sweep([held(a, lock_free=True)], 1.0, waiters=0)
+    assert actions == [
+        CloseConnection(backend(0, 0), "reaped: holder_closed"), Publish(0, 1, CLOSED),
+        # min_idle: a replacement is opened in the same sweep.
+        Publish(0, 1, MANAGER), OpenConnection(0, 1),
+    ]
+    assert pool.counters[keys.reaped_key("holder_closed")] == 1
+
+
+def test_sweep_reaps_a_dead_holder_whose_lock_a_child_kept(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool()
+    (a,) = open_slots(pool, 1)
+    actions = pool.sweep([held(a, pid=777, holder_alive=False)], 1.0, waiters=0)
+    # Without the lock: the new generation's lock byte is another one (table.slot_lock).
+    assert actions == [CloseConnection(backend(0, 0), "holder dead"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.reaped_key("holder_dead")] == 1
+    assert pool.counters[keys.reaped_key("holder_closed")] == 0
+    assert "holder pid 777 is dead but its lock lives on" in caplog.text
+
+
+def test_sweep_leaves_a_live_holder_alone(make_pool: MakePool) -> None:
+    pool = make_pool()
+    (a,) = open_slots(pool, 1)
+    assert pool.sweep([held(a)], 1000.0, waiters=0) == []  # no leak_threshold, no max_lease_time
+    assert pool.counters[keys.LEAK_WARNINGS] == 0
+
+
+def test_leak_warning_once_per_lease_naming_where_it_was_taken(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(leak_threshold=5.0)
+    (a,) = open_slots(pool, 1)
+    pool.sites[(4242, 3)] = "app/views.py:88 in checkout"
+    pool.sites[(9999, 4)] = "someone else's site"
+    caplog.set_level(logging.WARNING, "sharedpool.manager")
+    assert pool.sweep([held(a, acquired_at=10.0, lease_seq=7, site=3)], 14.999, 0) == []
+    assert pool.counters[keys.LEAK_WARNINGS] == 0 and not caplog.records
+    for now in (15.0, 16.0, 60.0):
+        assert pool.sweep([held(a, acquired_at=10.0, lease_seq=7, site=3)], now, 0) == []
+    assert pool.counters[keys.LEAK_WARNINGS] == 1
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "possible leak: pid 4242 has held lease 7 (slot 0) for 5.0 s (leak_threshold 5 s); "
+        "taken at app/views.py:88 in checkout"
+    )
+    # The next lease on the slot is warned about on its own; a site of another pid is not ours.
+    pool.sweep([held(a, acquired_at=70.0, lease_seq=8, site=4)], 80.0, 0)
+    assert pool.counters[keys.LEAK_WARNINGS] == 2
+    assert caplog.records[-1].getMessage().endswith("taken at an unknown place")
+    assert a.state is SHARED and pool.counters[keys.CLOSED] == 0  # a warning, nothing more
+
+
+def test_max_lease_time_revokes_the_lease(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(leak_threshold=1.0, max_lease_time=30.0)
+    (a,) = open_slots(pool, 1)
+    assert pool.sweep([held(a, acquired_at=100.0, lease_seq=5)], 129.9, 0) == []  # warned only
+    actions = pool.sweep([held(a, acquired_at=100.0, lease_seq=5)], 130.0, 0)
+    assert actions == [
+        CloseConnection(backend(0, 0), "revoked: max_lease_time"),
+        Publish(0, 1, CLOSED, revoked_generation=0, revoked_seq=5),
+    ]
+    assert pool.counters[keys.reaped_key("revoked")] == 1 and pool.counters[keys.LEAK_WARNINGS] == 1
+    assert "revoked lease 5 of pid 4242 (slot 0) after 30.0 s: max_lease_time=30 s" in caplog.text
+
+
+def test_revocation_wins_over_a_first_leak_warning(make_pool: MakePool) -> None:
+    pool = make_pool(leak_threshold=1.0, max_lease_time=2.0)
+    (a,) = open_slots(pool, 1)
+    assert of(CloseConnection, pool.sweep([held(a)], 5.0, 0)) == [CloseConnection(backend(0, 0), "revoked: max_lease_time")]
+    assert pool.counters[keys.LEAK_WARNINGS] == 0
+
+
+def test_idle_trimming_keeps_min_idle(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=4, min_idle=1, idle_timeout=10.0)
+    a, b, c = open_slots(pool, 3, now=0.0)
+    # c was used at 5.0 (its lease number moved): its idle time starts then.
+    assert pool.sweep([ready(a), ready(b), ready(c, lease_seq=3)], 5.0, 0) == [Release(0, 0), Release(1, 0), Release(2, 0)]
+    actions = pool.sweep([ready(a), ready(b), ready(c, lease_seq=3)], 10.0, 0)
+    # a is the one kept for min_idle; b goes; c is idle for only 5 s.
+    assert actions == [Release(0, 0), CloseConnection(backend(1, 0), "idle_timeout"), Publish(1, 1, CLOSED), Release(2, 0)]
+    assert pool.counters[keys.IDLE_CLOSED] == 1 and pool.counters[keys.RECYCLED] == 0
+    actions = pool.sweep([ready(a), ready(c, lease_seq=3)], 15.0, 0)
+    assert actions == [Release(0, 0), CloseConnection(backend(2, 0), "idle_timeout"), Publish(2, 1, CLOSED)]
+    assert pool.open_connections == 1
+
+
+def test_idle_timeout_zero_never_trims(make_pool: MakePool) -> None:
+    pool = make_pool(min_idle=0, idle_timeout=0.0)
+    a, b = open_slots(pool, 2)
+    assert pool.sweep([ready(a), ready(b)], 1e6, 0) == [Release(0, 0), Release(1, 0)]
+
+
+def test_max_lifetime_recycles_an_idle_connection(make_pool: MakePool) -> None:
+    pool = make_pool(min_idle=1, max_lifetime=100.0)
+    (a,) = open_slots(pool, 1, now=10.0)  # expires at 105.0
+    assert pool.sweep([ready(a)], 104.999, 0) == [Release(0, 0)]
+    actions = pool.sweep([ready(a)], 105.0, 0)
+    assert actions[:2] == [CloseConnection(backend(0, 0), "max_lifetime reached"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.RECYCLED] == 1 and a.state is CONNECTING  # reopened for min_idle at once
+
+
+@pytest.mark.parametrize("why", ["max_lifetime", "retired"])
+def test_a_connection_replaced_by_the_sweep_is_reopened_for_min_idle_in_that_sweep(make_pool: MakePool, why: str) -> None:
+    """min_idle counts connections that stay: one the sweep just closed is not
+    idle, so its replacement is opened in the same sweep (as it is for a
+    reaped one, test_sweep_reaps_a_held_row_whose_lock_is_free), not one
+    reap_interval later."""
+    pool = make_pool(capacity=4, max_connections=2, min_idle=1, max_lifetime=100.0)
+    (a,) = open_slots(pool, 1, now=10.0)  # expires at 105.0
+    now = 50.0
+    if why == "max_lifetime":
+        now = 105.0
+    else:
+        pool.retire_all(now)
+    actions = pool.sweep([ready(a)], now, waiters=0)
+    assert of(CloseConnection, actions), actions
+    assert of(OpenConnection, actions), f"min_idle=1 and nothing idle left, yet nothing opened: {actions}"
+
+
+def test_sweep_retires_ready_connections_after_retire_all_or_a_lower_max(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=4)
+    a, b, c = open_slots(pool, 3)
+    assert pool.apply_limits(Limits(max_connections=2)) == [Expire(2, RETIRE_NOW)]
+    assert pool.sweep([ready(a), ready(b), ready(c)], 1.0, 0) == [
+        Release(0, 0), Release(1, 0), CloseConnection(backend(2, 0), "retired"), Publish(2, 1, CLOSED),
+    ]
+    assert pool.retire_all(2.0) == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
+    assert of(CloseConnection, pool.sweep([ready(a), ready(b)], 3.0, 0)) == [
+        CloseConnection(backend(0, 0), "retired"), CloseConnection(backend(1, 0), "retired"),
+    ]
+    assert pool.counters[keys.RECYCLED] == 0
+
+
+@pytest.mark.parametrize("state, generation", [(None, 0), (READY, 1), (HELD, 5), (READY, 2**32 - 1)])
+def test_a_scribbled_row_is_repaired_by_replacing_the_connection(make_pool: MakePool, caplog: pytest.LogCaptureFixture,
+                                                                 state: RowState | None, generation: int) -> None:
+    pool = make_pool()
+    open_slots(pool, 1)
+    view = RowView(0, state, generation, lease_seq=3, holder_pid=1, lock_free=True)
+    assert pool.sweep([view], 1.0, 0) == [CloseConnection(backend(0, 0), "row scribbled"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.TABLE_REPAIRS] == 1
+    assert "slot 0: row unreadable or of another generation" in caplog.text
+
+
+@pytest.mark.parametrize("state", [CLOSED, MANAGER])
+def test_a_shared_row_in_a_managers_state_is_repaired(make_pool: MakePool, state: RowState) -> None:
+    pool = make_pool()
+    (a,) = open_slots(pool, 1)
+    actions = pool.sweep([RowView(0, state, 0, lock_free=False)], 1.0, 0)
+    assert actions == [CloseConnection(backend(0, 0), f"row says {state.name} in a shared slot"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.TABLE_REPAIRS] == 1
+
+
+def test_sweep_repairs_rows_given_back_without_a_report(make_pool: MakePool) -> None:
+    pool = make_pool()
+    a, b = open_slots(pool, 2)
+    # Still locked by whoever is writing them: not yet.
+    assert pool.sweep([RowView(0, RowState.RESET, 0), RowView(1, RowState.BROKEN, 0)], 1.0, 0) == []
+    actions = pool.sweep([RowView(0, RowState.RESET, 0, lock_free=True), RowView(1, RowState.BROKEN, 0, lock_free=True)], 2.0, 0)
+    assert actions == [
+        Publish(0, 0, MANAGER), ResetConnection(0, 0, backend(0, 0)),
+        CloseConnection(backend(1, 0), "returned broken"), Publish(1, 1, CLOSED),
+    ]
+    assert pool.counters[keys.RESETS] == 1 and pool.counters[keys.reaped_key("broken")] == 1
+
+
+def test_sweep_releases_locks_of_rows_it_does_not_share(make_pool: MakePool) -> None:
+    pool = make_pool()
+    (a,) = open_slots(pool, 1)
+    pool.given_back(0, 0, Outcome.NEEDS_RESET, 0.5)  # MANAGED now
+    pool.dispatch(0.5, 0, 1)  # slot 1 CONNECTING
+    rows = [
+        RowView(0, READY, 0, lock_free=True), RowView(1, READY, 0, lock_free=True), RowView(2, READY, 0, lock_free=True),
+        RowView(3, HELD, 0, lock_free=False), RowView(-1, READY, 0, lock_free=True), RowView(99, None, 0, lock_free=True),
+    ]
+    assert pool.sweep(rows, 1.0, 0) == [Release(0, 0), Release(1, 0), Release(2, 0), Release(-1, 0), Release(99, 0)]
+    assert pool.counters[keys.CLOSED] == 0 and pool.counters[keys.TABLE_REPAIRS] == 0
+
+
+def test_sweep_opens_for_waiters(make_pool: MakePool) -> None:
+    pool = make_pool(max_connections=3)
+    (a,) = open_slots(pool, 1)
+    assert pool.sweep([held(a)], 1.0, waiters=2) == [
+        Publish(1, 0, MANAGER), OpenConnection(1, 0), Publish(2, 0, MANAGER), OpenConnection(2, 0),
+    ]
+
+
+# ----- admin, reload, shutdown ---------------------------------------------------------
+
+
+def test_pause_and_resume(make_pool: MakePool) -> None:
+    pool = make_pool()
+    assert pool.pause() is None and pool.paused
+    assert pool.resume() == [Wake(-1)] and not pool.paused
+
+
+def test_retire_all_expires_shared_slots_and_marks_the_rest(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=5, max_connections=5)
+    a, b, c = open_slots(pool, 3)
+    pool.given_back(1, 0, Outcome.NEEDS_RESET, 1.0)  # MANAGED
+    pool.dispatch(1.0, idle=0, waiters=1)  # slot 3 CONNECTING
+    assert pool.retire_all(2.0) == [Expire(0, RETIRE_NOW), Expire(2, RETIRE_NOW)]
+    assert [s.retire for s in pool.slots] == [True, True, True, True, False]
+    # The one in repair is replaced when its reset is done.
+    assert of(CloseConnection, pool.reset_done(1, 0, True, 3.0)) == [CloseConnection(backend(1, 0), "retired")]
+
+
+def test_a_connection_opened_before_retire_all_is_never_shared_as_is(make_pool: MakePool) -> None:
+    """``reconnect`` / a new Redis URL: a connection that was being opened when
+    every connection was retired (to the old target, perhaps) must not be
+    lent to workers as an ordinary READY connection. Either it is closed
+    on arrival, or it is published already expired (RETIRE_NOW), so its
+    first holder gives it back for replacement."""
+    pool = make_pool(capacity=4, max_connections=4)
+    open_slots(pool, 1)
+    pool.dispatch(1.0, idle=1, waiters=1)  # slot 1 CONNECTING
+    assert pool.retire_all(2.0) == [Expire(0, RETIRE_NOW)]
+    actions = pool.connected(1, 0, "c1", 3.0)
+    closed = CloseConnection("c1", "retired") in actions
+    published = [a for a in actions if isinstance(a, Publish) and a.state is READY]
+    assert closed or all(p.expires_at == RETIRE_NOW for p in published), (
+        f"a connection opened before retire_all was shared as an ordinary READY one: {actions}"
+    )
+
+
+def test_apply_limits_drains_slots_beyond_the_new_max(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=4, min_idle=0)
+    open_slots(pool, 4)
+    new = Limits(max_connections=1, min_idle=1, idle_timeout=5.0)
+    assert pool.apply_limits(new) == [Expire(1, RETIRE_NOW), Expire(2, RETIRE_NOW), Expire(3, RETIRE_NOW)]
+    assert pool.limits is new and not pool.slots[0].retire
+
+
+def test_apply_limits_above_the_table_is_capped_with_a_warning(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(capacity=4, max_connections=2)
+    new = Limits(max_connections=10)
+    assert pool.apply_limits(new) == []
+    assert pool.limits.max_connections == 4
+    assert "max_connections 10 is above the lease table's 4 rows: using 4 until a restart" in caplog.text
+    assert len(of(OpenConnection, pool.dispatch(1.0, 0, waiters=10))) == 4
+
+
+def test_begin_shutdown_expires_everything_and_wakes_every_waiter(make_pool: MakePool) -> None:
+    pool = make_pool(min_idle=2)
+    open_slots(pool, 2)
+    assert pool.begin_shutdown() == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW), Wake(-1)]
+    assert pool.shutting_down
+    # Idle connections go at the next sweep; nothing is opened again, whatever min_idle says.
+    assert pool.sweep([ready(pool.slots[0]), held(pool.slots[1])], 1.0, waiters=3) == [
+        CloseConnection(backend(0, 0), "retired"), Publish(0, 1, CLOSED),
+    ]
+
+
+def test_close_all_closes_held_and_repairing_connections(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=4)
+    open_slots(pool, 3)
+    pool.given_back(2, 0, Outcome.NEEDS_RESET, 1.0)  # MANAGED
+    pool.dispatch(1.0, idle=0, waiters=1)  # slot 3 CONNECTING: its connection is closed when it arrives
+    pool.begin_shutdown()
+    assert pool.close_all(10.0) == [
+        CloseConnection(backend(0, 0), "shutting down"), Publish(0, 1, CLOSED),
+        CloseConnection(backend(1, 0), "shutting down"), Publish(1, 1, CLOSED),
+        CloseConnection(backend(2, 0), "shutting down"), Publish(2, 1, CLOSED),
+    ]
+    assert pool.open_connections == 0 and pool.count(CONNECTING) == 1
+    assert pool.connected(3, 0, "late", 11.0) == [CloseConnection("late", "shutting down"), Publish(3, 1, CLOSED)]
+    assert pool.close_all(12.0) == []

@@ -64,6 +64,7 @@ _STOPPING = int(Flag.STOPPING)
 _PAUSED = int(Flag.PAUSED)
 _REDIS_DOWN = int(Flag.REDIS_DOWN)
 _READY = int(RowState.READY)
+_BARGE = os.environ.get("SHAREDPOOL_BARGE") == "1"
 
 _POOLS: weakref.WeakSet[SharedConnectionPool] = weakref.WeakSet()
 
@@ -401,7 +402,7 @@ class SharedConnectionPool(redis.ConnectionPool):
                     state = self._thread_state(att)
                     continue
                 raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
-            if not flags and not waiters:
+            if not flags and (_BARGE or not waiters):
                 taken = self._try_slots(att, state, site, started)
             if taken is None:
                 taken = self._wait(att, state, site, started, deadline)

@@ -261,7 +261,9 @@ class Pool:
         self.redis_down_since = None
         self._connect_failures = 0
         self.next_connect_at = 0.0
-        if self.shutting_down or index >= self.limits.max_connections:
+        if self.shutting_down or slot.retire or index >= self.limits.max_connections:
+            # Opened before a reconnect or reload asked for new connections
+            # (maybe to the old target): never shared as it is.
             self._move(slot, SlotState.SHARED)
             return self._discard(slot, "shutting down" if self.shutting_down else "retired", now)
         return self._share(slot, now)
@@ -394,16 +396,16 @@ class Pool:
                 slot.idle_since = now
             if not view.lock_free:
                 continue  # being taken right now
-            idle += 1
             if slot.retire or slot.index >= limits.max_connections:
                 actions += self._discard(slot, "retired", now)
             elif now >= slot.expires_at:
                 self.counters[keys.RECYCLED] += 1
                 actions += self._discard(slot, "max_lifetime reached", now)
-            elif limits.idle_timeout and now - slot.idle_since >= limits.idle_timeout and idle > limits.min_idle:
+            elif limits.idle_timeout and now - slot.idle_since >= limits.idle_timeout and idle >= limits.min_idle:
                 self.counters[keys.IDLE_CLOSED] += 1
                 actions += self._discard(slot, "idle_timeout", now)
             else:
+                idle += 1  # only what stays open counts towards min_idle
                 actions.append(Release(slot.index, slot.generation))
         return actions + self.dispatch(now, idle, waiters)
 

@@ -649,6 +649,8 @@ class Manager:
             elif isinstance(action, Release):
                 if self._held_locks.get(action.slot) == action.generation:
                     self._unlock(action.slot)
+                    if self.table.waiters > 0:
+                        self._wake(1)  # someone may have found it locked by us a moment ago
             elif isinstance(action, OpenConnection):
                 self._open(action)
             elif isinstance(action, ResetConnection):
@@ -1107,7 +1109,7 @@ _LOCKABLE = frozenset({RowState.READY, RowState.HELD, RowState.RESET, RowState.B
 
 def _top_workers(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
     if limit is not None and len(rows) > limit:
-        rows = sorted(rows, key=lambda w: (-w["leases_held"], -w["leases_total"]))[:limit]
+        rows = sorted(rows, key=lambda w: (-w["leases_held"], -w["control_connections"], w["pid"]))[:limit]
     return sorted(rows, key=lambda w: w["pid"])
 
 
