@@ -353,6 +353,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             shown = str(default) if default != "" else "-"
         help_text = f"{spec.metadata['help']} [default: {shown}; env {env_name(spec.name)}]"
+        if "[default:" in spec.metadata["help"]:
+            # The help already says what the default means better than its value.
+            help_text = f"{spec.metadata['help']} [env {env_name(spec.name)}]"
         if spec.name == "socket_path":
             help_text = f"{spec.metadata['help']} [env {env_name(spec.name)} or {SOCKET_ENV_ALIAS}]"
         parser.add_argument(

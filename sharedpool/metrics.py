@@ -61,7 +61,7 @@ _REAPED_FAMILY = "leases_reaped"
 _COUNTER_HELP: dict[str, str] = {
     keys.GRANTED: "Leases taken by workers (read from the lease table).",
     keys.RELEASED: "Leases given back by workers (taken minus held).",
-    keys.REFUSED_UNAVAILABLE: "Demands for a connection refused because Redis was unreachable.",
+    keys.REFUSED_UNAVAILABLE: "Demands for a connection while Redis was unreachable (each starts a new attempt).",
     keys.RESETS: "Connections reset between leases.",
     keys.OPENED: "Redis connections opened.",
     keys.CLOSED: "Redis connections closed.",

@@ -54,6 +54,14 @@ _MAX_WAITING_AT = 20
 _WAITERS_AT = 28
 _HWM_AT = 32
 _TICKET_AT = 36
+# Connect attempts that failed, written by the manager: a waiter that asked
+# for a connection sees it move and stops waiting for a Redis that is down.
+_FAILED_CONNECTS_AT = 64
+# Since when (CLOCK_MONOTONIC) Redis has been unreachable, and its last error:
+# what a worker's RedisUnavailable says, with no round trip to ask.
+_DOWN_SINCE_AT = 72
+_LAST_ERROR_AT = 80
+_LAST_ERROR_SIZE = HEADER_SIZE - _LAST_ERROR_AT
 _FLAGS = struct.Struct("=H")
 _HOT_HEADER = struct.Struct("=H20xi")  # flags and waiters in one read
 _I32 = struct.Struct("=i")
@@ -130,7 +138,7 @@ def take(row: Row, pid: int, start: float, now: float, call_site: int) -> Row:
         raise RowError(f"take from {row.state.name}")
     return replace(
         row, state=RowState.HELD, holder_pid=pid, holder_start=start, acquired_at=now,
-        call_site=call_site, lease_seq=row.lease_seq + 1,
+        call_site=call_site, lease_seq=(row.lease_seq + 1) & 0xFFFFFFFFFFFFFFFF or 1,
     )
 
 
@@ -340,6 +348,24 @@ class Table:
         _U32.pack_into(self.map, _MAX_WAITING_AT, min(count, self.waiter_capacity))
 
     @property
+    def failed_connects(self) -> int:
+        return int(_U32.unpack_from(self.map, _FAILED_CONNECTS_AT)[0])
+
+    def set_failed_connects(self, count: int) -> None:
+        _U32.pack_into(self.map, _FAILED_CONNECTS_AT, count & 0xFFFFFFFF)
+
+    def outage(self) -> tuple[float, str]:
+        """(down since, last error) as the manager last wrote them."""
+        (since,) = _F64.unpack_from(self.map, _DOWN_SINCE_AT)
+        raw = bytes(self.map[_LAST_ERROR_AT : _LAST_ERROR_AT + _LAST_ERROR_SIZE]).split(b"\0", 1)[0]
+        return float(since), raw.decode("utf-8", "replace")
+
+    def set_outage(self, since: float, error: str) -> None:
+        _F64.pack_into(self.map, _DOWN_SINCE_AT, since)
+        data = error.encode("utf-8")[: _LAST_ERROR_SIZE - 1]
+        self.map[_LAST_ERROR_AT : _LAST_ERROR_AT + _LAST_ERROR_SIZE] = data.ljust(_LAST_ERROR_SIZE, b"\0")
+
+    @property
     def waiters(self) -> int:
         return int(_I32.unpack_from(self.map, _WAITERS_AT)[0])
 
@@ -385,7 +411,7 @@ class Table:
         state, row_generation, _pid, _site, seq = _TAKE_READ.unpack_from(self.map, at)
         if state != RowState.READY or row_generation != generation:
             return 0
-        seq += 1
+        seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1  # a scribbled maximum wraps, never raises
         _TAKE_WRITE.pack_into(self.map, at, RowState.HELD, row_generation, pid, call_site, seq, start, now)
         return int(seq)
 
@@ -452,7 +478,7 @@ class Table:
                 _WAITER.pack_into(self.map, self._waiter_at(index), WaiterState.WAITING, pid, token, ticket, now)
                 if index >= hwm:
                     _I32.pack_into(self.map, _HWM_AT, index + 1)
-                self._set_waiters(self._live_waiters())
+                self._set_waiters(max(0, self.waiters) + 1)
                 return index
         return -1
 
@@ -465,7 +491,7 @@ class Table:
             return False
         self.map[self._waiter_at(index)] = WaiterState.FREE
         self._shrink_hwm()
-        self._set_waiters(self._live_waiters())
+        self._set_waiters(max(0, self.waiters - 1))
         return state == WaiterState.WOKEN
 
     def requeue(self, index: int, pid: int, token: int) -> None:

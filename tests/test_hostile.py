@@ -201,6 +201,18 @@ _REPAIRS = ("connections_reset", "connections_closed", "reaped_holder_closed", "
 # ----- size, type, truncation, version, order ------------------------------------------------
 
 
+
+def _flood_without_reading(manager: Any, frame_type: FrameType) -> None:
+    """Send requests and never read a reply: the manager must drop us once they fill our buffer."""
+    with RawPeer(manager.socket_path) as peer:
+        peer.hello()
+        sent = 0
+        with pytest.raises((BrokenPipeError, ConnectionResetError, ConnectionRefusedError)):
+            while sent < 1_000_000:
+                peer.send(protocol.encode_empty(frame_type))
+                sent += 1
+        assert sent > 10
+
 def test_frames_over_the_size_cap_are_refused_and_closed(hostile: Start) -> None:
     manager, good, baseline = hostile()
     for size in (protocol.MAX_FRAME + 1, protocol.MAX_FRAME + 4096, 150_000):
@@ -568,14 +580,7 @@ def test_demand_floods(hostile: Start, admin: redis.Redis) -> None:
         assert len(manager_clients(admin, manager.pool_name)) == REDIS_SLOTS  # type: ignore[attr-defined]
     _roundtrip(manager, good)
     # One that never reads its ACKs is dropped once they fill its buffer.
-    with RawPeer(manager.socket_path) as peer:
-        peer.hello()
-        demands = 0
-        with pytest.raises((BrokenPipeError, ConnectionResetError, ConnectionRefusedError)):
-            while demands < 1_000_000:
-                peer.send(protocol.encode_empty(FrameType.DEMAND))
-                demands += 1
-        assert demands > 10
+    _flood_without_reading(manager, FrameType.DEMAND)
     wait_for(lambda: _log_count(manager, "(not reading its replies)"), what="the reason in the manager's log")
     _roundtrip(manager, good)
     _at_rest(manager, baseline)
@@ -676,14 +681,7 @@ def test_slow_drip_clients(hostile: Start) -> None:
         peer.ping()
 
     # A flood that never reads a reply is dropped once its replies fill the buffer.
-    with RawPeer(manager.socket_path) as peer:
-        peer.hello()
-        pings = 0
-        with pytest.raises((BrokenPipeError, ConnectionResetError, ConnectionRefusedError)):
-            while pings < 1_000_000:
-                peer.send(protocol.encode_empty(FrameType.PING))
-                pings += 1
-        assert pings > 10
+    _flood_without_reading(manager, FrameType.PING)
     _roundtrip(manager, good)
     _at_rest(manager, baseline)
 

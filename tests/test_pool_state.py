@@ -369,21 +369,26 @@ def test_connect_failed_for_a_stale_attempt_is_ignored(make_pool: MakePool) -> N
     assert pool.counters[keys.REDIS_ERRORS] == 0 and pool.slots[0].state is CONNECTING
 
 
-def test_demand_refused_while_redis_is_down_with_nothing_open(make_pool: MakePool) -> None:
+def test_demand_while_redis_is_down_probes_again_soon_instead_of_after_the_backoff(make_pool: MakePool) -> None:
+    """A waiter that needs Redis makes the manager try again within 50 ms (not after
+    the backoff), so a restarted Redis serves the very request that waits."""
     pool = make_pool(min_idle=1, redis_label="cache:6379/2", pool_name="api")
     pool.dispatch(0.0, 0, 0)
-    pool.connect_failed(0, 0, "ConnectionError: Connection refused", 10.0)
-    message = pool.demanded(12.5)
-    assert message == (
-        "Redis at cache:6379/2 unreachable for 2.5 s (last error: ConnectionError: Connection refused); "
-        "pool 'api' has no open connection"
-    )
-    assert pool.outage_message(12.5) == message
-    assert pool.counters[keys.REFUSED_UNAVAILABLE] == 1 and pool.demand == 0
-    # Back up: demand is taken again.
-    pool.dispatch(pool.next_connect_at, 0, 0)
-    connect(pool, [OpenConnection(0, 1)], 13.0)
-    assert pool.demanded(13.0) == "" and pool.demand == 1
+    for attempt in range(6):  # the backoff grows with each failure
+        (open_action,) = [a for a in pool.dispatch(pool.next_connect_at, 0, 0) if isinstance(a, OpenConnection)] or [OpenConnection(0, pool.slots[0].generation)]
+        if pool.slots[0].state is CONNECTING:
+            pool.connect_failed(0, pool.slots[0].generation, "ConnectionError: Connection refused", 10.0 + attempt)
+    failed_at = pool.last_failure_at
+    assert pool.next_connect_at > failed_at + 0.05
+    assert pool.demanded(failed_at + 0.01) == ""
+    assert pool.next_connect_at == pytest.approx(failed_at + 0.05)
+    assert pool.counters[keys.REFUSED_UNAVAILABLE] == 1 and pool.demand == 1
+    assert pool.outage_message(failed_at + 0.01).startswith("Redis at cache:6379/2 unreachable for ")
+    # The probe it asked for succeeds: the demand is served as usual.
+    opens = [a for a in pool.dispatch(pool.next_connect_at, 0, 1) if isinstance(a, OpenConnection)]
+    assert len(opens) == 1
+    connect(pool, opens, failed_at + 0.06)
+    assert pool.redis_down_since is None and pool.demanded(failed_at + 0.07) == ""
 
 
 def test_outage_message_without_an_outage_says_zero_seconds(make_pool: MakePool) -> None:

@@ -96,6 +96,7 @@ class LeasedConnection(Connection):
         self.state = LeaseState.FREE
         self.lease: Lease | None = None
         self.why = ""  # what ended the last lease early (revocation text)
+        self.retry_until = 0.0  # after a lost lease: when redis-py's retries must stop waiting
         self._session_changed = False
         self._in_multi = False
         self._watching = False

@@ -65,6 +65,7 @@ _PAUSED = int(Flag.PAUSED)
 _REDIS_DOWN = int(Flag.REDIS_DOWN)
 _READY = int(RowState.READY)
 _BARGE = os.environ.get("SHAREDPOOL_BARGE") == "1"
+_OPEN_STATES = frozenset({int(RowState.READY), int(RowState.HELD)})
 
 _POOLS: weakref.WeakSet[SharedConnectionPool] = weakref.WeakSet()
 
@@ -132,6 +133,9 @@ class _Attachment:
         self.held = 0  # leases this process holds on this table
         self.detached = False
         self.checked_at = time.monotonic()
+        # Every thread's state, so that detaching closes their descriptions
+        # now rather than at garbage collection.
+        self.thread_states: weakref.WeakSet[_ThreadState] = weakref.WeakSet()
         self.max_lease_time = float(welcome.get("max_lease_time", 0) or 0)
         self.acquire_timeout = float(welcome.get("acquire_timeout", 5.0) or 5.0)
         self.lease_limit = int(welcome.get("max_leases_per_worker", 0) or 0)
@@ -157,14 +161,18 @@ class _ThreadState:
     """One thread's own description of the table, and its wake socket. Closed with the thread."""
 
     def __init__(self, attachment: _Attachment) -> None:
+        self.lock_fd = -1
+        self.wake: socket.socket | None = None
+        self.token = 0
         self.attachment = attachment
         self.pid = os.getpid()
         self.lock_fd = tbl.own_description(attachment.table.fd)
-        self.wake: socket.socket | None = None
-        self.token = 0
+        attachment.thread_states.add(self)
         # Slots this thread holds: its own description does not exclude
         # itself, so these must never be taken for abandoned rows.
         self.held: set[int] = set()
+        # (slot, generation) the manager refused an fd for: not to be taken again.
+        self.avoid: set[tuple[int, int]] = set()
 
     def wake_socket(self) -> socket.socket:
         if self.wake is None:
@@ -314,6 +322,9 @@ class SharedConnectionPool(redis.ConnectionPool):
         for conn in list(att.conns.values()):
             if conn.state is not LeaseState.IN_USE:
                 conn.disconnect()
+        for state in list(att.thread_states):
+            if not state.held and state.pid == os.getpid():
+                state.close()  # a thread holding a lease keeps its lock until it gives it back
         att.channel.close()
 
     def _open_channel(self, deadline: float) -> ControlChannel:
@@ -351,7 +362,7 @@ class SharedConnectionPool(redis.ConnectionPool):
 
     def _thread_state(self, att: _Attachment) -> _ThreadState:
         state: _ThreadState | None = getattr(self._local, "state", None)
-        if state is not None and state.attachment is att:
+        if state is not None and state.attachment is att and state.lock_fd >= 0:
             return state
         if state is not None:
             state.close()
@@ -368,7 +379,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         self._checkpid()
         return self._lease(_caller())
 
-    def _lease(self, site_text: str, conn: LeasedConnection | None = None) -> LeasedConnection:
+    def _lease(self, site_text: str, conn: LeasedConnection | None = None, budget: float = 0.0) -> LeasedConnection:
         """Take a lease and return the connection bound to it (``conn`` rebinds that object).
 
         The whole call is bounded by ``manager_timeout + acquire_timeout``:
@@ -379,18 +390,24 @@ class SharedConnectionPool(redis.ConnectionPool):
         manager_timeout = self.config.manager_timeout
         att = self._attachment
         if att is None or att.detached or started - att.checked_at >= _LIVENESS_S:
-            att = self._attach(started + manager_timeout)
+            att = self._attach(min(started + manager_timeout, budget or float("inf")))
         acquire_timeout = self.config.acquire_timeout or att.acquire_timeout
         final = started + manager_timeout + acquire_timeout
         deadline = started + acquire_timeout
+        if budget:
+            # redis-py's retries re-enter here after each failure: together
+            # they get no more than one call's worth of time.
+            final, deadline = min(final, budget), min(deadline, budget)
         limit = att.lease_limit
         if limit and att.held >= limit:
             raise errors.WorkerLimit(
                 f"pid {att.pid} already holds {limit} leases of pool {att.pool_name!r} (max_leases_per_worker={limit})"
             )
         state = getattr(self._local, "state", None)
-        if state is None or state.attachment is not att:
+        if state is None or state.attachment is not att or state.lock_fd < 0:
             state = self._thread_state(att)
+        if state.avoid:
+            state.avoid.clear()  # the manager has had time to repair what we skipped
         site = att.site_id(site_text) if site_text else 0
         while True:
             taken = None
@@ -412,7 +429,14 @@ class SharedConnectionPool(redis.ConnectionPool):
             try:
                 return self._bind(att, lease, conn, final, started)
             except errors.StaleSlot:
+                # A row that says READY for a generation the manager has not
+                # opened (scribbled): skip it until the manager repairs it.
                 self._give_back(lease, Outcome.CLEAN, used=False)
+                state.avoid.add((slot, generation))
+                if time.monotonic() >= deadline:
+                    raise errors.PoolTimeout(
+                        f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s ({self._pressure(att)})"
+                    ) from None
                 continue
             except BaseException:
                 self._give_back(lease, Outcome.CLEAN, used=False)
@@ -439,6 +463,8 @@ class SharedConnectionPool(redis.ConnectionPool):
     def _try_slot(self, att: _Attachment, state: _ThreadState, slot: int, site: int, started: float) -> tuple[int, int, int] | None:
         table = att.table
         generation = table.generation_of(slot)
+        if state.avoid and (slot, generation) in state.avoid:
+            return None
         offset = tbl.slot_lock(slot, generation)
         if not tbl.try_lock(state.lock_fd, offset):
             return None
@@ -483,7 +509,9 @@ class SharedConnectionPool(redis.ConnectionPool):
             )
         taken: tuple[int, int, int] | None = None
         demanded_at = 0.0
+        failed_before_demand = -1
         abandoned_checked = 0.0
+        woken = False
         try:
             while True:
                 flags = table.hot()[0]
@@ -493,12 +521,32 @@ class SharedConnectionPool(redis.ConnectionPool):
                     taken = self._try_slots(att, state, site, started)
                     if taken is not None:
                         return taken
+                if woken:
+                    # Woken, but the slot went to someone else: wait again,
+                    # keeping our place in line.
+                    woken = False
+                    if tbl.lock_within(state.lock_fd, tbl.HEADER_LOCK, 0.1):
+                        try:
+                            table.requeue(index, att.pid, state.token)
+                        finally:
+                            tbl.unlock(state.lock_fd, tbl.HEADER_LOCK)
                 now = time.monotonic()
                 if now - abandoned_checked >= _RESCAN_S * 4:
                     abandoned_checked = now
                     self._find_abandoned(att, state)
+                if flags & _REDIS_DOWN and failed_before_demand >= 0 and table.failed_connects != failed_before_demand and not self._any_open(att):
+                    # We asked for a connection and the manager's attempt
+                    # failed too: Redis is down, do not wait it out.
+                    since, error = table.outage()
+                    down_for = f"{time.monotonic() - since:.1f} s" if since else "a moment"
+                    raise errors.RedisUnavailable(
+                        f"Redis at {att.welcome.get('redis')} unreachable for {down_for} (last error: {error}); "
+                        f"pool {att.pool_name!r} has no open connection (this request waited "
+                        f"{time.monotonic() - started:.2f} s for the manager's new attempt)"
+                    )
                 if not flags & _PAUSED and now - demanded_at >= 0.5 and self._room_to_open(att):
                     demanded_at = now
+                    failed_before_demand = table.failed_connects
                     self._demand(att, deadline)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -507,16 +555,13 @@ class SharedConnectionPool(redis.ConnectionPool):
                         f"({self._pressure(att, waiting_self=True)})"
                     )
                 if poller.poll(min(remaining, _RESCAN_S) * 1000):
+                    # One datagram per wake; any other still queued just
+                    # makes the next poll return at once.
                     try:
-                        while wake.recv(16):
-                            pass
+                        wake.recv(16)
                     except BlockingIOError:
                         pass
-                    if tbl.lock_within(state.lock_fd, tbl.HEADER_LOCK, 0.1):
-                        try:
-                            table.requeue(index, att.pid, state.token)
-                        finally:
-                            tbl.unlock(state.lock_fd, tbl.HEADER_LOCK)
+                    woken = True
         finally:
             was_woken = False
             # Bounded even here: a frozen holder of the queue's lock must not
@@ -529,6 +574,10 @@ class SharedConnectionPool(redis.ConnectionPool):
                     tbl.unlock(state.lock_fd, tbl.HEADER_LOCK)
             if was_woken and taken is None:
                 self._wake_one(att, state.lock_fd)  # the slot meant for us goes to the next
+
+    def _any_open(self, att: _Attachment) -> bool:
+        table = att.table
+        return any(table.state_of(slot) in _OPEN_STATES for slot in range(table.slots_in_use))
 
     def _room_to_open(self, att: _Attachment) -> bool:
         table = att.table
@@ -553,22 +602,28 @@ class SharedConnectionPool(redis.ConnectionPool):
             offset = tbl.slot_lock(slot, generation)
             if not tbl.try_lock(state.lock_fd, offset):
                 continue
+            report = b""
             try:
                 row = table.row(slot)
                 if row.state is RowState.HELD and row.generation == generation:
                     table.write_row(slot, tbl.found_abandoned(row))
-                    log.warning("slot %d was left held by pid %d, which is gone: reported for replacement", slot, row.holder_pid)
-                    att.channel.notify(protocol.encode_report(slot, generation, row.lease_seq, Outcome.BROKEN, ReportCause.HOLDER_GONE))
+                    log.warning(
+                        "slot %d was left held by pid %d without being given back (the holder died or dropped "
+                        "its lock): reported for replacement", slot, row.holder_pid,
+                    )
+                    report = protocol.encode_report(slot, generation, row.lease_seq, Outcome.BROKEN, ReportCause.HOLDER_GONE)
             except tbl.RowError:
                 pass
             finally:
                 tbl.unlock(state.lock_fd, offset)
+            if report:
+                att.channel.notify(report)  # after unlocking: the manager takes the lock to repair
 
     def _pressure(self, att: _Attachment, waiting_self: bool = False) -> str:
         table = att.table
         states = [table.state_of(slot) for slot in range(table.slots_in_use)]
         held = states.count(RowState.HELD)
-        opening = states.count(RowState.CLOSED) + states.count(RowState.MANAGER)
+        opening = sum(states.count(state) for state in (RowState.CLOSED, RowState.MANAGER, RowState.BROKEN, RowState.RESET))
         others = max(0, table.waiters - (1 if waiting_self else 0))
         words = f"{held} of {len(states)} connections leased, {others} waiting"
         if table.flags & Flag.REDIS_DOWN:
@@ -663,20 +718,26 @@ class SharedConnectionPool(redis.ConnectionPool):
                 connection.settle()  # already given back while redis-py retried
                 return
             raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
-        outcome = connection.outcome()
-        lease = connection.end()
+        lease = connection.lease
         assert lease is not None
-        if outcome is Outcome.BROKEN:
-            connection.disconnect()
-        self._give_back(lease, outcome)
+        outcome = Outcome.BROKEN
+        try:
+            outcome = connection.outcome()
+            if outcome is Outcome.BROKEN:
+                connection.disconnect()
+        finally:
+            # Whatever interrupts the above (a signal handler raising), the
+            # lease ends and its lock is given back: broken if we could not tell.
+            connection.end()
+            self._give_back(lease, outcome)
 
     def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
         att: _Attachment = lease.attachment
         table = att.table
-        att.held -= 1
         offset = tbl.slot_lock(lease.slot, lease.generation)
         report = False
         try:
+            att.held -= 1
             now = time.monotonic()
             if used:
                 table.count_hold(lease.slot, now - lease.taken_at)
@@ -739,10 +800,11 @@ class SharedConnectionPool(redis.ConnectionPool):
                 self._give_back(lease, Outcome.BROKEN)
                 raise errors.LeaseLost(why)
             conn.lose()
+            conn.retry_until = time.monotonic() + self.config.manager_timeout + self._timeouts(att)
             self._give_back(lease, Outcome.BROKEN)
         elif conn.state is not LeaseState.LOST:
             raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
-        self._lease(_caller(), conn)
+        self._lease(_caller(), conn, budget=conn.retry_until)
         sock = conn._sock
         assert sock is not None
         return sock  # type: ignore[return-value]

@@ -153,6 +153,7 @@ Action = OpenConnection | ResetConnection | CloseConnection | Publish | Expire |
 
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 5.0
+_DEMAND_PROBE_S = 0.05
 
 
 @dataclass
@@ -187,6 +188,7 @@ class Pool:
         self.paused = False
         self.redis_down_since: float | None = None
         self.last_connect_error = ""
+        self.last_failure_at = 0.0
         self._connect_failures = 0
         self.next_connect_at = 0.0
         self.demand = 0  # waiters that asked for a connection to be opened
@@ -276,6 +278,7 @@ class Pool:
         self._move(slot, SlotState.EMPTY)
         self.counters[keys.REDIS_ERRORS] += 1
         self.last_connect_error = error
+        self.last_failure_at = now
         self._connect_failures += 1
         delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** min(self._connect_failures, 20))
         self.next_connect_at = now + delay * (0.5 + self._rng() / 2)
@@ -300,8 +303,12 @@ class Pool:
         if self.shutting_down:
             return f"pool {self.limits.pool_name!r} is shutting down"
         if self.redis_down_since is not None and self.open_connections == 0:
+            # Someone needs Redis now: probe soon rather than after the
+            # backoff (at most one attempt per _DEMAND_PROBE_S), so a
+            # restarted Redis serves this very request. The waiter stops
+            # waiting when the attempt fails too (the table says so).
             self.counters[keys.REFUSED_UNAVAILABLE] += 1
-            return self.outage_message(now)
+            self.next_connect_at = min(self.next_connect_at, self.last_failure_at + _DEMAND_PROBE_S)
         self.demand += 1
         return ""
 
@@ -353,11 +360,15 @@ class Pool:
 
     # ----- the sweep ---------------------------------------------------------------
 
-    def sweep(self, rows: list[RowView], now: float, waiters: int) -> list[Action]:
-        """Decide from what the rows say: repairs, leak warnings, revocations, trimming."""
+    def sweep(self, rows: list[RowView], now: float, waiters: int, idle_elsewhere: int = 0) -> list[Action]:
+        """Decide from what the rows say: repairs, leak warnings, revocations, trimming.
+
+        ``idle_elsewhere``: idle connections not among ``rows`` (a sweep of
+        one process's rows), so that ``min_idle`` is not over-counted.
+        """
         actions: list[Action] = []
         limits = self.limits
-        idle = 0
+        idle = idle_elsewhere
         for view in rows:
             slot = self.slots[view.index] if 0 <= view.index < len(self.slots) else None
             if slot is None or slot.state is not SlotState.SHARED:

@@ -476,17 +476,25 @@ class Manager:
             self._alive_cache[key] = alive
         return alive
 
-    def _sweep(self, now: float) -> None:
-        """Read every shared row (untrusted), lock what can be locked, let the core decide."""
+    def _sweep(self, now: float, only_pid: int = 0) -> None:
+        """Read every shared row (untrusted), lock what can be locked, let the core decide.
+
+        ``only_pid``: just the rows that process holds (its channel closed).
+        """
         table = self.table
         self._alive_cache.clear()
         views: list[RowView] = []
+        if not only_pid:
+            self._repair_unshared_rows()
         for slot in self.pool.in_state(SlotState.SHARED):
             index, generation = slot.index, slot.generation
             try:
                 row = table.row(index)
             except tbl.RowError:
-                views.append(RowView(index, None, generation))
+                if not only_pid:
+                    views.append(RowView(index, None, generation))
+                continue
+            if only_pid and (row.state is not RowState.HELD or row.holder_pid != only_pid):
                 continue
             lock_free = False
             if row.generation == generation and row.state in _LOCKABLE:
@@ -507,8 +515,33 @@ class Manager:
                 index, row.state, row.generation, row.lease_seq, row.holder_pid,
                 row.acquired_at, row.call_site, lock_free, alive,
             ))
+        if only_pid:
+            self._perform(self.pool.sweep(views, now, table.waiters, idle_elsewhere=self._ready_count()))
+            return
         self._perform(self.pool.sweep(views, now, table.waiters))
         self._sweep_waiters()
+        # The header's limits are ours: put them back if a worker scribbled.
+        if table.slots_in_use != self.pool.limits.max_connections:
+            table.set_slots_in_use(self.pool.limits.max_connections)
+        if table.max_waiting != min(self.config.max_waiting, table.waiter_capacity):
+            table.set_max_waiting(self.config.max_waiting)
+
+    def _repair_unshared_rows(self) -> None:
+        """Rows of slots the workers do not own right now say what we last wrote, or are rewritten."""
+        table = self.table
+        for slot in self.pool.slots:
+            if slot.state is SlotState.SHARED:
+                continue
+            expected = RowState.CLOSED if slot.state is SlotState.EMPTY else RowState.MANAGER
+            try:
+                row = table.row(slot.index)
+                intact = row.state is expected and row.generation == slot.generation
+            except tbl.RowError:
+                intact = False
+            if not intact:
+                self.counters[keys.TABLE_REPAIRS] += 1
+                log.warning("slot %d: row scribbled while the slot is %s: rewritten", slot.index, slot.state.value)
+                self._publish(Publish(slot.index, slot.generation, expected))
 
     def _sweep_waiters(self) -> None:
         table = self.table
@@ -578,6 +611,10 @@ class Manager:
             flags |= Flag.REDIS_DOWN
         if self.table.flags != flags:
             self.table.set_flags(flags)
+        failed = self.pool.counters[keys.REDIS_ERRORS]
+        if self.table.failed_connects != failed & 0xFFFFFFFF:
+            self.table.set_outage(self.pool.redis_down_since or 0.0, self.pool.last_connect_error)
+            self.table.set_failed_connects(failed)
 
     def _health_check(self, now: float) -> None:
         """An idle connection with EOF or bytes nobody asked for is dead or dirty."""
@@ -643,6 +680,7 @@ class Manager:
             if isinstance(action, Publish):
                 self._publish(action)
             elif isinstance(action, Wake):
+                self._sync_flags()  # what they wake up to read must be there first
                 self._wake(action.count)
             elif isinstance(action, Expire):
                 self.table.set_expiry(action.slot, action.expires_at)
@@ -777,8 +815,9 @@ class Manager:
                 del self.pool.sites[key]
             if sweep:
                 # The process may be gone: a lease it held shows as a row
-                # HELD with a free lock. Look now rather than at the next sweep.
-                self._sweep(time.monotonic())
+                # HELD with a free lock. Look at its rows now rather than at
+                # the next sweep.
+                self._sweep(time.monotonic(), only_pid=client.pid)
 
     def _on_readable(self, client: ControlClient) -> None:
         # A worker's RELEASE and its next ACQUIRE often arrive together:
@@ -904,7 +943,9 @@ class Manager:
                 self._perform(self.pool.dispatch(now, self._ready_count(), self.table.waiters))
             return
         if not self._try_lock(report.slot, report.generation):
-            return  # someone is on it right now; the sweep will find the row
+            # Someone is on it right now (a taker checking it): look again soon.
+            self._next_sweep = min(self._next_sweep, now + 0.05)
+            return
         try:
             found: tbl.Row | None = self.table.row(report.slot)
         except tbl.RowError:
