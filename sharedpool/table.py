@@ -256,6 +256,12 @@ def lock_within(fd: int, offset: int, seconds: float) -> bool:
     """
     if try_lock(fd, offset):
         return True
+    # Its holder is most likely running right now on the other core, or was
+    # preempted: let it finish before sleeping on it.
+    for _ in range(4):
+        os.sched_yield()
+        if try_lock(fd, offset):
+            return True
     deadline = time.monotonic() + seconds
     pause = 20e-6
     while time.monotonic() < deadline:

@@ -163,6 +163,7 @@ class _ThreadState:
     def __init__(self, attachment: _Attachment) -> None:
         self.lock_fd = -1
         self.wake: socket.socket | None = None
+        self.poller = select.poll()
         self.token = 0
         self.attachment = attachment
         self.pid = os.getpid()
@@ -188,6 +189,8 @@ class _ThreadState:
                 sock.close()
                 raise errors.SharedPoolError("could not bind a wake socket for waiting")
             self.wake, self.token = sock, token
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
         return self.wake
 
     def close(self) -> None:
@@ -494,8 +497,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         """
         table = att.table
         wake = state.wake_socket()
-        poller = select.poll()
-        poller.register(wake.fileno(), select.POLLIN)
+        poller = state.poller
         if not tbl.lock_within(state.lock_fd, tbl.HEADER_LOCK, max(0.0, deadline - time.monotonic())):
             raise errors.PoolTimeout(f"no lease from pool {att.pool_name!r} within {self._timeouts(att):.2f} s (the lease table's queue stayed locked)")
         try:
