@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         "admin",
         help="pause | resume | reconnect | reload | shutdown | reap PID (manager's uid or root only)",
         description=(
-            "pause: stop granting (waiters wait); resume: grant again; reconnect: replace every "
+            "pause: stop new leases (takers wait); resume: lease again; reconnect: replace every "
             "connection gracefully; reload: re-read the config like SIGHUP; shutdown: stop like "
             "SIGTERM; reap PID: a worker died, take its leases back now."
         ),

@@ -213,7 +213,7 @@ def _watch(args: argparse.Namespace, fleet: _Fleet, manager: ManagerProcess, mon
             print(f"{now - started:5.1f}s  {len(fleet.alive)} workers served by {in_redis} Redis connections "
                   f"(manager: {stats['connections']['open']} open)  {done} requests "
                   f"({(done - last_requests) / max(now - last_tick, 1e-6):.0f}/s)  "
-                  f"leases {stats['counters'].get('leases_granted', 0)} granted, {_reaped(stats['counters'])} reaped  "
+                  f"leases {stats['counters'].get('leases_granted', 0)} taken, {_reaped(stats['counters'])} reaped  "
                   f"{fleet.killed} workers killed", flush=True)
             last_requests, last_tick = done, now
     except KeyboardInterrupt:
@@ -301,7 +301,7 @@ def _report(
     print(f"  requests:                        {requests} ({requests / max(elapsed, 1e-6):.0f}/s), every read checked")
     print(f"  mismatched reads:                {mismatches}")
     print(f"  errors in workers:               {errors} ({fleet.died} workers died on their own)")
-    print(f"  leases granted:                  {counters.get('leases_granted', 0)}")
+    print(f"  leases taken:                    {counters.get('leases_granted', 0)}")
     inside = f" ({fleet.killed_holding} of the kills landed inside a lease() block)" if fleet.killed else ""
     print(f"  leases reaped from dead workers: {_reaped(counters)}{inside}")
     print(f"  leases still held after the workers stopped: {held}")

@@ -16,7 +16,7 @@ class SharedPoolError(redis.exceptions.RedisError):
 
 
 class PoolTimeout(SharedPoolError, redis.exceptions.TimeoutError):
-    """No lease was granted within the acquire timeout."""
+    """No lease could be taken within the acquire timeout."""
 
 
 class PoolFull(SharedPoolError, redis.exceptions.ConnectionError):
@@ -32,7 +32,7 @@ class RedisUnavailable(SharedPoolError, redis.exceptions.ConnectionError):
 
 
 class ShuttingDown(SharedPoolError, redis.exceptions.ConnectionError):
-    """The manager is stopping and grants no more leases."""
+    """The manager is stopping: no new leases."""
 
 
 class LeaseLost(SharedPoolError, redis.exceptions.ConnectionError):

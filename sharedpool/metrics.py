@@ -130,7 +130,7 @@ def render_prometheus(snapshot: Mapping[str, Any]) -> str:
     family("redis_up", "gauge", "1 when the manager reaches Redis, 0 during an outage.").add(
         0 if snapshot.get("redis_down_for_s") is not None else 1
     )
-    family("paused", "gauge", "1 while an admin 'pause' stops grants.").add(1 if snapshot.get("paused") else 0)
+    family("paused", "gauge", "1 while an admin 'pause' stops new leases.").add(1 if snapshot.get("paused") else 0)
     family("control_connections", "gauge", "Control connections from workers.").add(snapshot.get("control_connections", 0))
 
     reaped: _Family | None = None
