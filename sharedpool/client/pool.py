@@ -64,7 +64,6 @@ _STOPPING = int(Flag.STOPPING)
 _PAUSED = int(Flag.PAUSED)
 _REDIS_DOWN = int(Flag.REDIS_DOWN)
 _READY = int(RowState.READY)
-_BARGE = os.environ.get("SHAREDPOOL_BARGE") == "1"
 _OPEN_STATES = frozenset({int(RowState.READY), int(RowState.HELD)})
 
 _POOLS: weakref.WeakSet[SharedConnectionPool] = weakref.WeakSet()
@@ -415,7 +414,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         site = att.site_id(site_text) if site_text else 0
         while True:
             taken = None
-            flags, waiters = att.table.hot()
+            flags = att.table.hot()[0]
             if flags & _STOPPING:
                 if not att.manager_alive():
                     self._detach(att)
@@ -423,7 +422,12 @@ class SharedConnectionPool(redis.ConnectionPool):
                     state = self._thread_state(att)
                     continue
                 raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
-            if not flags and (_BARGE or not waiters):
+            if not flags:
+                # A free slot is taken even while others are queued (they are
+                # woken oldest first as slots come back): measured on 8
+                # Redis-bound workers on 2 connections, strict hand-off cost
+                # a context switch per lease for ~15% less throughput and a
+                # worse p99 wait, and acquire_timeout still bounds every wait.
                 taken = self._try_slots(att, state, site, started)
             if taken is None:
                 taken = self._wait(att, state, site, started, deadline)
