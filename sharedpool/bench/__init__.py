@@ -1,9 +1,13 @@
 """``sharedpool bench``: sharedpool against plain redis-py (and twemproxy) in one run.
 
-Scenarios (issue 6): S1 single-process GET latency, S2 throughput of W
-workers doing requests of k commands plus CPU and other I/O, S2' the same
-Redis-bound for several C, S3 worker churn, S4 the twemproxy sidecar as
-the established alternative, S5 the manager's lease grant rate.
+Scenarios, with the targets of the lease-table issue (``report`` holds them):
+S1 single-process GET latency, (a) one lease per command, (b) ten commands
+per ``lease()``; S2 throughput of W workers doing requests of k commands
+plus CPU and other I/O; S2' the same Redis-bound for several C; S3 worker
+churn; S4 the twemproxy sidecar as the established alternative; S5 lease
+operations per second, (a) one process alone, (b) W processes handing C
+connections to each other; E2E gunicorn sync workers serving a small WSGI
+app (``wsgi_app``) under wrk, plain and sharedpool per C.
 
 Fairness rules that shape the code:
 
@@ -16,9 +20,10 @@ Fairness rules that shape the code:
 * everything has a deadline, and every child is killed in ``finally``,
   because this runs as a CI smoke test that must never hang.
 
-Layout: ``settings`` (flags), ``rig`` (Redis, managers, twemproxy),
-``workers`` (the forked processes and the runner), ``scenarios``,
-``report`` (targets, table, JSON), ``main`` (``run_bench``).
+Layout: ``settings`` (flags), ``rig`` (Redis, managers, twemproxy,
+gunicorns), ``workers`` (the forked processes and the runner), ``e2e``
+(gunicorn and wrk), ``wsgi_app``, ``scenarios``, ``report`` (targets,
+table, JSON), ``main`` (``run_bench``).
 """
 
 from sharedpool.bench.main import run_bench

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -13,7 +12,7 @@ from typing import Any
 from sharedpool.bench import report
 from sharedpool.bench.report import Report, Results
 from sharedpool.bench.rig import Rig, Skipped
-from sharedpool.bench.scenarios import SCENARIO_RUNNERS, say, s2x_sizes
+from sharedpool.bench.scenarios import SCENARIO_RUNNERS, e2e_sizes, s2x_sizes, say
 from sharedpool.bench.settings import Settings
 
 
@@ -27,8 +26,6 @@ def run_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sharedpool bench: error: {exc}", file=sys.stderr)
         return 2
-    # Worker clients read SHAREDPOOL_STICKY like any client would; S5 pins it off.
-    os.environ["SHAREDPOOL_STICKY"] = "1" if settings.sticky else "0"
     command, started = report.command_line(), time.perf_counter()
     results = Results()
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -50,12 +47,16 @@ def run_bench(args: argparse.Namespace) -> int:
             except Skipped as exc:
                 results.notes.append(f"{exc}: later runs skipped")
                 say(f"{exc}: skipping the remaining runs")
-            cs = s2x_sizes(rig)
+            machine["load"] += f"; {report.load_average()} at end"
+            cs, e2e_cs = s2x_sizes(rig), e2e_sizes(rig) if rig.e2e_missing is None else []
             if settings.scenarios == ("s4",):
                 results.notes.append("S4 runs inside S2 and S2': select them too (--scenarios s2,s2x,s4)")
     finally:
         signal.signal(signal.SIGTERM, previous)
     document = Report(machine, command, rig.settings.public(), results=results, elapsed_s=time.perf_counter() - started)
-    document.rows = report.build_rows(results, document.settings, cs, bool(rig.nutcracker))
+    document.rows = report.build_rows(results, document.settings, cs, bool(rig.nutcracker), e2e_cs)
+    if args.json_file:
+        with open(args.json_file, "w", encoding="utf-8") as handle:
+            handle.write(report.to_json(document) + "\n")
     print(report.to_json(document) if args.json else report.format_table(document), flush=True)
     return 1 if results.errors else 0

@@ -1,7 +1,8 @@
 """What ``sharedpool bench`` measured, judged against the targets, as a table or JSON.
 
-``bench.py`` drives the runs and stores one value per (key, round) in a
-``Results``; this module turns those into rows. Every figure in the table
+``scenarios`` drives the runs and stores one value per (key, round) in a
+``Results``; this module turns those into rows and judges them against
+the targets of the lease-table issue. Every figure in the table
 is the median over rounds. A ratio is the median of the per-round ratios:
 the systems of a round ran back to back, so pairing them cancels most of
 the drift of a shared, noisy machine, which a ratio of two medians would not.
@@ -28,13 +29,19 @@ PLAIN = "plain"
 SHARED = "shared"
 TWEMPROXY = "twemproxy"
 
-# Targets of the project (issue 6). Each is (comparison, threshold).
-S1A_MAX_RATIO = 1.5
-S1B_MAX_RATIO = 1.10
-S2_MIN_RATIO = 0.95
+# Targets of the lease-table issue; every ratio is against plain redis-py (or
+# twemproxy) measured in the same run.
+S1A_MAX_RATIO = 1.0  # one lease per command, GET p50
+S2_MIN_RATIO = 1.0  # W=8, C=2, 5 ms other I/O
+S2X_MIN_RATIO = {2: 0.70, 4: 0.95}  # Redis-bound, by C
 VS_TWEMPROXY_MIN_RATIO = 1.0
-S2X_REACH = 0.9
-S5_MIN_GRANTS = 20_000.0
+VS_TWEMPROXY_FROM_C = 4  # S4 holds from this many connections up
+S5A_MIN_LEASES = 200_000.0  # get_connection + release pairs per second, one process
+E2E_SIZES = (4, 2)
+E2E_MIN_RATIO = {4: 0.95, 2: 0.80}  # gunicorn + wrk requests/s, by C
+
+WAIT_NOTE = ("lease wait = the manager's wait-time histogram (what stats()['wait_time'] summarises), "
+             "this window's part; a figure is the upper bound of its bucket (10 us x 2^i)")
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -95,78 +102,100 @@ def _at_most(limit: float) -> Callable[[float], bool]:
     return lambda value: value <= limit
 
 
+def _at_least(limit: float) -> Callable[[float], bool]:
+    return lambda value: value >= limit
+
+
 def _judge(value: float | None, passes: Callable[[float], bool]) -> str:
     if value is None:
         return "n/a"
     return "PASS" if passes(value) else "MISS"
 
 
-def build_rows(results: Results, settings: dict[str, Any], cs: Sequence[int], twemproxy: bool) -> list[Row]:
+def build_rows(results: Results, settings: dict[str, Any], cs: Sequence[int], twemproxy: bool,
+               e2e_cs: Sequence[int] = ()) -> list[Row]:
     """The table, in scenario order, from whatever keys the run filled."""
     m, rows = results.median, []
     w, k, c = settings["workers"], settings["commands"], settings["max_connections"]
-    for part, block, limit in (("a", "1 lease per command", S1A_MAX_RATIO), ("b", "10 commands per lease()", S1B_MAX_RATIO)):
-        for q in ("p50", "p99"):
-            ratio = results.ratio(f"s1{part}.shared.{q}", f"s1{part}.plain.{q}")
-            row = Row(f"S1({part})", f"GET {q} us/command, {block}", m(f"s1{part}.plain.{q}"), m(f"s1{part}.shared.{q}"),
-                      ratio=ratio, ratio_of=PLAIN)
-            if q == "p50":
-                row.target, row.verdict = f"<= {limit:.2f}x plain", _judge(ratio, _at_most(limit))
-            rows.append(row)
-        if part == "a":
-            rows.append(Row("S1(a)", "CPU us/command, all processes", m("s1a.plain.cpu_us"), m("s1a.shared.cpu_us"),
-                            ratio=results.ratio("s1a.shared.cpu_us", "s1a.plain.cpu_us"), ratio_of=PLAIN))
 
-    label, key = f"W={w} k={k} C={c}, io {settings['io_ms']:g} ms", "s2"
-    rps = Row("S2", f"requests/s ({label})", m(f"{key}.plain.rps"), m(f"{key}.shared.rps"), m(f"{key}.twemproxy.rps"),
-              results.ratio(f"{key}.shared.rps", f"{key}.plain.rps"), PLAIN, f">= {S2_MIN_RATIO:.2f}x plain (C=2, W=8)", decimals=0)
-    rps.verdict = _judge(rps.ratio, lambda r: r >= S2_MIN_RATIO)
-    rows.append(rps)
-    for metric, suffix, decimals in (("p99 request latency ms", "p99_ms", 2), ("CPU ms/request, all processes", "cpu_ms", 2),
-                                     ("peak Redis connections", "peak_clients", 0)):
-        ratio = results.ratio(f"{key}.shared.{suffix}", f"{key}.plain.{suffix}") if suffix != "peak_clients" else None
-        rows.append(Row("S2", metric, m(f"{key}.plain.{suffix}"), m(f"{key}.shared.{suffix}"), m(f"{key}.twemproxy.{suffix}"),
-                        ratio, PLAIN if ratio is not None else "", decimals=decimals))
+    def compare(scenario: str, metric: str, shared: str, plain: str = "", twemproxy: str = "", of: str = PLAIN,
+                target: str = "", passes: Callable[[float], bool] | None = None, decimals: int = 1) -> None:
+        """A row of medians by key; its ratio is the median of per-round ratios shared / ``of``."""
+        base = plain if of == PLAIN else twemproxy
+        ratio = results.ratio(shared, base) if base else None
+        rows.append(Row(scenario, metric, m(plain) if plain else None, m(shared), m(twemproxy) if twemproxy else None,
+                        ratio, of if base else "", target, _judge(ratio, passes) if passes else "-", decimals))
+
+    def waits(scenario: str, metric: str, prefix: str) -> None:
+        p50, p99 = m(prefix + ".wait_p50_ms"), m(prefix + ".wait_p99_ms")
+        if p50 is not None and p99 is not None:
+            rows.append(Row(scenario, metric, text=f"{p50:.2f} / {p99:.2f}"))
+
+    def vs_twemproxy(size: int) -> dict[str, Any]:
+        if size < VS_TWEMPROXY_FROM_C:
+            return {}
+        return {"target": f">= {VS_TWEMPROXY_MIN_RATIO:.2f}x twemproxy", "passes": _at_least(VS_TWEMPROXY_MIN_RATIO)}
+
+    compare("S1(a)", "GET p50 us/command, 1 lease per command", "s1a.shared.p50", "s1a.plain.p50",
+            target=f"<= {S1A_MAX_RATIO:.2f}x plain", passes=_at_most(S1A_MAX_RATIO))
+    compare("S1(a)", "GET p99 us/command, 1 lease per command", "s1a.shared.p99", "s1a.plain.p99")
+    compare("S1(a)", "CPU us/command, all processes", "s1a.shared.cpu_us", "s1a.plain.cpu_us")
+    for q in ("p50", "p99"):
+        compare("S1(b)", f"GET {q} us/command, 10 commands per lease()", f"s1b.shared.{q}", f"s1b.plain.{q}")
+
+    label = f"W={w} k={k} C={c}, io {settings['io_ms']:g} ms"
+    compare("S2", f"requests/s ({label})", "s2.shared.rps", "s2.plain.rps", "s2.twemproxy.rps",
+            target=f">= {S2_MIN_RATIO:.2f}x plain", passes=_at_least(S2_MIN_RATIO), decimals=0)
+    compare("S2", "p99 request latency ms", "s2.shared.p99_ms", "s2.plain.p99_ms", "s2.twemproxy.p99_ms", decimals=2)
+    compare("S2", "CPU ms/request, all processes", "s2.shared.cpu_ms", "s2.plain.cpu_ms", "s2.twemproxy.cpu_ms", decimals=2)
+    rows.append(Row("S2", "peak Redis connections", m("s2.plain.peak_clients"), m("s2.shared.peak_clients"),
+                    m("s2.twemproxy.peak_clients"), decimals=0))
+    waits("S2", "lease wait p50 / p99 ms", "s2.shared")
     if twemproxy:
-        vs = results.ratio(f"{key}.shared.rps", f"{key}.twemproxy.rps")
-        rows.append(Row("S4", f"requests/s as S2 ({label})", None, m(f"{key}.shared.rps"), m(f"{key}.twemproxy.rps"), vs,
-                        TWEMPROXY, f">= {VS_TWEMPROXY_MIN_RATIO:.2f}x twemproxy", _judge(vs, lambda r: r >= VS_TWEMPROXY_MIN_RATIO), 0))
+        compare("S4", f"requests/s as S2 ({label})", "s2.shared.rps", twemproxy="s2.twemproxy.rps", of=TWEMPROXY,
+                decimals=0, **vs_twemproxy(c))
 
-    reached: int | None = None
     for size in cs:
-        key = f"s2x.shared.c{size}.rps"
-        ratio = results.ratio(key, "s2x.plain.rps")
-        rows.append(Row("S2'", f"requests/s, no other I/O, C={size}", m("s2x.plain.rps"), m(key), m(f"s2x.twemproxy.c{size}.rps"),
-                        ratio, PLAIN, decimals=0))
-        if ratio is not None and ratio >= S2X_REACH and reached is None:
-            reached = size
+        shared, proxy = f"s2x.shared.c{size}.rps", f"s2x.twemproxy.c{size}.rps"
+        limit = S2X_MIN_RATIO.get(size)
+        compare("S2'", f"requests/s, no other I/O, W={w} C={size}", shared, "s2x.plain.rps", proxy, decimals=0,
+                target=f">= {limit:.2f}x plain" if limit else "", passes=_at_least(limit) if limit else None)
+        waits("S2'", f"lease wait p50 / p99 ms, C={size}", f"s2x.shared.c{size}")
         if twemproxy:
-            vs = results.ratio(key, f"s2x.twemproxy.c{size}.rps")
-            rows.append(Row("S4", f"requests/s as S2', C={size}", None, m(key), m(f"s2x.twemproxy.c{size}.rps"), vs, TWEMPROXY,
-                            f">= {VS_TWEMPROXY_MIN_RATIO:.2f}x twemproxy", _judge(vs, lambda r: r >= VS_TWEMPROXY_MIN_RATIO), 0))
-    if any(f"s2x.shared.c{size}.rps" in results.values for size in cs):
-        tried = ", ".join(str(size) for size in cs)
-        rows.append(Row("S2'", f"smallest C reaching {S2X_REACH:.1f}x plain",
-                        text=f"C={reached}" if reached is not None else f"none of C={tried}"))
+            compare("S4", f"requests/s as S2', C={size}", shared, twemproxy=proxy, of=TWEMPROXY, decimals=0,
+                    **vs_twemproxy(size))
 
-    rows.append(Row("S3", f"requests/s, restart every {settings['restart_every']} requests", m("s3.plain.rps"), m("s3.shared.rps"),
-                    ratio=results.ratio("s3.shared.rps", "s3.plain.rps"), ratio_of=PLAIN, decimals=0))
+    compare("S3", f"requests/s, restart every {settings['restart_every']} requests", "s3.shared.rps", "s3.plain.rps",
+            decimals=0)
     new = m("s3.shared.new_per_restart")
     rows.append(Row("S3", "new Redis connections per worker restart", m("s3.plain.new_per_restart"), new,
                     target="0 for sharedpool", verdict=_judge(new, lambda v: v == 0), decimals=2))
     rows.append(Row("S3", "worker restarts per run", m("s3.plain.restarts"), m("s3.shared.restarts"), decimals=0))
 
-    grants = m("s5.shared.grants_per_s")
-    rows.append(Row("S5", f"lease grants/s, W={w} acquire+release, C={c}", shared=grants,
-                    target=f">= {S5_MIN_GRANTS:,.0f}/s", verdict=_judge(grants, lambda g: g >= S5_MIN_GRANTS), decimals=0))
-    rows.append(Row("S5", "grant latency p99 us", shared=m("s5.shared.p99_us"), decimals=0))
-    rows.append(Row("S5", "CPU us/grant, workers + manager + Redis", shared=m("s5.shared.cpu_us"), decimals=0))
+    leases = m("s5a.shared.leases_per_s")
+    rows.append(Row("S5(a)", "leases/s, get_connection+release, 1 process", shared=leases,
+                    target=f">= {S5A_MIN_LEASES:,.0f}/s", verdict=_judge(leases, _at_least(S5A_MIN_LEASES)), decimals=0))
+    compare("S5(a)", "us per lease, wall clock", "s5a.shared.us_per_lease", decimals=2)
+    compare("S5(a)", "CPU us per lease, worker + manager + Redis", "s5a.shared.cpu_us", decimals=2)
+    compare("S5(b)", f"hand-offs/s, W={w} processes on C={c}", "s5b.shared.handoffs_per_s",
+            target="report; higher is better", decimals=0)
+    compare("S5(b)", "get_connection p99 us, client side", "s5b.shared.p99_us", decimals=0)
+    compare("S5(b)", "CPU us per hand-off, workers + manager + Redis", "s5b.shared.cpu_us", decimals=1)
+    waits("S5(b)", "lease wait p50 / p99 ms", "s5b.shared")
+
+    http = f"{settings['http_workers']} gunicorn sync workers, wrk -c{settings['wrk_connections']}"
+    for size in e2e_cs:
+        limit = E2E_MIN_RATIO.get(size)
+        compare("E2E", f"requests/s ({http}), C={size}", f"e2e.shared.c{size}.rps", "e2e.plain.rps", decimals=0,
+                target=f">= {limit:.2f}x plain" if limit else "", passes=_at_least(limit) if limit else None)
+        compare("E2E", f"p99 request latency ms, C={size}", f"e2e.shared.c{size}.p99_ms", "e2e.plain.p99_ms", decimals=2)
+        waits("E2E", f"lease wait p50 / p99 ms, C={size}", f"e2e.shared.c{size}")
     wanted = {name.lower() for name in settings["scenarios"]}
     return [row for row in rows if _scenario_id(row.scenario) in wanted]
 
 
 def _scenario_id(scenario: str) -> str:
-    return {"S1(a)": "s1", "S1(b)": "s1", "S2'": "s2x"}.get(scenario, scenario.lower())
+    return {"S1(a)": "s1", "S1(b)": "s1", "S2'": "s2x", "S5(a)": "s5", "S5(b)": "s5"}.get(scenario, scenario.lower())
 
 
 def _number(value: float | None, decimals: int) -> str:
@@ -204,6 +233,8 @@ def format_table(report: Report) -> str:
         f"Figures are medians of {report.settings['rounds']} rounds; a ratio is the median of per-round "
         "ratios (sharedpool / the column named), runs alternating within each round."
     )
+    if any(row.metric.startswith("lease wait") for row in report.rows):
+        lines.append(f"note: {WAIT_NOTE}")
     for note in report.results.notes:
         lines.append(f"note: {note}")
     for error in report.results.errors:
@@ -247,13 +278,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> str:
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def describe_machine(redis_version: str, redis_where: str, twemproxy: str) -> dict[str, Any]:
     physical = psutil.cpu_count(logical=False)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     return {
         "cpu": cpu_model(),
-        "cores": f"{os.cpu_count()} logical, {physical or '?'} physical, {usable} usable; load average {load}",
+        "cores": f"{os.cpu_count()} logical, {physical or '?'} physical, {usable} usable",
+        "load": f"{load_average()} (1, 5, 15 min) at start",
         "os": f"{platform.system()} {platform.release()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "redis-py": redis.__version__,

@@ -1,15 +1,17 @@
-"""What the runs share: a Redis, one manager per C, one twemproxy per C, all stopped by one ExitStack."""
+"""What the runs share: a Redis, a manager and a twemproxy per C, gunicorns for E2E; one ExitStack stops all."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -18,6 +20,8 @@ import psutil
 import redis
 
 from sharedpool import protocol
+from sharedpool import table as tbl
+from sharedpool.bench.e2e import Gunicorn
 from sharedpool.bench.report import SHARED, TWEMPROXY
 from sharedpool.bench.settings import Settings
 from sharedpool.bench.workers import KEY_PREFIX, Job
@@ -139,19 +143,40 @@ class Rig:
         self.admin.set(KEY_PREFIX + "small", b"v" * 16)
         self.nutcracker = shutil.which("nutcracker") if "s4" in settings.scenarios and not args.no_twemproxy else None
         self.twemproxy_version = _version_of(self.nutcracker) if self.nutcracker else ""
+        self.wrk = shutil.which("wrk") if "e2e" in settings.scenarios else None
+        self.has_gunicorn = importlib.util.find_spec("gunicorn") is not None
+        self._gunicorns = 0
 
-    def check_time(self, runs: int = 1) -> None:
+    @property
+    def e2e_missing(self) -> str | None:
+        """Why E2E cannot run here, or None."""
+        if self.wrk is None:
+            return "wrk is not on PATH (Debian: apt-get install wrk)"
+        if not self.has_gunicorn:
+            return "gunicorn is not installed (pip install gunicorn, or the test extra)"
+        return None
+
+    def check_time(self, runs: int = 1, seconds: float | None = None) -> None:
+        """Raise ``Skipped`` when ``runs`` more windows (of ``seconds``, else the duration) would pass the limit."""
         limit = self.settings.time_limit
-        if limit and time.perf_counter() - self.started + runs * (self.settings.duration + 1.0) > limit:
+        window = self.settings.duration if seconds is None else seconds
+        if limit and time.perf_counter() - self.started + runs * (window + 1.0) > limit:
             raise Skipped(f"time limit of {limit:g} s reached")
 
     @staticmethod
-    def _welcome(path: str) -> dict[str, Any]:
+    @contextmanager
+    def _channel(path: str) -> Iterator[ControlChannel]:
+        """A control connection of our own to the manager at ``path``, for one question."""
         channel = ControlChannel(path, connect_timeout=2.0, reply_timeout=5.0)
         try:
-            return channel.welcome
+            yield channel
         finally:
             channel.close()
+
+    @classmethod
+    def _welcome(cls, path: str) -> dict[str, Any]:
+        with cls._channel(path) as channel:
+            return channel.welcome
 
     # ----- systems ----------------------------------------------------------
 
@@ -180,12 +205,24 @@ class Rig:
         return self._managers[connections]
 
     def manager_open(self, path: str) -> int:
-        channel = ControlChannel(path, connect_timeout=2.0, reply_timeout=5.0)
-        try:
+        with self._channel(path) as channel:
             snapshot = channel.request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
-        finally:
-            channel.close()
         return int(snapshot["connections"]["open"])
+
+    def wait_histogram(self, path: str) -> list[int]:
+        """The manager's lease wait-time histogram, the one ``stats()["wait_time"]`` summarises.
+
+        Read from the lease table it hands every client, so that a run can
+        take the difference over its own window: the snapshot's p50/p99 are
+        over the manager's whole life.
+        """
+        with self._channel(path) as channel:
+            geometry = channel.welcome["table"]
+            table = tbl.Table(os.dup(channel.table_fd), int(geometry["capacity"]), int(geometry["waiter_capacity"]))
+            try:
+                return table.histograms(table.capacity)[0]
+            finally:
+                table.close()
 
     def twemproxy(self, connections: int) -> str:
         if connections not in self._twemproxies:
@@ -194,6 +231,15 @@ class Rig:
             self.stack.callback(proxy.stop)
             self._twemproxies[connections] = proxy.start()
         return self._twemproxies[connections].path
+
+    def gunicorn(self, system: str, address: str) -> Gunicorn:
+        """E2E: a launched gunicorn whose workers use ``system`` at ``address``; stopped by the stack at the latest."""
+        env = {"SHAREDPOOL_BENCH_SYSTEM": system, "SHAREDPOOL_BENCH_PROTOCOL": str(self.protocol)}
+        env["SHAREDPOOL_BENCH_SOCKET" if system == SHARED else "SHAREDPOOL_BENCH_REDIS_URL"] = address
+        self._gunicorns += 1
+        server = Gunicorn(self.workdir, f"{system}-{self._gunicorns}", self.settings.http_workers, env)
+        self.stack.callback(server.stop)
+        return server.launch()
 
     def manager_pid(self, path: str) -> int:
         return self._manager_pids.get(path) or self._external_pid

@@ -7,7 +7,9 @@ from array import array
 from collections.abc import Callable
 from dataclasses import replace
 
-from sharedpool.bench.report import PLAIN, SHARED, TWEMPROXY, Results, percentile
+from sharedpool import table as tbl
+from sharedpool.bench.e2e import run_wrk
+from sharedpool.bench.report import E2E_SIZES, PLAIN, SHARED, TWEMPROXY, Results, percentile
 from sharedpool.bench.rig import Rig, Skipped
 from sharedpool.bench.workers import S1_MODES, Job, Run, run_workers
 
@@ -34,6 +36,16 @@ def _rounds(rig: Rig, results: Results, scenario: str, systems: list[Measure]) -
 
 def _us(run: Run, q: float) -> float:
     return percentile(run.sorted_samples(), q) * 1e6
+
+
+def _add_waits(results: Results, prefix: str, round_no: int, waits: list[int] | None) -> str:
+    """Store the lease wait p50/p99 of one window (the manager's histogram); return them as text."""
+    if not waits or not sum(waits):
+        return ""
+    p50, p99 = tbl.percentile(waits, 0.50) * 1e3, tbl.percentile(waits, 0.99) * 1e3
+    results.add(prefix + ".wait_p50_ms", round_no, p50)
+    results.add(prefix + ".wait_p99_ms", round_no, p99)
+    return f", lease wait p50/p99 <= {p50:.2f}/{p99:.2f} ms"
 
 
 def scenario_s1(rig: Rig, results: Results) -> None:
@@ -84,7 +96,7 @@ def _throughput(rig: Rig, results: Results, job: Job, prefix: str) -> Callable[[
         if run.peak_clients is not None:
             results.add(prefix + ".peak_clients", round_no, run.peak_clients)
         return (f"{run.rate:,.0f} req/s, p99 {p99:.2f} ms, peak {run.peak_clients} Redis connections, "
-                f"CPU {run.cpu_per(run.count) * 1e3:.2f} ms/request")
+                f"CPU {run.cpu_per(run.count) * 1e3:.2f} ms/request" + _add_waits(results, prefix, round_no, run.waits))
     return measure
 
 
@@ -151,21 +163,85 @@ def scenario_s3(rig: Rig, results: Results) -> None:
 
 
 def scenario_s5(rig: Rig, results: Results) -> None:
+    """Lease operations: (a) one process alone, (b) W processes on C connections."""
     size = rig.sizes([rig.settings.max_connections])[0]
-    job = Job("grants", SHARED, rig.manager(size), rig.protocol)
+    address = rig.manager(size)
+    alone, contended = Job("leases", SHARED, address, rig.protocol), Job("handoffs", SHARED, address, rig.protocol)
 
-    def measure(round_no: int) -> str:
-        run = run_workers(rig, job, rig.settings.workers)
-        results.add("s5.shared.grants_per_s", round_no, run.rate)
-        results.add("s5.shared.p99_us", round_no, _us(run, 0.99))
-        results.add("s5.shared.cpu_us", round_no, run.cpu_per(run.count) * 1e6)
-        return f"{run.rate:,.0f} grants/s, p99 {_us(run, 0.99):.0f} us"
+    def uncontended(round_no: int) -> str:
+        run = run_workers(rig, alone, 1)
+        results.add("s5a.shared.leases_per_s", round_no, run.rate)
+        results.add("s5a.shared.us_per_lease", round_no, 1e6 / run.rate if run.rate else float("nan"))
+        results.add("s5a.shared.cpu_us", round_no, run.cpu_per(run.count) * 1e6)
+        return f"{run.rate:,.0f} get_connection+release pairs/s ({1e6 / max(run.rate, 1):.2f} us each)"
 
-    _rounds(rig, results, "S5", [(f"sharedpool C={size}", measure)])
+    def handoffs(round_no: int) -> str:
+        run = run_workers(rig, contended, rig.settings.workers)
+        results.add("s5b.shared.handoffs_per_s", round_no, run.rate)
+        results.add("s5b.shared.p99_us", round_no, _us(run, 0.99))
+        results.add("s5b.shared.cpu_us", round_no, run.cpu_per(run.count) * 1e6)
+        return (f"{run.rate:,.0f} hand-offs/s, get_connection p99 {_us(run, 0.99):.0f} us"
+                + _add_waits(results, "s5b.shared", round_no, run.waits))
+
+    _rounds(rig, results, "S5", [("(a) 1 process", uncontended),
+                                 (f"(b) W={rig.settings.workers} on C={size}", handoffs)])
+
+
+def scenario_e2e(rig: Rig, results: Results) -> None:
+    """gunicorn sync workers serving 3 Redis commands per request, loaded by wrk: plain, then sharedpool per C."""
+    if rig.e2e_missing is not None or rig.wrk is None:
+        results.notes.append(f"E2E skipped: {rig.e2e_missing}")
+        return
+    s, wrk = rig.settings, rig.wrk
+    seconds = s.wrk_seconds
+    systems = [(PLAIN, rig.redis_url, "e2e.plain", "plain")]
+    systems += [(SHARED, rig.manager(c), f"e2e.shared.c{c}", f"sharedpool C={c}") for c in e2e_sizes(rig)]
+    rig.check_time(2 * len(systems), seconds)  # room for the warm-up and one round
+    servers = []
+    try:
+        try:
+            for system, address, _key, _label in systems:
+                servers.append(rig.gunicorn(system, address))
+            for server in servers:
+                server.wait_ready()
+            for server in servers:  # warm up: every worker past its first requests, caches and TCP state filled
+                run_wrk(wrk, server.url, s.wrk_connections, 1)
+        except Exception as exc:
+            results.errors.append(f"E2E setup: {exc}")
+            say(f"E2E setup: ERROR {exc}")
+            return
+
+        def load(server_index: int) -> Callable[[int], str]:
+            system, address, key, _label = systems[server_index]
+
+            def measure(round_no: int) -> str:
+                rig.check_time(1, seconds)
+                before = rig.wait_histogram(address) if system == SHARED else None
+                result = run_wrk(wrk, servers[server_index].url, s.wrk_connections, seconds)
+                if result.errors:
+                    raise RuntimeError(f"wrk reported errors: {result.errors}")
+                results.add(key + ".rps", round_no, result.requests_per_s)
+                results.add(key + ".p50_ms", round_no, result.p50_ms)
+                results.add(key + ".p99_ms", round_no, result.p99_ms)
+                waits = None
+                if before is not None:
+                    waits = [after - earlier for after, earlier in zip(rig.wait_histogram(address), before)]
+                return (f"{result.requests_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
+                        + _add_waits(results, key, round_no, waits))
+            return measure
+
+        _rounds(rig, results, "E2E", [(label, load(i)) for i, (_s, _a, _k, label) in enumerate(systems)])
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def e2e_sizes(rig: Rig) -> list[int]:
+    return sorted(rig.sizes(list(E2E_SIZES)), reverse=True)
 
 
 SCENARIO_RUNNERS: dict[str, Callable[[Rig, Results], None]] = {
-    "s1": scenario_s1, "s2": scenario_s2, "s2x": scenario_s2x, "s3": scenario_s3, "s5": scenario_s5,
+    "s1": scenario_s1, "s2": scenario_s2, "s2x": scenario_s2x, "s3": scenario_s3, "s5": scenario_s5, "e2e": scenario_e2e,
 }
 
 

@@ -37,7 +37,7 @@ READY = "ready"
 class Job:
     """Everything a forked worker needs; the parent's state is not to be used there."""
 
-    kind: str  # "latency" (S1, every mode in one process), "requests" (S2, S3), "grants" (S5)
+    kind: str  # "latency" (S1, every mode in one process), "requests" (S2, S3), "leases" (S5a), "handoffs" (S5b)
     system: str  # PLAIN, SHARED or TWEMPROXY
     address: str  # Redis URL, manager socket path or twemproxy socket path
     protocol: int = 3
@@ -53,7 +53,7 @@ class Job:
 
 @dataclass
 class WorkerResult:
-    count: int = 0  # requests (or grants) completed inside the window
+    count: int = 0  # requests (or leases) completed inside the window
     latencies: bytes = b""  # array("d") of seconds
     lived_out: bool = False  # S3: exited because it served its `life` requests
     cpu_s: float = 0.0  # this process's CPU time inside the window
@@ -180,9 +180,32 @@ def _requests_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
                         cpu_s=time.process_time() - cpu_started)
 
 
-def _grants_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
-    # The manager's grant path itself: a sticky lease would skip it.
-    pool = sharedpool.SharedConnectionPool(socket_path=job.address, protocol=job.protocol, sticky=False)
+# S5(a) times this many lease pairs between two looks at the clock, so the
+# clock and the sample list cost nothing next to a pair (~5 µs at target).
+S5A_BATCH = 100
+
+
+def _leases_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
+    """S5(a): get_connection + release pairs, one process, nobody to wait for."""
+    pool = sharedpool.SharedConnectionPool(socket_path=job.address, protocol=job.protocol)
+    get, release, clock = pool.get_connection, pool.release, time.perf_counter
+    batch = range(S5A_BATCH)
+    for _ in range(10):
+        for _ in batch:
+            release(get())
+    end = sync()
+    cpu = time.process_time()
+    count = 0
+    while clock() < end:
+        for _ in batch:
+            release(get())
+        count += S5A_BATCH
+    return WorkerResult(count, cpu_s=time.process_time() - cpu)
+
+
+def _handoffs_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
+    """S5(b): the same pairs in W processes on C < W connections: every lease is a hand-off."""
+    pool = sharedpool.SharedConnectionPool(socket_path=job.address, protocol=job.protocol)
     clock = time.perf_counter
     for _ in range(100):
         pool.release(pool.get_connection())
@@ -203,7 +226,7 @@ def _grants_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
 
 
 _BODIES: dict[str, Callable[[Job, Callable[[], float]], WorkerResult]] = {
-    "latency": _latency_body, "requests": _requests_body, "grants": _grants_body,
+    "latency": _latency_body, "requests": _requests_body, "leases": _leases_body, "handoffs": _handoffs_body,
 }
 
 
@@ -238,6 +261,7 @@ class Run:
     new_connections: int | None = None
     cpu_s: float = 0.0  # workers' CPU in the window, plus Redis's and the sidecar's
     results: list[WorkerResult] = field(default_factory=list)
+    waits: list[int] | None = None  # sharedpool: the manager's wait-time histogram, this window's part
 
     @property
     def rate(self) -> float:
@@ -279,6 +303,7 @@ def run_workers(rig: Rig, job: Job, processes: int, *, sample_clients: bool = Fa
             spawn(job)
         _await_ready(readers, processes)
         received = rig.connections_received() if respawn else 0
+        waits_before = rig.wait_histogram(job.address) if job.system == SHARED and job.kind != "latency" else None
         sidecars = rig.sidecar_pids(job)
         sidecar_cpu = _cpu_seconds(sidecars)
         end = time.perf_counter() + run.seconds
@@ -310,6 +335,8 @@ def run_workers(rig: Rig, job: Job, processes: int, *, sample_clients: bool = Fa
             run.peak_clients = peak - baseline + own_before
         if respawn:
             run.new_connections = rig.connections_received() - received
+        if waits_before is not None:
+            run.waits = [after - before for after, before in zip(rig.wait_histogram(job.address), waits_before)]
         return run
     finally:
         _reap(started)
