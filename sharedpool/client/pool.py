@@ -64,6 +64,11 @@ _STOPPING = int(Flag.STOPPING)
 _PAUSED = int(Flag.PAUSED)
 _REDIS_DOWN = int(Flag.REDIS_DOWN)
 _READY = int(RowState.READY)
+# Yields before queueing when no slot is free. Measured with 8 Redis-bound
+# workers on 2 connections (2 cores): 0 spins 0.41x plain throughput, 4
+# 0.67x, 16 0.81x, 64 0.80x; the price is fairness (a spinning newcomer
+# may take a slot before a queued waiter: p99 wait 10 -> 20 ms there).
+_SPINS = 16
 _OPEN_STATES = frozenset({int(RowState.READY), int(RowState.HELD)})
 
 _POOLS: weakref.WeakSet[SharedConnectionPool] = weakref.WeakSet()
@@ -429,6 +434,14 @@ class SharedConnectionPool(redis.ConnectionPool):
                 # a context switch per lease for ~15% less throughput and a
                 # worse p99 wait, and acquire_timeout still bounds every wait.
                 taken = self._try_slots(att, state, site, started)
+                spins = _SPINS
+                while taken is None and spins:
+                    # Most holds are shorter than a sleep and a wake-up:
+                    # give the CPU away (to Redis, to the holder) and look
+                    # again before paying for the queue.
+                    spins -= 1
+                    os.sched_yield()
+                    taken = self._try_slots(att, state, site, started)
             if taken is None:
                 taken = self._wait(att, state, site, started, deadline)
             slot, generation, seq = taken
