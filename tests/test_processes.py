@@ -9,7 +9,6 @@ import time
 import uuid
 
 import multiprocess
-import pytest
 import redis
 
 import sharedpool

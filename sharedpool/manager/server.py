@@ -15,7 +15,6 @@ import array
 import enum
 import errno
 import fcntl
-import itertools
 import logging
 import os
 import queue
