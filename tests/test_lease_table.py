@@ -18,7 +18,7 @@ import time
 import traceback
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -458,6 +458,21 @@ def test_a_stray_ready_on_an_unopened_row_is_bounded_by_acquire_timeout(start_ma
         holder.disconnect()
 
 
+
+def _until_outcome(socket_path: str, acquire_timeout: float, accept: Callable[[str], bool], what: str) -> list[str]:
+    """Take bounded leases until one's outcome is accepted (within 5 s); return every outcome."""
+    outcomes: list[str] = []
+
+    def accepted() -> bool:
+        outcomes.append(_bounded_lease(socket_path, acquire_timeout=acquire_timeout)[0])
+        return accept(outcomes[-1])
+
+    try:
+        wait_for(accepted, timeout=5, what=what, interval=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; outcomes {outcomes[-2:]}") from None
+    return outcomes
+
 # Regression: the header's slots_in_use and max_waiting were never rewritten
 # after start, so one stray 0 there left the pool unusable until a restart.
 @pytest.mark.parametrize("field", ["slots_in_use", "max_waiting"])
@@ -469,32 +484,16 @@ def test_a_scribbled_header_is_repaired(start_manager, field: str) -> None:
     if field == "slots_in_use":
         table.set_slots_in_use(0)
         # Repaired when a lease can be had again (each try is bounded).
-        outcomes: list[str] = []
-
-        def leased() -> bool:
-            outcomes.append(_bounded_lease(manager.socket_path, acquire_timeout=0.5)[0])
-            return outcomes[-1] == "lease, ECHO said 'mine'"
-
-        try:
-            wait_for(leased, timeout=5, what="a lease after slots_in_use was scribbled to 0", interval=0.1)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; outcomes {outcomes[-2:]}") from None
+        _until_outcome(manager.socket_path, 0.5, lambda o: o == "lease, ECHO said 'mine'",
+                       "a lease after slots_in_use was scribbled to 0")
     else:
         table.set_max_waiting(0)
         held = observer.get_connection()
         try:
             # Repaired when a taker that must wait is queued (and times out)
             # rather than refused at once.
-            outcomes = []
-
-            def queued() -> bool:
-                outcomes.append(_bounded_lease(manager.socket_path, acquire_timeout=0.3)[0])
-                return outcomes[-1].startswith("PoolTimeout")
-
-            try:
-                wait_for(queued, timeout=5, what="a waiter queued after max_waiting was scribbled to 0", interval=0.1)
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}; outcomes {outcomes[-2:]}") from None
+            _until_outcome(manager.socket_path, 0.3, lambda o: o.startswith("PoolTimeout"),
+                           "a waiter queued after max_waiting was scribbled to 0")
         finally:
             observer.release(held)
     assert manager.process is not None and manager.process.poll() is None
@@ -508,16 +507,8 @@ def test_a_scribbled_lease_number_gives_no_foreign_exception(start_manager) -> N
     wait_for(lambda: manager.stats()["connections"]["idle"] == 1, what="the min_idle connection")
     observer, table = _attached_table(manager.socket_path)
     table.map[tbl.ROWS_AT + 16 : tbl.ROWS_AT + 24] = b"\xff" * 8  # the stray write
-    outcomes: list[str] = []
-
-    def leased() -> bool:
-        outcomes.append(_bounded_lease(manager.socket_path, acquire_timeout=0.5)[0])
-        return outcomes[-1] == "lease, ECHO said 'mine'"
-
-    try:
-        wait_for(leased, timeout=5, what="a lease after the slot's lease number was scribbled", interval=0.1)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; outcomes {outcomes[-2:]}") from None
+    outcomes = _until_outcome(manager.socket_path, 0.5, lambda o: o == "lease, ECHO said 'mine'",
+                              "a lease after the slot's lease number was scribbled")
     assert [outcome for outcome in outcomes if outcome.startswith("not a redis error")] == []
     observer.disconnect()
 
@@ -584,12 +575,7 @@ def _fuzz_worker(socket_path: str, worker: int, stop: Any, strict: Any, progress
     while not stop.is_set():
         if strict.is_set() and not in_strict:
             in_strict = True
-            if r is not None:
-                try:
-                    r.close()
-                except Exception:
-                    pass
-                r = None
+            r = _close_quietly(r)
         phase = "strict_" if in_strict else ""
         i += 1
         key, value = f"{prefix}:{i % 50}", f"{worker}-{i}-{uuid.uuid4().hex}"
@@ -609,13 +595,18 @@ def _fuzz_worker(socket_path: str, worker: int, stop: Any, strict: Any, progress
             tally[phase + "errors"] += 1
             if (in_strict or not isinstance(exc, redis.RedisError)) and len(notes) < 20:
                 notes.append(f"{phase}error: {type(exc).__name__}: {exc}")
-            if r is not None:
-                try:
-                    r.close()
-                except Exception:
-                    pass
-            r = None
+            r = _close_quietly(r)
     results.put((worker, tally, notes))
+
+
+def _close_quietly(client: Any) -> None:
+    """Drop a client that may be in any state a scribbled table left it in."""
+    if client is not None:
+        try:
+            client.close()
+        except Exception:
+            pass
+    return None
 
 
 # Where scribbling hurts most (sharedpool/table.py's layout): a write lands on
