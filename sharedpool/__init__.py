@@ -25,6 +25,7 @@ from sharedpool.errors import (  # noqa: E402
     RedisUnavailable,
     SharedPoolError,
     ShuttingDown,
+    WorkerLimit,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "SharedPoolError",
     "SharedRedis",
     "ShuttingDown",
+    "WorkerLimit",
     "__version__",
     "default_socket_path",
 ]
