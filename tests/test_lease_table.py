@@ -272,6 +272,53 @@ def test_threads_of_several_processes_never_share_a_slot(start_manager) -> None:
 # ----- fork while holding a lease --------------------------------------------------------
 
 
+def _hold_in_a_thread_then_fork(socket_path: str, child_pid: Any) -> None:
+    """A worker whose other thread holds a lease forks a long-lived child, then waits to be killed."""
+    pool = sharedpool.SharedConnectionPool(socket_path)
+    taken = threading.Event()
+
+    def hold() -> None:
+        pool.get_connection()
+        taken.set()
+        threading.Event().wait(120)
+
+    threading.Thread(target=hold, daemon=True).start()
+    taken.wait(10)
+    child = os.fork()
+    if child == 0:  # the child: it inherited the holding thread's table description
+        threading.Event().wait(120)
+        os._exit(0)
+    child_pid.send(child)
+    threading.Event().wait(120)
+
+
+def test_a_forked_child_does_not_keep_another_threads_lock_alive(start_manager) -> None:
+    """The child closes every parent thread's description, not only the forking
+    thread's: when the parent dies its lock dies with it (found abandoned),
+    rather than living on in the child (an orphan the sweep must retire)."""
+    manager = start_manager(max_connections=1, min_idle=1, reap_interval=0.2)
+    receiver, sender = ctx.Pipe(duplex=False)
+    parent = ctx.Process(target=_hold_in_a_thread_then_fork, args=(manager.socket_path, sender))
+    parent.start()
+    child = 0
+    try:
+        assert receiver.poll(30)
+        child = receiver.recv()
+        wait_for(lambda: manager.stats()["leases"]["held"] == 1, what="the parent's thread holding the lease")
+        os.kill(parent.pid, signal.SIGKILL)  # joined last: the grandchild holds its sentinel open
+        counters = wait_for(
+            lambda: (c := manager.stats()["counters"])["reaped_holder_closed"] + c["reaped_holder_dead"] >= 1 and c,
+            what="the dead parent's lease reaped",
+        )
+        assert counters["reaped_holder_closed"] == 1 and counters["reaped_holder_dead"] == 0, counters
+        assert psutil.pid_exists(child)
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)  # not ours to reap: a grandchild
+        parent.kill()
+        parent.join(10)
+
+
 def test_fork_while_holding_a_lease(start_manager) -> None:
     manager = start_manager(max_connections=2, min_idle=1, reap_interval=0.2)
     prefix = f"fork:{uuid.uuid4().hex}"

@@ -281,6 +281,11 @@ class SharedConnectionPool(redis.ConnectionPool):
             if state is not None:
                 state.close()
             if old is not None:
+                # Every parent thread's description, not only the forking
+                # thread's: kept open here, one would keep a parent's lock
+                # alive after the parent died (DESIGN fact 12).
+                for thread_state in list(old.thread_states):
+                    thread_state.close()
                 for conn in old.conns.values():
                     conn.shared_pool = None
                     conn.disconnect()
