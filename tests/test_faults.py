@@ -342,13 +342,19 @@ def test_redis_closing_idle_connections_does_not_starve_the_next_request(start_m
         admin.close()
 
 
+
+def _ten_idle_connections(start_manager: Any, own_redis: Any, acquire_timeout: float) -> tuple[Any, Any]:
+    """A manager on our own Redis with 10 idle connections, and a client that has used one."""
+    manager = start_manager(redis_url=own_redis.url, max_connections=10, min_idle=10, reap_interval=0.2)
+    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=acquire_timeout, manager_timeout=1)
+    wait_for(lambda: manager.stats()["connections"]["idle"] == 10, what="10 idle connections")
+    _round_trips(r, 1)
+    return manager, r
+
 @pytest.mark.slow
 def test_redis_restarted_on_the_same_port_under_idle_connections(start_manager, own_redis) -> None:
-    manager = start_manager(redis_url=own_redis.url, max_connections=10, min_idle=10, reap_interval=0.2)
-    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=5, manager_timeout=1)
+    manager, r = _ten_idle_connections(start_manager, own_redis, acquire_timeout=5)
     try:
-        wait_for(lambda: manager.stats()["connections"]["idle"] == 10, what="10 idle connections")
-        _round_trips(r, 1)
         own_redis.stop()
         # A restart as long as real ones: the manager has seen Redis gone
         # and backs off between attempts to reconnect.
@@ -372,11 +378,8 @@ _ALONE = re.compile(r"\(\d+ of \d+ connections leased, \d+ waiting\)$")
 
 @pytest.mark.slow
 def test_errors_with_redis_stopped_say_why(start_manager, own_redis) -> None:
-    manager = start_manager(redis_url=own_redis.url, max_connections=10, min_idle=10, reap_interval=0.2)
-    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=0.3, manager_timeout=1)
+    manager, r = _ten_idle_connections(start_manager, own_redis, acquire_timeout=0.3)
     try:
-        wait_for(lambda: manager.stats()["connections"]["idle"] == 10, what="10 idle connections")
-        _round_trips(r, 1)
         own_redis.stop()
         messages = []
         for _ in range(5):  # from the first moment (dead idle connections) to the outage the manager knows

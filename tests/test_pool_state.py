@@ -373,11 +373,10 @@ def test_demand_while_redis_is_down_probes_again_soon_instead_of_after_the_backo
     """A waiter that needs Redis makes the manager try again within 50 ms (not after
     the backoff), so a restarted Redis serves the very request that waits."""
     pool = make_pool(min_idle=1, redis_label="cache:6379/2", pool_name="api")
-    pool.dispatch(0.0, 0, 0)
     for attempt in range(6):  # the backoff grows with each failure
-        (open_action,) = [a for a in pool.dispatch(pool.next_connect_at, 0, 0) if isinstance(a, OpenConnection)] or [OpenConnection(0, pool.slots[0].generation)]
-        if pool.slots[0].state is CONNECTING:
-            pool.connect_failed(0, pool.slots[0].generation, "ConnectionError: Connection refused", 10.0 + attempt)
+        pool.dispatch(pool.next_connect_at, 0, 0)
+        assert pool.slots[0].state is CONNECTING
+        pool.connect_failed(0, pool.slots[0].generation, "ConnectionError: Connection refused", 10.0 + attempt)
     failed_at = pool.last_failure_at
     assert pool.next_connect_at > failed_at + 0.05
     assert pool.demanded(failed_at + 0.01) == ""

@@ -115,10 +115,6 @@ class LeasedConnection(Connection):
     def _host_error(self) -> str:
         return f"{self.redis_label} (sharedpool slot {self.slot})"
 
-    @property
-    def lease_id(self) -> int:
-        return self.lease.id if self.lease is not None else 0
-
     # ----- lease lifecycle (called by the pool) ----------------------------
 
     def begin(self, lease: Lease, sock: socket.socket | None = None) -> None:

@@ -115,8 +115,11 @@ class CloseConnection:
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """Write the slot's row as the manager's own (READY, CLOSED or MANAGER) and
-    drop any lock the manager holds on an older generation of it."""
+    """Write the slot's row as the manager's own (READY, CLOSED or MANAGER).
+
+    READY and CLOSED also drop the slot's lock if the manager holds it
+    (whatever generation it took it at); MANAGER keeps it: the manager is
+    still working on the connection."""
 
     slot: int
     generation: int

@@ -92,7 +92,7 @@ class ClientState(enum.Enum):
 class ControlClient:
     """One accepted control connection (one per worker process, plus one-shot admin ones)."""
 
-    __slots__ = ("sock", "pid", "uid", "state", "accepted_at", "label", "start")
+    __slots__ = ("sock", "pid", "uid", "state", "accepted_at", "label")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int, now: float) -> None:
         self.sock = sock
@@ -101,7 +101,6 @@ class ControlClient:
         self.state = ClientState.HANDSHAKE
         self.accepted_at = now
         self.label = f"pid {pid} uid {uid}"
-        self.start = 0.0
 
 
 class Manager:
@@ -1164,13 +1163,6 @@ def _alive(pid: int, create_time: float) -> bool:
         return False
     except (psutil.AccessDenied, OSError):
         return True  # cannot tell (no permission, no fds left): never reap on a guess
-
-
-def _create_time(pid: int) -> float:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.Error, OSError):
-        return 0.0
 
 
 def _raise_fd_limit() -> None:
