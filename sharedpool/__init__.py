@@ -11,7 +11,15 @@ In a worker::
 
 __version__ = "0.1.0"
 
-from sharedpool.client import LeasedConnection, Redis, SharedConnectionPool, SharedRedis  # noqa: E402
+from sharedpool.client import (  # noqa: E402
+    LeasedConnection,
+    Redis,
+    SharedConnectionPool,
+    SharedRedis,
+    after_fork_in_child,
+    close_control_channels,
+    release_process_state,
+)
 from sharedpool.config import ClientConfig, ManagerConfig, default_socket_path  # noqa: E402
 from sharedpool.errors import (  # noqa: E402
     ConfigError,
@@ -48,5 +56,8 @@ __all__ = [
     "ShuttingDown",
     "WorkerLimit",
     "__version__",
+    "after_fork_in_child",
+    "close_control_channels",
+    "release_process_state",
     "default_socket_path",
 ]

@@ -16,7 +16,6 @@ other) and, once it has had to wait, a datagram socket it is woken on.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import random
@@ -37,6 +36,7 @@ from redis.retry import Retry
 
 from sharedpool import errors, protocol
 from sharedpool import table as tbl
+from sharedpool.client import process
 from sharedpool.client.channel import ControlChannel
 from sharedpool.client.connection import Lease, LeasedConnection, LeaseState
 from sharedpool.config import client_config
@@ -70,8 +70,6 @@ _READY = int(RowState.READY)
 # may take a slot before a queued waiter: p99 wait 10 -> 20 ms there).
 _SPINS = 16
 _OPEN_STATES = frozenset({int(RowState.READY), int(RowState.HELD)})
-
-_POOLS: weakref.WeakSet[SharedConnectionPool] = weakref.WeakSet()
 
 _OUR_DIRS = tuple(
     os.path.dirname(module.__file__) + os.sep
@@ -251,7 +249,7 @@ class SharedConnectionPool(redis.ConnectionPool):
             "retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries=3)
         )
         super().__init__(connection_class=LeasedConnection, **connection_kwargs)
-        _POOLS.add(self)
+        process.register(self)
 
     def __repr__(self) -> str:
         att = self._attachment
@@ -991,31 +989,3 @@ def Redis(
     client = SharedRedis(connection_pool=pool, single_connection_client=single_connection_client)
     client.auto_close_connection_pool = True
     return client
-
-
-def all_pools() -> list[SharedConnectionPool]:
-    """Every live ``SharedConnectionPool`` of this process (for server integrations)."""
-    return list(_POOLS)
-
-
-def _reset_pools_in_child() -> None:
-    for pool in list(_POOLS):
-        try:
-            pool.after_fork_in_child()
-        except Exception:  # never let one pool break a fork
-            log.debug("pool reset after fork failed", exc_info=True)
-
-
-def _close_at_exit() -> None:
-    # A worker leaving normally closes its descriptions: the manager sees
-    # its channel end and nothing is left for a sweep to find.
-    for pool in list(_POOLS):
-        try:
-            if pool.pid == os.getpid():
-                pool.disconnect(inuse_connections=False)
-        except Exception:
-            pass
-
-
-os.register_at_fork(after_in_child=_reset_pools_in_child)
-atexit.register(_close_at_exit)

@@ -12,9 +12,9 @@ This module holds what both need, independent of any server:
   ``SHAREDPOOL_*`` environment variables and keyword overrides;
 * ``EmbeddedManager``: a manager run as a child of the server's master,
   restarted when it dies and stopped with the master;
-* ``after_fork_in_child()``, ``release_process_state()`` and
-  ``close_control_channels()``: what a master, a fresh worker and a dying
-  worker do with the client state of their process.
+* re-exported from ``sharedpool.client.process`` (the public client hooks):
+  ``after_fork_in_child()``, ``release_process_state()`` and
+  ``close_control_channels()``.
 
 Environment variables read here (the manager's own settings, such as
 ``SHAREDPOOL_REDIS_URL`` or ``SHAREDPOOL_MAX_CONNECTIONS``, are read by the
@@ -62,7 +62,7 @@ from typing import IO, Any
 
 from sharedpool import config as _config
 from sharedpool import errors
-from sharedpool.client import pool as _client_pool
+from sharedpool.client.process import after_fork_in_child, close_control_channels, release_process_state
 from sharedpool.client.channel import ControlChannel
 from sharedpool.config import ENV_PREFIX, SOCKET_ENV_ALIAS, ManagerConfig
 
@@ -610,47 +610,3 @@ def _answers(socket_path: str) -> bool:
         return False
     finally:
         channel.close()
-
-
-# ----- client state across fork and death ----------------------------------------
-
-
-def after_fork_in_child() -> None:
-    """In a fresh worker: start every ``SharedConnectionPool`` afresh.
-
-    ``os.fork()`` already runs this through ``os.register_at_fork``; servers
-    that fork in C (uWSGI, unless ``py-call-uwsgi-fork-hooks``) do not, so
-    their ``postfork`` hook calls it. Idempotent.
-    """
-    for pool in _client_pool.all_pools():
-        pool.after_fork_in_child()
-
-
-def release_process_state() -> None:
-    """Close this process's control channels and cached fds (not leases in use).
-
-    A master calls it before forking so its workers inherit nothing of it
-    (an app preloaded in the master may have used Redis at import time).
-    """
-    for pool in _client_pool.all_pools():
-        try:
-            pool.disconnect(inuse_connections=False)
-        except Exception:
-            log.debug("could not release %r", pool, exc_info=True)
-
-
-def close_control_channels() -> int:
-    """End every lease and control channel of this process at once; return how many.
-
-    For a worker about to die while a request may be stuck holding a lease
-    (gunicorn's ``worker_abort``): the manager shuts those connections down,
-    which also wakes a thread blocked reading from Redis, and replaces them.
-    Takes no lock, because the thread that was interrupted may hold one.
-    """
-    ended = 0
-    for pool in _client_pool.all_pools():
-        try:
-            ended += pool.abort()
-        except Exception:
-            log.debug("could not abort %r", pool, exc_info=True)
-    return ended
