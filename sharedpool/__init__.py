@@ -23,10 +23,12 @@ from sharedpool.client import (  # noqa: E402
 from sharedpool.config import ClientConfig, ManagerConfig, default_socket_path  # noqa: E402
 from sharedpool.errors import (  # noqa: E402
     ConfigError,
+    DatabaseNotServed,
     Forbidden,
     LeaseError,
     LeaseLost,
     ManagerUnavailable,
+    Misconfigured,
     PoolFull,
     PoolTimeout,
     ProtocolMismatch,
@@ -39,12 +41,14 @@ from sharedpool.errors import (  # noqa: E402
 __all__ = [
     "ClientConfig",
     "ConfigError",
+    "DatabaseNotServed",
     "Forbidden",
     "LeaseError",
     "LeaseLost",
     "LeasedConnection",
     "ManagerConfig",
     "ManagerUnavailable",
+    "Misconfigured",
     "PoolFull",
     "PoolTimeout",
     "ProtocolMismatch",

@@ -3,7 +3,13 @@
 Errors a caller may meet in the middle of a Redis command subclass the
 redis-py exceptions code already catches: a pool timeout is a
 ``redis.TimeoutError``, an unreachable manager or Redis a
-``redis.ConnectionError``. Configuration mistakes are ``ValueError``s.
+``redis.ConnectionError``, so that redis-py's retries and the retry loops
+of libraries (rq, Celery, django-redis) treat them as the outages they are.
+
+A mistake that retrying cannot fix (a protocol or database the manager does
+not serve, a uid it refuses) is a ``Misconfigured``, which is *not* a
+``ConnectionError``: a retry loop must not spin on it. Bad configuration
+values are ``ConfigError``, a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -51,12 +57,20 @@ class StaleSlot(SharedPoolError):
     """Internal: the slot was replaced between reading its row and asking for its fd."""
 
 
-class Forbidden(SharedPoolError, redis.exceptions.ConnectionError):
+class Misconfigured(SharedPoolError):
+    """Client and manager cannot work together as configured; retrying will not help."""
+
+
+class Forbidden(Misconfigured):
     """The manager refused this process (uid not allowed, admin denied)."""
 
 
-class ProtocolMismatch(SharedPoolError, redis.exceptions.ConnectionError):
-    """Client and manager disagree on the wire protocol, RESP version or db."""
+class ProtocolMismatch(Misconfigured):
+    """Client and manager disagree on the wire protocol or the RESP version."""
+
+
+class DatabaseNotServed(ProtocolMismatch):
+    """The client asked for a database the manager does not serve."""
 
 
 class ConfigError(ValueError):
