@@ -382,17 +382,11 @@ def test_demand_while_redis_is_down_probes_again_soon_instead_of_after_the_backo
     assert pool.demanded(failed_at + 0.01) == ""
     assert pool.next_connect_at == pytest.approx(failed_at + 0.05)
     assert pool.counters[keys.REFUSED_UNAVAILABLE] == 1 and pool.demand == 1
-    assert pool.outage_message(failed_at + 0.01).startswith("Redis at cache:6379/2 unreachable for ")
     # The probe it asked for succeeds: the demand is served as usual.
     opens = [a for a in pool.dispatch(pool.next_connect_at, 0, 1) if isinstance(a, OpenConnection)]
     assert len(opens) == 1
     connect(pool, opens, failed_at + 0.06)
     assert pool.redis_down_since is None and pool.demanded(failed_at + 0.07) == ""
-
-
-def test_outage_message_without_an_outage_says_zero_seconds(make_pool: MakePool) -> None:
-    pool = make_pool()
-    assert pool.outage_message(5.0).startswith("Redis at redis unreachable for 0.0 s (last error: )")
 
 
 def test_demand_refused_while_shutting_down(make_pool: MakePool) -> None:
@@ -451,7 +445,7 @@ def test_an_expired_connection_given_back_is_recycled(make_pool: MakePool) -> No
 def test_a_retired_connection_given_back_is_replaced_not_counted_as_recycled(make_pool: MakePool) -> None:
     pool = make_pool()
     open_slots(pool, 2)
-    assert pool.retire_all(1.0) == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
+    assert pool.retire_all() == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
     assert pool.given_back(0, 0, Outcome.NEEDS_RESET, 2.0) == [CloseConnection(backend(0, 0), "retired"), Publish(0, 1, CLOSED)]
     assert pool.counters[keys.RECYCLED] == 0 and pool.counters[keys.RESETS] == 0
     assert not pool.slots[0].retire  # the new generation starts fresh
@@ -486,7 +480,7 @@ def test_reset_done_of_a_connection_that_is_not_wanted_any_more(make_pool: MakeP
     pool.given_back(1, 0, Outcome.NEEDS_RESET, 1.0)
     now = 2.0
     if why == "retire":
-        assert pool.retire_all(1.5) == [Expire(0, RETIRE_NOW)]  # the one in repair is told later
+        assert pool.retire_all() == [Expire(0, RETIRE_NOW)]  # the one in repair is told later
     elif why == "shutdown":
         pool.begin_shutdown()
     elif why == "expired":
@@ -522,14 +516,16 @@ def test_peer_closed_for_a_stale_slot_releases_the_lock_the_loop_took(make_pool:
     assert pool.open_connections == 1 and not pool.slots[0].retire
 
 
-def test_discard_replaces_a_shared_connection_only(make_pool: MakePool) -> None:
+def test_failed_health_check_replaces_a_shared_connection_only(make_pool: MakePool) -> None:
     pool = make_pool()
     open_slots(pool, 1)
-    assert pool.discard(0, 1, "health check failed", 1.0) == []
-    assert pool.discard(0, 0, "health check failed", 1.0) == [
+    assert pool.health_check_failed(0, 1, 1.0) == []
+    assert pool.health_check_failed(0, 0, 1.0) == [
         CloseConnection(backend(0, 0), "health check failed"), Publish(0, 1, CLOSED),
     ]
-    assert pool.discard(0, 1, "again", 1.0) == []  # EMPTY now
+    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1 and pool.counters[keys.CLOSED] == 1
+    assert pool.health_check_failed(0, 1, 1.0) == []  # EMPTY now
+    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1
 
 
 # ----- the sweep ----------------------------------------------------------------------
@@ -545,7 +541,7 @@ def test_sweep_releases_ready_rows_with_nothing_to_do(make_pool: MakePool) -> No
 def test_sweep_leaves_a_ready_row_being_taken_alone(make_pool: MakePool) -> None:
     pool = make_pool(max_lifetime=10.0, idle_timeout=1.0)
     (a,) = open_slots(pool, 1)
-    pool.retire_all(0.5)
+    pool.retire_all()
     # Expired, retired and idle, but its lock is someone else's: no action at all.
     assert pool.sweep([ready(a, lock_free=False)], 50.0, waiters=0) == []
     assert a.state is SHARED and pool.counters[keys.CLOSED] == 0
@@ -584,8 +580,8 @@ def test_sweep_leaves_a_live_holder_alone(make_pool: MakePool) -> None:
 def test_leak_warning_once_per_lease_naming_where_it_was_taken(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
     pool = make_pool(leak_threshold=5.0)
     (a,) = open_slots(pool, 1)
-    pool.sites[(4242, 3)] = "app/views.py:88 in checkout"
-    pool.sites[(9999, 4)] = "someone else's site"
+    pool.note_site(4242, 3, "app/views.py:88 in checkout")
+    pool.note_site(9999, 4, "someone else's site")
     caplog.set_level(logging.WARNING, "sharedpool.manager")
     assert pool.sweep([held(a, acquired_at=10.0, lease_seq=7, site=3)], 14.999, 0) == []
     assert pool.counters[keys.LEAK_WARNINGS] == 0 and not caplog.records
@@ -666,7 +662,7 @@ def test_a_connection_replaced_by_the_sweep_is_reopened_for_min_idle_in_that_swe
     if why == "max_lifetime":
         now = 105.0
     else:
-        pool.retire_all(now)
+        pool.retire_all()
     actions = pool.sweep([ready(a)], now, waiters=0)
     assert of(CloseConnection, actions), actions
     assert of(OpenConnection, actions), f"min_idle=1 and nothing idle left, yet nothing opened: {actions}"
@@ -679,7 +675,7 @@ def test_sweep_retires_ready_connections_after_retire_all_or_a_lower_max(make_po
     assert pool.sweep([ready(a), ready(b), ready(c)], 1.0, 0) == [
         Release(0, 0), Release(1, 0), CloseConnection(backend(2, 0), "retired"), Publish(2, 1, CLOSED),
     ]
-    assert pool.retire_all(2.0) == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
+    assert pool.retire_all() == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
     assert of(CloseConnection, pool.sweep([ready(a), ready(b)], 3.0, 0)) == [
         CloseConnection(backend(0, 0), "retired"), CloseConnection(backend(1, 0), "retired"),
     ]
@@ -754,7 +750,7 @@ def test_retire_all_expires_shared_slots_and_marks_the_rest(make_pool: MakePool)
     a, b, c = open_slots(pool, 3)
     pool.given_back(1, 0, Outcome.NEEDS_RESET, 1.0)  # MANAGED
     pool.dispatch(1.0, idle=0, waiters=1)  # slot 3 CONNECTING
-    assert pool.retire_all(2.0) == [Expire(0, RETIRE_NOW), Expire(2, RETIRE_NOW)]
+    assert pool.retire_all() == [Expire(0, RETIRE_NOW), Expire(2, RETIRE_NOW)]
     assert [s.retire for s in pool.slots] == [True, True, True, True, False]
     # The one in repair is replaced when its reset is done.
     assert of(CloseConnection, pool.reset_done(1, 0, True, 3.0)) == [CloseConnection(backend(1, 0), "retired")]
@@ -769,7 +765,7 @@ def test_a_connection_opened_before_retire_all_is_never_shared_as_is(make_pool: 
     pool = make_pool(capacity=4, max_connections=4)
     open_slots(pool, 1)
     pool.dispatch(1.0, idle=1, waiters=1)  # slot 1 CONNECTING
-    assert pool.retire_all(2.0) == [Expire(0, RETIRE_NOW)]
+    assert pool.retire_all() == [Expire(0, RETIRE_NOW)]
     actions = pool.connected(1, 0, "c1", 3.0)
     closed = CloseConnection("c1", "retired") in actions
     published = [a for a in actions if isinstance(a, Publish) and a.state is READY]
