@@ -20,23 +20,19 @@ import pytest
 
 from sharedpool import stats as keys
 from sharedpool.config import ManagerConfig
-from sharedpool.manager.pool import (
-    _ALLOWED_MOVES,
+from sharedpool.manager.actions import (
     Action,
     CloseConnection,
     Expire,
     Limits,
     OpenConnection,
-    Pool,
     Publish,
-    ReapCause,
     Release,
     ResetConnection,
     RowView,
-    Slot,
-    SlotState,
     Wake,
 )
+from sharedpool.manager.pool import _ALLOWED_MOVES, Pool, ReapCause, Slot, SlotState
 from sharedpool.table import RETIRE_NOW, Outcome, RowState
 
 EMPTY, CONNECTING, SHARED, MANAGED = SlotState.EMPTY, SlotState.CONNECTING, SlotState.SHARED, SlotState.MANAGED
@@ -165,7 +161,7 @@ def test_a_scenario_moves_slots_only_through_move(make_pool: MakePool, monkeypat
     def step(actions: list[Action]) -> list[Action]:
         nonlocal states, expected_changes
         now_states = [s.state for s in pool.slots]
-        expected_changes += sum(a is not b for a, b in zip(states, now_states))
+        expected_changes += sum(a is not b for a, b in zip(states, now_states, strict=True))
         states = now_states
         _consistent(pool)
         return actions
@@ -181,7 +177,7 @@ def test_a_scenario_moves_slots_only_through_move(make_pool: MakePool, monkeypat
     step(pool.close_all(62.0))
     # Two changes within one call (CONNECTING -> SHARED -> EMPTY) show as one above: at least as many moves.
     assert len(moves) >= expected_changes > 0
-    for index, old, new in moves:
+    for _index, old, new in moves:
         assert new in _ALLOWED_MOVES[old]
 
 
@@ -423,7 +419,9 @@ def test_given_back_broken_is_discarded_with_a_new_generation(make_pool: MakePoo
     assert pool.counters[keys.reaped_key("broken")] == 1
 
 
-def test_given_back_by_a_finder_of_an_abandoned_lease_counts_its_cause(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+def test_given_back_by_a_finder_of_an_abandoned_lease_counts_its_cause(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
     pool = make_pool()
     open_slots(pool, 1)
     actions = pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.0, cause=ReapCause.HOLDER_CLOSED)
@@ -493,7 +491,8 @@ def test_reset_done_of_a_connection_that_is_not_wanted_any_more(make_pool: MakeP
 def test_peer_closed_while_idle_replaces_now(make_pool: MakePool) -> None:
     pool = make_pool()
     open_slots(pool, 1)
-    assert pool.peer_closed(0, 0, locked=True, now=1.0) == [CloseConnection(backend(0, 0), "closed by Redis"), Publish(0, 1, CLOSED)]
+    closed = pool.peer_closed(0, 0, locked=True, now=1.0)
+    assert closed == [CloseConnection(backend(0, 0), "closed by Redis"), Publish(0, 1, CLOSED)]
     assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1
     assert pool.redis_down_since is None  # one closed connection is not an outage
 
@@ -816,3 +815,52 @@ def test_close_all_closes_held_and_repairing_connections(make_pool: MakePool) ->
     assert pool.open_connections == 0 and pool.count(CONNECTING) == 1
     assert pool.connected(3, 0, "late", 11.0) == [CloseConnection("late", "shutting down"), Publish(3, 1, CLOSED)]
     assert pool.close_all(12.0) == []
+
+
+# ----- rows of slots the workers do not own; call sites --------------------------------
+
+
+def test_rewrite_row_puts_back_what_the_manager_last_wrote(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(max_connections=3)
+    connect(pool, pool.dispatch(0.0, 0, waiters=1), 0.0)  # slot 0 SHARED
+    pool.dispatch(0.0, 0, waiters=1)  # slot 1 CONNECTING
+    empty, connecting = pool.slots[2], pool.slots[1]
+    assert pool.expected_row(empty) is CLOSED and pool.expected_row(connecting) is MANAGER
+    caplog.set_level(logging.WARNING, "sharedpool.manager")
+    assert pool.rewrite_row(empty) == [Publish(2, 0, CLOSED)]
+    assert pool.rewrite_row(connecting) == [Publish(1, 0, MANAGER)]
+    assert pool.counters[keys.TABLE_REPAIRS] == 2 and pool.counters[keys.CLOSED] == 0
+    assert "slot 1: row scribbled while the slot is connecting: rewritten" in caplog.text
+    assert connecting.state is CONNECTING and empty.state is EMPTY  # a row repair moves no slot
+
+
+def test_call_sites_are_bounded_and_forgotten_per_process(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(leak_threshold=1.0)
+    (a,) = open_slots(pool, 1)
+    pool.note_site(4242, 1, "app/a.py:1")
+    pool.note_site(4242, 2, "app/a.py:2")
+    pool.note_site(7, 1, "other/b.py:9")
+    pool.forget_sites(4242)
+    assert pool.sites == {(7, 1): "other/b.py:9"}
+    caplog.set_level(logging.WARNING, "sharedpool.manager")
+    pool.sweep([held(a, acquired_at=0.0, lease_seq=3, site=1)], 2.0, 0)
+    assert "taken at an unknown place" in caplog.text
+    for site in range(100_010):  # a worker inventing sites cannot grow the table without end
+        pool.note_site(9, site, "x")
+    assert len(pool.sites) == 100_000
+    pool.note_site(4242, 1, "app/a.py:1")
+    assert (4242, 1) not in pool.sites
+
+
+def test_every_end_of_a_connection_counts_closed_once_and_its_cause_once(make_pool: MakePool) -> None:
+    pool = make_pool(max_connections=4, max_lease_time=10.0, max_lifetime=100.0, idle_timeout=5.0)
+    a, b, c, d = open_slots(pool, 4)
+    pool.sweep([held(a, acquired_at=0.0, lease_seq=1)], 10.0, 0)  # revoked
+    pool.given_back(b.index, b.generation, Outcome.BROKEN, 10.0)  # returned broken
+    pool.health_check_failed(c.index, c.generation, 10.0)
+    pool.sweep([ready(d, lease_seq=0)], 10.0, 0)  # idle since 0: trimmed
+    assert pool.counters[keys.CLOSED] == 4
+    for cause in ("revoked", "broken"):
+        assert pool.counters[keys.reaped_key(cause)] == 1
+    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1 and pool.counters[keys.IDLE_CLOSED] == 1
+    assert pool.counters[keys.RECYCLED] == 0 and pool.counters[keys.TABLE_REPAIRS] == 0

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 from sharedpool import __version__, protocol
 from sharedpool import stats as keys
 from sharedpool import table as tbl
+from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
 from sharedpool.manager.control import ClientState, ControlClient
-from sharedpool.manager.pool import Action, ReapCause, SlotState
+from sharedpool.manager.pool import ReapCause, SlotState
 from sharedpool.protocol import ErrorCode, FrameType
 from sharedpool.table import Outcome, RowState
 

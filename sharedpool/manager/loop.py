@@ -27,20 +27,20 @@ from typing import Any
 
 from sharedpool.config import ManagerConfig, mask_url
 from sharedpool.manager import handlers
-from sharedpool.manager.backend import Backend, RedisTarget, describe_error, open_backend
-from sharedpool.manager.control import ControlServer
-from sharedpool.manager.pool import (
+from sharedpool.manager.actions import (
     Action,
     CloseConnection,
     Expire,
     Limits,
     OpenConnection,
-    Pool,
     Publish,
     Release,
     ResetConnection,
     Wake,
 )
+from sharedpool.manager.backend import Backend, RedisTarget, describe_error, open_backend
+from sharedpool.manager.control import ControlServer
+from sharedpool.manager.pool import Pool
 from sharedpool.manager.reaper import Reaper
 from sharedpool.manager.snapshot import snapshot
 from sharedpool.manager.socket_path import ManagerAlreadyRunning, SocketPath

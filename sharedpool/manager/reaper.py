@@ -16,7 +16,8 @@ from collections.abc import Callable
 import psutil
 
 from sharedpool import table as tbl
-from sharedpool.manager.pool import Action, Pool, RowView, SlotState
+from sharedpool.manager.actions import Action, RowView
+from sharedpool.manager.pool import Pool, SlotState
 from sharedpool.manager.table_keeper import TableKeeper
 from sharedpool.table import RowState
 

@@ -9,7 +9,8 @@ import socket
 from sharedpool import stats as keys
 from sharedpool import table as tbl
 from sharedpool.config import ManagerConfig
-from sharedpool.manager.pool import Pool, Publish, SlotState
+from sharedpool.manager.actions import Publish
+from sharedpool.manager.pool import Pool, SlotState
 from sharedpool.table import Flag, RowState
 
 # The table has at least this many rows, so a reload can raise
