@@ -26,18 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from sharedpool.config import ManagerConfig, mask_url
+from sharedpool.manager import actions as act
 from sharedpool.manager import handlers
-from sharedpool.manager.actions import (
-    Action,
-    CloseConnection,
-    Expire,
-    Limits,
-    OpenConnection,
-    Publish,
-    Release,
-    ResetConnection,
-    Wake,
-)
+from sharedpool.manager.actions import Action, Limits
 from sharedpool.manager.backend import Backend, RedisTarget, describe_error, open_backend
 from sharedpool.manager.control import ControlServer
 from sharedpool.manager.pool import Pool
@@ -322,23 +313,23 @@ class Manager:
     def perform(self, actions: list[Action]) -> None:
         keeper = self.keeper
         for action in actions:
-            if isinstance(action, Publish):
+            if isinstance(action, act.Publish):
                 keeper.publish(action, self.pool.slots[action.slot].seen_seq)
-            elif isinstance(action, Wake):
+            elif isinstance(action, act.Wake):
                 keeper.sync_flags(self.pool)  # what they wake up to read must be there first
                 keeper.wake(action.count)
-            elif isinstance(action, Expire):
+            elif isinstance(action, act.Expire):
                 keeper.table.set_expiry(action.slot, action.expires_at)
-            elif isinstance(action, Release):
+            elif isinstance(action, act.Release):
                 if keeper.holds(action.slot, action.generation):
                     keeper.unlock(action.slot)
                     if keeper.table.waiters > 0:
                         keeper.wake(1)  # someone may have found it locked by us a moment ago
-            elif isinstance(action, OpenConnection):
+            elif isinstance(action, act.OpenConnection):
                 self._open(action)
-            elif isinstance(action, ResetConnection):
+            elif isinstance(action, act.ResetConnection):
                 self._reset(action)
-            elif isinstance(action, CloseConnection):
+            elif isinstance(action, act.CloseConnection):
                 log.debug("closing slot %s: %s", getattr(action.backend, "slot", "?"), action.reason)
                 fd = getattr(action.backend, "fileno", -1)
                 if self._peer_watch.pop(fd, None) is not None:
@@ -376,7 +367,7 @@ class Manager:
                 break
             self.perform(completion(time.monotonic()))
 
-    def _open(self, action: OpenConnection) -> None:
+    def _open(self, action: act.OpenConnection) -> None:
         target, name = self.target, self.config.pool_name
 
         def done(now: float, future: Future[Backend]) -> list[Action]:
@@ -392,7 +383,7 @@ class Manager:
 
         self.submit(lambda: open_backend(target, name, action.slot), done)
 
-    def _reset(self, action: ResetConnection) -> None:
+    def _reset(self, action: act.ResetConnection) -> None:
         backend: Backend = action.backend
 
         def done(now: float, future: Future[None]) -> list[Action]:
