@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 # Counted by the manager where the transition happens:
 RESETS = "connections_reset"
 OPENED = "connections_opened"

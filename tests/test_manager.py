@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import manager_clients, run_cli, wait_for
 
 import sharedpool
 from sharedpool.launch import ManagerProcess
-
-from conftest import manager_clients, run_cli, wait_for
 
 
 def test_socket_dir_0700_socket_0600_and_min_idle_open_at_start(start_manager, admin: redis.Redis, tmp_path) -> None:

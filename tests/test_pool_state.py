@@ -20,23 +20,19 @@ import pytest
 
 from sharedpool import stats as keys
 from sharedpool.config import ManagerConfig
-from sharedpool.manager.pool import (
-    _ALLOWED_MOVES,
+from sharedpool.manager.actions import (
     Action,
     CloseConnection,
     Expire,
     Limits,
     OpenConnection,
-    Pool,
     Publish,
-    ReapCause,
     Release,
     ResetConnection,
     RowView,
-    Slot,
-    SlotState,
     Wake,
 )
+from sharedpool.manager.pool import _ALLOWED_MOVES, Pool, ReapCause, Slot, SlotState
 from sharedpool.table import RETIRE_NOW, Outcome, RowState
 
 EMPTY, CONNECTING, SHARED, MANAGED = SlotState.EMPTY, SlotState.CONNECTING, SlotState.SHARED, SlotState.MANAGED
@@ -165,7 +161,7 @@ def test_a_scenario_moves_slots_only_through_move(make_pool: MakePool, monkeypat
     def step(actions: list[Action]) -> list[Action]:
         nonlocal states, expected_changes
         now_states = [s.state for s in pool.slots]
-        expected_changes += sum(a is not b for a, b in zip(states, now_states))
+        expected_changes += sum(a is not b for a, b in zip(states, now_states, strict=True))
         states = now_states
         _consistent(pool)
         return actions
@@ -181,7 +177,7 @@ def test_a_scenario_moves_slots_only_through_move(make_pool: MakePool, monkeypat
     step(pool.close_all(62.0))
     # Two changes within one call (CONNECTING -> SHARED -> EMPTY) show as one above: at least as many moves.
     assert len(moves) >= expected_changes > 0
-    for index, old, new in moves:
+    for _index, old, new in moves:
         assert new in _ALLOWED_MOVES[old]
 
 
@@ -382,17 +378,11 @@ def test_demand_while_redis_is_down_probes_again_soon_instead_of_after_the_backo
     assert pool.demanded(failed_at + 0.01) == ""
     assert pool.next_connect_at == pytest.approx(failed_at + 0.05)
     assert pool.counters[keys.REFUSED_UNAVAILABLE] == 1 and pool.demand == 1
-    assert pool.outage_message(failed_at + 0.01).startswith("Redis at cache:6379/2 unreachable for ")
     # The probe it asked for succeeds: the demand is served as usual.
     opens = [a for a in pool.dispatch(pool.next_connect_at, 0, 1) if isinstance(a, OpenConnection)]
     assert len(opens) == 1
     connect(pool, opens, failed_at + 0.06)
     assert pool.redis_down_since is None and pool.demanded(failed_at + 0.07) == ""
-
-
-def test_outage_message_without_an_outage_says_zero_seconds(make_pool: MakePool) -> None:
-    pool = make_pool()
-    assert pool.outage_message(5.0).startswith("Redis at redis unreachable for 0.0 s (last error: )")
 
 
 def test_demand_refused_while_shutting_down(make_pool: MakePool) -> None:
@@ -429,7 +419,9 @@ def test_given_back_broken_is_discarded_with_a_new_generation(make_pool: MakePoo
     assert pool.counters[keys.reaped_key("broken")] == 1
 
 
-def test_given_back_by_a_finder_of_an_abandoned_lease_counts_its_cause(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+def test_given_back_by_a_finder_of_an_abandoned_lease_counts_its_cause(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
     pool = make_pool()
     open_slots(pool, 1)
     actions = pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.0, cause=ReapCause.HOLDER_CLOSED)
@@ -451,7 +443,7 @@ def test_an_expired_connection_given_back_is_recycled(make_pool: MakePool) -> No
 def test_a_retired_connection_given_back_is_replaced_not_counted_as_recycled(make_pool: MakePool) -> None:
     pool = make_pool()
     open_slots(pool, 2)
-    assert pool.retire_all(1.0) == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
+    assert pool.retire_all() == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
     assert pool.given_back(0, 0, Outcome.NEEDS_RESET, 2.0) == [CloseConnection(backend(0, 0), "retired"), Publish(0, 1, CLOSED)]
     assert pool.counters[keys.RECYCLED] == 0 and pool.counters[keys.RESETS] == 0
     assert not pool.slots[0].retire  # the new generation starts fresh
@@ -486,7 +478,7 @@ def test_reset_done_of_a_connection_that_is_not_wanted_any_more(make_pool: MakeP
     pool.given_back(1, 0, Outcome.NEEDS_RESET, 1.0)
     now = 2.0
     if why == "retire":
-        assert pool.retire_all(1.5) == [Expire(0, RETIRE_NOW)]  # the one in repair is told later
+        assert pool.retire_all() == [Expire(0, RETIRE_NOW)]  # the one in repair is told later
     elif why == "shutdown":
         pool.begin_shutdown()
     elif why == "expired":
@@ -499,7 +491,8 @@ def test_reset_done_of_a_connection_that_is_not_wanted_any_more(make_pool: MakeP
 def test_peer_closed_while_idle_replaces_now(make_pool: MakePool) -> None:
     pool = make_pool()
     open_slots(pool, 1)
-    assert pool.peer_closed(0, 0, locked=True, now=1.0) == [CloseConnection(backend(0, 0), "closed by Redis"), Publish(0, 1, CLOSED)]
+    closed = pool.peer_closed(0, 0, locked=True, now=1.0)
+    assert closed == [CloseConnection(backend(0, 0), "closed by Redis"), Publish(0, 1, CLOSED)]
     assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1
     assert pool.redis_down_since is None  # one closed connection is not an outage
 
@@ -522,14 +515,16 @@ def test_peer_closed_for_a_stale_slot_releases_the_lock_the_loop_took(make_pool:
     assert pool.open_connections == 1 and not pool.slots[0].retire
 
 
-def test_discard_replaces_a_shared_connection_only(make_pool: MakePool) -> None:
+def test_failed_health_check_replaces_a_shared_connection_only(make_pool: MakePool) -> None:
     pool = make_pool()
     open_slots(pool, 1)
-    assert pool.discard(0, 1, "health check failed", 1.0) == []
-    assert pool.discard(0, 0, "health check failed", 1.0) == [
+    assert pool.health_check_failed(0, 1, 1.0) == []
+    assert pool.health_check_failed(0, 0, 1.0) == [
         CloseConnection(backend(0, 0), "health check failed"), Publish(0, 1, CLOSED),
     ]
-    assert pool.discard(0, 1, "again", 1.0) == []  # EMPTY now
+    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1 and pool.counters[keys.CLOSED] == 1
+    assert pool.health_check_failed(0, 1, 1.0) == []  # EMPTY now
+    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1
 
 
 # ----- the sweep ----------------------------------------------------------------------
@@ -545,7 +540,7 @@ def test_sweep_releases_ready_rows_with_nothing_to_do(make_pool: MakePool) -> No
 def test_sweep_leaves_a_ready_row_being_taken_alone(make_pool: MakePool) -> None:
     pool = make_pool(max_lifetime=10.0, idle_timeout=1.0)
     (a,) = open_slots(pool, 1)
-    pool.retire_all(0.5)
+    pool.retire_all()
     # Expired, retired and idle, but its lock is someone else's: no action at all.
     assert pool.sweep([ready(a, lock_free=False)], 50.0, waiters=0) == []
     assert a.state is SHARED and pool.counters[keys.CLOSED] == 0
@@ -584,8 +579,8 @@ def test_sweep_leaves_a_live_holder_alone(make_pool: MakePool) -> None:
 def test_leak_warning_once_per_lease_naming_where_it_was_taken(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
     pool = make_pool(leak_threshold=5.0)
     (a,) = open_slots(pool, 1)
-    pool.sites[(4242, 3)] = "app/views.py:88 in checkout"
-    pool.sites[(9999, 4)] = "someone else's site"
+    pool.note_site(4242, 3, "app/views.py:88 in checkout")
+    pool.note_site(9999, 4, "someone else's site")
     caplog.set_level(logging.WARNING, "sharedpool.manager")
     assert pool.sweep([held(a, acquired_at=10.0, lease_seq=7, site=3)], 14.999, 0) == []
     assert pool.counters[keys.LEAK_WARNINGS] == 0 and not caplog.records
@@ -666,7 +661,7 @@ def test_a_connection_replaced_by_the_sweep_is_reopened_for_min_idle_in_that_swe
     if why == "max_lifetime":
         now = 105.0
     else:
-        pool.retire_all(now)
+        pool.retire_all()
     actions = pool.sweep([ready(a)], now, waiters=0)
     assert of(CloseConnection, actions), actions
     assert of(OpenConnection, actions), f"min_idle=1 and nothing idle left, yet nothing opened: {actions}"
@@ -679,7 +674,7 @@ def test_sweep_retires_ready_connections_after_retire_all_or_a_lower_max(make_po
     assert pool.sweep([ready(a), ready(b), ready(c)], 1.0, 0) == [
         Release(0, 0), Release(1, 0), CloseConnection(backend(2, 0), "retired"), Publish(2, 1, CLOSED),
     ]
-    assert pool.retire_all(2.0) == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
+    assert pool.retire_all() == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
     assert of(CloseConnection, pool.sweep([ready(a), ready(b)], 3.0, 0)) == [
         CloseConnection(backend(0, 0), "retired"), CloseConnection(backend(1, 0), "retired"),
     ]
@@ -754,7 +749,7 @@ def test_retire_all_expires_shared_slots_and_marks_the_rest(make_pool: MakePool)
     a, b, c = open_slots(pool, 3)
     pool.given_back(1, 0, Outcome.NEEDS_RESET, 1.0)  # MANAGED
     pool.dispatch(1.0, idle=0, waiters=1)  # slot 3 CONNECTING
-    assert pool.retire_all(2.0) == [Expire(0, RETIRE_NOW), Expire(2, RETIRE_NOW)]
+    assert pool.retire_all() == [Expire(0, RETIRE_NOW), Expire(2, RETIRE_NOW)]
     assert [s.retire for s in pool.slots] == [True, True, True, True, False]
     # The one in repair is replaced when its reset is done.
     assert of(CloseConnection, pool.reset_done(1, 0, True, 3.0)) == [CloseConnection(backend(1, 0), "retired")]
@@ -769,7 +764,7 @@ def test_a_connection_opened_before_retire_all_is_never_shared_as_is(make_pool: 
     pool = make_pool(capacity=4, max_connections=4)
     open_slots(pool, 1)
     pool.dispatch(1.0, idle=1, waiters=1)  # slot 1 CONNECTING
-    assert pool.retire_all(2.0) == [Expire(0, RETIRE_NOW)]
+    assert pool.retire_all() == [Expire(0, RETIRE_NOW)]
     actions = pool.connected(1, 0, "c1", 3.0)
     closed = CloseConnection("c1", "retired") in actions
     published = [a for a in actions if isinstance(a, Publish) and a.state is READY]
@@ -820,3 +815,52 @@ def test_close_all_closes_held_and_repairing_connections(make_pool: MakePool) ->
     assert pool.open_connections == 0 and pool.count(CONNECTING) == 1
     assert pool.connected(3, 0, "late", 11.0) == [CloseConnection("late", "shutting down"), Publish(3, 1, CLOSED)]
     assert pool.close_all(12.0) == []
+
+
+# ----- rows of slots the workers do not own; call sites --------------------------------
+
+
+def test_rewrite_row_puts_back_what_the_manager_last_wrote(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(max_connections=3)
+    connect(pool, pool.dispatch(0.0, 0, waiters=1), 0.0)  # slot 0 SHARED
+    pool.dispatch(0.0, 0, waiters=1)  # slot 1 CONNECTING
+    empty, connecting = pool.slots[2], pool.slots[1]
+    assert pool.expected_row(empty) is CLOSED and pool.expected_row(connecting) is MANAGER
+    caplog.set_level(logging.WARNING, "sharedpool.manager")
+    assert pool.rewrite_row(empty) == [Publish(2, 0, CLOSED)]
+    assert pool.rewrite_row(connecting) == [Publish(1, 0, MANAGER)]
+    assert pool.counters[keys.TABLE_REPAIRS] == 2 and pool.counters[keys.CLOSED] == 0
+    assert "slot 1: row scribbled while the slot is connecting: rewritten" in caplog.text
+    assert connecting.state is CONNECTING and empty.state is EMPTY  # a row repair moves no slot
+
+
+def test_call_sites_are_bounded_and_forgotten_per_process(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(leak_threshold=1.0)
+    (a,) = open_slots(pool, 1)
+    pool.note_site(4242, 1, "app/a.py:1")
+    pool.note_site(4242, 2, "app/a.py:2")
+    pool.note_site(7, 1, "other/b.py:9")
+    pool.forget_sites(4242)
+    assert pool.sites == {(7, 1): "other/b.py:9"}
+    caplog.set_level(logging.WARNING, "sharedpool.manager")
+    pool.sweep([held(a, acquired_at=0.0, lease_seq=3, site=1)], 2.0, 0)
+    assert "taken at an unknown place" in caplog.text
+    for site in range(100_010):  # a worker inventing sites cannot grow the table without end
+        pool.note_site(9, site, "x")
+    assert len(pool.sites) == 100_000
+    pool.note_site(4242, 1, "app/a.py:1")
+    assert (4242, 1) not in pool.sites
+
+
+def test_every_end_of_a_connection_counts_closed_once_and_its_cause_once(make_pool: MakePool) -> None:
+    pool = make_pool(max_connections=4, max_lease_time=10.0, max_lifetime=100.0, idle_timeout=5.0)
+    a, b, c, d = open_slots(pool, 4)
+    pool.sweep([held(a, acquired_at=0.0, lease_seq=1)], 10.0, 0)  # revoked
+    pool.given_back(b.index, b.generation, Outcome.BROKEN, 10.0)  # returned broken
+    pool.health_check_failed(c.index, c.generation, 10.0)
+    pool.sweep([ready(d, lease_seq=0)], 10.0, 0)  # idle since 0: trimmed
+    assert pool.counters[keys.CLOSED] == 4
+    for cause in ("revoked", "broken"):
+        assert pool.counters[keys.reaped_key(cause)] == 1
+    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1 and pool.counters[keys.IDLE_CLOSED] == 1
+    assert pool.counters[keys.RECYCLED] == 0 and pool.counters[keys.TABLE_REPAIRS] == 0

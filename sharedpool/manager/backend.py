@@ -135,3 +135,8 @@ def probe(target: RedisTarget, timeout: float = 2.0) -> str:
         conn.disconnect()
     return ""
 
+
+
+def describe_error(exc: BaseException) -> str:
+    """A failure of Redis I/O as the manager reports it (logs, the table's outage text)."""
+    return f"{type(exc).__name__}: {exc}"

@@ -5,10 +5,11 @@ manager; what stays here is the life of each slot's *connection*: opening,
 sharing it through the table, resetting, replacing, trimming, and the
 decisions the sweep makes from the rows it read (leak warnings,
 ``max_lease_time``). Every entry point takes ``now`` and returns the I/O
-still to do as a list of actions; the loop (``server.py``) performs them.
+still to do as a list of actions; the loop (``loop.py``) performs them.
 Slots move between states only through ``_move``, which refuses
 impossible transitions, and each state has one collection, so counts are
-``len()`` of a collection.
+``len()`` of a collection. Each counter is written where its transition
+happens: a connection's end is counted, with its cause, in ``_discard``.
 
 A *slot* is a numbered place for one Redis connection (one row of the
 table). Replacing a slot's connection bumps its *generation*: a worker's
@@ -26,6 +27,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from sharedpool import stats as keys
+from sharedpool.manager.actions import (
+    Action,
+    CloseConnection,
+    Expire,
+    Limits,
+    OpenConnection,
+    Publish,
+    Release,
+    ResetConnection,
+    RowView,
+    Wake,
+)
 from sharedpool.table import RETIRE_NOW, Outcome, RowState
 
 log = logging.getLogger("sharedpool.manager")
@@ -67,7 +80,7 @@ class Slot:
     expires_at: float = float("inf")
     # Replace instead of reusing when the current lease ends (reconnect, reload).
     retire: bool = False
-    # The last lease number seen in the row, and whether Redis closed it.
+    # The last lease number seen in the row: a new one restarts the idle clock.
     seen_seq: int = 0
     leak_warned_seq: int = 0
 
@@ -75,107 +88,12 @@ class Slot:
         return f"<Slot {self.index} gen {self.generation} {self.state.value}>"
 
 
-@dataclass(frozen=True, slots=True)
-class RowView:
-    """What the sweep read from a slot's row and lock; the core trusts only its types."""
-
-    index: int
-    state: RowState | None  # None: bytes that are no state (scribbled)
-    generation: int
-    lease_seq: int = 0
-    holder_pid: int = 0
-    acquired_at: float = 0.0
-    call_site: int = 0
-    lock_free: bool = False  # the sweep could take the slot's lock (we now hold it)
-    holder_alive: bool = True
-
-
-# ----- actions: what the loop must do after a decision -----------------------------
-
-@dataclass(frozen=True, slots=True)
-class OpenConnection:
-    slot: int
-    generation: int
-
-
-@dataclass(frozen=True, slots=True)
-class ResetConnection:
-    slot: int
-    generation: int
-    backend: Any
-
-
-@dataclass(frozen=True, slots=True)
-class CloseConnection:
-    """Shut the connection down for every holder of its fd, then close ours."""
-
-    backend: Any
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Publish:
-    """Write the slot's row as the manager's own (READY, CLOSED or MANAGER).
-
-    READY and CLOSED also drop the slot's lock if the manager holds it
-    (whatever generation it took it at); MANAGER keeps it: the manager is
-    still working on the connection."""
-
-    slot: int
-    generation: int
-    state: RowState
-    revoked_generation: int = 0
-    revoked_seq: int = 0
-    expires_at: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Expire:
-    """Tell the holder (in the row) to give this connection back for replacement."""
-
-    slot: int
-    expires_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Wake:
-    """Wake this many waiters: connections became ready."""
-
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """Unlock a READY slot the sweep locked and found nothing to do with."""
-
-    slot: int
-    generation: int
-
-
-Action = OpenConnection | ResetConnection | CloseConnection | Publish | Expire | Wake | Release
 
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 5.0
 _DEMAND_PROBE_S = 0.05
-
-
-@dataclass
-class Limits:
-    """The subset of the config the state machine needs; replaced live on reload."""
-
-    max_connections: int = 10
-    min_idle: int = 1
-    redis_label: str = "redis"
-    pool_name: str = "default"
-    max_lifetime: float = 0.0
-    idle_timeout: float = 0.0
-    leak_threshold: float = 0.0
-    max_lease_time: float = 0.0
-
-    @classmethod
-    def from_config(cls, config: Any, redis_label: str) -> Limits:
-        names = ("max_connections", "min_idle", "pool_name", "max_lifetime", "idle_timeout", "leak_threshold", "max_lease_time")
-        return cls(redis_label=redis_label, **{name: getattr(config, name) for name in names})
+# Call-site texts kept per (pid, site id): a bound, for workers that invent sites.
+_MAX_SITES = 100_000
 
 
 class Pool:
@@ -294,13 +212,6 @@ class Pool:
             actions.append(Wake(-1))
         return actions
 
-    def outage_message(self, now: float) -> str:
-        since = self.redis_down_since if self.redis_down_since is not None else now
-        return (
-            f"Redis at {self.limits.redis_label} unreachable for {now - since:.1f} s "
-            f"(last error: {self.last_connect_error}); pool {self.limits.pool_name!r} has no open connection"
-        )
-
     def demanded(self, now: float) -> str:
         """A waiter asked for a connection. Returns a refusal text, or '' when opening (or open)."""
         if self.shutting_down:
@@ -317,23 +228,21 @@ class Pool:
 
     # ----- what workers gave back ---------------------------------------------------
 
-    def given_back(self, index: int, generation: int, outcome: Outcome, now: float, cause: ReapCause | None = None) -> list[Action]:
+    def given_back(
+        self, index: int, generation: int, outcome: Outcome, now: float, cause: ReapCause | None = None
+    ) -> list[Action]:
         """A row says RESET or BROKEN (a REPORT, or the sweep); the loop holds its lock."""
         slot = self.slot(index, generation)
         if slot is None or slot.state is not SlotState.SHARED:
             return []
         if cause is not None:
-            self.counters[keys.reaped_key(cause.value)] += 1
             log.warning("reaped slot %d (%s): connection replaced", index, cause.value)
-            return self._discard(slot, f"reaped: {cause.value}", now)
+            return self._discard(slot, f"reaped: {cause.value}", now, keys.reaped_key(cause.value))
         if slot.retire or self.shutting_down or now >= slot.expires_at:
             # Given back BROKEN by a holder that saw the expiry: recycling, not breakage.
-            if now >= slot.expires_at:
-                self.counters[keys.RECYCLED] += 1
-            return self._discard(slot, "retired", now)
+            return self._discard(slot, "retired", now, keys.RECYCLED if now >= slot.expires_at else None)
         if outcome is Outcome.BROKEN:
-            self.counters[keys.reaped_key(ReapCause.BROKEN.value)] += 1
-            return self._discard(slot, "returned broken", now)
+            return self._discard(slot, "returned broken", now, keys.reaped_key(ReapCause.BROKEN.value))
         self.counters[keys.RESETS] += 1
         self._move(slot, SlotState.MANAGED)
         return [Publish(index, generation, RowState.MANAGER), ResetConnection(index, generation, slot.backend)]
@@ -358,8 +267,7 @@ class Pool:
         if not locked:
             slot.retire = True
             return []
-        self.counters[keys.HEALTH_CHECK_FAILED] += 1
-        return self._discard(slot, "closed by Redis", now)
+        return self._discard(slot, "closed by Redis", now, keys.HEALTH_CHECK_FAILED)
 
     # ----- the sweep ---------------------------------------------------------------
 
@@ -380,9 +288,8 @@ class Pool:
                 continue
             if view.state is None or view.generation != slot.generation:
                 # Scribbled: nobody can say who uses this connection. Replace it.
-                self.counters[keys.TABLE_REPAIRS] += 1
                 log.warning("slot %d: row unreadable or of another generation: connection replaced", slot.index)
-                actions += self._discard(slot, "row scribbled", now)
+                actions += self._discard(slot, "row scribbled", now, keys.TABLE_REPAIRS)
                 continue
             if view.state is RowState.HELD:
                 if view.lock_free:
@@ -390,9 +297,11 @@ class Pool:
                 elif not view.holder_alive:
                     # Its lock outlives it in an orphaned child (DESIGN fact 12):
                     # a new generation leaves that lock behind.
-                    self.counters[keys.reaped_key(ReapCause.HOLDER_DEAD.value)] += 1
-                    log.warning("slot %d: holder pid %d is dead but its lock lives on (a child kept it): connection replaced", slot.index, view.holder_pid)
-                    actions += self._discard(slot, "holder dead", now)
+                    log.warning(
+                        "slot %d: holder pid %d is dead but its lock lives on (a child kept it): connection replaced",
+                        slot.index, view.holder_pid,
+                    )
+                    actions += self._discard(slot, "holder dead", now, keys.reaped_key(ReapCause.HOLDER_DEAD.value))
                 else:
                     actions += self._held(slot, view, now)
                 continue
@@ -402,8 +311,7 @@ class Pool:
                     actions += self.given_back(slot.index, slot.generation, outcome, now)
                 continue
             if view.state is not RowState.READY:
-                self.counters[keys.TABLE_REPAIRS] += 1
-                actions += self._discard(slot, f"row says {view.state.name} in a shared slot", now)
+                actions += self._discard(slot, f"row says {view.state.name} in a shared slot", now, keys.TABLE_REPAIRS)
                 continue
             if view.lease_seq != slot.seen_seq:
                 slot.seen_seq = view.lease_seq
@@ -413,11 +321,9 @@ class Pool:
             if slot.retire or slot.index >= limits.max_connections:
                 actions += self._discard(slot, "retired", now)
             elif now >= slot.expires_at:
-                self.counters[keys.RECYCLED] += 1
-                actions += self._discard(slot, "max_lifetime reached", now)
+                actions += self._discard(slot, "max_lifetime reached", now, keys.RECYCLED)
             elif limits.idle_timeout and now - slot.idle_since >= limits.idle_timeout and idle >= limits.min_idle:
-                self.counters[keys.IDLE_CLOSED] += 1
-                actions += self._discard(slot, "idle_timeout", now)
+                actions += self._discard(slot, "idle_timeout", now, keys.IDLE_CLOSED)
             else:
                 idle += 1  # only what stays open counts towards min_idle
                 actions.append(Release(slot.index, slot.generation))
@@ -427,12 +333,13 @@ class Pool:
         limits = self.limits
         age = now - view.acquired_at
         if limits.max_lease_time and age >= limits.max_lease_time:
-            self.counters[keys.reaped_key(ReapCause.REVOKED.value)] += 1
             log.warning(
                 "revoked lease %d of pid %d (slot %d) after %.1f s: max_lease_time=%g s",
                 view.lease_seq, view.holder_pid, slot.index, age, limits.max_lease_time,
             )
-            return self._discard(slot, "revoked: max_lease_time", now, revoked_seq=view.lease_seq)
+            return self._discard(
+                slot, "revoked: max_lease_time", now, keys.reaped_key(ReapCause.REVOKED.value), revoked_seq=view.lease_seq
+            )
         if limits.leak_threshold and age >= limits.leak_threshold and slot.leak_warned_seq != view.lease_seq:
             slot.leak_warned_seq = view.lease_seq
             self.counters[keys.LEAK_WARNINGS] += 1
@@ -460,7 +367,8 @@ class Pool:
                 actions.append(Expire(slot.index, RETIRE_NOW))
         return actions
 
-    def _discard(self, slot: Slot, reason: str, now: float, revoked_seq: int = 0) -> list[Action]:
+    def _discard(self, slot: Slot, reason: str, now: float, counter: str | None = None, revoked_seq: int = 0) -> list[Action]:
+        """End the slot's connection; ``counter``: the count of why it ended, beside ``connections_closed``."""
         backend = slot.backend
         old_generation = slot.generation
         slot.backend = None
@@ -469,6 +377,8 @@ class Pool:
         slot.expires_at = float("inf")
         self._move(slot, SlotState.EMPTY)
         self.counters[keys.CLOSED] += 1
+        if counter is not None:
+            self.counters[counter] += 1
         actions: list[Action] = [CloseConnection(backend, reason)] if backend is not None else []
         actions.append(Publish(
             slot.index, slot.generation, RowState.CLOSED,
@@ -476,12 +386,33 @@ class Pool:
         ))
         return actions
 
-    def discard(self, index: int, generation: int, reason: str, now: float) -> list[Action]:
-        """Replace a shared slot's connection now (health check failed; the loop holds its lock)."""
+    def health_check_failed(self, index: int, generation: int, now: float) -> list[Action]:
+        """An idle connection was found closed by Redis or dirty; the loop holds its lock."""
         slot = self.slot(index, generation)
         if slot is None or slot.state is not SlotState.SHARED:
             return []
-        return self._discard(slot, reason, now)
+        log.warning("health check: idle slot %d closed by Redis or holding stray data; replaced", index)
+        return self._discard(slot, "health check failed", now, keys.HEALTH_CHECK_FAILED)
+
+    def expected_row(self, slot: Slot) -> RowState:
+        """What the row of a slot the workers do not own must say (the manager wrote it)."""
+        return RowState.CLOSED if slot.state is SlotState.EMPTY else RowState.MANAGER
+
+    def rewrite_row(self, slot: Slot) -> list[Action]:
+        """The row of a slot the workers do not own was scribbled: write it again."""
+        log.warning("slot %d: row scribbled while the slot is %s: rewritten", slot.index, slot.state.value)
+        self.counters[keys.TABLE_REPAIRS] += 1
+        return [Publish(slot.index, slot.generation, self.expected_row(slot))]
+
+    # ----- call sites, for leak warnings ------------------------------------------
+
+    def note_site(self, pid: int, site_id: int, text: str) -> None:
+        if len(self.sites) < _MAX_SITES:
+            self.sites[(pid, site_id)] = text
+
+    def forget_sites(self, pid: int) -> None:
+        for key in [k for k in self.sites if k[0] == pid]:
+            del self.sites[key]
 
     # ----- admin, reload, shutdown --------------------------------------------
 
@@ -492,7 +423,7 @@ class Pool:
         self.paused = False
         return [Wake(-1)]
 
-    def retire_all(self, now: float) -> list[Action]:
+    def retire_all(self) -> list[Action]:
         """Replace every connection: idle ones at the next sweep, leased ones when they come back."""
         return self._retire(self.slots)
 

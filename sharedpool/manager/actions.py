@@ -1,0 +1,109 @@
+"""What the pool core reads and returns: the rows the sweep read, the limits
+it enforces, and the actions (the I/O the loop must do after a decision)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sharedpool.config import ManagerConfig
+from sharedpool.table import RowState
+
+
+@dataclass
+class Limits:
+    """The subset of the config the state machine needs; replaced live on reload."""
+
+    max_connections: int = 10
+    min_idle: int = 1
+    redis_label: str = "redis"
+    pool_name: str = "default"
+    max_lifetime: float = 0.0
+    idle_timeout: float = 0.0
+    leak_threshold: float = 0.0
+    max_lease_time: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: ManagerConfig, redis_label: str) -> Limits:
+        names = ("max_connections", "min_idle", "pool_name", "max_lifetime", "idle_timeout", "leak_threshold", "max_lease_time")
+        return cls(redis_label=redis_label, **{name: getattr(config, name) for name in names})
+
+
+@dataclass(frozen=True, slots=True)
+class RowView:
+    """What the sweep read from a slot's row and lock; the core trusts only its types."""
+
+    index: int
+    state: RowState | None  # None: bytes that are no state (scribbled)
+    generation: int
+    lease_seq: int = 0
+    holder_pid: int = 0
+    acquired_at: float = 0.0
+    call_site: int = 0
+    lock_free: bool = False  # the sweep could take the slot's lock (we now hold it)
+    holder_alive: bool = True
+
+
+# ----- actions: what the loop must do after a decision -----------------------------
+
+@dataclass(frozen=True, slots=True)
+class OpenConnection:
+    slot: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResetConnection:
+    slot: int
+    generation: int
+    backend: Any
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """Shut the connection down for every holder of its fd, then close ours."""
+
+    backend: Any
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Write the slot's row as the manager's own (READY, CLOSED or MANAGER).
+
+    READY and CLOSED also drop the slot's lock if the manager holds it
+    (whatever generation it took it at); MANAGER keeps it: the manager is
+    still working on the connection."""
+
+    slot: int
+    generation: int
+    state: RowState
+    revoked_generation: int = 0
+    revoked_seq: int = 0
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """Tell the holder (in the row) to give this connection back for replacement."""
+
+    slot: int
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Wake this many waiters: connections became ready."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Unlock a READY slot the sweep locked and found nothing to do with."""
+
+    slot: int
+    generation: int
+
+
+Action = OpenConnection | ResetConnection | CloseConnection | Publish | Expire | Wake | Release

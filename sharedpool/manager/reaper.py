@@ -1,0 +1,171 @@
+"""Reaping: the sweep of the lease table's rows and waiters, read as untrusted input.
+
+The sweep reads each shared row, takes the slot's lock where it can, asks
+psutil whether a holder whose lock is still taken is alive, and lets the
+pool core decide (abandoned leases, orphaned locks, leak warnings,
+revocations, trimming). It also rewrites scribbled rows of slots the
+workers do not own and the header's limits, drops waiters of dead
+processes, and checks idle connections for EOF or stray bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import psutil
+
+from sharedpool import table as tbl
+from sharedpool.manager.actions import Action, RowView
+from sharedpool.manager.pool import Pool, SlotState
+from sharedpool.manager.table_keeper import TableKeeper
+from sharedpool.table import RowState
+
+log = logging.getLogger("sharedpool.manager")
+
+_LOCKABLE = frozenset({RowState.READY, RowState.HELD, RowState.RESET, RowState.BROKEN})
+
+
+class Reaper:
+    def __init__(
+        self,
+        pool: Pool,
+        keeper: TableKeeper,
+        perform: Callable[[list[Action]], None],
+        redispatch: Callable[[float], None],
+        max_waiting: int,
+    ) -> None:
+        self.pool = pool
+        self.keeper = keeper
+        self._perform = perform
+        self._redispatch = redispatch
+        self.max_waiting = max_waiting  # the loop sets it again on reload
+        self._alive_cache: dict[tuple[int, float], bool] = {}
+
+    def _alive(self, pid: int, start: float) -> bool:
+        key = (pid, start)
+        alive = self._alive_cache.get(key)
+        if alive is None:
+            alive = pid <= 0 or alive_by_psutil(pid, start)
+            self._alive_cache[key] = alive
+        return alive
+
+    def sweep(self, now: float, only_pid: int = 0) -> None:
+        """Read every shared row (untrusted), lock what can be locked, let the core decide.
+
+        ``only_pid``: just the rows that process holds (its channel closed).
+        """
+        keeper, table = self.keeper, self.keeper.table
+        self._alive_cache.clear()
+        views: list[RowView] = []
+        if not only_pid:
+            self._repair_unshared_rows()
+        for slot in self.pool.in_state(SlotState.SHARED):
+            index, generation = slot.index, slot.generation
+            try:
+                row = table.row(index)
+            except tbl.RowError:
+                if not only_pid:
+                    views.append(RowView(index, None, generation))
+                continue
+            if only_pid and (row.state is not RowState.HELD or row.holder_pid != only_pid):
+                continue
+            lock_free = False
+            if row.generation == generation and row.state in _LOCKABLE:
+                lock_free = keeper.try_lock(index, generation)
+                if lock_free:
+                    # Read again under the lock: a holder may have given it back
+                    # between our read and our lock, and HELD would look abandoned.
+                    try:
+                        row = table.row(index)
+                    except tbl.RowError:
+                        keeper.unlock(index)
+                        views.append(RowView(index, None, generation))
+                        continue
+            alive = True
+            if row.state is RowState.HELD and not lock_free and row.generation == generation:
+                alive = self._alive(row.holder_pid, row.holder_start)
+            views.append(RowView(
+                index, row.state, row.generation, row.lease_seq, row.holder_pid,
+                row.acquired_at, row.call_site, lock_free, alive,
+            ))
+        if only_pid:
+            idle = keeper.count_rows(self.pool, RowState.READY)
+            self._perform(self.pool.sweep(views, now, table.waiters, idle_elsewhere=idle))
+            return
+        self._perform(self.pool.sweep(views, now, table.waiters))
+        self._sweep_waiters()
+        keeper.restore_header(self.pool.limits.max_connections, self.max_waiting)
+
+    def _repair_unshared_rows(self) -> None:
+        """Rows of slots the workers do not own right now say what we last wrote, or are rewritten."""
+        table = self.keeper.table
+        for slot in self.pool.slots:
+            if slot.state is SlotState.SHARED:
+                continue
+            try:
+                row = table.row(slot.index)
+                intact = row.state is self.pool.expected_row(slot) and row.generation == slot.generation
+            except tbl.RowError:
+                intact = False
+            if not intact:
+                self._perform(self.pool.rewrite_row(slot))
+
+    def _sweep_waiters(self) -> None:
+        keeper, table = self.keeper, self.keeper.table
+        if not table.waiters and not table.hwm():
+            return
+        if not keeper.lock_header():
+            return  # next sweep, then
+        try:
+            table.repair_waiters()
+            dead = {pid for pid in set(table.waiter_pids()) if not self._alive(pid, 0.0)}
+            if dead:
+                table.drop_waiters_of(dead)
+        finally:
+            keeper.unlock_header()
+        if table.waiters and keeper.count_rows(self.pool, RowState.READY):
+            # A wake lost to a waker that died mid-way: hand the turn on.
+            keeper.wake(1)
+
+    def health_check(self, now: float) -> None:
+        """An idle connection with EOF or bytes nobody asked for is dead or dirty."""
+        keeper, table = self.keeper, self.keeper.table
+        for slot in self.pool.in_state(SlotState.SHARED):
+            index, generation = slot.index, slot.generation
+            if table.state_of(index) != RowState.READY or not keeper.try_lock(index, generation):
+                continue
+            if table.state_of(index) == RowState.READY and not slot.backend.is_quiet():
+                self._perform(self.pool.health_check_failed(index, generation, now))
+            else:
+                keeper.unlock(index)
+        self._redispatch(now)
+
+    def reap_pid(self, pid: int, now: float, drop_channels: Callable[[int], None]) -> int:
+        """A server reports a worker dead: sweep its rows now; return how many leases were reaped.
+
+        A pid that is still alive is left alone: the integration may be
+        wrong, or the pid already reused.
+        """
+        if pid <= 0:
+            return 0
+        if alive_by_psutil(pid, 0.0):
+            log.info("asked to reap pid %d, which is alive: left alone", pid)
+            return 0
+        held = self.keeper.held_by(self.pool, pid)
+        drop_channels(pid)
+        self.sweep(now)
+        return held - self.keeper.held_by(self.pool, pid)
+
+
+def alive_by_psutil(pid: int, create_time: float) -> bool:
+    """psutil's view; a zombie is dead, and a reused pid is somebody else."""
+    try:
+        process = psutil.Process(pid)
+        if create_time and abs(process.create_time() - create_time) > 0.01:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except (psutil.AccessDenied, OSError):
+        return True  # cannot tell (no permission, no fds left): never reap on a guess

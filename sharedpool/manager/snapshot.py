@@ -1,0 +1,83 @@
+"""The stats snapshot: what ``sharedpool stats``, STATS replies and the
+Prometheus metrics show. Counter names live in ``sharedpool.stats``; leases
+taken and given back are read from the lease table, where workers count them."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from sharedpool import __version__
+from sharedpool import stats as keys
+from sharedpool import table as tbl
+from sharedpool.manager.pool import SlotState
+from sharedpool.table import RowState
+
+if TYPE_CHECKING:
+    from sharedpool.manager.loop import Manager
+
+
+def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]:
+    """The stats. ``max_workers`` caps the per-worker rows (busiest first) so a
+    host with thousands of workers still fits one frame."""
+    pool, table, config = manager.pool, manager.keeper.table, manager.config
+    now = time.monotonic()
+    held_by: dict[int, int] = {}
+    idle = held = granted = 0
+    for slot in pool.slots:
+        try:
+            row = table.row(slot.index)
+        except tbl.RowError:
+            continue
+        granted += row.lease_seq
+        if slot.state is not SlotState.SHARED or row.generation != slot.generation:
+            continue
+        if row.state is RowState.READY:
+            idle += 1
+        elif row.state is RowState.HELD:
+            held += 1
+            held_by[row.holder_pid] = held_by.get(row.holder_pid, 0) + 1
+    channels = manager.control.channels_by_pid()
+    workers = [
+        {"pid": pid, "leases_held": held_by.get(pid, 0), "control_connections": channels.get(pid, 0)}
+        for pid in sorted(set(held_by) | set(channels))
+    ]
+    waits, holds = table.histograms(len(pool.slots))
+    counters = dict(pool.counters)
+    counters[keys.GRANTED] = granted
+    counters[keys.RELEASED] = max(0, granted - held)
+    return {
+        "pool": config.pool_name,
+        "state": manager.state.value,
+        "epoch": manager.epoch,
+        "manager_pid": os.getpid(),
+        "version": __version__,
+        "uptime_s": round(now - manager.started_at, 3),
+        "redis": manager.target.label,
+        "redis_down_for_s": round(now - pool.redis_down_since, 3) if pool.redis_down_since is not None else None,
+        "last_redis_error": pool.last_connect_error,
+        "connections": {
+            "open": pool.open_connections,
+            "idle": idle,
+            "leased": held,
+            "connecting": pool.count(SlotState.CONNECTING),
+            "resetting": pool.count(SlotState.MANAGED),
+            "max": config.max_connections,
+        },
+        "leases": {"held": held, "waiting": max(0, table.waiters)},
+        "paused": pool.paused,
+        "control_connections": len(manager.control),
+        "counters": counters,
+        "wait_time": keys.from_histogram(waits),
+        "hold_time": keys.from_histogram(holds),
+        "workers": _top_workers(workers, max_workers),
+        "workers_total": len(workers),
+        "config": config.safe_dict(),
+    }
+
+
+def _top_workers(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    if limit is not None and len(rows) > limit:
+        rows = sorted(rows, key=lambda w: (-w["leases_held"], -w["control_connections"], w["pid"]))[:limit]
+    return sorted(rows, key=lambda w: w["pid"])
