@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import redis
 
-from sharedpool.launch import ManagerProcess
-from sharedpool.redis_server import RedisServer, find_redis_server
+from sharedpool.dev.launch import ManagerProcess
+from sharedpool.dev.redis_server import RedisServer, find_redis_server
 
 _pool_names = itertools.count()
 

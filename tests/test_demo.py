@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sharedpool.redis_server import SERVER_ENV, find_redis_server
+from sharedpool.dev.redis_server import SERVER_ENV, find_redis_server
 
 
 def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

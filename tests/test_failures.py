@@ -11,7 +11,7 @@ import pytest
 import redis
 
 import sharedpool
-from sharedpool.redis_server import RedisServer
+from sharedpool.dev.redis_server import RedisServer
 
 from conftest import wait_for
 

@@ -35,7 +35,7 @@ import redis
 
 import sharedpool
 from sharedpool.client.channel import _connect_problem
-from sharedpool.redis_server import RedisServer
+from sharedpool.dev.redis_server import RedisServer
 
 from conftest import manager_clients, run_cli, wait_for
 

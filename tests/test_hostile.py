@@ -44,9 +44,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import sharedpool
+from sharedpool import admin as one_shot
 from sharedpool import errors, protocol
 from sharedpool.client.channel import ControlChannel
-from sharedpool.launch import ManagerProcess
+from sharedpool.dev.launch import ManagerProcess
 from sharedpool.protocol import ErrorCode, FrameType, Outcome, ProtocolError, ReportCause
 
 import hostile_peers as hp
@@ -138,13 +139,10 @@ def _settled(manager: ManagerProcess) -> dict[str, Any]:
 def _baseline(manager: ManagerProcess) -> int:
     """The manager's fd count at rest, with the connections open now (except ours)."""
     _settled(manager)
-    channel = ControlChannel(manager.socket_path)
-    try:
+    with one_shot.channel(manager.socket_path) as channel:
         # The STATS reply proves the manager accepted (and holds an fd for) this channel.
-        channel.request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY)
+        one_shot.stats_of(channel)
         with_ours = hp.fd_count(manager.pid)
-    finally:
-        channel.close()
     baseline = with_ours - 1
     _wait_fds(manager, baseline)
     return baseline

@@ -36,9 +36,9 @@ import redis
 
 import sharedpool
 from sharedpool import errors
+from sharedpool.admin import stats as manager_stats
 from sharedpool.integrations import close_control_channels, settings_from
-from sharedpool.launch import ManagerProcess
-from sharedpool.redis_server import RedisServer, free_port
+from sharedpool.dev.redis_server import RedisServer, free_port
 
 from conftest import manager_clients, wait_for
 
@@ -307,10 +307,6 @@ def uwsgi_server(tmp_path: Path, env: dict[str, str], *, lazy_apps: bool, proces
     # pyuwsgi is in the test extra: missing, the uWSGI tests must fail, not vanish.
     assert pyuwsgi is not None, "pyuwsgi is not installed (pip install -e '.[test]')"
     return Server("uwsgi", [pyuwsgi, "--ini", str(ini)], env, port, tmp_path / "uwsgi.log")
-
-
-def manager_stats(socket_path: str) -> dict[str, Any]:
-    return ManagerProcess(socket_path, redis_url="").stats()
 
 
 def new_pool_name() -> str:

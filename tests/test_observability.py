@@ -29,9 +29,9 @@ import pytest
 
 import sharedpool
 from sharedpool.admin import admin as admin_command
-from sharedpool.launch import ManagerProcess
+from sharedpool.dev.launch import ManagerProcess
 from sharedpool.metrics import CONTENT_TYPE, MetricsServer, render_prometheus
-from sharedpool.redis_server import RedisServer, free_port
+from sharedpool.dev.redis_server import RedisServer, free_port
 
 from conftest import wait_for
 
@@ -508,7 +508,7 @@ def shared_socket_dir() -> Iterator[str]:
 
 def _manager_for_uid_65534(start_manager: Any, directory: str) -> ManagerProcess:
     manager: ManagerProcess = start_manager(
-        socket_path=os.path.join(directory, "sp.sock"), allowed_uids="65534", socket_mode="660", max_connections=1
+        socket_path=os.path.join(directory, "sp.sock"), allowed_uids=(65534,), socket_mode=0o660, max_connections=1
     )
     return manager
 
