@@ -231,7 +231,7 @@ class RawPeer:
                 frame_type, body, fds = self.recv(left)
             except Closed:
                 return seen
-            except socket.timeout:
+            except TimeoutError:
                 continue
             close_fds(fds)
             seen.append((frame_type, body))

@@ -6,12 +6,11 @@ import dataclasses
 import os
 
 import pytest
+from support.cli import run_cli
 
 from sharedpool import config
 from sharedpool.config import ManagerConfig
 from sharedpool.errors import ConfigError
-
-from conftest import run_cli
 
 
 def test_precedence_defaults_toml_env_flags(tmp_path) -> None:

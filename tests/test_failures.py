@@ -9,11 +9,10 @@ import uuid
 import multiprocess
 import pytest
 import redis
+from support.waiting import wait_for
 
 import sharedpool
 from sharedpool.dev.redis_server import RedisServer
-
-from conftest import wait_for
 
 ctx = multiprocess.get_context("fork")
 

@@ -32,12 +32,13 @@ import multiprocess
 import psutil
 import pytest
 import redis
+from support.cli import run_cli
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
 from sharedpool.client.channel import _connect_problem
 from sharedpool.dev.redis_server import RedisServer
-
-from conftest import manager_clients, run_cli, wait_for
 
 ctx = multiprocess.get_context("fork")
 

@@ -36,12 +36,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import hostile_peers as hp
 import multiprocess
 import psutil
 import pytest
 import redis
+from hostile_peers import Closed, RawPeer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.mix import checked_round_trip
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
 from sharedpool import admin as one_shot
@@ -49,10 +54,6 @@ from sharedpool import errors, protocol
 from sharedpool.client.channel import ControlChannel
 from sharedpool.dev.launch import ManagerProcess
 from sharedpool.protocol import ErrorCode, FrameType, Outcome, ProtocolError, ReportCause
-
-import hostile_peers as hp
-from conftest import manager_clients, wait_for
-from hostile_peers import Closed, RawPeer
 
 ctx = multiprocess.get_context("fork")
 
@@ -972,21 +973,9 @@ def _good_worker(socket_path: str, worker: int, stop: Any, report: Any) -> None:
     ops, failures = 0, []
     while not stop.is_set() and len(failures) < 10:
         key, value = f"{prefix}:{ops}", f"{worker}-{ops}-{uuid.uuid4().hex}"
-        try:
-            if ops % 3 == 0:
-                with r.pipeline() as pipe:
-                    got = pipe.set(key, value).get(key).execute()[1]
-            elif ops % 3 == 1:
-                with r.lease() as pinned:
-                    pinned.set(key, value)
-                    got = pinned.get(key)
-            else:
-                r.set(key, value)
-                got = r.get(key)
-            if got != value:
-                failures.append(f"{key}: wrote {value!r}, read {got!r}")
-        except Exception as exc:
-            failures.append(f"{key}: {type(exc).__name__}: {exc}")
+        failure = checked_round_trip(r, key, value, ops)
+        if failure:
+            failures.append(failure)
         ops += 1
     r.close()
     report.put({"worker": worker, "ops": ops, "failures": failures})

@@ -26,14 +26,13 @@ from typing import Any
 
 import multiprocess
 import pytest
+from support.waiting import wait_for
 
 import sharedpool
 from sharedpool.admin import admin as admin_command
 from sharedpool.dev.launch import ManagerProcess
-from sharedpool.metrics import CONTENT_TYPE, MetricsServer, render_prometheus
 from sharedpool.dev.redis_server import RedisServer, free_port
-
-from conftest import wait_for
+from sharedpool.metrics import CONTENT_TYPE, MetricsServer, render_prometheus
 
 ctx = multiprocess.get_context("fork")
 

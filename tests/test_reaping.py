@@ -16,11 +16,12 @@ from pathlib import Path
 import multiprocess
 import pytest
 import redis
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
-from sharedpool.admin import admin as admin_command, report_dead_worker
-
-from conftest import manager_clients, wait_for
+from sharedpool.admin import admin as admin_command
+from sharedpool.admin import report_dead_worker
 
 ctx = multiprocess.get_context("fork")
 

@@ -12,7 +12,6 @@ import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import replace
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import psutil
@@ -21,8 +20,8 @@ import redis
 from sharedpool import admin
 from sharedpool import table as tbl
 from sharedpool.bench.e2e import Gunicorn
-from sharedpool.bench.report import SHARED, TWEMPROXY
 from sharedpool.bench.jobs import KEY_PREFIX, Job
+from sharedpool.bench.report import SHARED, TWEMPROXY
 from sharedpool.bench.settings import BenchSettings
 from sharedpool.dev.launch import ManagerProcess
 from sharedpool.dev.redis_server import RedisServer, free_port

@@ -9,9 +9,9 @@ from dataclasses import replace
 
 from sharedpool import table as tbl
 from sharedpool.bench.e2e import run_wrk
+from sharedpool.bench.jobs import Job
 from sharedpool.bench.report import E2E_SIZES, PLAIN, SHARED, TWEMPROXY, Results, percentile
 from sharedpool.bench.rig import Rig, Skipped
-from sharedpool.bench.jobs import Job
 from sharedpool.bench.workers import S1_MODES, Run, run_workers
 
 Measure = tuple[str, Callable[[int], str]]  # label, run for a round -> progress text
