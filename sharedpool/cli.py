@@ -36,14 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="PATH", help="TOML file of settings (flat, or under [sharedpool])")
     config.add_arguments(serve, ManagerConfig)
 
-    for name, text in (("stats", "show the manager's pool statistics"), ("check", "exit 0 when the manager answers and reaches Redis")):
+    one_shot = (("stats", "show the manager's pool statistics"), ("check", "exit 0 when the manager answers and reaches Redis"))
+    for name, text in one_shot:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("--socket-path", "--socket", dest="socket_path", metavar="PATH",
                          help="control socket [env SHAREDPOOL_SOCKET; default /tmp/sharedpool-<uid>/sharedpool.sock]")
         if name == "stats":
             sub.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
             sub.add_argument("--watch", action="store_true", help="refresh in place, like top, until Ctrl-C")
-            sub.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period for --watch (default 1)")
+            sub.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                             help="refresh period for --watch (default 1)")
         else:
             sub.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="how long to wait for the manager")
 
@@ -58,16 +60,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin_parser.add_argument("admin_command", choices=admin.COMMANDS, metavar="ACTION")
     admin_parser.add_argument("pid", nargs="?", type=int, help="for reap: the dead worker's pid")
-    admin_parser.add_argument("--socket-path", "--socket", dest="socket_path", metavar="PATH", help="control socket [env SHAREDPOOL_SOCKET]")
+    admin_parser.add_argument("--socket-path", "--socket", dest="socket_path", metavar="PATH",
+                              help="control socket [env SHAREDPOOL_SOCKET]")
 
     demo = commands.add_parser(
         "demo",
         help="run a manager, an embedded Redis and worker processes, and show the sharing",
-        description="A real run: Redis (--redis-url, else a redis-server from SHAREDPOOL_REDIS_SERVER, PATH or the 'embedded' extra), a manager, and workers doing a request mix.",
+        description=(
+            "A real run: Redis (--redis-url, else a redis-server from SHAREDPOOL_REDIS_SERVER, PATH or "
+            "the 'embedded' extra), a manager, and workers doing a request mix."
+        ),
     )
     demo.add_argument("--workers", type=int, default=6, metavar="N", help="worker processes (default 6)")
-    demo.add_argument("--max-connections", type=int, default=2, metavar="N", help="Redis connections the manager may open (default 2)")
-    demo.add_argument("--duration", type=float, default=10.0, metavar="SECONDS", help="how long to run (default 10; Ctrl-C stops earlier)")
+    demo.add_argument("--max-connections", type=int, default=2, metavar="N",
+                      help="Redis connections the manager may open (default 2)")
+    demo.add_argument("--duration", type=float, default=10.0, metavar="SECONDS",
+                      help="how long to run (default 10; Ctrl-C stops earlier)")
     demo.add_argument("--redis-url", metavar="URL", help="use this Redis instead of starting one")
     demo.add_argument("--kill-every", type=float, default=2.0, metavar="SECONDS",
                       help="SIGKILL a random worker this often to show reaping (0: never; default 2)")

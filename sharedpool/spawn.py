@@ -92,7 +92,9 @@ class ServeCommand:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         return env
 
-    def popen(self, argv: list[str] | None = None, unlogged: int | None = subprocess.DEVNULL, **options: Any) -> subprocess.Popen[bytes]:
+    def popen(
+        self, argv: list[str] | None = None, unlogged: int | None = subprocess.DEVNULL, **options: Any,
+    ) -> subprocess.Popen[bytes]:
         """Start it, output appended to ``log_path`` (else to ``unlogged``: DEVNULL, or None to inherit)."""
         output: IO[bytes] | int | None = open(self.log_path, "ab") if self.log_path else unlogged
         try:

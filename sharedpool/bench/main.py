@@ -9,7 +9,7 @@ import time
 from contextlib import ExitStack
 from typing import Any
 
-from sharedpool.bench import report
+import sharedpool.bench.report as report
 from sharedpool.bench.report import Report, Results
 from sharedpool.bench.rig import Rig, Skipped
 from sharedpool.bench.scenarios import SCENARIO_RUNNERS, e2e_sizes, s2x_sizes, say

@@ -315,7 +315,7 @@ def run_workers(rig: Systems, job: Job, processes: int, *, sample_clients: bool 
         if respawn:
             run.new_connections = rig.connections_received() - received
         if waits_before is not None:
-            run.waits = [after - before for after, before in zip(rig.wait_histogram(job.address), waits_before)]
+            run.waits = [after - before for after, before in zip(rig.wait_histogram(job.address), waits_before, strict=False)]
         return run
     finally:
         _reap(started)
