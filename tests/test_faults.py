@@ -34,7 +34,7 @@ import pytest
 import redis
 
 import sharedpool
-from sharedpool.client.channel import _connect_problem
+from sharedpool.client.channel import explain_connect_error
 from sharedpool.redis_server import RedisServer
 
 from conftest import manager_clients, run_cli, wait_for
@@ -664,7 +664,7 @@ def test_permission_denied_says_so_and_what_to_do(start_manager, workers) -> Non
     if os.getuid() == 0:
         message = workers(_connect_as_nobody, manager.socket_path).result()
     else:  # only root can become another uid: check the message it would get
-        message = _connect_problem(manager.socket_path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+        message = explain_connect_error(manager.socket_path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
     assert "permission denied" in message, message
     assert "manager's uid" in message and "--socket-group" in message, message
 
