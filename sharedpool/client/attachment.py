@@ -21,6 +21,8 @@ from sharedpool import errors, protocol
 from sharedpool import table as tbl
 from sharedpool.client.channel import ControlChannel
 from sharedpool.client.connection import LeaseState
+from sharedpool.protocol import ReportCause
+from sharedpool.table import Outcome
 
 if TYPE_CHECKING:
     from sharedpool.client.connection import LeasedConnection
@@ -94,6 +96,29 @@ class Attachment:
             conn.disconnect()
         self.channel.abandon()
         self.table.close()
+
+    def abort(self) -> int:
+        """Report every lease of this process broken and close the channel; how many leases and channels ended.
+
+        Takes no lock a stuck thread may hold: the manager shuts each such
+        connection down (which wakes a thread blocked reading from it).
+        """
+        if self.channel.closed:
+            return 0
+        ended = 0
+        for conn in list(self.conns.values()):
+            lease = conn.lease
+            if conn.state is LeaseState.IN_USE and lease is not None:
+                report = protocol.encode_report(lease.slot, lease.generation, lease.seq, Outcome.BROKEN, ReportCause.ABORTED)
+                self.channel.notify(report)
+                ended += 1
+        # A ping makes sure the reports were read before our end closes.
+        try:
+            self.channel.ping(timeout=1.0)
+        except errors.SharedPoolError:
+            pass
+        self.channel.close()
+        return ended + 1
 
     def site_id(self, text: str) -> int:
         """The number the manager knows a call site by; announced the first time."""

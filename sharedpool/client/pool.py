@@ -32,9 +32,9 @@ from sharedpool.client import lease_core, lease_queue, process
 from sharedpool.client.attachment import Attachment, check_welcome, open_channel
 from sharedpool.client.callsite import caller
 from sharedpool.client.connection import LeasedConnection, LeaseState
-from sharedpool.client.lease_core import Lease, Taken, Taker
+from sharedpool.client.lease_core import Lease, Taken, Taker, give_back
 from sharedpool.config import client_config
-from sharedpool.protocol import FrameType, ReportCause
+from sharedpool.protocol import FrameType
 from sharedpool.table import Outcome
 
 log = logging.getLogger("sharedpool.client")
@@ -363,10 +363,12 @@ class SharedConnectionPool(redis.ConnectionPool):
             # Whatever interrupts the above (a signal handler raising), the
             # lease ends and its lock is given back: broken if we could not tell.
             connection.end()
-            self._give_back(lease, outcome)
+            report = give_back(lease, outcome)
+            if report:
+                lease.attachment.channel.notify(report)
 
     def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
-        report = lease_core.give_back(lease, outcome, used)
+        report = give_back(lease, outcome, used)
         if report:
             lease.attachment.channel.notify(report)
 
@@ -477,20 +479,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         thread may hold. Returns how many leases and channels it ended.
         """
         att = self._attachment
-        if self.pid != os.getpid() or att is None or att.channel.closed:
+        if self.pid != os.getpid() or att is None:
             return 0
-        ended = 0
-        for conn in list(att.conns.values()):
-            lease = conn.lease
-            if conn.state is LeaseState.IN_USE and lease is not None:
-                report = protocol.encode_report(lease.slot, lease.generation, lease.seq, Outcome.BROKEN, ReportCause.ABORTED)
-                att.channel.notify(report)
-                ended += 1
-        # A ping makes sure the reports were read before our end closes.
-        try:
-            att.channel.ping(timeout=1.0)
-        except errors.SharedPoolError:
-            pass
-        att.channel.close()
-        return ended + 1
+        return att.abort()
 
