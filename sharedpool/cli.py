@@ -9,8 +9,9 @@ import os
 import sys
 from typing import Any
 
-from sharedpool import __version__, admin, config, errors
+from sharedpool import admin, config, errors
 from sharedpool.config import ManagerConfig
+from sharedpool.version import __version__
 
 log = logging.getLogger("sharedpool")
 

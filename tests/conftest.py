@@ -18,14 +18,8 @@ import pytest
 import redis
 
 # Re-exported: test modules of other branches import them from here.
-from support.cli import run_cli
-from support.redis_view import manager_clients
-from support.waiting import wait_for
-
 from sharedpool.dev.launch import ManagerProcess
 from sharedpool.dev.redis_server import RedisServer, find_redis_server
-
-__all__ = ["ManagerFactory", "manager_clients", "run_cli", "wait_for"]
 
 _pool_names = itertools.count()
 

@@ -37,7 +37,7 @@ from support.redis_view import manager_clients
 from support.waiting import wait_for
 
 import sharedpool
-from sharedpool.client.channel import _connect_problem
+from sharedpool.client.channel import explain_connect_error
 from sharedpool.dev.redis_server import RedisServer
 
 ctx = multiprocess.get_context("fork")
@@ -673,7 +673,7 @@ def test_permission_denied_says_so_and_what_to_do(start_manager, workers) -> Non
     if os.getuid() == 0:
         message = workers(_connect_as_nobody, manager.socket_path).result()
     else:  # only root can become another uid: check the message it would get
-        message = _connect_problem(manager.socket_path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+        message = explain_connect_error(manager.socket_path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
     assert "permission denied" in message, message
     assert "manager's uid" in message and "--socket-group" in message, message
 
