@@ -9,6 +9,8 @@ import uuid
 import multiprocess
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from support.waiting import wait_for
 
 import sharedpool
@@ -19,7 +21,11 @@ ctx = multiprocess.get_context("fork")
 
 def _load(socket_path: str, stop: multiprocess.Event, report: multiprocess.Queue) -> None:
     """SET/GET own keys until told to stop; report every outcome with a timestamp."""
-    r = sharedpool.Redis(socket_path=socket_path, decode_responses=True, manager_timeout=0.5, acquire_timeout=2)
+    # No retries: every failure must surface, so the test sees how fast it comes
+    # (redis-py's default retry would ride out a short outage as latency).
+    r = sharedpool.Redis(
+        socket_path=socket_path, decode_responses=True, manager_timeout=0.5, acquire_timeout=2, retry=Retry(NoBackoff(), 0)
+    )
     outcomes = []
     parent = os.getppid()
     while not stop.is_set() and os.getppid() == parent:  # never outlive a killed test run

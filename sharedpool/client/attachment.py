@@ -19,6 +19,7 @@ import psutil
 
 from sharedpool import errors, protocol
 from sharedpool import table as tbl
+from sharedpool.client import clone
 from sharedpool.client.channel import ControlChannel
 from sharedpool.client.connection import LeaseState
 from sharedpool.protocol import ReportCause
@@ -148,8 +149,10 @@ def open_channel(socket_path: str, deadline: float) -> ControlChannel:
         delay = min(delay * 2, 0.25)
 
 
-def check_welcome(welcome: dict[str, Any], requested_protocol: Any, requested_db: Any) -> None:
-    """Refuse a manager whose protocol, RESP version or db is not what this client asked for (DESIGN fact 10)."""
+def check_welcome(
+    welcome: dict[str, Any], requested_protocol: Any, requested_db: int | None, redis_location: str | None = None
+) -> None:
+    """Refuse a manager whose protocol, RESP version, db or Redis is not what this client asked for (DESIGN fact 10)."""
     versions = welcome.get("versions") or []
     if protocol.VERSION not in versions:
         raise errors.ProtocolMismatch(f"manager speaks protocol {versions}, this client {protocol.VERSION}")
@@ -161,8 +164,14 @@ def check_welcome(welcome: dict[str, Any], requested_protocol: Any, requested_db
             f"manager {welcome.get('pool')!r} set its connections up with RESP{manager_protocol}, "
             f"this client expects RESP{asked or 3}: pass protocol={manager_protocol}"
         )
+    manager_redis = str(welcome.get("redis", ""))
+    if redis_location is not None and not clone.same_redis(redis_location, manager_redis):
+        raise errors.Misconfigured(
+            f"this client's URL names Redis at {redis_location}, but manager {welcome.get('pool')!r} "
+            f"connects to {manager_redis}: point the URL at the manager's Redis, or run a manager for that one"
+        )
     if requested_db is not None and int(requested_db) != manager_db:
-        raise errors.ProtocolMismatch(
+        raise errors.DatabaseNotServed(
             f"manager {welcome.get('pool')!r} serves db {manager_db}, this client asked for db "
             f"{requested_db}: run a manager per db, or drop db="
         )

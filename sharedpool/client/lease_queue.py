@@ -166,6 +166,8 @@ class QueueWait:
 
     def leave(self) -> None:
         att, taker = self.att, self.taker
+        if att.detached or taker.lock_fd < 0:
+            return  # that manager's table was dropped (it died mid-wait): no queue left to leave
         was_woken = False
         # Bounded even here: a frozen holder of the queue's lock must not
         # hold us past our deadline; the manager's sweep drops entries of

@@ -23,12 +23,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 from sharedpool import errors, protocol
 from sharedpool import table as tbl
-from sharedpool.client import lease_core, lease_queue, process
+from sharedpool.client import clone, lease_core, lease_queue, process
 from sharedpool.client.attachment import Attachment, check_welcome, open_channel
 from sharedpool.client.callsite import caller
 from sharedpool.client.connection import LeasedConnection, LeaseState
@@ -47,6 +45,8 @@ _MANAGER_OWNED = frozenset({
     "socket_keepalive_options", "socket_connect_timeout", "redis_connect_func", "connection_class",
     "cache", "cache_config", "maint_notifications_config",
 })
+
+_NOT_FOR_CONNECTIONS = frozenset(clone.POOL_KEYS) | {"redis_location"}
 
 # How often a process checks that the manager that lent it the table lives.
 _LIVENESS_S = 0.1
@@ -86,6 +86,11 @@ class SharedConnectionPool(redis.ConnectionPool):
         manager_timeout: float | None = None,
         **connection_kwargs: Any,
     ) -> None:
+        for key in clone.RUNTIME_KEYS:
+            connection_kwargs.pop(key, None)  # a copied pool's running state, not an option
+        # redis-py's per-pool cap: here the manager's max_connections is the cap.
+        connection_kwargs.pop("max_connections", None)
+        redis_location = connection_kwargs.pop("redis_location", None)
         refused = sorted(set(connection_kwargs) & _MANAGER_OWNED)
         if refused:
             raise errors.ConfigError(
@@ -93,15 +98,39 @@ class SharedConnectionPool(redis.ConnectionPool):
                 "not settable in a worker: the sharedpool manager owns the Redis connections "
                 "(set it on 'sharedpool serve', e.g. in --redis-url)",
             )
-        connection_kwargs.pop("max_connections", None)
         self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
+        self.db: int | None = clone.database(connection_kwargs.pop("db", None))
         self._requested_protocol = connection_kwargs.get("protocol")
-        self._requested_db = connection_kwargs.pop("db", None)
-        connection_kwargs.setdefault(
-            "retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries=3)
-        )
+        # Where a URL given to from_url said Redis is: checked against the manager's at attach.
+        self.redis_location: str | None = redis_location
         super().__init__(connection_class=LeasedConnection, **connection_kwargs)
+        # What a copy needs to reach this same shared pool and database.
+        self.connection_kwargs.update(
+            socket_path=self.config.socket_path, acquire_timeout=acquire_timeout,
+            manager_timeout=manager_timeout, db=self.db,
+        )
+        if redis_location is not None:
+            self.connection_kwargs["redis_location"] = redis_location
         process.register(self)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> SharedConnectionPool:  # type: ignore[override]
+        """A pool for the database and client options of a ``redis://`` or ``unix://`` URL.
+
+        The manager owns where Redis is and how to log in: a password or
+        user name in the URL is dropped (never sent anywhere), and the host
+        and port (or socket path) must name the manager's own Redis, which
+        is checked at the first lease (``Misconfigured`` otherwise). Keyword
+        arguments win over the URL's query options, except ``db``, which
+        the URL sets when it names one (as in redis-py).
+        """
+        options, location = clone.parse_redis_url(url)
+        return cls(**{**kwargs, **options, "redis_location": location})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A spawned process rebuilds the pool from its options; the fds, the
+        # table and the channel are this process's and stay here.
+        return (_rebuild_pool, (type(self), clone.clone_kwargs(self.connection_kwargs)))
 
     def __repr__(self) -> str:
         att = self._attachment
@@ -161,7 +190,7 @@ class SharedConnectionPool(redis.ConnectionPool):
                 return att
             channel = open_channel(self.config.socket_path, deadline)
             try:
-                check_welcome(channel.welcome, self._requested_protocol, self._requested_db)
+                check_welcome(channel.welcome, self._requested_protocol, self.db, self.redis_location)
                 att = Attachment(channel)
             except BaseException:
                 channel.close()
@@ -188,6 +217,12 @@ class SharedConnectionPool(redis.ConnectionPool):
 
     def _acquire_timeout(self, att: Attachment) -> float:
         return self.config.acquire_timeout or att.acquire_timeout
+
+    def call_bound(self) -> float:
+        """Seconds one call may spend on the pool in all, retries included: manager_timeout + acquire_timeout."""
+        att = self._attachment
+        acquire_timeout = self.config.acquire_timeout or (att.acquire_timeout if att is not None else 0.0)
+        return self.config.manager_timeout + acquire_timeout
 
     # ----- taking a lease ------------------------------------------------------
 
@@ -324,9 +359,9 @@ class SharedConnectionPool(redis.ConnectionPool):
         return fd
 
     def _make(self, att: Attachment, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:
-        kwargs = dict(self.connection_kwargs)
+        kwargs = {key: value for key, value in self.connection_kwargs.items() if key not in _NOT_FOR_CONNECTIONS}
         kwargs["protocol"] = int(att.welcome.get("protocol", 3))
-        kwargs["db"] = int(att.welcome.get("db", 0))
+        kwargs["db"] = self.db if self.db is not None else int(att.welcome.get("db", 0))
         return LeasedConnection(
             shared_pool=self, slot=slot, generation=generation, sock=sock,
             redis_label=str(att.welcome.get("redis", "")), **kwargs,
@@ -403,7 +438,8 @@ class SharedConnectionPool(redis.ConnectionPool):
                 self._give_back(lease, Outcome.BROKEN)
                 raise errors.LeaseLost(why)
             conn.lose()
-            conn.retry_until = time.monotonic() + self.config.manager_timeout + self._acquire_timeout(att)
+            if not conn.retry_until:
+                conn.retry_until = time.monotonic() + self.call_bound()
             self._give_back(lease, Outcome.BROKEN)
         elif conn.state is not LeaseState.LOST:
             raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
@@ -483,3 +519,6 @@ class SharedConnectionPool(redis.ConnectionPool):
             return 0
         return att.abort()
 
+
+def _rebuild_pool(cls: type[SharedConnectionPool], kwargs: dict[str, Any]) -> SharedConnectionPool:
+    return cls(**kwargs)

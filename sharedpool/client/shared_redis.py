@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,8 +12,13 @@ from typing import Any
 import redis
 
 from sharedpool import errors
+from sharedpool.client import clone
 from sharedpool.client.connection import LeasedConnection
 from sharedpool.client.pool import SharedConnectionPool
+
+# What redis.Redis retries with when not told otherwise, read from the
+# installed redis-py so that Redis() follows it across versions.
+_REDIS_DEFAULT_RETRY = inspect.signature(redis.Redis.__init__).parameters["retry"].default
 
 
 class _PinnedPool:
@@ -36,9 +43,48 @@ class _PinnedPool:
 
 
 class SharedRedis(redis.Redis):
-    """``redis.Redis`` over a ``SharedConnectionPool``, plus ``lease()``."""
+    """``redis.Redis`` over a ``SharedConnectionPool``, plus ``lease()``.
+
+    Made like ``sharedpool.Redis()`` (``SharedRedis(socket_path=..., db=...,
+    decode_responses=...)``), from a URL (``SharedRedis.from_url``), or
+    around a pool. Given a plain ``redis.ConnectionPool`` whose connection
+    class is ``LeasedConnection`` (how rq rebuilds a client from
+    ``connection.__class__`` and the pool's ``connection_kwargs``), it uses
+    the shared pool those options name instead.
+    """
 
     connection_pool: SharedConnectionPool
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pool = kwargs.get("connection_pool")
+        if pool is None and not args:
+            kwargs.pop("connection_pool", None)
+            single = bool(kwargs.pop("single_connection_client", False))
+            super().__init__(connection_pool=SharedConnectionPool(**kwargs), single_connection_client=single)
+            self.auto_close_connection_pool = True
+            return
+        if pool is not None and not isinstance(pool, SharedConnectionPool):
+            connection_class = getattr(pool, "connection_class", None)
+            if isinstance(connection_class, type) and issubclass(connection_class, LeasedConnection):
+                kwargs["connection_pool"] = SharedConnectionPool(**clone.clone_kwargs(pool.connection_kwargs))
+                super().__init__(*args, **kwargs)
+                self.auto_close_connection_pool = True
+                return
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> SharedRedis:  # type: ignore[override]
+        """A client for the database and options of a ``redis://`` or ``unix://`` URL (see
+        ``SharedConnectionPool.from_url``: the manager owns where Redis is and the password)."""
+        single = bool(kwargs.pop("single_connection_client", False))
+        client = cls(connection_pool=SharedConnectionPool.from_url(url, **kwargs), single_connection_client=single)
+        client.auto_close_connection_pool = True
+        return client
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # For a spawned process: only the options travel; it attaches afresh.
+        pool = self.connection_pool
+        return (_rebuild_client, (type(self), clone.clone_kwargs(pool.connection_kwargs), self._single_connection_client))
 
     @contextmanager
     def lease(self) -> Iterator[redis.Redis]:
@@ -73,9 +119,17 @@ def Redis(
     """A ``redis.Redis`` whose connections are leased from the sharedpool manager.
 
     Keyword arguments are those of ``redis.Redis`` that concern the client
-    (``decode_responses``, ``socket_timeout``, ``retry``, ``protocol``...).
+    (``db``, ``decode_responses``, ``socket_timeout``, ``retry``,
+    ``protocol``...). Unless given, ``retry`` is redis-py's own default for
+    ``redis.Redis``.
     """
-    pool = SharedConnectionPool(socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, **redis_kwargs)
-    client = SharedRedis(connection_pool=pool, single_connection_client=single_connection_client)
-    client.auto_close_connection_pool = True
-    return client
+    if "retry" not in redis_kwargs:
+        redis_kwargs["retry"] = copy.deepcopy(_REDIS_DEFAULT_RETRY)
+    return SharedRedis(
+        socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout,
+        single_connection_client=single_connection_client, **redis_kwargs,
+    )
+
+
+def _rebuild_client(cls: type[SharedRedis], pool_kwargs: dict[str, Any], single_connection_client: bool) -> SharedRedis:
+    return cls(single_connection_client=single_connection_client, **pool_kwargs)
