@@ -1,0 +1,314 @@
+"""``Table``: one process's mapping of the lease table, and the row and queue moves on it.
+
+Reads never raise on garbage except ``row``; the hot path's moves
+(``take_in_place``, ``give_back_in_place``) write only the bytes they change.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from sharedpool.table.layout import (
+    DOWN_SINCE_AT,
+    EXPIRES_AT,
+    F64,
+    FAILED_CONNECTS_AT,
+    FLAGS,
+    FLAGS_AT,
+    GIVE_READ,
+    HEADER,
+    HIST,
+    HISTOGRAM_BUCKETS,
+    HOLD_HIST_AT,
+    HOT_HEADER,
+    HWM_AT,
+    I32,
+    LAST_ERROR_AT,
+    LAST_ERROR_SIZE,
+    LAYOUT_VERSION,
+    MAGIC,
+    MAX_WAITING_AT,
+    ROW,
+    ROW_SIZE,
+    ROW_STATES,
+    ROWS_AT,
+    SLOTS_IN_USE_AT,
+    STATE_AFTER,
+    TAKE_READ,
+    TAKE_WRITE,
+    TICKET_AT,
+    U32,
+    U64,
+    WAIT_HIST_AT,
+    WAITER,
+    WAITER_SIZE,
+    WAITERS_AT,
+    Flag,
+    Outcome,
+    Row,
+    RowError,
+    RowState,
+    WaiterState,
+    table_size,
+)
+
+
+class Table:
+    """A mapping of the lease table. Reads never raise on garbage except ``row``
+    (``RowError``); callers that must survive scribbling catch it."""
+
+    def __init__(self, memfd: int, capacity: int, waiter_capacity: int) -> None:
+        self.fd = memfd
+        self.capacity = capacity
+        self.waiter_capacity = waiter_capacity
+        self.waiters_at = ROWS_AT + capacity * ROW_SIZE
+        self.size = table_size(capacity, waiter_capacity)
+        if os.fstat(memfd).st_size < self.size:
+            raise RowError(f"lease table of {os.fstat(memfd).st_size} bytes, expected {self.size}")
+        self.map = mmap.mmap(memfd, self.size)
+
+    @classmethod
+    def create(cls, capacity: int, waiter_capacity: int, max_waiting: int, epoch: bytes) -> Table:
+        memfd = os.memfd_create("sharedpool-leases", os.MFD_CLOEXEC)
+        os.ftruncate(memfd, table_size(capacity, waiter_capacity))
+        table = cls(memfd, capacity, waiter_capacity)
+        table.map[0:HEADER.size] = HEADER.pack(
+            MAGIC, LAYOUT_VERSION, 0, capacity, 0, waiter_capacity, max_waiting, os.getpid(), 0, 0, 1, epoch[:16]
+        )
+        for slot in range(capacity):
+            table.write_row(slot, Row(RowState.CLOSED, 0))
+        return table
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except (BufferError, ValueError):
+            pass  # a view still exported: the mapping goes with the object
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+    # header
+    @property
+    def flags(self) -> Flag:
+        return Flag(FLAGS.unpack_from(self.map, FLAGS_AT)[0] & 7)
+
+    def set_flags(self, flags: Flag) -> None:
+        FLAGS.pack_into(self.map, FLAGS_AT, int(flags))
+
+    @property
+    def slots_in_use(self) -> int:
+        return min(self.capacity, int(U32.unpack_from(self.map, SLOTS_IN_USE_AT)[0]))
+
+    def set_slots_in_use(self, count: int) -> None:
+        U32.pack_into(self.map, SLOTS_IN_USE_AT, min(count, self.capacity))
+
+    @property
+    def max_waiting(self) -> int:
+        return min(self.waiter_capacity, int(U32.unpack_from(self.map, MAX_WAITING_AT)[0]))
+
+    def set_max_waiting(self, count: int) -> None:
+        U32.pack_into(self.map, MAX_WAITING_AT, min(count, self.waiter_capacity))
+
+    @property
+    def failed_connects(self) -> int:
+        return int(U32.unpack_from(self.map, FAILED_CONNECTS_AT)[0])
+
+    def set_failed_connects(self, count: int) -> None:
+        U32.pack_into(self.map, FAILED_CONNECTS_AT, count & 0xFFFFFFFF)
+
+    def outage(self) -> tuple[float, str]:
+        """(down since, last error) as the manager last wrote them."""
+        (since,) = F64.unpack_from(self.map, DOWN_SINCE_AT)
+        raw = bytes(self.map[LAST_ERROR_AT : LAST_ERROR_AT + LAST_ERROR_SIZE]).split(b"\0", 1)[0]
+        return float(since), raw.decode("utf-8", "replace")
+
+    def set_outage(self, since: float, error: str) -> None:
+        F64.pack_into(self.map, DOWN_SINCE_AT, since)
+        data = error.encode("utf-8")[: LAST_ERROR_SIZE - 1]
+        self.map[LAST_ERROR_AT : LAST_ERROR_AT + LAST_ERROR_SIZE] = data.ljust(LAST_ERROR_SIZE, b"\0")
+
+    @property
+    def waiters(self) -> int:
+        return int(I32.unpack_from(self.map, WAITERS_AT)[0])
+
+    def _set_waiters(self, count: int) -> None:
+        I32.pack_into(self.map, WAITERS_AT, count)
+
+    def hot(self) -> tuple[int, int]:
+        """(flags, waiters) in one read: what a taker looks at before anything else."""
+        return HOT_HEADER.unpack_from(self.map, FLAGS_AT)  # type: ignore[return-value]
+
+    # rows
+    def _row_at(self, slot: int) -> int:
+        if not 0 <= slot < self.capacity:
+            raise RowError(f"slot {slot} outside the table's {self.capacity} rows")
+        return ROWS_AT + slot * ROW_SIZE
+
+    def state_of(self, slot: int) -> int:
+        """The raw state byte: the one read the hot path makes before locking."""
+        return self.map[ROWS_AT + slot * ROW_SIZE]
+
+    def generation_of(self, slot: int) -> int:
+        return int(U32.unpack_from(self.map, ROWS_AT + slot * ROW_SIZE + 4)[0])
+
+    def row(self, slot: int) -> Row:
+        values = ROW.unpack_from(self.map, self._row_at(slot))
+        state = ROW_STATES.get(values[0])
+        if state is None:
+            raise RowError(f"slot {slot}: state byte {values[0]} is no state")
+        return Row(state, *values[1:])
+
+    def write_row(self, slot: int, row: Row) -> None:
+        ROW.pack_into(
+            self.map, self._row_at(slot), row.state, row.generation, row.holder_pid, row.call_site,
+            row.lease_seq, row.holder_start, row.acquired_at, row.revoked_generation, row.revoked_seq,
+            row.expires_at,
+        )
+
+    # The hot path's moves: ``take`` and ``give_back`` above, done in place
+    # (tests hold the two to the same results).
+    def take_in_place(self, slot: int, generation: int, pid: int, start: float, now: float, call_site: int) -> int:
+        """``take`` on a READY row of ``generation`` we hold the lock of; its lease number, or 0."""
+        at = ROWS_AT + slot * ROW_SIZE
+        state, row_generation, _pid, _site, seq = TAKE_READ.unpack_from(self.map, at)
+        if state != RowState.READY or row_generation != generation:
+            return 0
+        seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1  # a scribbled maximum wraps, never raises
+        TAKE_WRITE.pack_into(self.map, at, RowState.HELD, row_generation, pid, call_site, seq, start, now)
+        return int(seq)
+
+    def give_back_in_place(self, slot: int, generation: int, seq: int, outcome: Outcome, now: float) -> Outcome | None:
+        """``give_back`` if the row is still our lease: the outcome written (an expired
+        connection goes back BROKEN); None if it was revoked or repaired."""
+        at = ROWS_AT + slot * ROW_SIZE
+        state, row_generation, _pid, _site, row_seq, expires_at = GIVE_READ.unpack_from(self.map, at)
+        if state != RowState.HELD or row_generation != generation or row_seq != seq:
+            return None
+        if outcome is Outcome.CLEAN and expires_at and now >= expires_at:
+            outcome = Outcome.BROKEN
+        TAKE_WRITE.pack_into(self.map, at, STATE_AFTER[outcome], row_generation, 0, 0, seq, 0.0, 0.0)
+        return outcome
+
+    def set_expiry(self, slot: int, expires_at: float) -> None:
+        """The manager's: when the connection in this row is to be replaced."""
+        F64.pack_into(self.map, self._row_at(slot) + EXPIRES_AT, expires_at)
+
+    def count(self, slot: int, histogram_at: int, seconds: float) -> None:
+        """Add one sample to a row's histogram. Only by the slot's lock holder: no lost counts."""
+        index = int(seconds * 1e5).bit_length() if seconds >= 10e-6 else 0
+        at = ROWS_AT + slot * ROW_SIZE + histogram_at + 8 * (index if index < HISTOGRAM_BUCKETS else HISTOGRAM_BUCKETS - 1)
+        (count,) = U64.unpack_from(self.map, at)
+        U64.pack_into(self.map, at, (count + 1) & 0xFFFFFFFFFFFFFFFF)
+
+    def count_wait(self, slot: int, seconds: float) -> None:
+        self.count(slot, WAIT_HIST_AT, seconds)
+
+    def count_hold(self, slot: int, seconds: float) -> None:
+        self.count(slot, HOLD_HIST_AT, seconds)
+
+    def histograms(self, slots: int) -> tuple[list[int], list[int]]:
+        waits = [0] * HISTOGRAM_BUCKETS
+        holds = [0] * HISTOGRAM_BUCKETS
+        for slot in range(min(slots, self.capacity)):
+            at = ROWS_AT + slot * ROW_SIZE
+            for index, value in enumerate(HIST.unpack_from(self.map, at + WAIT_HIST_AT)):
+                waits[index] += value
+            for index, value in enumerate(HIST.unpack_from(self.map, at + HOLD_HIST_AT)):
+                holds[index] += value
+        return waits, holds
+
+    # waiters (callers hold HEADER_LOCK)
+    def _waiter_at(self, index: int) -> int:
+        return self.waiters_at + index * WAITER_SIZE
+
+    def waiter(self, index: int) -> tuple[int, int, int, int, float]:
+        """(state, pid, token, ticket, enqueued_at) of one entry, raw."""
+        return WAITER.unpack_from(self.map, self._waiter_at(index))  # type: ignore[return-value]
+
+    def hwm(self) -> int:
+        return max(0, min(self.waiter_capacity, int(I32.unpack_from(self.map, HWM_AT)[0])))
+
+    def enqueue(self, pid: int, token: int, now: float) -> int:
+        """Add a waiter; return its index, or -1 when max_waiting are queued."""
+        if self.waiters >= self.max_waiting:
+            return -1
+        ticket = U64.unpack_from(self.map, TICKET_AT)[0]
+        U64.pack_into(self.map, TICKET_AT, ticket + 1)
+        hwm = self.hwm()
+        for index in range(self.waiter_capacity):
+            if self.map[self._waiter_at(index)] == WaiterState.FREE:
+                WAITER.pack_into(self.map, self._waiter_at(index), WaiterState.WAITING, pid, token, ticket, now)
+                if index >= hwm:
+                    I32.pack_into(self.map, HWM_AT, index + 1)
+                self._set_waiters(max(0, self.waiters) + 1)
+                return index
+        return -1
+
+    def dequeue(self, index: int, pid: int, token: int) -> bool:
+        """Remove our entry; True if it had been woken (the wake is then ours to pass on)."""
+        if not 0 <= index < self.waiter_capacity:
+            return False
+        state, entry_pid, entry_token, _ticket, _at = self.waiter(index)
+        if entry_pid != pid or entry_token != token or state == WaiterState.FREE:
+            return False
+        self.map[self._waiter_at(index)] = WaiterState.FREE
+        self._shrink_hwm()
+        self._set_waiters(max(0, self.waiters - 1))
+        return state == WaiterState.WOKEN
+
+    def requeue(self, index: int, pid: int, token: int) -> None:
+        """A woken waiter that found nothing free waits again, keeping its ticket."""
+        if 0 <= index < self.waiter_capacity:
+            state, entry_pid, entry_token, _ticket, _at = self.waiter(index)
+            if entry_pid == pid and entry_token == token and state == WaiterState.WOKEN:
+                self.map[self._waiter_at(index)] = WaiterState.WAITING
+
+    def pick_waiter(self) -> tuple[int, int, int] | None:
+        """Mark the oldest waiting entry woken; return (index, pid, token)."""
+        best: tuple[int, int, int, int] | None = None
+        for index in range(self.hwm()):
+            state, pid, token, ticket, _at = self.waiter(index)
+            if state == WaiterState.WAITING and (best is None or ticket < best[0]):
+                best = (ticket, index, pid, token)
+        if best is None:
+            return None
+        self.map[self._waiter_at(best[1])] = WaiterState.WOKEN
+        return best[1], best[2], best[3]
+
+    def drop_waiters_of(self, dead: set[int]) -> int:
+        """Remove every entry of these pids (the manager's sweep); return how many."""
+        dropped = 0
+        for index in range(self.hwm()):
+            state, pid, _token, _ticket, _at = self.waiter(index)
+            if state != WaiterState.FREE and pid in dead:
+                self.map[self._waiter_at(index)] = WaiterState.FREE
+                dropped += 1
+        if dropped:
+            self._shrink_hwm()
+            self._set_waiters(self._live_waiters())
+        return dropped
+
+    def waiter_pids(self) -> list[int]:
+        return [pid for state, pid, *_ in (self.waiter(i) for i in range(self.hwm())) if state != WaiterState.FREE]
+
+    def repair_waiters(self) -> None:
+        """Make the count and the high-water mark agree with the entries (after scribbling)."""
+        for index in range(self.waiter_capacity):
+            if self.map[self._waiter_at(index)] not in (WaiterState.FREE, WaiterState.WAITING, WaiterState.WOKEN):
+                self.map[self._waiter_at(index)] = WaiterState.FREE
+        I32.pack_into(self.map, HWM_AT, self.waiter_capacity)
+        self._shrink_hwm()
+        self._set_waiters(self._live_waiters())
+
+    def _live_waiters(self) -> int:
+        return sum(1 for index in range(self.hwm()) if self.map[self._waiter_at(index)] != WaiterState.FREE)
+
+    def _shrink_hwm(self) -> None:
+        hwm = self.hwm()
+        while hwm and self.map[self._waiter_at(hwm - 1)] == WaiterState.FREE:
+            hwm -= 1
+        I32.pack_into(self.map, HWM_AT, hwm)
+
