@@ -751,7 +751,7 @@ def test_scribbled_table_never_kills_the_manager_and_is_repaired(start_manager, 
                     tbl.unlock(lock_fd, tbl.HEADER_LOCK)
 
             index = wait_for(enqueued, timeout=5, what=f"room for a marker waiter (max_waiting in the header: {table.max_waiting})") - 1
-            wait_for(lambda: table.waiter(index)[1:3] != (dead.pid, token) or table.waiter(index)[0] == tbl.WaiterState.FREE,
+            wait_for(lambda: table.waiter(index)[2:4] != (dead.pid, token) or table.waiter(index)[0] == tbl.WaiterState.FREE,
                      timeout=5, what="a sweep dropping the dead marker waiter")
 
     def manager_is_well() -> None:
