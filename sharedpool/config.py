@@ -201,7 +201,9 @@ class ManagerConfig:
         (), "databases served, e.g. 0-15 or 0,2,5-7 (the redis_url's db is the default one) [default: 0-15]",
         parse_databases, None, "DBS",
     )
-    max_connections: int = _spec(10, "most Redis connections the manager opens, all databases together", int, _int_range(1, 10_000), "N")
+    max_connections: int = _spec(
+        10, "most Redis connections the manager opens, all databases together", int, _int_range(1, 10_000), "N"
+    )
     max_connections_per_database: int = _spec(
         0, "most connections one database may have open (0: only max_connections bounds it)", int, _int_range(0, 10_000), "N"
     )

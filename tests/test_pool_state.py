@@ -51,6 +51,8 @@ def _consistent(pool: Pool) -> None:
         assert pool.count(state) == len(pool.in_state(state))
     assert sorted(seen) == list(range(pool.capacity))
     assert pool.open_connections == pool.count(SHARED) + pool.count(MANAGED)
+    for db in {slot.db for slot in pool.slots}:
+        assert pool.in_db(db) == sum(1 for slot in pool.slots if slot.db == db and slot.state is not EMPTY), db
 
 
 @pytest.fixture
@@ -92,12 +94,14 @@ def open_slots(pool: Pool, count: int, now: float = 0.0) -> list[Slot]:
 
 
 def ready(slot: Slot, lock_free: bool = True, lease_seq: int = 0) -> RowView:
-    return RowView(slot.index, READY, slot.generation, lease_seq=lease_seq, lock_free=lock_free)
+    return RowView(slot.index, READY, slot.generation, lease_seq=lease_seq, lock_free=lock_free, db=slot.db)
 
 
 def held(slot: Slot, acquired_at: float = 0.0, lease_seq: int = 1, pid: int = 4242, site: int = 0,
-         lock_free: bool = False, holder_alive: bool = True) -> RowView:
-    return RowView(slot.index, HELD, slot.generation, lease_seq, pid, acquired_at, site, lock_free, holder_alive)
+         lock_free: bool = False, holder_alive: bool = True, subscriber: bool = False) -> RowView:
+    return RowView(
+        slot.index, HELD, slot.generation, lease_seq, pid, acquired_at, site, lock_free, holder_alive, slot.db, subscriber
+    )
 
 
 def of(kind: type, actions: list[Action]) -> list:
@@ -865,3 +869,176 @@ def test_every_end_of_a_connection_counts_closed_once_and_its_cause_once(make_po
         assert pool.counters[keys.reaped_key(cause)] == 1
     assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1 and pool.counters[keys.IDLE_CLOSED] == 1
     assert pool.counters[keys.RECYCLED] == 0 and pool.counters[keys.TABLE_REPAIRS] == 0
+
+
+# ----- several databases -------------------------------------------------------------
+
+
+def open_in(pool: Pool, wanted: dict[int, int], now: float = 0.0) -> dict[int, list[Slot]]:
+    """Open ``wanted[db]`` connections per database (as its waiters would ask); share them."""
+    connect(pool, pool.dispatch(now, idle={}, waiters=wanted), now)
+    return {db: sorted((s for s in pool.in_state(SHARED) if s.db == db), key=lambda s: s.index) for db in wanted}
+
+
+def test_dispatch_opens_for_each_database_round_robin_within_the_global_cap(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=8, max_connections=5, databases=(0, 1, 2))
+    actions = pool.dispatch(0.0, idle={}, waiters={2: 4, 1: 4})
+    # Two databases want 8 together; 5 may be open: neither takes them all.
+    assert of(Publish, actions) == [
+        Publish(0, 0, MANAGER, db=1), Publish(1, 0, MANAGER, db=2), Publish(2, 0, MANAGER, db=1),
+        Publish(3, 0, MANAGER, db=2), Publish(4, 0, MANAGER, db=1),
+    ]
+    follow = connect(pool, actions, 1.0)
+    assert Publish(1, 0, READY, db=2) in follow and Wake(1, 2) in follow
+    assert pool.in_db(1) == 3 and pool.in_db(2) == 2 and pool.in_db(0) == 0
+
+
+def test_the_default_database_is_served_first(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=1, databases=(0, 1), default_db=1)
+    assert of(OpenConnection, pool.dispatch(0.0, idle={}, waiters={0: 1, 1: 1})) == [OpenConnection(0, 0)]
+    assert pool.slots[0].db == 1
+
+
+def test_max_per_database_caps_one_database(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=8, max_connections=6, max_per_database=2, databases=(0, 1))
+    opened = open_in(pool, {1: 5, 0: 1})
+    assert len(opened[1]) == 2 and len(opened[0]) == 1
+    assert pool.dispatch(1.0, idle={}, waiters={1: 5}) == []  # db 1 is at its cap, room or not
+
+
+def test_min_idle_applies_to_each_warm_database_only(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=8, max_connections=8, min_idle=2, databases=(0, 1, 2, 3), warm_databases=(0, 2))
+    actions = pool.dispatch(0.0, idle={0: 1}, waiters={})
+    assert [p.db for p in of(Publish, actions)] == [0, 2, 2]  # db 0 has one idle; db 1 and 3 are cold
+    assert pool.limits.min_idle_of(1) == 0 and pool.limits.min_idle_of(2) == 2
+
+
+def test_waiters_and_demand_of_databases_not_served_are_ignored(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=4, databases=(0, 1))
+    pool.demand[7] = 3  # the handler refuses such a DEMAND; the core does not trust it either
+    assert pool.dispatch(0.0, idle={}, waiters={9: 5}) == []
+
+
+def test_demand_of_a_database_waits_out_the_backoff(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=4, databases=(0, 1))
+    (open_,) = of(OpenConnection, pool.dispatch(0.0, idle={}, waiters={1: 1}))
+    pool.connect_failed(open_.slot, open_.generation, "refused", 0.0)
+    assert pool.demanded(0.01, 1) == ""
+    assert pool.dispatch(0.01, idle={}, waiters={}) == []  # backing off
+    assert pool.demand == {1: 1}
+    assert [p.db for p in of(Publish, pool.dispatch(pool.next_connect_at, idle={}, waiters={}))] == [1]
+
+
+def test_an_idle_slot_of_another_database_is_rebound_when_the_cap_is_reached(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=3, min_idle=1, databases=(0, 1, 2))
+    zero = open_in(pool, {0: 3})[0]
+    zero[0].idle_since, zero[1].idle_since, zero[2].idle_since = 5.0, 2.0, 3.0
+    # db 2 waits, nothing can be opened: the sweep offers the idle slots.
+    actions = pool.sweep([ready(s) for s in zero], 6.0, waiters={2: 1})
+    assert actions == [
+        Publish(1, 0, MANAGER, db=2), ResetConnection(1, 0, backend(1, 0), 2),  # idle the longest
+        Release(0, 0), Release(2, 0),
+    ]
+    assert pool.slots[1].state is MANAGED and pool.slots[1].db == 2
+    assert pool.in_db(0) == 2 and pool.in_db(2) == 1 and pool.counters[keys.REBOUND] == 1
+    assert not pool.rebind_wanted
+    # The RESET redid the handshake with SELECT 2: it is db 2's now.
+    assert pool.reset_done(1, 0, True, 6.1) == [Publish(1, 0, READY, db=2), Wake(1, 2)]
+    assert "db 2" in repr(pool.slots[1])
+
+
+def test_rebinding_spares_min_idle_and_databases_with_waiters(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=3, min_idle=1, databases=(0, 1, 2), warm_databases=(0, 1))
+    connect(pool, pool.dispatch(0.0, idle={0: 1, 1: 1}, waiters={0: 1, 1: 2}))  # min_idle counted as met
+    slots = {db: [s for s in pool.in_state(SHARED) if s.db == db] for db in (0, 1)}
+    assert len(slots[0]) == 1 and len(slots[1]) == 2
+    rows = [ready(s) for s in slots[0] + slots[1]]
+    # db 0's only idle one is its min_idle; db 1's are taken by its own waiters.
+    actions = pool.sweep(rows, 1.0, waiters={2: 1, 1: 1})
+    assert of(ResetConnection, actions) == [] and len(of(Release, actions)) == 3
+    assert pool.rebind_wanted  # the loop knows a database starves
+    # db 1 waits no more: one of its two is spare (its min_idle keeps the other).
+    actions = pool.sweep(rows, 2.0, waiters={2: 2})
+    assert [a.db for a in of(ResetConnection, actions)] == [2]
+    assert pool.rebind_wanted  # db 2 wanted two
+
+
+def test_no_rebinding_past_the_per_database_cap_nor_while_room_is_left(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=6, max_connections=4, max_per_database=1, databases=(0, 1))
+    zero = open_in(pool, {0: 1})[0]
+    one = open_in(pool, {1: 1})[1]
+    # Room is left (2 of 4 open), but db 1 is at its own cap: no rebinding either.
+    actions = pool.sweep([ready(zero[0]), ready(one[0], lock_free=False)], 1.0, waiters={1: 3})
+    assert actions == [Release(0, 0)] and not pool.rebind_wanted
+    capped = make_pool(capacity=4, max_connections=2, max_per_database=1, databases=(0, 1))
+    zero = open_in(capped, {0: 1})[0]
+    open_in(capped, {1: 1})
+    assert capped.sweep([ready(zero[0])], 1.0, waiters={1: 2}) == [Release(0, 0)]
+    # Rebinding stops at the cap too: db 1 may take one more, not the three it waits for.
+    full = make_pool(capacity=5, max_connections=5, max_per_database=3, databases=(0, 1))
+    zero = open_in(full, {0: 3})[0]
+    open_in(full, {1: 2})
+    actions = full.sweep([ready(s) for s in zero], 1.0, waiters={1: 4})
+    assert [a.db for a in of(ResetConnection, actions)] == [1] and full.in_db(1) == 3
+
+
+def test_a_slot_that_is_being_rebound_counts_for_its_new_database(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=2, databases=(0, 1))
+    zero = open_in(pool, {0: 2})[0]
+    assert len(of(ResetConnection, pool.sweep([ready(zero[0])], 1.0, waiters={1: 1}))) == 1
+    # One waiter, one slot on its way: the next sweep leaves the other alone.
+    assert pool.sweep([ready(zero[1])], 1.1, waiters={1: 1}) == [Release(1, 0)]
+
+
+def test_a_row_naming_another_database_is_scribbled(make_pool: MakePool) -> None:
+    pool = make_pool(databases=(0, 1))
+    (a,) = open_slots(pool, 1)
+    scribbled = RowView(a.index, READY, a.generation, lock_free=True, db=1)
+    actions = pool.sweep([scribbled], 1.0, waiters={})
+    assert actions[:2] == [CloseConnection(backend(0, 0), "row scribbled"), Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.TABLE_REPAIRS] == 1
+
+
+def test_connections_of_databases_no_longer_served_are_closed(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(capacity=6, max_connections=6, databases=tuple(range(16)))
+    slots = open_in(pool, {3: 1, 12: 1})
+    pending = of(OpenConnection, pool.dispatch(0.0, idle={}, waiters={14: 1}))
+    pool.given_back(slots[3][0].index, 0, Outcome.NEEDS_RESET, 1.0)
+    with caplog.at_level(logging.WARNING, "sharedpool.manager"):
+        pool.limit_databases(12)  # CONFIG GET databases said 12
+    assert "has 12 databases" in caplog.text and "not serving db 12-15" in caplog.text
+    assert pool.limits.databases == tuple(range(12))
+    # Idle: closed at the sweep; connecting: closed when it connects; in repair: after it.
+    assert of(CloseConnection, pool.sweep([ready(slots[12][0])], 2.0, waiters={})) == [
+        CloseConnection(backend(slots[12][0].index, 0), "retired")
+    ]
+    assert of(CloseConnection, connect(pool, pending, 2.0)) == [CloseConnection(backend(pending[0].slot, 0), "retired")]
+    # A reload keeps the limit Redis set.
+    pool.apply_limits(Limits(max_connections=6, databases=tuple(range(16))))
+    assert pool.limits.databases == tuple(range(12))
+
+
+def test_limit_databases_keeps_the_default_database(make_pool: MakePool) -> None:
+    pool = make_pool(databases=(0, 5, 20), default_db=20, warm_databases=(5, 20))
+    pool.limit_databases(16)
+    assert pool.limits.databases == (0, 5, 20) and pool.limits.warm_databases == (5, 20)
+    pool.limit_databases(4)
+    assert pool.limits.databases == (0, 20) and pool.limits.warm_databases == (20,)
+
+
+def test_a_subscriber_is_neither_warned_about_nor_revoked(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(leak_threshold=1.0, max_lease_time=2.0)
+    (a,) = open_slots(pool, 1)
+    with caplog.at_level(logging.WARNING, "sharedpool.manager"):
+        assert pool.sweep([held(a, acquired_at=0.0, subscriber=True)], 1000.0, waiters={}) == []
+    assert pool.counters[keys.LEAK_WARNINGS] == 0 and "leak" not in caplog.text and a.state is SHARED
+    # The same lease, once it is no longer subscribed, is an ordinary lease again.
+    assert of(CloseConnection, pool.sweep([held(a, acquired_at=0.0)], 1000.0, waiters={}))
+
+
+def test_limits_from_config_name_the_databases() -> None:
+    config = ManagerConfig(redis_url="redis://h:1/2", databases=(1, 2, 3), max_connections_per_database=2)
+    limits = Limits.from_config(config, "h:1")
+    assert (limits.databases, limits.default_db, limits.warm_databases, limits.max_per_database) == ((1, 2, 3), 2, (1, 2, 3), 2)
+    implicit = Limits.from_config(ManagerConfig(redis_url="redis://h:1/2"), "h:1")
+    assert implicit.databases == tuple(range(16)) and implicit.warm_databases == (2,)

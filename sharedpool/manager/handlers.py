@@ -17,9 +17,9 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from sharedpool import __version__, protocol
-from sharedpool.config import format_databases
 from sharedpool import stats as keys
 from sharedpool import table as tbl
+from sharedpool.config import format_databases
 from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
 from sharedpool.manager.control import ClientState, ControlClient

@@ -349,7 +349,9 @@ class Pool:
             return self._discard(slot, "returned broken", now, keys.reaped_key(ReapCause.BROKEN.value))
         self.counters[keys.RESETS] += 1
         self._move(slot, SlotState.MANAGED)
-        return [Publish(index, generation, RowState.MANAGER, db=slot.db), ResetConnection(index, generation, slot.backend, slot.db)]
+        return [
+            Publish(index, generation, RowState.MANAGER, db=slot.db), ResetConnection(index, generation, slot.backend, slot.db)
+        ]
 
     def reset_done(self, index: int, generation: int, ok: bool, now: float, error: str = "") -> list[Action]:
         slot = self.slot(index, generation)

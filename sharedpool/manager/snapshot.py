@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from sharedpool import __version__
 from sharedpool import stats as keys
 from sharedpool import table as tbl
-from sharedpool.manager.pool import SlotState
 from sharedpool.config import format_databases
+from sharedpool.manager.pool import SlotState
 from sharedpool.table import RowFlag, RowState
 
 if TYPE_CHECKING:
