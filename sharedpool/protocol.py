@@ -74,7 +74,9 @@ code   name         dir    body
                            fresh connection, AUTH, PING) for ``sharedpool
                            check``.
 17     PROBE_REPLY  s->c   JSON ``{"ok": bool, "error": str, "elapsed_s":
-                           float, "redis": str, "pool": str, "open": int}``.
+                           float, "redis": str, "pool": str, "open": int,
+                           "open_by_db": {"<db>": int}, "databases": str,
+                           "default_db": int}``.
 =====  ===========  =====  ====================================================
 
 Types 64-127 are frames the manager may send unprompted; a client ignores

@@ -167,6 +167,8 @@ def on_probe(manager: Manager, client: ControlClient, request_id: int, body: byt
             manager.control.send(client, protocol.encode_json(FrameType.PROBE_REPLY, {
                 "ok": not error, "error": error, "elapsed_s": round(now - started, 4),
                 "redis": target.label, "pool": manager.config.pool_name, "open": manager.pool.open_connections,
+                "open_by_db": {str(db): count for db, count in manager.pool.open_by_db().items()},
+                "databases": format_databases(manager.pool.limits.databases), "default_db": manager.pool.limits.default_db,
             }, request_id))
         return []
 

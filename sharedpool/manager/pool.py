@@ -163,6 +163,10 @@ class Pool:
         """Slots of ``db`` that are not EMPTY (open, connecting or in repair)."""
         return len(self._in_db.get(db, ()))
 
+    def open_by_db(self) -> dict[int, int]:
+        """Open, connecting or in-repair connections of each database that has any."""
+        return {db: len(slots) for db, slots in sorted(self._in_db.items()) if slots}
+
     def serves(self, db: int) -> bool:
         return db in self.limits.databases
 
