@@ -9,9 +9,7 @@ In a worker::
         pinned.get("k")
 """
 
-__version__ = "0.1.0"
-
-from sharedpool.client import (  # noqa: E402
+from sharedpool.client import (
     LeasedConnection,
     Redis,
     SharedConnectionPool,
@@ -20,8 +18,8 @@ from sharedpool.client import (  # noqa: E402
     close_control_channels,
     release_process_state,
 )
-from sharedpool.config import ClientConfig, ManagerConfig, default_socket_path  # noqa: E402
-from sharedpool.errors import (  # noqa: E402
+from sharedpool.config import ClientConfig, ManagerConfig, default_socket_path
+from sharedpool.errors import (
     ConfigError,
     DatabaseNotServed,
     Forbidden,
@@ -37,6 +35,7 @@ from sharedpool.errors import (  # noqa: E402
     ShuttingDown,
     WorkerLimit,
 )
+from sharedpool.version import __version__
 
 __all__ = [
     "ClientConfig",

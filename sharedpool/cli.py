@@ -9,9 +9,10 @@ import os
 import sys
 from typing import Any
 
-from sharedpool import __version__, config, errors, protocol
+from sharedpool import admin, config, errors
 from sharedpool import stats as keys
-from sharedpool.config import ClientConfig, ManagerConfig
+from sharedpool.config import ManagerConfig
+from sharedpool.version import __version__
 
 log = logging.getLogger("sharedpool")
 
@@ -37,18 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="PATH", help="TOML file of settings (flat, or under [sharedpool])")
     config.add_arguments(serve, ManagerConfig)
 
-    for name, text in (("stats", "show the manager's pool statistics"), ("check", "exit 0 when the manager answers and reaches Redis")):
+    one_shot = (("stats", "show the manager's pool statistics"), ("check", "exit 0 when the manager answers and reaches Redis"))
+    for name, text in one_shot:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("--socket-path", "--socket", dest="socket_path", metavar="PATH",
                          help="control socket [env SHAREDPOOL_SOCKET; default /tmp/sharedpool-<uid>/sharedpool.sock]")
         if name == "stats":
             sub.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
             sub.add_argument("--watch", action="store_true", help="refresh in place, like top, until Ctrl-C")
-            sub.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period for --watch (default 1)")
+            sub.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                             help="refresh period for --watch (default 1)")
         else:
             sub.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="how long to wait for the manager")
 
-    admin = commands.add_parser(
+    admin_parser = commands.add_parser(
         "admin",
         help="pause | resume | reconnect | reload | shutdown | reap PID (manager's uid or root only)",
         description=(
@@ -57,18 +60,24 @@ def _parser() -> argparse.ArgumentParser:
             "SIGTERM; reap PID: a worker died, take its leases back now."
         ),
     )
-    admin.add_argument("admin_command", choices=("pause", "resume", "reconnect", "reload", "shutdown", "reap"), metavar="ACTION")
-    admin.add_argument("pid", nargs="?", type=int, help="for reap: the dead worker's pid")
-    admin.add_argument("--socket-path", "--socket", dest="socket_path", metavar="PATH", help="control socket [env SHAREDPOOL_SOCKET]")
+    admin_parser.add_argument("admin_command", choices=admin.COMMANDS, metavar="ACTION")
+    admin_parser.add_argument("pid", nargs="?", type=int, help="for reap: the dead worker's pid")
+    admin_parser.add_argument("--socket-path", "--socket", dest="socket_path", metavar="PATH",
+                              help="control socket [env SHAREDPOOL_SOCKET]")
 
     demo = commands.add_parser(
         "demo",
         help="run a manager, an embedded Redis and worker processes, and show the sharing",
-        description="A real run: Redis (--redis-url, else a redis-server from SHAREDPOOL_REDIS_SERVER, PATH or the 'embedded' extra), a manager, and workers doing a request mix.",
+        description=(
+            "A real run: Redis (--redis-url, else a redis-server from SHAREDPOOL_REDIS_SERVER, PATH or "
+            "the 'embedded' extra), a manager, and workers doing a request mix."
+        ),
     )
     demo.add_argument("--workers", type=int, default=6, metavar="N", help="worker processes (default 6)")
-    demo.add_argument("--max-connections", type=int, default=2, metavar="N", help="Redis connections the manager may open (default 2)")
-    demo.add_argument("--duration", type=float, default=10.0, metavar="SECONDS", help="how long to run (default 10; Ctrl-C stops earlier)")
+    demo.add_argument("--max-connections", type=int, default=2, metavar="N",
+                      help="Redis connections the manager may open (default 2)")
+    demo.add_argument("--duration", type=float, default=10.0, metavar="SECONDS",
+                      help="how long to run (default 10; Ctrl-C stops earlier)")
     demo.add_argument("--redis-url", metavar="URL", help="use this Redis instead of starting one")
     demo.add_argument("--kill-every", type=float, default=2.0, metavar="SECONDS",
                       help="SIGKILL a random worker this often to show reaping (0: never; default 2)")
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_bench(args)
         if args.command == "demo":
-            from sharedpool.demo import run_demo
+            from sharedpool.dev.demo import run_demo
 
             return run_demo(args)
     except errors.ConfigError as exc:
@@ -130,16 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def _open_channel(args: argparse.Namespace, timeout: float = 2.0) -> Any:
-    from sharedpool.client.channel import ControlChannel
-
-    client: ClientConfig = config.build(ClientConfig, overrides={"socket_path": args.socket_path})
-    return ControlChannel(client.socket_path, connect_timeout=timeout, reply_timeout=timeout)
-
-
 def _admin(args: argparse.Namespace) -> int:
-    from sharedpool.admin import admin
-
     extra = {}
     if args.admin_command == "reap":
         if args.pid is None:
@@ -147,7 +147,7 @@ def _admin(args: argparse.Namespace) -> int:
             return 2
         extra["pid"] = args.pid
     try:
-        reply = admin(args.admin_command, args.socket_path, **extra)
+        reply = admin.admin(args.admin_command, args.socket_path, **extra)
     except errors.SharedPoolError as exc:
         print(f"sharedpool admin {args.admin_command}: {exc}", file=sys.stderr)
         return 1
@@ -159,29 +159,23 @@ def _stats(args: argparse.Namespace) -> int:
     import time
 
     try:
-        channel = _open_channel(args)
+        # One channel for every refresh of --watch, not one per refresh.
+        with admin.channel(args.socket_path, timeout=2.0) as channel:
+            while True:
+                snapshot = admin.stats_of(channel)
+                text = json.dumps(snapshot, indent=2, sort_keys=True) if args.json else format_stats(snapshot)
+                if not args.watch:
+                    print(text)
+                    return 0
+                # Home the cursor and clear below: the table is redrawn in place.
+                sys.stdout.write("\x1b[H\x1b[J" + text + "\n")
+                sys.stdout.flush()
+                time.sleep(args.interval)
     except errors.SharedPoolError as exc:
         print(f"sharedpool stats: {exc}", file=sys.stderr)
         return 1
-    try:
-        while True:
-            try:
-                snapshot = channel.request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
-            except errors.SharedPoolError as exc:
-                print(f"sharedpool stats: {exc}", file=sys.stderr)
-                return 1
-            text = json.dumps(snapshot, indent=2, sort_keys=True) if args.json else format_stats(snapshot)
-            if not args.watch:
-                print(text)
-                return 0
-            # Home the cursor and clear below: the table is redrawn in place.
-            sys.stdout.write("\x1b[H\x1b[J" + text + "\n")
-            sys.stdout.flush()
-            time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
-    finally:
-        channel.close()
 
 
 def format_stats(snapshot: dict[str, Any]) -> str:
@@ -214,19 +208,8 @@ def format_stats(snapshot: dict[str, Any]) -> str:
 
 def _check(args: argparse.Namespace) -> int:
     """Ask the manager to verify Redis now (a fresh connect and PING), within --timeout."""
-    import time
-
-    started = time.monotonic()
     try:
-        channel = _open_channel(args, timeout=args.timeout)
-        try:
-            remaining = max(0.05, args.timeout - (time.monotonic() - started))
-            answer = channel.request(
-                protocol.encode_json(protocol.FrameType.PROBE, {"timeout": remaining * 0.8}),
-                protocol.FrameType.PROBE_REPLY, timeout=remaining,
-            )
-        finally:
-            channel.close()
+        answer = admin.probe(args.socket_path, timeout=args.timeout)
     except errors.SharedPoolError as exc:
         print(f"not ok: {exc}")
         return 1

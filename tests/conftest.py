@@ -11,36 +11,17 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
-from sharedpool.launch import ManagerProcess
-from sharedpool.redis_server import RedisServer, find_redis_server
+# Re-exported: test modules of other branches import them from here.
+from sharedpool.dev.launch import ManagerProcess
+from sharedpool.dev.redis_server import RedisServer, find_redis_server
 
 _pool_names = itertools.count()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.01) -> Any:
-    """Poll until ``predicate()`` is truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what} (last value {value!r})")
-        time.sleep(interval)
-
-
-def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m sharedpool ARGS`` and capture its output."""
-    return subprocess.run([sys.executable, "-m", "sharedpool", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -64,12 +45,6 @@ def admin(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis_server.client(decode_responses=True)
     yield client
     client.close()
-
-
-def manager_clients(admin: redis.Redis, pool_name: str) -> list[dict[str, Any]]:
-    """Connections in Redis's CLIENT LIST that belong to the given manager's pool."""
-    prefix = f"sharedpool:{pool_name}:"
-    return [c for c in admin.client_list() if c.get("name", "").startswith(prefix)]
 
 
 class ManagerFactory:

@@ -231,7 +231,7 @@ class RawPeer:
                 frame_type, body, fds = self.recv(left)
             except Closed:
                 return seen
-            except socket.timeout:
+            except TimeoutError:
                 continue
             close_fds(fds)
             seen.append((frame_type, body))
@@ -382,7 +382,8 @@ def random_frame(rng: random.Random) -> bytes:
     if roll < 0.08:
         return rng.randbytes(rng.randrange(0, 24))
     if roll < 0.12:
-        return frame(rng.randrange(256), rng.randbytes(rng.randrange(64)), rng.randrange(256), rng.randrange(65536), rng.randrange(2**32))
+        body = rng.randbytes(rng.randrange(64))
+        return frame(rng.randrange(256), body, rng.randrange(256), rng.randrange(65536), rng.randrange(2**32))
     if roll < 0.70:
         return valid_frame(rng)
     return mutate(rng, valid_frame(rng))
@@ -421,7 +422,8 @@ def fuzz(socket_path: str, seed: int, duration: float, report: Any) -> None:
                 if len(data) > protocol.MAX_FRAME + 1:
                     data = data[: protocol.MAX_FRAME + 1]
                 if rng.random() < 0.05:
-                    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [devnull] * rng.randint(1, 4)))])
+                    fds = array.array("i", [devnull] * rng.randint(1, 4))
+                    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
                 else:
                     sock.send(data)
                 summary["frames"] += 1

@@ -6,12 +6,11 @@ import dataclasses
 import os
 
 import pytest
+from support.cli import run_cli
 
 from sharedpool import config
 from sharedpool.config import ManagerConfig
 from sharedpool.errors import ConfigError
-
-from conftest import run_cli
 
 
 def test_precedence_defaults_toml_env_flags(tmp_path) -> None:
@@ -26,7 +25,10 @@ def test_precedence_defaults_toml_env_flags(tmp_path) -> None:
     [
         ({"overrides": {"max_connections": "many"}}, "invalid max_connections='many' (from --max-connections): an integer"),
         ({"overrides": {"max_connections": "0"}}, "an integer from 1 to 10000"),
-        ({"environ": {"SHAREDPOOL_ACQUIRE_TIMEOUT": "-2"}}, "invalid acquire_timeout='-2' (from SHAREDPOOL_ACQUIRE_TIMEOUT): a number of seconds greater than 0"),
+        (
+            {"environ": {"SHAREDPOOL_ACQUIRE_TIMEOUT": "-2"}},
+            "invalid acquire_timeout='-2' (from SHAREDPOOL_ACQUIRE_TIMEOUT): a number of seconds greater than 0",
+        ),
         ({"toml": {"max_conections": 3}}, "invalid max_conections=3 (from config file): a known setting"),
         ({"toml": {"max_connections": 2.5}}, "invalid max_connections=2.5 (from config file): an integer"),
         ({"overrides": {"min_idle": "5", "max_connections": "2"}}, "invalid min_idle=5: at most max_connections (2)"),

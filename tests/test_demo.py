@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
+from support.cli import run_cli
 
-from sharedpool.redis_server import SERVER_ENV, find_redis_server
+from sharedpool.dev.redis_server import SERVER_ENV, find_redis_server
 
 
 def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sharedpool", "demo", *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return run_cli("demo", *args, timeout=120, env=env)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import redis
 from redis.lock import Lock
 
 import sharedpool
-from sharedpool.launch import ManagerProcess
+from sharedpool.dev.launch import ManagerProcess
 
 
 @pytest.fixture

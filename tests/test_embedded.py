@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sharedpool import redis_server
-from sharedpool.redis_server import SERVER_ENV, RedisServer, RedisServerNotFound, find_redis_server
+from sharedpool.dev import redis_server
+from sharedpool.dev.redis_server import SERVER_ENV, RedisServer, RedisServerNotFound, find_redis_server
 
 
 def fake_server_dir(tmp_path: Path, name: str = "redis-server") -> Path:

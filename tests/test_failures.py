@@ -9,11 +9,10 @@ import uuid
 import multiprocess
 import pytest
 import redis
+from support.waiting import wait_for
 
 import sharedpool
-from sharedpool.redis_server import RedisServer
-
-from conftest import wait_for
+from sharedpool.dev.redis_server import RedisServer
 
 ctx = multiprocess.get_context("fork")
 
@@ -70,7 +69,8 @@ def test_redis_killed_and_restarted_under_load(start_manager, tmp_path) -> None:
         granted = manager.stats()["counters"]["leases_granted"]
         wait_for(lambda: manager.stats()["counters"]["leases_granted"] > granted + 100, timeout=30, what="recovery")
         recovered_at = time.monotonic()
-        wait_for(lambda: manager.stats()["counters"]["leases_granted"] > granted + 400, timeout=30, what="steady load after recovery")
+        wait_for(lambda: manager.stats()["counters"]["leases_granted"] > granted + 400, timeout=30,
+                 what="steady load after recovery")
         outcomes = _collect(stop, report, processes)
         assert manager.process.poll() is None  # never restarted
         assert not [o for o in outcomes if o[1].startswith("WRONG")]
@@ -96,7 +96,6 @@ def test_manager_killed_and_restarted_workers_recover(start_manager) -> None:
     first.kill()
     killed_at = time.monotonic()
     second = start_manager(socket_path=first.socket_path, max_connections=2, min_idle=1)
-    started_at = time.monotonic()
     wait_for(lambda: second.stats()["counters"]["leases_granted"] > 100, timeout=30, what="workers back on the new manager")
     recovered_at = time.monotonic()
     wait_for(lambda: second.stats()["counters"]["leases_granted"] > 400, timeout=30, what="steady load after recovery")

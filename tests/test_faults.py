@@ -32,12 +32,13 @@ import multiprocess
 import psutil
 import pytest
 import redis
+from support.cli import run_cli
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
-from sharedpool.client.channel import _connect_problem
-from sharedpool.redis_server import RedisServer
-
-from conftest import manager_clients, run_cli, wait_for
+from sharedpool.client.channel import explain_connect_error
+from sharedpool.dev.redis_server import RedisServer
 
 ctx = multiprocess.get_context("fork")
 
@@ -193,7 +194,8 @@ def _interrupted_waits(socket_path: str, rounds: int, checked: Any, finish: Any)
         finally:
             signal.signal(signal.SIGALRM, previous)
         # The holder still holds; the interrupted waiter must be out of the queue.
-        wait_for(lambda: r.connection_pool.stats()["leases"] == {"held": 1, "waiting": 0}, timeout=5, what="the interrupted waiter dequeued")
+        wait_for(lambda: r.connection_pool.stats()["leases"] == {"held": 1, "waiting": 0}, timeout=5,
+                 what="the interrupted waiter dequeued")
     finally:
         release.set()
         thread.join(30)
@@ -322,11 +324,18 @@ def test_ten_thousand_short_lived_threads_use_bounded_channels_and_fds(start_man
 # ----- 3. Redis closes idle connections, or restarts under them ---------------------------------
 
 
+def _on_own_redis(start_manager: Any, own_redis: Any, connections: int, acquire_timeout: float) -> tuple[Any, Any, Any]:
+    """A manager keeping ``connections`` open on our own Redis, a plain client to watch that Redis, a pooled client."""
+    manager = start_manager(redis_url=own_redis.url, max_connections=connections, min_idle=connections)
+    admin = own_redis.client(decode_responses=True)
+    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=acquire_timeout,
+                         manager_timeout=1)
+    return manager, admin, r
+
+
 @pytest.mark.slow
 def test_redis_closing_idle_connections_does_not_starve_the_next_request(start_manager, own_redis) -> None:
-    manager = start_manager(redis_url=own_redis.url, max_connections=10, min_idle=10)
-    admin = own_redis.client(decode_responses=True)
-    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=2, manager_timeout=1)
+    manager, admin, r = _on_own_redis(start_manager, own_redis, connections=10, acquire_timeout=2)
     try:
         old = wait_for(lambda: len(ids := {c["id"] for c in manager_clients(admin, manager.pool_name)}) == 10 and ids,
                        what="10 idle connections")
@@ -346,7 +355,8 @@ def test_redis_closing_idle_connections_does_not_starve_the_next_request(start_m
 def _ten_idle_connections(start_manager: Any, own_redis: Any, acquire_timeout: float) -> tuple[Any, Any]:
     """A manager on our own Redis with 10 idle connections, and a client that has used one."""
     manager = start_manager(redis_url=own_redis.url, max_connections=10, min_idle=10, reap_interval=0.2)
-    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=acquire_timeout, manager_timeout=1)
+    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=acquire_timeout,
+                         manager_timeout=1)
     wait_for(lambda: manager.stats()["connections"]["idle"] == 10, what="10 idle connections")
     _round_trips(r, 1)
     return manager, r
@@ -462,9 +472,7 @@ def test_frozen_manager_bounds_new_processes_and_spares_old_ones(start_manager, 
 
 @pytest.mark.slow
 def test_connection_lost_while_the_manager_is_frozen_fails_within_bounds(start_manager, own_redis) -> None:
-    manager = start_manager(redis_url=own_redis.url, max_connections=1, min_idle=1)
-    admin = own_redis.client(decode_responses=True)
-    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=0.3, manager_timeout=1)
+    manager, admin, r = _on_own_redis(start_manager, own_redis, connections=1, acquire_timeout=0.3)
     try:
         _round_trips(r, 1)  # this process holds the slot's fd
         (pooled,) = manager_clients(admin, manager.pool_name)
@@ -573,7 +581,8 @@ def _exec_while_leased(socket_path: str) -> dict[str, Any]:
             conn.send_command("PING")
             assert conn.read_response() in (b"PONG", "PONG")
             ours.add(os.readlink(f"/proc/self/fd/{conn._sock.fileno()}"))
-        listing = subprocess.run(["ls", "-l", "/proc/self/fd"], close_fds=False, capture_output=True, text=True, timeout=30).stdout
+        ls = ["ls", "-l", "/proc/self/fd"]
+        listing = subprocess.run(ls, close_fds=False, capture_output=True, text=True, timeout=30).stdout
         mine = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")}
     finally:
         pool.release(first)
@@ -664,7 +673,7 @@ def test_permission_denied_says_so_and_what_to_do(start_manager, workers) -> Non
     if os.getuid() == 0:
         message = workers(_connect_as_nobody, manager.socket_path).result()
     else:  # only root can become another uid: check the message it would get
-        message = _connect_problem(manager.socket_path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+        message = explain_connect_error(manager.socket_path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
     assert "permission denied" in message, message
     assert "manager's uid" in message and "--socket-group" in message, message
 

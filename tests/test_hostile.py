@@ -36,22 +36,24 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import hostile_peers as hp
 import multiprocess
 import psutil
 import pytest
 import redis
+from hostile_peers import Closed, RawPeer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.mix import checked_round_trip
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
+from sharedpool import admin as one_shot
 from sharedpool import errors, protocol
 from sharedpool.client.channel import ControlChannel
-from sharedpool.launch import ManagerProcess
+from sharedpool.dev.launch import ManagerProcess
 from sharedpool.protocol import ErrorCode, FrameType, Outcome, ProtocolError, ReportCause
-
-import hostile_peers as hp
-from conftest import manager_clients, wait_for
-from hostile_peers import Closed, RawPeer
 
 ctx = multiprocess.get_context("fork")
 
@@ -138,13 +140,10 @@ def _settled(manager: ManagerProcess) -> dict[str, Any]:
 def _baseline(manager: ManagerProcess) -> int:
     """The manager's fd count at rest, with the connections open now (except ours)."""
     _settled(manager)
-    channel = ControlChannel(manager.socket_path)
-    try:
+    with one_shot.channel(manager.socket_path) as channel:
         # The STATS reply proves the manager accepted (and holds an fd for) this channel.
-        channel.request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY)
+        one_shot.stats_of(channel)
         with_ours = hp.fd_count(manager.pid)
-    finally:
-        channel.close()
     baseline = with_ours - 1
     _wait_fds(manager, baseline)
     return baseline
@@ -195,7 +194,9 @@ def _counters(manager: ManagerProcess, *names: str) -> dict[str, int]:
     return {name: counters[name] for name in names}
 
 
-_REPAIRS = ("connections_reset", "connections_closed", "reaped_holder_closed", "reaped_holder_dead", "reaped_broken", "reaped_revoked")
+_REPAIRS = (
+    "connections_reset", "connections_closed", "reaped_holder_closed", "reaped_holder_dead", "reaped_broken", "reaped_revoked",
+)
 
 
 # ----- size, type, truncation, version, order ------------------------------------------------
@@ -534,7 +535,8 @@ def test_reports_about_someone_elses_lease_are_not_applied(hostile: Start, admin
         assert hp.redis_ping(lease.fd) == PONG
         # Another process says the lease came back broken, needs a reset, was abandoned or aborted.
         thief = subprocess.run(
-            [sys.executable, "-c", _THIEF.format(tests=TESTS), manager.socket_path, str(lease.slot), str(lease.generation), str(lease.seq)],
+            [sys.executable, "-c", _THIEF.format(tests=TESTS), manager.socket_path,
+             str(lease.slot), str(lease.generation), str(lease.seq)],
             capture_output=True, text=True, timeout=60,
         )
         assert thief.returncode == 0 and thief.stdout.strip() == "done", thief.stderr
@@ -875,21 +877,24 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=8,
 )
+_json_objects = st.dictionaries(st.text(max_size=8), _json, max_size=4)
+_empty_frames = st.sampled_from([FrameType.PING, FrameType.PONG, FrameType.STATS, FrameType.DEMAND, FrameType.ACK])
 _valid_frames = st.one_of(
-    st.builds(lambda d, i: protocol.encode_json(FrameType.HELLO, d, i), st.dictionaries(st.text(max_size=8), _json, max_size=4), _u32),
-    st.builds(lambda d: protocol.encode_json(FrameType.ADMIN, d), st.dictionaries(st.text(max_size=8), _json, max_size=4)),
+    st.builds(lambda d, i: protocol.encode_json(FrameType.HELLO, d, i), _json_objects, _u32),
+    st.builds(lambda d: protocol.encode_json(FrameType.ADMIN, d), _json_objects),
     st.builds(protocol.encode_slot, st.sampled_from([FrameType.FETCH_FD, FrameType.FD]), _u32, _u32, _u32),
     st.builds(protocol.encode_report, _u32, _u32, _u64, st.sampled_from(Outcome), st.sampled_from(ReportCause)),
     st.builds(protocol.encode_site, _u32, st.text(max_size=40)),
     st.builds(protocol.encode_error, st.sampled_from(ErrorCode), st.text(max_size=40), _u32, _u64),
-    st.builds(protocol.encode_empty, st.sampled_from([FrameType.PING, FrameType.PONG, FrameType.STATS, FrameType.DEMAND, FrameType.ACK]), _u32),
+    st.builds(protocol.encode_empty, _empty_frames, _u32),
 )
 
 
 @st.composite
 def _mutated_frames(draw: Any) -> bytes:
     data = bytearray(draw(_valid_frames))
-    for op, where, value in draw(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2**16), st.binary(max_size=12)), min_size=1, max_size=4)):
+    edits = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2**16), st.binary(max_size=12)), min_size=1, max_size=4)
+    for op, where, value in draw(edits):
         if op == 0 and data:
             data[where % len(data)] ^= 1 << (where % 8)
         elif op == 1:
@@ -939,7 +944,9 @@ def test_decoders_raise_only_protocol_error(data: bytes, flags: int) -> None:
 
 @settings(max_examples=200, deadline=None, database=None)
 @given(st.lists(st.tuples(
-    st.sampled_from([socket.SOL_SOCKET, 0, 41]), st.sampled_from([socket.SCM_RIGHTS, socket.SCM_CREDENTIALS, 0]), st.binary(max_size=40),
+    st.sampled_from([socket.SOL_SOCKET, 0, 41]),
+    st.sampled_from([socket.SCM_RIGHTS, socket.SCM_CREDENTIALS, 0]),
+    st.binary(max_size=40),
 ), max_size=3))
 def test_ancillary_data_decodes_to_ints_only(ancdata: list[tuple[int, int, bytes]]) -> None:
     fds = protocol.fds_from_ancillary(ancdata)
@@ -974,21 +981,9 @@ def _good_worker(socket_path: str, worker: int, stop: Any, report: Any) -> None:
     ops, failures = 0, []
     while not stop.is_set() and len(failures) < 10:
         key, value = f"{prefix}:{ops}", f"{worker}-{ops}-{uuid.uuid4().hex}"
-        try:
-            if ops % 3 == 0:
-                with r.pipeline() as pipe:
-                    got = pipe.set(key, value).get(key).execute()[1]
-            elif ops % 3 == 1:
-                with r.lease() as pinned:
-                    pinned.set(key, value)
-                    got = pinned.get(key)
-            else:
-                r.set(key, value)
-                got = r.get(key)
-            if got != value:
-                failures.append(f"{key}: wrote {value!r}, read {got!r}")
-        except Exception as exc:
-            failures.append(f"{key}: {type(exc).__name__}: {exc}")
+        failure = checked_round_trip(r, key, value, ops)
+        if failure:
+            failures.append(failure)
         ops += 1
     r.close()
     report.put({"worker": worker, "ops": ops, "failures": failures})

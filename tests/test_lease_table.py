@@ -29,11 +29,11 @@ import pytest
 import redis
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
 from sharedpool import table as tbl
-
-from conftest import manager_clients, wait_for
 
 ctx = multiprocess.get_context("fork")
 
@@ -416,7 +416,8 @@ def test_waiting_times_out_and_max_waiting_refuses(start_manager) -> None:
     for pool in (holder, late, patient):
         pool.disconnect()
     pools = [holder, late, patient]
-    del holder, late, patient, got, pool, held, timed_out, full, refused
+    del holder, late, pool, held, timed_out, full, refused
+    patient = got = None  # also empties wait_in_line's cells: nothing keeps a pool alive
     _socket_leaks(pools)  # test_a_pool_that_woke_a_waiter_leaves_no_socket_open reports those
 
 
@@ -439,7 +440,8 @@ def test_a_pool_that_woke_a_waiter_leaves_no_socket_open(start_manager) -> None:
     holder.disconnect()
     patient.disconnect()
     pools = [holder, patient]
-    del holder, patient, held, got, waiter
+    del holder, held, waiter
+    patient = got = None  # also empties the waiter lambda's cells: nothing keeps a pool alive
     assert _socket_leaks(pools) == []
 
 
@@ -677,10 +679,12 @@ def _scribbles(draw: Any, table: tbl.Table) -> list[tuple[int, bytes]]:
             at = draw(st.one_of(st.sampled_from(_HEADER_FIELDS), st.integers(0, tbl.HEADER_SIZE - 1)))
         elif region == "rows":
             slot = draw(st.integers(0, 2))  # both slots in use and one beyond
-            at = tbl.ROWS_AT + slot * tbl.ROW_SIZE + draw(st.one_of(st.sampled_from(_ROW_FIELDS), st.integers(0, tbl.ROW_SIZE - 1)))
+            field = draw(st.one_of(st.sampled_from(_ROW_FIELDS), st.integers(0, tbl.ROW_SIZE - 1)))
+            at = tbl.ROWS_AT + slot * tbl.ROW_SIZE + field
         else:
             entry = draw(st.integers(0, 3))  # the entries waiters use first
-            at = table.waiters_at + entry * tbl.WAITER_SIZE + draw(st.one_of(st.sampled_from(_WAITER_FIELDS), st.integers(0, tbl.WAITER_SIZE - 1)))
+            field = draw(st.one_of(st.sampled_from(_WAITER_FIELDS), st.integers(0, tbl.WAITER_SIZE - 1)))
+            at = table.waiters_at + entry * tbl.WAITER_SIZE + field
         data = draw(_VALUES)
         writes.append((at, data[: table.size - at]))
     return writes
@@ -743,16 +747,20 @@ def test_scribbled_table_never_kills_the_manager_and_is_repaired(start_manager, 
         for round_ in range(2):
             token = 0x5CB1B000 + round_
 
-            def enqueued() -> int:
+            def enqueued(token: int = token) -> int:
                 tbl.lock_wait(lock_fd, tbl.HEADER_LOCK)
                 try:
                     return table.enqueue(dead.pid, token, time.monotonic()) + 1
                 finally:
                     tbl.unlock(lock_fd, tbl.HEADER_LOCK)
 
-            index = wait_for(enqueued, timeout=5, what=f"room for a marker waiter (max_waiting in the header: {table.max_waiting})") - 1
-            wait_for(lambda: table.waiter(index)[2:4] != (dead.pid, token) or table.waiter(index)[0] == tbl.WaiterState.FREE,
-                     timeout=5, what="a sweep dropping the dead marker waiter")
+            room = f"room for a marker waiter (max_waiting in the header: {table.max_waiting})"
+            index = wait_for(enqueued, timeout=5, what=room) - 1
+
+            def dropped(index: int = index, token: int = token) -> bool:
+                return table.waiter(index)[2:4] != (dead.pid, token) or table.waiter(index)[0] == tbl.WaiterState.FREE
+
+            wait_for(dropped, timeout=5, what="a sweep dropping the dead marker waiter")
 
     def manager_is_well() -> None:
         assert manager.process is not None and manager.process.poll() is None, f"manager died; log {manager.log_path}"
@@ -765,7 +773,9 @@ def test_scribbled_table_never_kills_the_manager_and_is_repaired(start_manager, 
 
     def header() -> str:
         flags, waiters = table.hot()
-        return f"flags={flags} slots_in_use={table.slots_in_use} max_waiting={table.max_waiting} waiters={waiters} hwm={table.hwm()}"
+        return (
+            f"flags={flags} slots_in_use={table.slots_in_use} max_waiting={table.max_waiting} waiters={waiters} hwm={table.hwm()}"
+        )
 
     # The examples share one manager and table, so a failure may come from
     # damage an earlier example left: shrinking would mislead. The message

@@ -6,11 +6,11 @@ import uuid
 
 import pytest
 import redis
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
-from sharedpool.launch import ManagerProcess
-
-from conftest import manager_clients, wait_for
+from sharedpool.dev.launch import ManagerProcess
 
 
 def test_second_lease_of_a_slot_moves_no_fd(start_manager) -> None:
@@ -49,7 +49,9 @@ def test_exception_inside_pipeline_discards_the_connection(start_manager, admin:
     pipe.parse_response = original
     wait_for(lambda: manager.stats()["counters"]["reaped_broken"] == 1, what="broken release counted")
     assert r.client_id() != first_id  # a new connection, not the one with unread replies
-    wait_for(lambda: first_id not in {int(c["id"]) for c in manager_clients(admin, manager.pool_name)}, what="old connection closed")
+    wait_for(
+        lambda: first_id not in {int(c["id"]) for c in manager_clients(admin, manager.pool_name)}, what="old connection closed"
+    )
     r.close()
 
 

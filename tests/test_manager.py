@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import manager_clients, run_cli, wait_for
+from support.cli import run_cli
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
-from sharedpool.launch import ManagerProcess
+from sharedpool.dev.launch import ManagerProcess
 
 
 def test_socket_dir_0700_socket_0600_and_min_idle_open_at_start(start_manager, admin: redis.Redis, tmp_path) -> None:
@@ -126,7 +128,7 @@ def test_unknown_socket_group_is_refused(tmp_path) -> None:
 
 
 def test_sighup_reloads_limits_and_a_new_redis_url_replaces_connections(start_manager, tmp_path, admin, redis_server) -> None:
-    from sharedpool.redis_server import RedisServer
+    from sharedpool.dev.redis_server import RedisServer
 
     config_file = tmp_path / "sharedpool.toml"
     config_file.write_text(f'max_connections = 2\nmin_idle = 1\nredis_url = "{redis_server.url}"\n')

@@ -26,14 +26,13 @@ from typing import Any
 
 import multiprocess
 import pytest
+from support.waiting import wait_for
 
 import sharedpool
 from sharedpool.admin import admin as admin_command
-from sharedpool.launch import ManagerProcess
+from sharedpool.dev.launch import ManagerProcess
+from sharedpool.dev.redis_server import RedisServer, free_port
 from sharedpool.metrics import CONTENT_TYPE, MetricsServer, render_prometheus
-from sharedpool.redis_server import RedisServer, free_port
-
-from conftest import wait_for
 
 ctx = multiprocess.get_context("fork")
 
@@ -126,7 +125,7 @@ def test_stats_command_json_and_table(three_workers: Any) -> None:
     assert table.returncode == 0, table.stderr
     assert repr(manager.pool_name) in table.stdout  # type: ignore[attr-defined]
     rows = {line.split()[0]: line.split() for line in table.stdout.splitlines() if line.split() and line.split()[0].isdigit()}
-    for pid, count in taken.items():
+    for pid in taken:
         # columns: pid held channels
         assert str(pid) in rows, table.stdout
         assert rows[str(pid)][1:3] == ["0", "1"], rows[str(pid)]
@@ -246,7 +245,8 @@ def _check_against(exposition: Exposition, snapshot: dict[str, Any]) -> None:
         for quantile, field in (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms")):
             seconds = exposition.get(f"sharedpool_{key}_seconds", pool=pool, quantile=quantile)
             assert seconds == pytest.approx(snapshot[key][field] / 1000)
-    workers = {name_labels: v for name_labels, v in exposition.samples.items() if name_labels[0] == "sharedpool_worker_leases_held"}
+    samples = exposition.samples.items()
+    workers = {name_labels: v for name_labels, v in samples if name_labels[0] == "sharedpool_worker_leases_held"}
     assert len(workers) == len(snapshot["workers"])
     for worker in snapshot["workers"]:
         assert exposition.get("sharedpool_worker_leases_held", pool=pool, pid=str(worker["pid"])) == worker["leases_held"]
@@ -508,7 +508,7 @@ def shared_socket_dir() -> Iterator[str]:
 
 def _manager_for_uid_65534(start_manager: Any, directory: str) -> ManagerProcess:
     manager: ManagerProcess = start_manager(
-        socket_path=os.path.join(directory, "sp.sock"), allowed_uids="65534", socket_mode="660", max_connections=1
+        socket_path=os.path.join(directory, "sp.sock"), allowed_uids=(65534,), socket_mode=0o660, max_connections=1
     )
     return manager
 

@@ -10,10 +10,11 @@ import uuid
 
 import multiprocess
 import redis
+from support.mix import checked_round_trip
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
-
-from conftest import manager_clients, wait_for
 
 ctx = multiprocess.get_context("fork")
 
@@ -25,23 +26,9 @@ def _hammer(socket_path: str, worker: int, rounds: int, errors: multiprocess.Que
     def thread_body(thread: int) -> None:
         prefix = f"hammer:{worker}:{thread}:{uuid.uuid4().hex}"
         for i in range(rounds):
-            k, value = f"{prefix}:{i}", f"{worker}-{thread}-{i}"
-            try:
-                if i % 3 == 0:
-                    with r.pipeline() as pipe:
-                        pipe.set(k, value).get(k)
-                        _, got = pipe.execute()
-                elif i % 3 == 1:
-                    with r.lease() as pinned:
-                        pinned.set(k, value)
-                        got = pinned.get(k)
-                else:
-                    r.set(k, value)
-                    got = r.get(k)
-                if got != value:
-                    failures.append(f"{k}: wrote {value!r}, read {got!r}")
-            except Exception as exc:
-                failures.append(f"{k}: {type(exc).__name__}: {exc}")
+            failure = checked_round_trip(r, f"{prefix}:{i}", f"{worker}-{thread}-{i}", i)
+            if failure:
+                failures.append(failure)
 
     threads = [threading.Thread(target=thread_body, args=(t,)) for t in range(4)]
     for thread in threads:

@@ -16,11 +16,12 @@ from pathlib import Path
 import multiprocess
 import pytest
 import redis
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
-from sharedpool.admin import admin as admin_command, report_dead_worker
-
-from conftest import manager_clients, wait_for
+from sharedpool.admin import admin as admin_command
+from sharedpool.admin import report_dead_worker
 
 ctx = multiprocess.get_context("fork")
 
@@ -238,7 +239,8 @@ def test_pause_makes_acquire_wait_and_resume_lets_it_through(start_manager) -> N
 
 def test_reconnect_replaces_every_connection(start_manager, admin: redis.Redis) -> None:
     manager = start_manager(max_connections=2, min_idle=2)
-    before = {c["id"] for c in wait_for(lambda: len(manager_clients(admin, manager.pool_name)) == 2 and manager_clients(admin, manager.pool_name), what="two connections")}
+    both = wait_for(lambda: len(clients := manager_clients(admin, manager.pool_name)) == 2 and clients, what="two connections")
+    before = {c["id"] for c in both}
     admin_command("reconnect", manager.socket_path)
     wait_for(
         lambda: len(after := {c["id"] for c in manager_clients(admin, manager.pool_name)}) == 2 and not after & before,

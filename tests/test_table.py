@@ -24,7 +24,8 @@ def test_take_then_give_back_moves_the_row_and_counts_the_lease() -> None:
     held = tbl.take(ready, pid=123, start=5.0, now=9.5, call_site=3)
     assert (held.state, held.holder_pid, held.lease_seq, held.acquired_at, held.call_site) == (RowState.HELD, 123, 42, 9.5, 3)
     assert tbl.still_mine(held, 7, 42) and not tbl.still_mine(held, 8, 42) and not tbl.still_mine(held, 7, 41)
-    for outcome, after in ((Outcome.CLEAN, RowState.READY), (Outcome.NEEDS_RESET, RowState.RESET), (Outcome.BROKEN, RowState.BROKEN)):
+    afters = ((Outcome.CLEAN, RowState.READY), (Outcome.NEEDS_RESET, RowState.RESET), (Outcome.BROKEN, RowState.BROKEN))
+    for outcome, after in afters:
         back = tbl.give_back(held, outcome)
         assert back.state is after and back.holder_pid == 0 and back.lease_seq == 42 and back.generation == 7
 

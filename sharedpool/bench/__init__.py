@@ -20,8 +20,9 @@ Fairness rules that shape the code:
 * everything has a deadline, and every child is killed in ``finally``,
   because this runs as a CI smoke test that must never hang.
 
-Layout: ``settings`` (flags), ``rig`` (Redis, managers, twemproxy,
-gunicorns), ``workers`` (the forked processes and the runner), ``e2e``
+Layout: ``settings`` (flags), ``jobs`` (what a forked worker is told to
+do, and what the runner asks of the rig), ``rig`` (Redis, managers,
+twemproxy, gunicorns), ``workers`` (the forked processes and the runner), ``e2e``
 (gunicorn and wrk), ``wsgi_app``, ``scenarios``, ``report`` (targets,
 table, JSON), ``main`` (``run_bench``).
 """

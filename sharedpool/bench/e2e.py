@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from sharedpool.redis_server import free_port
+from sharedpool.dev.redis_server import free_port
 
 START_TIMEOUT = 30.0  # master up and every worker past its import and first command
 WRK_GRACE = 15.0  # past wrk's own duration before it is killed

@@ -9,11 +9,11 @@ import time
 from contextlib import ExitStack
 from typing import Any
 
-from sharedpool.bench import report
+import sharedpool.bench.report as report
 from sharedpool.bench.report import Report, Results
 from sharedpool.bench.rig import Rig, Skipped
 from sharedpool.bench.scenarios import SCENARIO_RUNNERS, e2e_sizes, s2x_sizes, say
-from sharedpool.bench.settings import Settings
+from sharedpool.bench.settings import BenchSettings
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -22,7 +22,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     try:
-        settings = Settings.from_args(args)
+        settings = BenchSettings.from_args(args)
     except ValueError as exc:
         print(f"sharedpool bench: error: {exc}", file=sys.stderr)
         return 2

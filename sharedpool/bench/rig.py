@@ -10,24 +10,21 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import replace
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import psutil
 import redis
 
-from sharedpool import protocol
+from sharedpool import admin
 from sharedpool import table as tbl
 from sharedpool.bench.e2e import Gunicorn
+from sharedpool.bench.jobs import KEY_PREFIX, Job
 from sharedpool.bench.report import SHARED, TWEMPROXY
-from sharedpool.bench.settings import Settings
-from sharedpool.bench.workers import KEY_PREFIX, Job
-from sharedpool.client.channel import ControlChannel
-from sharedpool.launch import ManagerProcess
-from sharedpool.redis_server import RedisServer, free_port
+from sharedpool.bench.settings import BenchSettings
+from sharedpool.dev.launch import ManagerProcess
+from sharedpool.dev.redis_server import RedisServer, free_port
 
 
 class Skipped(Exception):
@@ -103,7 +100,7 @@ def _version_of(binary: str) -> str:
 class Rig:
     """Redis, the managers (one per C) and twemproxies of a run, all stopped by ``stack``."""
 
-    def __init__(self, settings: Settings, args: argparse.Namespace, stack: ExitStack) -> None:
+    def __init__(self, settings: BenchSettings, args: argparse.Namespace, stack: ExitStack) -> None:
         self.settings, self.stack = settings, stack
         self.started = time.perf_counter()
         self.workdir = tempfile.mkdtemp(prefix="sharedpool-bench-")
@@ -115,7 +112,7 @@ class Rig:
         self._external_pid = 0
         redis_url: str | None = args.redis_url
         if self.external_manager:
-            welcome = self._welcome(self.external_manager)
+            welcome = admin.welcome(self.external_manager)
             self.protocol = int(welcome.get("protocol", 3))
             self._managers[int(welcome["max_connections"])] = self.external_manager
             # Its C is the only one we can measure: the report shows that one.
@@ -163,21 +160,6 @@ class Rig:
         if limit and time.perf_counter() - self.started + runs * (window + 1.0) > limit:
             raise Skipped(f"time limit of {limit:g} s reached")
 
-    @staticmethod
-    @contextmanager
-    def _channel(path: str) -> Iterator[ControlChannel]:
-        """A control connection of our own to the manager at ``path``, for one question."""
-        channel = ControlChannel(path, connect_timeout=2.0, reply_timeout=5.0)
-        try:
-            yield channel
-        finally:
-            channel.close()
-
-    @classmethod
-    def _welcome(cls, path: str) -> dict[str, Any]:
-        with cls._channel(path) as channel:
-            return channel.welcome
-
     # ----- systems ----------------------------------------------------------
 
     def sizes(self, wanted: list[int]) -> list[int]:
@@ -205,9 +187,7 @@ class Rig:
         return self._managers[connections]
 
     def manager_open(self, path: str) -> int:
-        with self._channel(path) as channel:
-            snapshot = channel.request(protocol.encode_empty(protocol.FrameType.STATS), protocol.FrameType.STATS_REPLY)
-        return int(snapshot["connections"]["open"])
+        return int(admin.stats(path)["connections"]["open"])
 
     def wait_histogram(self, path: str) -> list[int]:
         """The manager's lease wait-time histogram, the one ``stats()["wait_time"]`` summarises.
@@ -216,7 +196,7 @@ class Rig:
         take the difference over its own window: the snapshot's p50/p99 are
         over the manager's whole life.
         """
-        with self._channel(path) as channel:
+        with admin.channel(path) as channel:
             geometry = channel.welcome["table"]
             table = tbl.Table(os.dup(channel.table_fd), int(geometry["capacity"]), int(geometry["waiter_capacity"]))
             try:

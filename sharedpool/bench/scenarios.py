@@ -9,9 +9,10 @@ from dataclasses import replace
 
 from sharedpool import table as tbl
 from sharedpool.bench.e2e import run_wrk
+from sharedpool.bench.jobs import Job
 from sharedpool.bench.report import E2E_SIZES, PLAIN, SHARED, TWEMPROXY, Results, percentile
 from sharedpool.bench.rig import Rig, Skipped
-from sharedpool.bench.workers import S1_MODES, Job, Run, run_workers
+from sharedpool.bench.workers import S1_MODES, Run, run_workers
 
 Measure = tuple[str, Callable[[int], str]]  # label, run for a round -> progress text
 
@@ -103,8 +104,9 @@ def _throughput(rig: Rig, results: Results, job: Job, prefix: str) -> Callable[[
 def scenario_s2(rig: Rig, results: Results) -> None:
     size = rig.sizes([rig.settings.max_connections])[0]
     plain = _request_job(rig, io=True)
+    shared = replace(plain, system=SHARED, address=rig.manager(size))
     systems = [("plain", _throughput(rig, results, plain, "s2.plain")),
-               (f"sharedpool C={size}", _throughput(rig, results, replace(plain, system=SHARED, address=rig.manager(size)), "s2.shared"))]
+               (f"sharedpool C={size}", _throughput(rig, results, shared, "s2.shared"))]
     if _twemproxy_ready(rig, results):
         job = replace(plain, system=TWEMPROXY, address=rig.twemproxy(size))
         systems.append((f"twemproxy C={size}", _throughput(rig, results, job, "s2.twemproxy")))
@@ -158,8 +160,8 @@ def scenario_s3(rig: Rig, results: Results) -> None:
 
     few = (f"S3: no worker served its {s.restart_every} requests within a {s.duration:g} s window, so no restart "
            "was measured: lower --restart-every or raise --duration")
-    _rounds(rig, results, "S3", [("plain", churn(plain, "plain")),
-                                 (f"sharedpool C={size}", churn(replace(plain, system=SHARED, address=rig.manager(size)), "shared"))])
+    shared = replace(plain, system=SHARED, address=rig.manager(size))
+    _rounds(rig, results, "S3", [("plain", churn(plain, "plain")), (f"sharedpool C={size}", churn(shared, "shared"))])
 
 
 def scenario_s5(rig: Rig, results: Results) -> None:
@@ -225,7 +227,7 @@ def scenario_e2e(rig: Rig, results: Results) -> None:
                 results.add(key + ".p99_ms", round_no, result.p99_ms)
                 waits = None
                 if before is not None:
-                    waits = [after - earlier for after, earlier in zip(rig.wait_histogram(address), before)]
+                    waits = [after - earlier for after, earlier in zip(rig.wait_histogram(address), before, strict=False)]
                 return (f"{result.requests_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
                         + _add_waits(results, key, round_no, waits))
             return measure

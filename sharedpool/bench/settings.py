@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass(frozen=True)
-class Settings:
+class BenchSettings:
+    """One ``sharedpool bench`` run's sizes and choices, from its flags (``--quick`` picks the smaller defaults)."""
+
     workers: int
     commands: int
     cpu_us: float
@@ -60,7 +62,7 @@ class Settings:
     scenarios: tuple[str, ...]
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Settings:
+    def from_args(cls, args: argparse.Namespace) -> BenchSettings:
         base = QUICK if args.quick else FULL
         values: dict[str, Any] = {name: getattr(args, name, None) if getattr(args, name, None) is not None else default
                                   for name, default in base.items()}

@@ -13,7 +13,7 @@ import traceback
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import multiprocess
 import multiprocess.connection
@@ -21,34 +21,13 @@ import psutil
 import redis
 
 import sharedpool
+from sharedpool.bench.jobs import KEY_PREFIX, Job, Systems
 from sharedpool.bench.report import SHARED, TWEMPROXY
-
-if TYPE_CHECKING:
-    from sharedpool.bench.rig import Rig
 
 STARTUP_TIMEOUT = 20.0  # fork, import-free client setup and warm-up of all workers
 FINISH_GRACE = 10.0  # past the window's end, for the last request of each worker
 SAMPLE_EVERY = 0.05  # seconds between INFO clients samples
-KEY_PREFIX = "sharedpool-bench:"
 READY = "ready"
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything a forked worker needs; the parent's state is not to be used there."""
-
-    kind: str  # "latency" (S1, every mode in one process), "requests" (S2, S3), "leases" (S5a), "handoffs" (S5b)
-    system: str  # PLAIN, SHARED or TWEMPROXY
-    address: str  # Redis URL, manager socket path or twemproxy socket path
-    protocol: int = 3
-    manager: str = ""  # S1: the manager's socket (address is then the Redis URL)
-    redis_pid: int = 0  # S1: to charge Redis's CPU to the mode that caused it (0: unknown)
-    manager_pid: int = 0
-    commands: int = 5
-    cpu_us: float = 0.0
-    io_ms: float = 0.0
-    life: int = 0  # S3: requests before the worker exits to be replaced (0: run to the end)
-    warm: bool = True  # False for an S3 replacement: its connection setup is what S3 measures
 
 
 @dataclass
@@ -274,7 +253,7 @@ class Run:
         return sorted(self.samples)
 
 
-def run_workers(rig: Rig, job: Job, processes: int, *, sample_clients: bool = False, respawn: bool = False) -> Run:
+def run_workers(rig: Systems, job: Job, processes: int, *, sample_clients: bool = False, respawn: bool = False) -> Run:
     """Fork ``processes`` workers running ``job``; open one window for all; collect.
 
     With ``respawn``, a worker that served its ``job.life`` requests is
@@ -336,7 +315,7 @@ def run_workers(rig: Rig, job: Job, processes: int, *, sample_clients: bool = Fa
         if respawn:
             run.new_connections = rig.connections_received() - received
         if waits_before is not None:
-            run.waits = [after - before for after, before in zip(rig.wait_histogram(job.address), waits_before)]
+            run.waits = [after - before for after, before in zip(rig.wait_histogram(job.address), waits_before, strict=False)]
         return run
     finally:
         _reap(started)

@@ -23,8 +23,9 @@ import threading
 import time
 from typing import Any
 
-from sharedpool import __version__, errors, protocol
+from sharedpool import errors, protocol
 from sharedpool.protocol import ErrorCode, FrameType
+from sharedpool.version import __version__
 
 log = logging.getLogger("sharedpool.client")
 
@@ -59,7 +60,7 @@ class ControlChannel:
             sock.connect(socket_path)
         except OSError as exc:
             sock.close()
-            raise errors.ManagerUnavailable(_connect_problem(socket_path, exc)) from None
+            raise errors.ManagerUnavailable(explain_connect_error(socket_path, exc)) from None
         self.sock = sock
         try:
             try:
@@ -78,14 +79,15 @@ class ControlChannel:
         except BaseException:
             self.close()
             raise
-        self.epoch = str(self.welcome.get("epoch", ""))
 
     def __repr__(self) -> str:
         return f"<ControlChannel {self.socket_path} pid={self.pid} {'closed' if self.closed else 'open'}>"
 
     # ----- requests ----------------------------------------------------------
 
-    def call(self, frame_type: FrameType, body: bytes, reply_type: FrameType, timeout: float, want_fd: bool = False) -> tuple[bytes, int | None]:
+    def call(
+        self, frame_type: FrameType, body: bytes, reply_type: FrameType, timeout: float, want_fd: bool = False
+    ) -> tuple[bytes, int | None]:
         """Send a request and wait for its own reply, at most ``timeout`` seconds in all."""
         deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=max(0.0, timeout)):
@@ -176,12 +178,12 @@ class ControlChannel:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._silent(deadline)
+                raise self._silent()
             self.sock.settimeout(remaining)
             try:
                 data, ancdata, flags, _ = self.sock.recvmsg(protocol.MAX_FRAME, protocol.FD_ANCILLARY_SPACE, protocol.RECV_FLAGS)
-            except socket.timeout:
-                raise self._silent(deadline) from None
+            except TimeoutError:
+                raise self._silent() from None
             except OSError as exc:
                 self.close()
                 raise errors.ManagerUnavailable(f"manager at {self.socket_path} went away ({exc.strerror or exc})") from None
@@ -211,7 +213,7 @@ class ControlChannel:
                 raise self._broken(f"frame type {frame_type} carried {len(fds)} fds")
             return frame_type, request_id, body, (fds[0] if fds else None)
 
-    def _silent(self, deadline: float) -> errors.ManagerUnavailable:
+    def _silent(self) -> errors.ManagerUnavailable:
         self.close()
         return errors.ManagerUnavailable(f"manager at {self.socket_path} did not answer in time")
 
@@ -236,7 +238,8 @@ def _close_fds(fds: list[int]) -> None:
             pass
 
 
-def _connect_problem(path: str, exc: OSError) -> str:
+def explain_connect_error(path: str, exc: OSError) -> str:
+    """Why connecting to a manager at ``path`` failed, and what to do about it."""
     if exc.errno == errno.ENOENT:
         why = "no socket file there"
     elif exc.errno == errno.ECONNREFUSED:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import os
 import socket
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis.connection import Connection
@@ -23,6 +22,7 @@ from sharedpool.errors import LeaseLost
 from sharedpool.table import Outcome
 
 if TYPE_CHECKING:
+    from sharedpool.client.lease_core import Lease
     from sharedpool.client.pool import SharedConnectionPool
 
 # Commands after which the session differs from the manager's handshake
@@ -56,23 +56,6 @@ class LeaseState(enum.Enum):
     IN_USE = "in use"
     LOST = "lost"  # failed mid-lease: given back broken; redis-py's retry may bind a fresh one
     REVOKED = "revoked"  # the manager took the lease back (max_lease_time)
-
-
-@dataclass(eq=False, slots=True)
-class Lease:
-    """One lease: the slot lock this thread took, and the row it wrote."""
-
-    attachment: Any  # the pool's per-manager state the lease was taken in
-    slot: int
-    generation: int
-    seq: int  # the row's lease number
-    lock_fd: int  # the taking thread's own open file description of the table
-    taken_at: float
-    thread: Any = None  # the taking thread's state in the pool
-
-    @property
-    def id(self) -> int:
-        return (self.slot << 40) | (self.seq & 0xFFFFFFFFFF)
 
 
 class LeasedConnection(Connection):
@@ -110,7 +93,10 @@ class LeasedConnection(Connection):
 
     def repr_pieces(self) -> list[tuple[str, Any]]:
         lease = self.lease.id if self.lease is not None else None
-        return [("slot", self.slot), ("generation", self.generation), ("lease", lease), ("state", self.state.value), ("redis", self.redis_label)]
+        return [
+            ("slot", self.slot), ("generation", self.generation), ("lease", lease),
+            ("state", self.state.value), ("redis", self.redis_label),
+        ]
 
     def _host_error(self) -> str:
         return f"{self.redis_label} (sharedpool slot {self.slot})"

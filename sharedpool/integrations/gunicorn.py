@@ -83,14 +83,12 @@ from typing import Any
 
 from sharedpool import admin as _admin
 from sharedpool import config as _config
-from sharedpool.integrations import (
+from sharedpool.client.process import after_fork_in_child, close_control_channels, release_process_state
+from sharedpool.integrations.embedded import EmbeddedManager
+from sharedpool.integrations.settings import (
     SOCKET_ENV,
-    EmbeddedManager,
-    Settings,
-    after_fork_in_child,
-    close_control_channels,
+    IntegrationSettings,
     private_socket_path,
-    release_process_state,
     remove_private_dir,
     settings_from,
 )
@@ -108,7 +106,7 @@ __all__ = [
 
 log = logging.getLogger("sharedpool.integrations.gunicorn")
 
-_settings: Settings | None = None
+_settings: IntegrationSettings | None = None
 _private_path = ""  # a socket path we made up (and whose directory we remove)
 _manager: EmbeddedManager | None = None
 _announced = False  # the separately run manager was named in the log
@@ -117,7 +115,7 @@ _announced = False  # the separately run manager was named in the log
 # ----- settings ---------------------------------------------------------------
 
 
-def configure(**settings: Any) -> Settings:
+def configure(**settings: Any) -> IntegrationSettings:
     """Set the integration's settings; keywords override ``SHAREDPOOL_*`` variables.
 
     ``embedded``, ``socket_path``, ``config_file``, ``manager_log``,
@@ -133,12 +131,12 @@ def configure(**settings: Any) -> Settings:
     return resolved
 
 
-def current_settings() -> Settings:
+def current_settings() -> IntegrationSettings:
     """The settings in force (from the environment, unless ``configure`` was called)."""
     return _settings if _settings is not None else configure()
 
 
-def _resolve(settings: Settings) -> Settings:
+def _resolve(settings: IntegrationSettings) -> IntegrationSettings:
     """Fix the socket path and export it, so that workers and the app find it."""
     global _private_path
     path = settings.socket_path
@@ -180,11 +178,10 @@ def child_exit(server: Any, worker: Any) -> None:
         return
     settings = current_settings()
     try:
-        reply = _admin.admin("reap", settings.socket_path or None, timeout=settings.report_timeout, pid=pid)
+        reaped = _admin.report_dead_worker(pid, settings.socket_path or None, timeout=settings.report_timeout)
     except Exception as exc:  # never let a report break the master's loop
         log.warning("could not report dead worker %d to the sharedpool manager: %s", pid, exc)
         return
-    reaped = int(reply.get("reaped", 0) or 0)
     if reaped:
         log.warning("sharedpool manager took back %d lease(s) of dead worker %d", reaped, pid)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from sharedpool import __version__, protocol
+from sharedpool import protocol
 from sharedpool import stats as keys
 from sharedpool import table as tbl
 from sharedpool.config import format_databases
@@ -26,6 +26,7 @@ from sharedpool.manager.control import ClientState, ControlClient
 from sharedpool.manager.pool import ReapCause, SlotState
 from sharedpool.protocol import ErrorCode, FrameType
 from sharedpool.table import Outcome, RowState
+from sharedpool.version import __version__
 
 if TYPE_CHECKING:
     from sharedpool.manager.loop import Manager

@@ -8,12 +8,12 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from sharedpool import __version__
 from sharedpool import stats as keys
 from sharedpool import table as tbl
 from sharedpool.config import format_databases
 from sharedpool.manager.pool import SlotState
 from sharedpool.table import RowFlag, RowState
+from sharedpool.version import __version__
 
 if TYPE_CHECKING:
     from sharedpool.manager.loop import Manager

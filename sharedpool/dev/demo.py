@@ -27,8 +27,8 @@ import redis
 
 import sharedpool
 from sharedpool.config import mask_url
-from sharedpool.launch import ManagerProcess
-from sharedpool.redis_server import RedisServer, RedisServerNotFound
+from sharedpool.dev.launch import ManagerProcess
+from sharedpool.dev.redis_server import RedisServer, RedisServerNotFound
 
 POOL_NAME = "demo"
 CLIENT_NAME_PREFIX = f"sharedpool:{POOL_NAME}:"

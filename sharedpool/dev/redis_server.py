@@ -150,7 +150,9 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server child process on 127.0.0.1:<port> and a unix socket."""
 
-    def __init__(self, port: int | None = None, directory: str | None = None, binary: str | None = None, password: str = "") -> None:
+    def __init__(
+        self, port: int | None = None, directory: str | None = None, binary: str | None = None, password: str = "",
+    ) -> None:
         found = ServerBinary(binary, "given") if binary else find_redis_server()
         self.binary = found.path
         self.origin = found.origin
@@ -193,7 +195,8 @@ class RedisServer:
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"redis-server on port {self.port} did not start; see {self.directory}/redis.log") from None
+                    log = os.path.join(self.directory, "redis.log")
+                    raise RuntimeError(f"redis-server on port {self.port} did not start; see {log}") from None
                 time.sleep(0.02)
             finally:
                 client.close()
