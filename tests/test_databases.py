@@ -8,16 +8,17 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import multiprocess
 import pytest
 import redis
+from support.redis_view import manager_clients
+from support.waiting import wait_for
 
 import sharedpool
 from sharedpool import errors
-
-from conftest import manager_clients, wait_for
 
 ctx = multiprocess.get_context("fork")
 
@@ -168,7 +169,7 @@ def test_a_subscriber_outlives_leak_threshold_and_max_lease_time(start_manager, 
     stats = manager.stats()
     assert stats["databases"]["0"]["subscribers"] == 1
     assert stats["counters"]["leak_warnings"] == 0 and stats["counters"]["reaped_revoked"] == 0
-    log = open(manager.log_path).read()
+    log = Path(manager.log_path).read_text()
     assert "possible leak" not in log and "revoked lease" not in log
     pubsub.close()
     # Given back, it subscribes no more.
