@@ -185,7 +185,7 @@ def format_stats(snapshot: dict[str, Any]) -> str:
         f"up {snapshot['uptime_s']:.0f} s  state {snapshot['state']}",
         f"connections  open {conns['open']}/{conns['max']}  idle {conns['idle']}  leased {conns['leased']}  "
         f"connecting {conns['connecting']}  resetting {conns['resetting']}",
-        f"leases       held {leases['held']}  waiting {leases['waiting']}  subscribers {leases.get(keys.SUBSCRIBERS, 0)}  "
+        f"leases       held {leases['held']}  waiting {leases['waiting']}  subscribers {snapshot.get(keys.SUBSCRIBERS, 0)}  "
         f"wait p50/p99 {snapshot['wait_time']['p50_ms']}/{snapshot['wait_time']['p99_ms']} ms  "
         f"hold p50/p99 {snapshot['hold_time']['p50_ms']}/{snapshot['hold_time']['p99_ms']} ms",
     ]

@@ -15,7 +15,7 @@ metric                                      type     from the snapshot
 ``sharedpool_connections_max``              gauge    ``connections.max``
 ``sharedpool_leases_held``                  gauge    ``leases.held``
 ``sharedpool_leases_waiting``               gauge    ``leases.waiting``
-``sharedpool_leases_subscribers``           gauge    ``leases.subscribers``
+``sharedpool_leases_subscribers``           gauge    ``subscribers``
 ``sharedpool_database_connections{db,state}`` gauge  ``databases.<db>.open|idle|held``
 ``sharedpool_database_waiting{db}``         gauge    ``databases.<db>.waiting``
 ``sharedpool_database_subscribers{db}``     gauge    ``databases.<db>.subscribers``
@@ -133,7 +133,7 @@ def render_prometheus(snapshot: Mapping[str, Any]) -> str:
     family("leases_held", "gauge", "Leases held by workers right now.").add(leases.get("held", 0))
     family("leases_waiting", "gauge", "Workers waiting for a lease right now.").add(leases.get("waiting", 0))
     family("leases_subscribers", "gauge", "Held leases in subscribed mode (not leaks, never revoked).").add(
-        leases.get(keys.SUBSCRIBERS, 0)
+        snapshot.get(keys.SUBSCRIBERS, 0)
     )
     databases = snapshot.get(keys.DATABASES, {})
     by_db = family(

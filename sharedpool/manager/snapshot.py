@@ -79,7 +79,8 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
             "resetting": pool.count(SlotState.MANAGED),
             "max": config.max_connections,
         },
-        "leases": {"held": held, "waiting": max(0, table.waiters), keys.SUBSCRIBERS: subscribers},
+        "leases": {"held": held, "waiting": max(0, table.waiters)},
+        keys.SUBSCRIBERS: subscribers,
         "default_db": pool.limits.default_db,
         "databases_served": format_databases(pool.limits.databases),
         # Keyed by the database's number as text (JSON keys are strings).
