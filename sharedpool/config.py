@@ -98,6 +98,63 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
+MAX_DATABASE = 0xFFFF  # a row carries its database in 16 bits
+DEFAULT_DATABASES = tuple(range(16))  # Redis's default count (its ``databases`` setting)
+
+
+def parse_databases(text: str) -> tuple[int, ...]:
+    """``"0-15"``, ``"0,2,5-7"`` (spaces allowed) -> sorted distinct database numbers."""
+    found: set[int] = set()
+    for part in str(text).replace(" ", ",").split(","):
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        first, last = int(low), int(high) if dash else int(low)
+        if not 0 <= first <= last <= MAX_DATABASE:
+            raise ValueError(part)
+        found.update(range(first, last + 1))
+    if not found:
+        raise ValueError(text)
+    return tuple(sorted(found))
+
+
+def format_databases(databases: tuple[int, ...] | list[int]) -> str:
+    """The inverse of ``parse_databases``, in ranges: (0, 1, 2, 5) -> "0-2,5"."""
+    parts: list[str] = []
+    ordered = sorted(set(databases))
+    start = 0
+    while start < len(ordered):
+        end = start
+        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
+            end += 1
+        parts.append(str(ordered[start]) if start == end else f"{ordered[start]}-{ordered[end]}")
+        start = end + 1
+    return ",".join(parts)
+
+
+def url_database(url: str) -> int:
+    """The database a redis:// (``/N``) or unix:// (``?db=N``) URL names; 0 when it names none."""
+    from redis.connection import parse_url
+
+    try:
+        return int(parse_url(url).get("db", 0) or 0)  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError):
+        raise ConfigError("redis_url", url, "a URL whose database (/N or ?db=N) is an integer") from None
+
+
+CLIENT_NAME_FIELDS = ("pool", "slot", "db")
+
+
+def _client_name(name: str, value: str) -> str | None:
+    try:
+        example = value.format(pool="default", slot=0, db=0)
+    except (KeyError, IndexError, ValueError):
+        return "a name whose only {fields} are {pool}, {slot} and {db} (empty: no CLIENT SETNAME)"
+    if any(ch.isspace() for ch in example):
+        return "a name without spaces or newlines (Redis refuses them in CLIENT SETNAME)"
+    return None
+
+
 def _parse_uid_list(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in str(text).replace(",", " ").split())
 
@@ -140,8 +197,24 @@ class ManagerConfig:
     allowed_uids: tuple[int, ...] = _spec(
         (), "uids allowed to connect, comma separated [default: the manager's own uid]", _parse_uid_list, None, "UIDS"
     )
-    max_connections: int = _spec(10, "most Redis connections the manager opens", int, _int_range(1, 10_000), "N")
-    min_idle: int = _spec(1, "idle connections kept open and ready (at most max_connections)", int, _int_range(0, 10_000), "N")
+    databases: tuple[int, ...] = _spec(
+        (), "databases served, e.g. 0-15 or 0,2,5-7 (the redis_url's db is the default one) [default: 0-15]",
+        parse_databases, None, "DBS",
+    )
+    max_connections: int = _spec(
+        10, "most Redis connections the manager opens, all databases together", int, _int_range(1, 10_000), "N"
+    )
+    max_connections_per_database: int = _spec(
+        0, "most connections one database may have open (0: only max_connections bounds it)", int, _int_range(0, 10_000), "N"
+    )
+    min_idle: int = _spec(
+        1, "idle connections kept open per warm database: the default one, and each one listed in databases",
+        int, _int_range(0, 10_000), "N",
+    )
+    client_name: str = _spec(
+        "sharedpool:{pool}:{slot}", "CLIENT SETNAME of each connection: {pool}, {slot}, {db} filled in (empty: none)",
+        str, _client_name, "TEMPLATE",
+    )
     acquire_timeout: float = _spec(5.0, "seconds a worker waits for a lease before PoolTimeout", float, _positive_float, "SECONDS")
     max_leases_per_worker: int = _spec(0, "most leases one worker process may hold at once (0: no limit)", int, _int_range(0, 10_000), "N")
     max_waiting: int = _spec(256, "most workers queued for a lease; more are refused at once", int, _int_range(0, 1_000_000), "N")
@@ -170,6 +243,28 @@ class ManagerConfig:
             raise ConfigError(
                 "min_idle", self.min_idle, f"at most max_connections ({self.max_connections})"
             )
+        default_db = url_database(self.redis_url)
+        if default_db not in self.served_databases:
+            raise ConfigError(
+                "databases", format_databases(self.served_databases),
+                f"a list that includes db {default_db}, the default database named by redis_url",
+            )
+
+    @property
+    def served_databases(self) -> tuple[int, ...]:
+        """The databases this manager serves (``databases``, or 0-15 when not set)."""
+        return self.databases or DEFAULT_DATABASES
+
+    @property
+    def default_database(self) -> int:
+        """The database of a client that names none: the one in ``redis_url``."""
+        return url_database(self.redis_url)
+
+    @property
+    def warm_databases(self) -> tuple[int, ...]:
+        """Databases ``min_idle`` applies to: the default one, and each one listed
+        explicitly in ``databases`` (the implicit 0-15 does not open 16 x min_idle)."""
+        return tuple(sorted({self.default_database, *self.databases}))
 
     def safe_dict(self) -> dict[str, Any]:
         """The config as plain data with the Redis password masked."""
@@ -177,6 +272,7 @@ class ManagerConfig:
         values["redis_url"] = mask_url(self.redis_url)
         values["socket_mode"] = f"{self.socket_mode:o}"
         values["allowed_uids"] = list(self.allowed_uids)
+        values["databases"] = format_databases(self.served_databases)
         return values
 
     def __repr__(self) -> str:
@@ -241,6 +337,12 @@ def _convert(cls: type, name: str, raw: Any, source: str) -> Any:
             value = raw
         elif parse is float and isinstance(raw, (int, float)):
             value = float(raw)
+        elif parse is parse_databases and isinstance(raw, (list, tuple)):
+            if not raw or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_DATABASE for v in raw):
+                raise ValueError(raw)
+            value = tuple(sorted(set(raw)))
+        elif parse is parse_databases and isinstance(raw, int) and not isinstance(raw, bool):
+            value = parse_databases(str(raw))
         elif parse is _parse_uid_list and isinstance(raw, (list, tuple)):
             value = tuple(int(v) for v in raw if not isinstance(v, bool) and isinstance(v, int))
             if len(value) != len(raw):
@@ -273,6 +375,8 @@ def _type_words(spec: dataclasses.Field[Any]) -> str:
         return "a comma-separated list of integer uids"
     if parse is _parse_bool:
         return "true or false"
+    if parse is parse_databases:
+        return f"database numbers from 0 to {MAX_DATABASE}: a list, or ranges like 0-15 or 0,2,5-7"
     return "a string"
 
 

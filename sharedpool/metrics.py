@@ -15,6 +15,10 @@ metric                                      type     from the snapshot
 ``sharedpool_connections_max``              gauge    ``connections.max``
 ``sharedpool_leases_held``                  gauge    ``leases.held``
 ``sharedpool_leases_waiting``               gauge    ``leases.waiting``
+``sharedpool_leases_subscribers``           gauge    ``subscribers``
+``sharedpool_database_connections{db,state}`` gauge  ``databases.<db>.open|idle|held``
+``sharedpool_database_waiting{db}``         gauge    ``databases.<db>.waiting``
+``sharedpool_database_subscribers{db}``     gauge    ``databases.<db>.subscribers``
 ``sharedpool_uptime_seconds``               gauge    ``uptime_s``
 ``sharedpool_redis_up``                     gauge    ``redis_down_for_s`` is null
 ``sharedpool_paused``                       gauge    ``paused``
@@ -76,7 +80,9 @@ _COUNTER_HELP: dict[str, str] = {
     keys.LEAK_WARNINGS: "Leases held longer than leak_threshold.",
     keys.TABLE_REPAIRS: "Lease-table rows the manager found scribbled and repaired.",
     keys.STALE_FETCHES: "Requests for the fd of a slot generation that no longer exists.",
+    keys.REBOUND: "Idle connections rebound to another database (max_connections reached).",
 }
+_DB_CONNECTION_STATES = (keys.DB_OPEN, keys.DB_IDLE, keys.DB_HELD)
 
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_:]")
 
@@ -126,6 +132,21 @@ def render_prometheus(snapshot: Mapping[str, Any]) -> str:
     leases = snapshot.get("leases", {})
     family("leases_held", "gauge", "Leases held by workers right now.").add(leases.get("held", 0))
     family("leases_waiting", "gauge", "Workers waiting for a lease right now.").add(leases.get("waiting", 0))
+    family("leases_subscribers", "gauge", "Held leases in subscribed mode (not leaks, never revoked).").add(
+        snapshot.get(keys.SUBSCRIBERS, 0)
+    )
+    databases = snapshot.get(keys.DATABASES, {})
+    by_db = family(
+        "database_connections", "gauge",
+        'Redis connections of each database; state="open" includes idle and held, so do not sum over state.',
+    )
+    waiting = family("database_waiting", "gauge", "Workers waiting for a lease of each database.")
+    subscribers = family("database_subscribers", "gauge", "Held leases in subscribed mode, per database.")
+    for db, values in databases.items():
+        for state in _DB_CONNECTION_STATES:
+            by_db.add(values.get(state, 0), db=str(db), state=state)
+        waiting.add(values.get(keys.DB_WAITING, 0), db=str(db))
+        subscribers.add(values.get(keys.DB_SUBSCRIBERS, 0), db=str(db))
     family("uptime_seconds", "gauge", "Seconds since the manager started.").add(snapshot.get("uptime_s", 0))
     family("redis_up", "gauge", "1 when the manager reaches Redis, 0 during an outage.").add(
         0 if snapshot.get("redis_down_for_s") is not None else 1

@@ -40,7 +40,9 @@ Types
 code   name         dir    body
 =====  ===========  =====  ====================================================
 1      HELLO        c->s   JSON ``{"pid": int, "client": str}``. Must be first.
-2      WELCOME      s->c   JSON (epoch, pool, db, protocol, redis, manager_pid,
+2      WELCOME      s->c   JSON (epoch, pool, db (the default database),
+                           databases (those served, as ranges: "0-15"),
+                           protocol, redis, manager_pid,
                            max_connections, the table's geometry, limits the
                            client applies), with the table's memfd attached.
 3      FETCH_FD     c->s   ``!II`` slot, generation: "I hold this slot's lock
@@ -52,8 +54,10 @@ code   name         dir    body
                            holder gone, 2 its holder's process gives it up
                            with a thread still in it: replace it without
                            waiting for the lock). No reply.
-6      DEMAND       c->s   empty: "every open slot is taken; open one if you
-                           may". Answered by ACK or ERROR.
+6      DEMAND       c->s   ``!H`` database (empty: the manager's default
+                           one): "every open slot of this database is taken;
+                           open one, or rebind an idle one of another
+                           database". Answered by ACK or ERROR.
 7      ERROR        s->c   ``!HQ`` code, lease number (0 when none), then a
                            UTF-8 message for humans.
 8      STATS        c->s   empty.
@@ -70,7 +74,9 @@ code   name         dir    body
                            fresh connection, AUTH, PING) for ``sharedpool
                            check``.
 17     PROBE_REPLY  s->c   JSON ``{"ok": bool, "error": str, "elapsed_s":
-                           float, "redis": str, "pool": str, "open": int}``.
+                           float, "redis": str, "pool": str, "open": int,
+                           "open_by_db": {"<db>": int}, "databases": str,
+                           "default_db": int}``.
 =====  ===========  =====  ====================================================
 
 Types 64-127 are frames the manager may send unprompted; a client ignores
@@ -110,6 +116,7 @@ _SLOT_GEN = struct.Struct("!II")
 _REPORT = struct.Struct("!IIQBB")
 _ERROR = struct.Struct("!HQ")
 _SITE = struct.Struct("!I")
+_DEMAND = struct.Struct("!H")
 _V1_HEADER = struct.Struct("!BBH")
 _V1_ERROR = 7
 
@@ -248,6 +255,19 @@ def decode_report(body: bytes) -> Report:
     if outcome not in (0, 1, 2) or cause not in (0, 1, 2):
         raise ProtocolError(f"REPORT outcome {outcome} / cause {cause} out of range")
     return Report(slot, generation, lease_seq, Outcome(outcome), ReportCause(cause))
+
+
+def encode_demand(db: int) -> bytes:
+    return header(FrameType.DEMAND) + _DEMAND.pack(db)
+
+
+def decode_demand(body: bytes, default_db: int) -> int:
+    """The database a DEMAND is for; an empty body (an older client) means the default one."""
+    if not body:
+        return default_db
+    if len(body) != _DEMAND.size:
+        raise ProtocolError(f"DEMAND body of {len(body)} bytes, expected 0 or {_DEMAND.size}")
+    return int(_DEMAND.unpack(body)[0])
 
 
 def encode_site(site_id: int, text: str) -> bytes:

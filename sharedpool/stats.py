@@ -19,6 +19,7 @@ HEALTH_CHECK_FAILED = "health_checks_failed"
 LEAK_WARNINGS = "leak_warnings"
 TABLE_REPAIRS = "table_repairs"
 STALE_FETCHES = "fetches_refused_stale"
+REBOUND = "connections_rebound"  # an idle connection lent to another database
 
 REAP_CAUSES = ("holder_closed", "holder_dead", "broken", "revoked")
 
@@ -27,6 +28,16 @@ def reaped_key(cause: str) -> str:
     return f"reaped_{cause}"
 
 
+# The per-database section of a snapshot: {DATABASES: {"0": {DB_OPEN: ...}}}.
+DATABASES = "databases"
+DB_OPEN = "open"  # connections of that database: open, being opened or reset
+DB_IDLE = "idle"
+DB_HELD = "held"
+DB_WAITING = "waiting"
+DB_SUBSCRIBERS = "subscribers"  # held leases in subscribed mode (exempt from leak warnings and max_lease_time)
+DATABASE_KEYS = (DB_OPEN, DB_IDLE, DB_HELD, DB_WAITING, DB_SUBSCRIBERS)
+SUBSCRIBERS = "subscribers"  # top level: held leases in subscribed mode, all databases together
+
 # Read from the lease table when a snapshot is taken (the workers count them):
 GRANTED = "leases_granted"
 RELEASED = "leases_released"
@@ -34,6 +45,7 @@ RELEASED = "leases_released"
 COUNTERS = (
     RESETS, OPENED, CLOSED, REDIS_ERRORS, FDS_SENT, CLIENTS_ACCEPTED, CLIENTS_REFUSED, PROTOCOL_ERRORS,
     REFUSED_UNAVAILABLE, RECYCLED, IDLE_CLOSED, HEALTH_CHECK_FAILED, LEAK_WARNINGS, TABLE_REPAIRS, STALE_FETCHES,
+    REBOUND,
 ) + tuple(reaped_key(cause) for cause in REAP_CAUSES)
 
 

@@ -264,7 +264,7 @@ class RawPeer:
             lock = tbl.slot_lock(slot, generation)
             if not tbl.try_lock(self.lock_fd, lock):
                 continue
-            seq = table.take_in_place(slot, generation, os.getpid(), self.start, time.monotonic(), call_site)
+            seq = table.take_in_place(slot, generation, os.getpid(), self.start, time.monotonic(), call_site, table.db_of(slot))
             if not seq:
                 tbl.unlock(self.lock_fd, lock)
                 continue

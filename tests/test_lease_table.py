@@ -758,7 +758,7 @@ def test_scribbled_table_never_kills_the_manager_and_is_repaired(start_manager, 
             index = wait_for(enqueued, timeout=5, what=room) - 1
 
             def dropped(index: int = index, token: int = token) -> bool:
-                return table.waiter(index)[1:3] != (dead.pid, token) or table.waiter(index)[0] == tbl.WaiterState.FREE
+                return table.waiter(index)[2:4] != (dead.pid, token) or table.waiter(index)[0] == tbl.WaiterState.FREE
 
             wait_for(dropped, timeout=5, what="a sweep dropping the dead marker waiter")
 

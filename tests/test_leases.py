@@ -136,8 +136,8 @@ def test_manager_owned_options_are_refused(manager: ManagerProcess) -> None:
 
 
 def test_db_and_protocol_mismatch_are_clear_errors(manager: ManagerProcess) -> None:
-    with pytest.raises(sharedpool.ProtocolMismatch, match="serves db 0, this client asked for db 3"):
-        sharedpool.Redis(socket_path=manager.socket_path, db=3).ping()
+    with pytest.raises(sharedpool.DatabaseNotServed, match="serves databases 0-15 .default 0., not db 20"):
+        sharedpool.Redis(socket_path=manager.socket_path, db=20).ping()
     with pytest.raises(sharedpool.ProtocolMismatch, match="RESP3, this client expects RESP2"):
         sharedpool.Redis(socket_path=manager.socket_path, protocol=2).ping()
 

@@ -71,24 +71,38 @@ def test_revocation_is_recognised_only_for_the_revoked_lease() -> None:
 @given(
     generation=st.integers(0, 2**32 - 1), seq=st.integers(0, 2**40), pid=st.integers(1, 2**31 - 1),
     now=st.floats(0, 1e9), site=st.integers(0, 2**32 - 1), outcome=st.sampled_from(list(Outcome)),
+    db=st.integers(0, tbl.MAX_DB), subscribed=st.booleans(),
 )
 @settings(max_examples=60, deadline=None)
 def test_the_in_place_hot_path_agrees_with_the_pure_moves(
-    generation: int, seq: int, pid: int, now: float, site: int, outcome: Outcome
+    generation: int, seq: int, pid: int, now: float, site: int, outcome: Outcome, db: int, subscribed: bool
 ) -> None:
     table = tbl.Table.create(capacity=1, waiter_capacity=1, max_waiting=1, epoch=b"x")
     try:
-        ready = Row(RowState.READY, generation, lease_seq=seq)
+        ready = Row(RowState.READY, generation, lease_seq=seq, db=db)
         table.write_row(0, ready)
-        taken = table.take_in_place(0, generation, pid, 1.5, now, site)
-        assert table.row(0) == tbl.take(ready, pid, 1.5, now, site) and taken == seq + 1
-        assert table.take_in_place(0, generation, pid, 1.5, now, site) == 0  # not READY any more
+        assert table.db_of(0) == db
+        assert table.take_in_place(0, generation, pid, 1.5, now, site, (db + 1) % (tbl.MAX_DB + 1)) == 0  # another db's
+        assert table.row(0) == ready
+        taken = table.take_in_place(0, generation, pid, 1.5, now, site, db)
+        assert table.row(0) == tbl.take(ready, pid, 1.5, now, site, db) and taken == seq + 1
+        assert table.take_in_place(0, generation, pid, 1.5, now, site, db) == 0  # not READY any more
         assert table.give_back_in_place(0, generation, taken + 1, outcome, now) is None  # not our lease
+        assert not table.mark_subscriber(0, generation, taken + 1)
+        if subscribed:
+            assert table.mark_subscriber(0, generation, taken)
+            assert table.row(0).flags == tbl.RowFlag.SUBSCRIBER and table.row(0).db == db
         held = table.row(0)
         assert table.give_back_in_place(0, generation, taken, outcome, now) is outcome
         assert table.row(0) == tbl.give_back(held, outcome, now)
+        assert table.row(0).flags == 0 and table.row(0).db == db  # a lease that ended subscribes no more
     finally:
         table.close()
+
+
+def test_take_refuses_a_row_of_another_database() -> None:
+    with pytest.raises(RowError, match="db 1 from a row of db 2"):
+        tbl.take(Row(RowState.READY, 0, db=2), 1, 0.0, 0.0, 0, db=1)
 
 
 def test_a_scribbled_state_byte_is_a_row_error(table: tbl.Table) -> None:
@@ -138,6 +152,18 @@ def test_waiters_queue_in_ticket_order_and_respect_max_waiting(table: tbl.Table)
     assert table.waiters == 1
     assert table.drop_waiters_of({11}) == 1 and table.waiters == 0 and table.hwm() == 0
     assert table.pick_waiter() is None
+
+
+def test_a_releaser_wakes_the_oldest_waiter_of_its_own_database(table: tbl.Table) -> None:
+    db1_old = table.enqueue(pid=10, token=1, now=0.0, db=1)
+    db2 = table.enqueue(pid=11, token=2, now=0.1, db=2)
+    db1_new = table.enqueue(pid=12, token=3, now=0.2, db=1)
+    assert table.waiters_by_db() == {1: 2, 2: 1}
+    assert table.pick_waiter(0) is None  # nobody waits for db 0
+    assert table.pick_waiter(2) == (db2, 11, 2)
+    assert table.pick_waiter(1) == (db1_old, 10, 1)
+    assert table.pick_waiter(1) == (db1_new, 12, 3)
+    assert table.waiter(db1_new)[1] == 1
 
 
 def test_repair_waiters_survives_garbage(table: tbl.Table) -> None:

@@ -22,6 +22,7 @@ from sharedpool import table as tbl
 from sharedpool.client import clone
 from sharedpool.client.channel import ControlChannel
 from sharedpool.client.connection import LeaseState
+from sharedpool.config import parse_databases
 from sharedpool.protocol import ReportCause
 from sharedpool.table import Outcome
 
@@ -43,8 +44,9 @@ def process_start(pid: int) -> float:
 class Attachment:
     """This process's view of one manager (one epoch): channel, table, cached connections."""
 
-    def __init__(self, channel: ControlChannel) -> None:
+    def __init__(self, channel: ControlChannel, db: int) -> None:
         welcome = channel.welcome
+        self.db = db  # the database of every lease taken through this attachment
         geometry = welcome.get("table") or {}
         self.channel = channel
         self.welcome = welcome
@@ -151,13 +153,21 @@ def open_channel(socket_path: str, deadline: float) -> ControlChannel:
 
 def check_welcome(
     welcome: dict[str, Any], requested_protocol: Any, requested_db: int | None, redis_location: str | None = None
-) -> None:
-    """Refuse a manager whose protocol, RESP version, db or Redis is not what this client asked for (DESIGN fact 10)."""
+) -> int:
+    """Refuse a manager whose protocol, table layout, RESP version or Redis is not what this
+    client speaks, or that does not serve the database it asked for (DESIGN fact 10).
+    Returns the database to use: the one asked for, or the manager's default one."""
     versions = welcome.get("versions") or []
     if protocol.VERSION not in versions:
         raise errors.ProtocolMismatch(f"manager speaks protocol {versions}, this client {protocol.VERSION}")
+    layout = (welcome.get("table") or {}).get("layout")
+    if layout != tbl.LAYOUT_VERSION:
+        raise errors.ProtocolMismatch(
+            f"manager {welcome.get('pool')!r} lays its lease table out as version {layout}, this client reads "
+            f"version {tbl.LAYOUT_VERSION}: run the same sharedpool version on both sides"
+        )
     manager_protocol = int(welcome.get("protocol", 3))
-    manager_db = int(welcome.get("db", 0))
+    default_db = int(welcome.get("db", 0))
     asked = requested_protocol
     if (asked is None and manager_protocol != 3) or (asked is not None and int(asked) != manager_protocol):
         raise errors.ProtocolMismatch(
@@ -170,8 +180,17 @@ def check_welcome(
             f"this client's URL names Redis at {redis_location}, but manager {welcome.get('pool')!r} "
             f"connects to {manager_redis}: point the URL at the manager's Redis, or run a manager for that one"
         )
-    if requested_db is not None and int(requested_db) != manager_db:
+    if requested_db is None:
+        return default_db
+    served_text = str(welcome.get("databases", default_db))
+    try:
+        served = set(parse_databases(served_text))
+    except ValueError:
+        served = {default_db}
+    if requested_db not in served:
         raise errors.DatabaseNotServed(
-            f"manager {welcome.get('pool')!r} serves db {manager_db}, this client asked for db "
-            f"{requested_db}: run a manager per db, or drop db="
+            f"manager {welcome.get('pool')!r} serves databases {served_text} (default {default_db}), not db "
+            f"{requested_db}: add it to the manager's --databases (databases in its config file, or "
+            f"SHAREDPOOL_DATABASES), or use one it serves"
         )
+    return requested_db

@@ -23,6 +23,7 @@ from redis.connection import Connection
 from redis.retry import Retry
 
 from sharedpool import errors
+from sharedpool.client.lease_core import mark_subscriber
 from sharedpool.errors import LeaseLost
 from sharedpool.table import Outcome
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 # Commands after which the session differs from the manager's handshake
 # (DESIGN fact 3): the manager must RESET before anyone else gets it.
+_SUBSCRIBE_COMMANDS = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"})
 _SESSION_COMMANDS = frozenset({
     "SELECT", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
     "SUNSUBSCRIBE", "HELLO", "AUTH", "READONLY", "READWRITE", "MONITOR", "RESET",
@@ -326,6 +328,8 @@ class LeasedConnection(Connection):
             return
         if command in _SESSION_COMMANDS:
             self._session_changed = True
+            if command in _SUBSCRIBE_COMMANDS and self.lease is not None:
+                mark_subscriber(self.lease)  # long-lived by nature: not a leak
             return
         if command == "CLIENT":
             sub = words[1] if len(words) > 1 else (_token(args[1]) if len(args) > 1 else "")

@@ -13,6 +13,11 @@ on the same wake socket, an async channel) share it:
   which says step by step what to do while waiting.
 * ``give_back`` -> a report frame to send, or b"".
 
+Each taker takes leases of one database, named by the ``db`` argument of
+every function that takes or wakes: a row or a waiter of another database
+is never this taker's (the manager writes a row's database; it may rebind
+an idle slot to another one while it holds the slot's lock).
+
 Header-lock waits are bounded by their callers' arguments: a holder frozen
 inside its microseconds (SIGSTOP, swap) must not freeze a taker with it.
 """
@@ -116,6 +121,7 @@ class Lease:
     seq: int  # the row's lease number
     lock_fd: int  # the taker's own open file description of the table
     taken_at: float
+    db: int  # the database the row said when it was taken
     taker: Taker | None = None
 
     @property
@@ -126,7 +132,7 @@ class Lease:
 # ----- taking ------------------------------------------------------------------
 
 
-def take_spinning(att: Attachment, taker: Taker, site: int, started: float) -> Taken | None:
+def take_spinning(att: Attachment, taker: Taker, site: int, started: float, db: int) -> Taken | None:
     """Take a READY slot now, yielding the CPU up to ``SPINS`` times; None: queue.
 
     A free slot is taken even while others are queued (they are woken oldest
@@ -135,45 +141,48 @@ def take_spinning(att: Attachment, taker: Taker, site: int, started: float) -> T
     less throughput and a worse p99 wait, and acquire_timeout still bounds
     every wait.
     """
-    taken = try_slots(att, taker, site, started)
+    taken = try_slots(att, taker, site, started, db)
     spins = SPINS
     while taken is None and spins:
         # Most holds are shorter than a sleep and a wake-up: give the CPU
         # away (to Redis, to the holder) and look again before queueing.
         spins -= 1
         os.sched_yield()
-        taken = try_slots(att, taker, site, started)
+        taken = try_slots(att, taker, site, started, db)
     return taken
 
 
-def try_slots(att: Attachment, taker: Taker, site: int, started: float) -> Taken | None:
-    """One pass over the rows, taking the first READY slot whose lock is free."""
+def try_slots(att: Attachment, taker: Taker, site: int, started: float, db: int) -> Taken | None:
+    """One pass over the rows, taking the first READY slot of ``db`` whose lock is free."""
     table = att.table
     state_of = table.state_of
+    db_of = table.db_of
     # The slot this taker had last first (like HikariCP's thread-local
-    # list): no collision with other takers' favourites, warm caches.
+    # list): no collision with other takers' favourites, warm caches. Its
+    # database is checked under the lock, in take_in_place: no extra read.
     last = taker.last_slot
     if last >= 0 and last in att.conns and state_of(last) == _READY:
-        taken = try_slot(att, taker, last, site, started)
+        taken = try_slot(att, taker, last, site, started, db)
         if taken is not None:
             return taken
     # Then slots whose fd we have: no frame, and the object redis-py
-    # parsed with last time.
+    # parsed with last time. Rows of other databases are passed over
+    # before locking (a cached slot may have been rebound).
     cached = tuple(att.conns)  # other threads may bind slots meanwhile
     for slot in cached:
-        if state_of(slot) == _READY:
-            taken = try_slot(att, taker, slot, site, started)
+        if state_of(slot) == _READY and db_of(slot) == db:
+            taken = try_slot(att, taker, slot, site, started, db)
             if taken is not None:
                 return taken
     for slot in range(table.slots_in_use):
-        if slot not in cached and state_of(slot) == _READY:
-            taken = try_slot(att, taker, slot, site, started)
+        if slot not in cached and state_of(slot) == _READY and db_of(slot) == db:
+            taken = try_slot(att, taker, slot, site, started, db)
             if taken is not None:
                 return taken
     return None
 
 
-def try_slot(att: Attachment, taker: Taker, slot: int, site: int, started: float) -> Taken | None:
+def try_slot(att: Attachment, taker: Taker, slot: int, site: int, started: float, db: int) -> Taken | None:
     table = att.table
     generation = table.generation_of(slot)
     if taker.avoid and (slot, generation) in taker.avoid:
@@ -184,7 +193,7 @@ def try_slot(att: Attachment, taker: Taker, slot: int, site: int, started: float
     seq = 0
     try:
         now = time.monotonic()
-        seq = table.take_in_place(slot, generation, att.pid, att.start, now, site)
+        seq = table.take_in_place(slot, generation, att.pid, att.start, now, site, db)
         if not seq:
             tbl.unlock(taker.lock_fd, offset)
             return None
@@ -213,14 +222,14 @@ def _process_waker() -> socket.socket:
     return waker[1]
 
 
-def wake_one(att: Attachment, lock_fd: int) -> None:
-    """Hand a freed slot's turn to the oldest waiter (a non-blocking datagram)."""
+def wake_one(att: Attachment, lock_fd: int, db: int) -> None:
+    """Hand a freed slot's turn to the oldest waiter of its database (a non-blocking datagram)."""
     table = att.table
     for _ in range(4):
         if not tbl.lock_within(lock_fd, tbl.HEADER_LOCK, 0.05):
             return  # the waiters rescan every RESCAN_S anyway
         try:
-            picked = table.pick_waiter()
+            picked = table.pick_waiter(db)
         finally:
             tbl.unlock(lock_fd, tbl.HEADER_LOCK)
         if picked is None:
@@ -280,8 +289,18 @@ def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> bytes:
     if report:
         return protocol.encode_report(lease.slot, lease.generation, lease.seq, outcome, ReportCause.GIVEN_BACK)
     if table.hot()[1] > 0:
-        wake_one(att, lease.lock_fd)
+        wake_one(att, lease.lock_fd, lease.db)
     return b""
+
+
+def mark_subscriber(lease: Lease) -> None:
+    """The lease entered subscribed mode: the manager is to count it as a subscriber,
+    not warn about it as a leak nor revoke it at max_lease_time. Its holder has the
+    slot's lock; giving the lease back clears the mark."""
+    try:
+        lease.attachment.table.mark_subscriber(lease.slot, lease.generation, lease.seq)
+    except ValueError:
+        pass  # the table was unmapped under us (the manager is gone)
 
 
 def pressure(att: Attachment, waiting_self: bool = False) -> str:

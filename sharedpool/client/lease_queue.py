@@ -4,7 +4,7 @@
 
 * ``Taken`` (a tuple): the lease is ours; done.
 * ``Notify``: send these frames to the manager (no reply).
-* ``Demand``: ask the manager for a connection (DEMAND, then ACK) before ``deadline``.
+* ``Demand``: ask the manager for a connection of ``db`` (DEMAND, then ACK) before ``deadline``.
 * ``Sleep``: wait until ``fd`` (the taker's wake socket) is readable, then
   call ``on_wake()``, or until ``seconds`` pass. A sync pool ``poll``s; an
   asyncio pool uses ``loop.add_reader`` on the same fd.
@@ -44,9 +44,10 @@ class Notify:
 
 @dataclass(frozen=True, slots=True)
 class Demand:
-    """Ask the manager to open a connection (DEMAND, then its ACK) before ``deadline``, then ``next_step()``."""
+    """Ask the manager for a connection of ``db`` (DEMAND, then its ACK) before ``deadline``, then ``next_step()``."""
 
     deadline: float
+    db: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +73,11 @@ class QueueWait:
 
     _LOOK, _CHORES, _SLEEP = range(3)
 
-    def __init__(self, att: Attachment, taker: Taker, site: int, started: float, deadline: float, acquire_timeout: float) -> None:
+    def __init__(
+        self, att: Attachment, taker: Taker, site: int, started: float, deadline: float, acquire_timeout: float, db: int
+    ) -> None:
         self.att = att
+        self.db = db
         self.taker = taker
         self.site = site
         self.started = started
@@ -94,7 +98,7 @@ class QueueWait:
                 f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s (the lease table's queue stayed locked)"
             )
         try:
-            self.index = table.enqueue(att.pid, taker.token, time.monotonic())
+            self.index = table.enqueue(att.pid, taker.token, time.monotonic(), db)
         finally:
             tbl.unlock(taker.lock_fd, tbl.HEADER_LOCK)
         if self.index < 0:
@@ -109,7 +113,7 @@ class QueueWait:
             if flags & STOPPING:
                 raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
             if not flags & _PAUSED:
-                taken = try_slots(att, taker, self.site, self.started)
+                taken = try_slots(att, taker, self.site, self.started, self.db)
                 if taken is not None:
                     self.taken = taken
                     return taken
@@ -143,10 +147,10 @@ class QueueWait:
                     f"pool {att.pool_name!r} has no open connection (this request waited "
                     f"{time.monotonic() - self.started:.2f} s for the manager's new attempt)"
                 )
-            if not flags & _PAUSED and now - self._demanded_at >= 0.5 and room_to_open(att):
+            if not flags & _PAUSED and now - self._demanded_at >= 0.5 and room_to_open(att, self.db):
                 self._demanded_at = now
                 self._failed_before_demand = table.failed_connects
-                return Demand(self.deadline)
+                return Demand(self.deadline, self.db)
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise errors.PoolTimeout(
@@ -178,7 +182,7 @@ class QueueWait:
             finally:
                 tbl.unlock(taker.lock_fd, tbl.HEADER_LOCK)
         if was_woken and self.taken is None:
-            wake_one(att, taker.lock_fd)  # the slot meant for us goes to the next
+            wake_one(att, taker.lock_fd, self.db)  # the slot meant for us goes to the next
 
 
 def any_open(att: Attachment) -> bool:
@@ -186,9 +190,15 @@ def any_open(att: Attachment) -> bool:
     return any(table.state_of(slot) in _OPEN_STATES for slot in range(table.slots_in_use))
 
 
-def room_to_open(att: Attachment) -> bool:
+def room_to_open(att: Attachment, db: int) -> bool:
+    """Whether a DEMAND for ``db`` can help: a slot to open, or an idle one of
+    another database the manager may rebind (when max_connections are open)."""
     table = att.table
-    return any(table.state_of(slot) == RowState.CLOSED for slot in range(table.slots_in_use))
+    for slot in range(table.slots_in_use):
+        state = table.state_of(slot)
+        if state == RowState.CLOSED or (state == RowState.READY and table.db_of(slot) != db):
+            return True
+    return False
 
 
 def find_abandoned(att: Attachment, taker: Taker) -> tuple[bytes, ...]:

@@ -190,8 +190,8 @@ class SharedConnectionPool(redis.ConnectionPool):
                 return att
             channel = open_channel(self.config.socket_path, deadline)
             try:
-                check_welcome(channel.welcome, self._requested_protocol, self.db, self.redis_location)
-                att = Attachment(channel)
+                db = check_welcome(channel.welcome, self._requested_protocol, self.db, self.redis_location)
+                att = Attachment(channel, db)
             except BaseException:
                 channel.close()
                 raise
@@ -271,11 +271,11 @@ class SharedConnectionPool(redis.ConnectionPool):
                     continue
                 raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
             if not flags:
-                taken = lease_core.take_spinning(att, state, site, started)
+                taken = lease_core.take_spinning(att, state, site, started, att.db)
             if taken is None:
                 taken = self._wait(att, state, site, started, deadline)
             slot, generation, seq = taken
-            lease = Lease(att, slot, generation, seq, state.lock_fd, time.monotonic(), state)
+            lease = Lease(att, slot, generation, seq, state.lock_fd, time.monotonic(), att.db, state)
             att.held += 1
             try:
                 return self._bind(att, lease, conn, final, started)
@@ -295,7 +295,7 @@ class SharedConnectionPool(redis.ConnectionPool):
 
     def _wait(self, att: Attachment, state: _ThreadState, site: int, started: float, deadline: float) -> Taken:
         """Every open slot is taken: queue, and do what the lease core asks, blocking."""
-        wait = lease_queue.QueueWait(att, state, site, started, deadline, self._acquire_timeout(att))
+        wait = lease_queue.QueueWait(att, state, site, started, deadline, self._acquire_timeout(att), att.db)
         poller = state.poller
         try:
             while True:
@@ -306,16 +306,17 @@ class SharedConnectionPool(redis.ConnectionPool):
                     if poller.poll(step.seconds * 1000):
                         wait.on_wake()
                 elif isinstance(step, lease_queue.Demand):
-                    self._demand(att, step.deadline)
+                    self._demand(att, step.deadline, step.db)
                 else:
                     for frame in step.frames:
                         att.channel.notify(frame)
         finally:
             wait.leave()
 
-    def _demand(self, att: Attachment, deadline: float) -> None:
+    def _demand(self, att: Attachment, deadline: float, db: int) -> None:
+        body = protocol.encode_demand(db)[protocol.HEADER.size :]
         try:
-            att.channel.call(FrameType.DEMAND, b"", FrameType.ACK, max(0.05, deadline - time.monotonic()))
+            att.channel.call(FrameType.DEMAND, body, FrameType.ACK, max(0.05, deadline - time.monotonic()))
         except errors.ManagerUnavailable:
             if not att.manager_alive():
                 self._detach(att)
@@ -361,7 +362,7 @@ class SharedConnectionPool(redis.ConnectionPool):
     def _make(self, att: Attachment, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:
         kwargs = {key: value for key, value in self.connection_kwargs.items() if key not in _NOT_FOR_CONNECTIONS}
         kwargs["protocol"] = int(att.welcome.get("protocol", 3))
-        kwargs["db"] = self.db if self.db is not None else int(att.welcome.get("db", 0))
+        kwargs["db"] = att.db
         return LeasedConnection(
             shared_pool=self, slot=slot, generation=generation, sock=sock,
             redis_label=str(att.welcome.get("redis", "")), **kwargs,

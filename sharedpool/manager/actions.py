@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sharedpool.config import ManagerConfig
+from sharedpool.config import DEFAULT_DATABASES, ManagerConfig
 from sharedpool.table import RowState
 
 
@@ -15,7 +15,11 @@ class Limits:
     """The subset of the config the state machine needs; replaced live on reload."""
 
     max_connections: int = 10
-    min_idle: int = 1
+    min_idle: int = 1  # per warm database
+    databases: tuple[int, ...] = DEFAULT_DATABASES  # served
+    default_db: int = 0
+    warm_databases: tuple[int, ...] = (0,)  # those min_idle applies to
+    max_per_database: int = 0  # 0: only max_connections
     redis_label: str = "redis"
     pool_name: str = "default"
     max_lifetime: float = 0.0
@@ -26,7 +30,14 @@ class Limits:
     @classmethod
     def from_config(cls, config: ManagerConfig, redis_label: str) -> Limits:
         names = ("max_connections", "min_idle", "pool_name", "max_lifetime", "idle_timeout", "leak_threshold", "max_lease_time")
-        return cls(redis_label=redis_label, **{name: getattr(config, name) for name in names})
+        return cls(
+            redis_label=redis_label, databases=config.served_databases, default_db=config.default_database,
+            warm_databases=config.warm_databases, max_per_database=config.max_connections_per_database,
+            **{name: getattr(config, name) for name in names},
+        )
+
+    def min_idle_of(self, db: int) -> int:
+        return self.min_idle if db in self.warm_databases else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +53,8 @@ class RowView:
     call_site: int = 0
     lock_free: bool = False  # the sweep could take the slot's lock (we now hold it)
     holder_alive: bool = True
+    db: int = 0
+    subscriber: bool = False  # the holder says its lease is in subscribed mode
 
 
 # ----- actions: what the loop must do after a decision -----------------------------
@@ -54,9 +67,12 @@ class OpenConnection:
 
 @dataclass(frozen=True, slots=True)
 class ResetConnection:
+    """RESET and redo the handshake, SELECTing ``db`` (a new one when the slot is rebound)."""
+
     slot: int
     generation: int
     backend: Any
+    db: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +97,7 @@ class Publish:
     revoked_generation: int = 0
     revoked_seq: int = 0
     expires_at: float = 0.0
+    db: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +110,10 @@ class Expire:
 
 @dataclass(frozen=True, slots=True)
 class Wake:
-    """Wake this many waiters: connections became ready."""
+    """Wake this many waiters (-1: all) of ``db`` (None: of any): connections became ready."""
 
     count: int
+    db: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ class RedisTarget:
     label: str  # host:port or path, never the password
     db: int
     protocol: int
+    client_name: str  # the template: {pool}, {slot}, {db}; empty: no CLIENT SETNAME
 
     @classmethod
     def from_config(cls, config: ManagerConfig) -> RedisTarget:
@@ -55,16 +56,20 @@ class RedisTarget:
         )
         if not unix:
             kwargs["socket_keepalive"] = True
-        return cls(kwargs, unix, label, db, config.protocol)
+        return cls(kwargs, unix, label, db, config.protocol, config.client_name)
+
+    def name_of(self, pool_name: str, slot: int, db: int) -> str | None:
+        return self.client_name.format(pool=pool_name, slot=slot, db=db) or None
 
 
 class Backend:
     """One real Redis connection owned by the manager."""
 
-    def __init__(self, target: RedisTarget, pool_name: str, slot: int) -> None:
-        kwargs = dict(target.kwargs, client_name=f"sharedpool:{pool_name}:{slot}")
+    def __init__(self, target: RedisTarget, pool_name: str, slot: int, db: int) -> None:
+        kwargs = dict(target.kwargs, client_name=target.name_of(pool_name, slot, db), db=db)
         connection_class: Any = UnixDomainSocketConnection if target.unix else Connection
         self.connection: Connection = connection_class(**kwargs)
+        self._name = (target, pool_name)
         self.timeout = target.kwargs["socket_timeout"]
         self.slot = slot
         self.fileno = -1
@@ -80,8 +85,9 @@ class Backend:
         self._poller.register(self.fileno, select.POLLIN)
         return self
 
-    def reset(self) -> None:
-        """RESET the session, then redo our own handshake (RESET drops AUTH and RESP3).
+    def reset(self, db: int) -> None:
+        """RESET the session, then redo our own handshake (RESET drops AUTH and RESP3),
+        SELECTing ``db``: another database than before when the slot is rebound.
 
         Workers may have left the fd in either blocking mode (DESIGN fact 9),
         so our own timeout is applied first.
@@ -90,6 +96,9 @@ class Backend:
         sock = conn._sock
         if sock is None:
             raise redis.ConnectionError("connection already closed")
+        target, pool_name = self._name
+        conn.db = db
+        conn.client_name = target.name_of(pool_name, self.slot, db)
         sock.settimeout(self.timeout)
         conn.send_command("RESET", check_health=False)
         for _ in range(_MAX_STRAY_REPLIES):
@@ -115,8 +124,24 @@ class Backend:
             log.debug("error closing slot %d", self.slot, exc_info=True)
 
 
-def open_backend(target: RedisTarget, pool_name: str, slot: int) -> Backend:
-    return Backend(target, pool_name, slot).open()
+def open_backend(target: RedisTarget, pool_name: str, slot: int, db: int) -> Backend:
+    return Backend(target, pool_name, slot, db).open()
+
+
+def server_databases(backend: Backend) -> int | None:
+    """How many databases Redis has (CONFIG GET databases); None when CONFIG is refused
+    (ACL, a renamed command, a managed Redis): the configured list stands then."""
+    conn = backend.connection
+    try:
+        conn.send_command("CONFIG", "GET", "databases", check_health=False)
+        reply = conn.read_response(disable_decoding=True)
+    except redis.ResponseError:
+        return None
+    values = list(reply.items())[0] if isinstance(reply, dict) and reply else reply
+    try:
+        return int(values[1])
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def probe(target: RedisTarget, timeout: float = 2.0) -> str:

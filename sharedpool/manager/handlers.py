@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sharedpool import protocol
 from sharedpool import stats as keys
 from sharedpool import table as tbl
+from sharedpool.config import format_databases
 from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
 from sharedpool.manager.control import ClientState, ControlClient
@@ -41,7 +42,8 @@ def welcome(manager: Manager) -> dict[str, Any]:
     return {
         "epoch": manager.epoch,
         "pool": config.pool_name,
-        "db": target.db,
+        "db": manager.pool.limits.default_db,
+        "databases": format_databases(manager.pool.limits.databases),
         "protocol": target.protocol,
         "redis": target.label,
         "manager_pid": os.getpid(),
@@ -124,13 +126,22 @@ def on_report(manager: Manager, client: ControlClient, request_id: int, body: by
 
 def on_demand(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
     now = time.monotonic()
-    refusal = manager.pool.demanded(now)
+    pool = manager.pool
+    db = protocol.decode_demand(body, pool.limits.default_db)
+    if not pool.serves(db):
+        # The client checked the served list at WELCOME: this one did not.
+        raise protocol.ProtocolError(f"DEMAND for db {db}, which is not served ({format_databases(pool.limits.databases)})")
+    refusal = pool.demanded(now, db)
     if refusal:
         code = ErrorCode.SHUTTING_DOWN if manager.pool.shutting_down else ErrorCode.REDIS_UNAVAILABLE
         manager.control.send(client, protocol.encode_error(code, refusal, request_id))
     else:
         manager.control.send(client, protocol.encode_empty(FrameType.ACK, request_id))
     manager.redispatch(now)
+    if pool.rebind_wanted:
+        # Nothing can be opened: the sweep, right after this batch of
+        # events, offers the idle slots of other databases for rebinding.
+        manager.sweep_soon(now)
 
 
 def on_site(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
@@ -157,6 +168,8 @@ def on_probe(manager: Manager, client: ControlClient, request_id: int, body: byt
             manager.control.send(client, protocol.encode_json(FrameType.PROBE_REPLY, {
                 "ok": not error, "error": error, "elapsed_s": round(now - started, 4),
                 "redis": target.label, "pool": manager.config.pool_name, "open": manager.pool.open_connections,
+                "open_by_db": {str(db): count for db, count in manager.pool.open_by_db().items()},
+                "databases": format_databases(manager.pool.limits.databases), "default_db": manager.pool.limits.default_db,
             }, request_id))
         return []
 

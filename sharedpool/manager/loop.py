@@ -29,7 +29,7 @@ from sharedpool.config import ManagerConfig, mask_url
 from sharedpool.manager import actions as act
 from sharedpool.manager import handlers
 from sharedpool.manager.actions import Action, Limits
-from sharedpool.manager.backend import Backend, RedisTarget, describe_error, open_backend
+from sharedpool.manager.backend import Backend, RedisTarget, describe_error, open_backend, server_databases
 from sharedpool.manager.control import ControlServer
 from sharedpool.manager.pool import Pool
 from sharedpool.manager.reaper import Reaper
@@ -117,7 +117,7 @@ class Manager:
             self.config.pool_name, os.getpid(), self.config.socket_path, mask_url(self.config.redis_url),
             self.config.max_connections, self.config.min_idle, self.epoch,
         )
-        self.perform(self.pool.dispatch(time.monotonic(), 0, 0))
+        self.perform(self.pool.dispatch(time.monotonic(), {}, {}))
 
     def _start_metrics(self) -> None:
         host, port = self.config.metrics_host, self.config.metrics_port
@@ -308,7 +308,7 @@ class Manager:
 
     def redispatch(self, now: float) -> None:
         """Open what the idle count and the waiters call for now."""
-        self.perform(self.pool.dispatch(now, self.keeper.count_rows(self.pool, RowState.READY), self.keeper.table.waiters))
+        self.perform(self.pool.dispatch(now, self.keeper.idle_by_db(self.pool), self.keeper.table.waiters_by_db()))
 
     def perform(self, actions: list[Action]) -> None:
         keeper = self.keeper
@@ -317,14 +317,15 @@ class Manager:
                 keeper.publish(action, self.pool.slots[action.slot].seen_seq)
             elif isinstance(action, act.Wake):
                 keeper.sync_flags(self.pool)  # what they wake up to read must be there first
-                keeper.wake(action.count)
+                keeper.wake(action.count, action.db)
             elif isinstance(action, act.Expire):
                 keeper.table.set_expiry(action.slot, action.expires_at)
             elif isinstance(action, act.Release):
                 if keeper.holds(action.slot, action.generation):
                     keeper.unlock(action.slot)
                     if keeper.table.waiters > 0:
-                        keeper.wake(1)  # someone may have found it locked by us a moment ago
+                        # Someone of its database may have found it locked by us a moment ago.
+                        keeper.wake(1, self.pool.slots[action.slot].db)
             elif isinstance(action, act.OpenConnection):
                 self._open(action)
             elif isinstance(action, act.ResetConnection):
@@ -368,20 +369,27 @@ class Manager:
             self.perform(completion(time.monotonic()))
 
     def _open(self, action: act.OpenConnection) -> None:
-        target, name = self.target, self.config.pool_name
+        target, name, db = self.target, self.config.pool_name, self.pool.slots[action.slot].db
+        ask_databases = self.pool.redis_databases is None
 
-        def done(now: float, future: Future[Backend]) -> list[Action]:
+        def work() -> tuple[Backend, int | None]:
+            backend = open_backend(target, name, action.slot, db)
+            return backend, (server_databases(backend) if ask_databases else None)
+
+        def done(now: float, future: Future[tuple[Backend, int | None]]) -> list[Action]:
             try:
-                backend = future.result()
+                backend, databases = future.result()
             except Exception as exc:  # any failure to connect is reported, never raised
                 return self.pool.connect_failed(action.slot, action.generation, describe_error(exc), now)
-            log.info("connected slot %d (generation %d) to %s", action.slot, action.generation, self.target.label)
+            if databases is not None and self.pool.redis_databases is None:
+                self.pool.limit_databases(databases)
+            log.info("connected slot %d (generation %d, db %d) to %s", action.slot, action.generation, db, self.target.label)
             actions = self.pool.connected(action.slot, action.generation, backend, now)
             if self.pool.slot(action.slot, action.generation) is not None and backend.fileno >= 0:
                 self._watch_peer(backend.fileno, action.slot, action.generation)
             return actions
 
-        self.submit(lambda: open_backend(target, name, action.slot), done)
+        self.submit(work, done)
 
     def _reset(self, action: act.ResetConnection) -> None:
         backend: Backend = action.backend
@@ -393,7 +401,7 @@ class Manager:
                 return self.pool.reset_done(action.slot, action.generation, False, now, describe_error(exc))
             return self.pool.reset_done(action.slot, action.generation, True, now)
 
-        self.submit(backend.reset, done)
+        self.submit(lambda: backend.reset(action.db), done)
 
     def _watch_peer(self, fd: int, slot: int, generation: int) -> None:
         # EPOLLRDHUP only: replies to workers must not wake us, Redis

@@ -15,6 +15,17 @@ A *slot* is a numbered place for one Redis connection (one row of the
 table). Replacing a slot's connection bumps its *generation*: a worker's
 cached fd of an older generation is never mistaken for the current one,
 and the slot's lock byte moves with it (``table.slot_lock``).
+
+Databases: each open slot belongs to one database (``Slot.db``, written in
+its row). ``max_connections`` bounds the slots of all databases together,
+``Limits.max_per_database`` each one's; ``min_idle`` applies to each *warm*
+database (``Limits.warm_databases``). Dispatch opens, round-robin between
+the databases that need it, what their waiters, DEMANDs and ``min_idle``
+call for. When the global cap leaves nothing to open and a database still
+has waiters, an idle slot of another database is *rebound*: one the sweep
+holds the lock of, of a database with no waiters of its own and more idle
+connections than its ``min_idle``, idle the longest first. The slot is
+RESET and SELECTs the new database, then is published READY for it.
 """
 
 from __future__ import annotations
@@ -22,11 +33,12 @@ from __future__ import annotations
 import enum
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sharedpool import stats as keys
+from sharedpool.config import format_databases
 from sharedpool.manager.actions import (
     Action,
     CloseConnection,
@@ -83,9 +95,10 @@ class Slot:
     # The last lease number seen in the row: a new one restarts the idle clock.
     seen_seq: int = 0
     leak_warned_seq: int = 0
+    db: int = 0  # the database its connection is SELECTed to (the last one, while EMPTY)
 
     def __repr__(self) -> str:
-        return f"<Slot {self.index} gen {self.generation} {self.state.value}>"
+        return f"<Slot {self.index} db {self.db} gen {self.generation} {self.state.value}>"
 
 
 
@@ -112,7 +125,13 @@ class Pool:
         self.last_failure_at = 0.0
         self._connect_failures = 0
         self.next_connect_at = 0.0
-        self.demand = 0  # waiters that asked for a connection to be opened
+        self.demand: dict[int, int] = {}  # db -> waiters that asked for a connection since the last dispatch
+        # Non-EMPTY slots per database (the per-database cap, stats).
+        self._in_db: dict[int, dict[int, Slot]] = {}
+        # A database's waiters found no room and no idle slot to rebind: the
+        # loop sweeps at once, which offers the idle slots of the others.
+        self.rebind_wanted = False
+        self.redis_databases: int | None = None  # what CONFIG GET databases said, once asked
         self.counters: dict[str, int] = {name: 0 for name in keys.COUNTERS}
         self.sites: dict[tuple[int, int], str] = {}  # (pid, call-site id) -> text
 
@@ -125,6 +144,10 @@ class Pool:
         del self._by_state[old][slot.index]
         self._by_state[new][slot.index] = slot
         slot.state = new
+        if old is SlotState.EMPTY:
+            self._in_db.setdefault(slot.db, {})[slot.index] = slot
+        elif new is SlotState.EMPTY:
+            del self._in_db[slot.db][slot.index]
 
     def count(self, state: SlotState) -> int:
         return len(self._by_state[state])
@@ -135,6 +158,17 @@ class Pool:
     @property
     def open_connections(self) -> int:
         return self.count(SlotState.SHARED) + self.count(SlotState.MANAGED)
+
+    def in_db(self, db: int) -> int:
+        """Slots of ``db`` that are not EMPTY (open, connecting or in repair)."""
+        return len(self._in_db.get(db, ()))
+
+    def open_by_db(self) -> dict[int, int]:
+        """Open, connecting or in-repair connections of each database that has any."""
+        return {db: len(slots) for db, slots in sorted(self._in_db.items()) if slots}
+
+    def serves(self, db: int) -> bool:
+        return db in self.limits.databases
 
     def __repr__(self) -> str:
         return (
@@ -151,24 +185,97 @@ class Pool:
 
     # ----- opening ----------------------------------------------------------
 
-    def dispatch(self, now: float, idle: int, waiters: int) -> list[Action]:
-        """Open what ``min_idle`` and the waiters need, within ``max_connections``."""
-        empty = self._by_state[SlotState.EMPTY]
-        if not empty or self.shutting_down or now < self.next_connect_at:
-            return []
-        connecting = self.count(SlotState.CONNECTING)
-        wanted = max(waiters, self.demand) + max(0, self.limits.min_idle - idle) - connecting
-        if self.redis_down_since is not None:
-            wanted = min(wanted, 1 - connecting)  # while Redis is down, probe with one connection at a time
-        self.demand = 0
+    def dispatch(
+        self, now: float, idle: Mapping[int, int], waiters: Mapping[int, int], donors: Sequence[Slot] = ()
+    ) -> list[Action]:
+        """Open what each database's waiters, DEMANDs and ``min_idle`` need, within the
+        caps; then rebind ``donors`` (idle slots the sweep holds the lock of) towards
+        databases still waiting. Donors not rebound are released."""
+        limits = self.limits
         actions: list[Action] = []
-        openable = sorted(index for index in empty if index < self.limits.max_connections)
-        for index in openable[: max(0, wanted)]:
-            slot = self.slots[index]
-            self._move(slot, SlotState.CONNECTING)
-            actions.append(Publish(index, slot.generation, RowState.MANAGER))
-            actions.append(OpenConnection(index, slot.generation))
-        return actions
+        demand, self.demand = self.demand, {}
+        if self.shutting_down:
+            return self._release(donors)
+        if now < self.next_connect_at:
+            # Backing off: the demand waits for the next attempt.
+            for db, count in demand.items():
+                self.demand[db] = self.demand.get(db, 0) + count
+        connecting: dict[int, int] = {}
+        for slot in self._by_state[SlotState.CONNECTING].values():
+            connecting[slot.db] = connecting.get(slot.db, 0) + 1
+        asked = {db: max(waiters.get(db, 0), demand.get(db, 0)) for db in {*waiters, *demand} if self.serves(db)}
+        need: dict[int, int] = {}
+        for db in sorted({*asked, *limits.warm_databases}):
+            wanted = asked.get(db, 0) + max(0, limits.min_idle_of(db) - idle.get(db, 0)) - connecting.get(db, 0)
+            if limits.max_per_database:
+                wanted = min(wanted, limits.max_per_database - self.in_db(db))
+            if wanted > 0:
+                need[db] = wanted
+        openable = sorted(index for index in self._by_state[SlotState.EMPTY] if index < limits.max_connections)
+        budget = len(openable) if now >= self.next_connect_at else 0
+        if self.redis_down_since is not None:
+            # While Redis is down, probe with one connection at a time.
+            budget = min(budget, 1 - self.count(SlotState.CONNECTING))
+        # Round-robin, the default database first: one busy database cannot
+        # take every free slot from the others.
+        order = sorted(need, key=lambda db: (db != limits.default_db, db))
+        while budget > 0 and need:
+            for db in order:
+                if budget <= 0 or not need.get(db):
+                    continue
+                slot = self.slots[openable.pop(0)]
+                slot.db = db
+                self._move(slot, SlotState.CONNECTING)
+                actions.append(Publish(slot.index, slot.generation, RowState.MANAGER, db=db))
+                actions.append(OpenConnection(slot.index, slot.generation))
+                budget -= 1
+                need[db] -= 1
+                connecting[db] = connecting.get(db, 0) + 1
+            need = {db: n for db, n in need.items() if n > 0}
+        self.rebind_wanted = False
+        if openable or not need:
+            return actions + self._release(donors)
+        # The global cap is reached: a database whose waiters are not served
+        # by what is opening takes an idle slot of a database that waits for nothing.
+        coming = dict(connecting)  # being opened, reset or rebound for that database
+        for slot in self._by_state[SlotState.MANAGED].values():
+            coming[slot.db] = coming.get(slot.db, 0) + 1
+        short = {db: asked.get(db, 0) - coming.get(db, 0) - idle.get(db, 0) for db in order}
+        spare = dict(idle)
+        candidates = sorted(donors, key=lambda slot: slot.idle_since)
+        used: set[int] = set()
+        for db in order:
+            for _ in range(short[db]):
+                if limits.max_per_database and self.in_db(db) >= limits.max_per_database:
+                    break
+                donor = next((
+                    slot for slot in candidates
+                    if slot.index not in used and slot.db != db and not asked.get(slot.db)
+                    and spare.get(slot.db, 0) > limits.min_idle_of(slot.db)
+                ), None)
+                if donor is None:
+                    self.rebind_wanted = True
+                    break
+                used.add(donor.index)
+                spare[donor.db] -= 1
+                actions += self._rebind(donor, db)
+        return actions + self._release([slot for slot in donors if slot.index not in used])
+
+    def _rebind(self, slot: Slot, db: int) -> list[Action]:
+        """Lend an idle connection (its lock held by us) to another database."""
+        log.info("slot %d rebound from db %d to db %d (max_connections %d reached)",
+                 slot.index, slot.db, db, self.limits.max_connections)
+        del self._in_db[slot.db][slot.index]
+        slot.db = db
+        self._in_db.setdefault(db, {})[slot.index] = slot
+        self._move(slot, SlotState.MANAGED)
+        self.counters[keys.REBOUND] += 1
+        return [Publish(slot.index, slot.generation, RowState.MANAGER, db=db),
+                ResetConnection(slot.index, slot.generation, slot.backend, db)]
+
+    @staticmethod
+    def _release(slots: Sequence[Slot]) -> list[Action]:
+        return [Release(slot.index, slot.generation) for slot in slots]
 
     def connected(self, index: int, generation: int, backend: Any, now: float) -> list[Action]:
         slot = self.slot(index, generation)
@@ -184,7 +291,7 @@ class Pool:
         self.redis_down_since = None
         self._connect_failures = 0
         self.next_connect_at = 0.0
-        if self.shutting_down or slot.retire or index >= self.limits.max_connections:
+        if self.shutting_down or slot.retire or index >= self.limits.max_connections or not self.serves(slot.db):
             # Opened before a reconnect or reload asked for new connections
             # (maybe to the old target): never shared as it is.
             self._move(slot, SlotState.SHARED)
@@ -206,14 +313,15 @@ class Pool:
         if self.open_connections == 0 and self.count(SlotState.CONNECTING) == 0 and self.redis_down_since is None:
             self.redis_down_since = now
             log.warning("Redis at %s unreachable: %s", self.limits.redis_label, error)
-        actions: list[Action] = [Publish(index, slot.generation, RowState.CLOSED)]
+        actions: list[Action] = [Publish(index, slot.generation, RowState.CLOSED, db=slot.db)]
         if self.redis_down_since is not None:
             # Waiters learn it from the table's flag: wake them to look.
             actions.append(Wake(-1))
         return actions
 
-    def demanded(self, now: float) -> str:
-        """A waiter asked for a connection. Returns a refusal text, or '' when opening (or open)."""
+    def demanded(self, now: float, db: int) -> str:
+        """A waiter of ``db`` (served: the handler checked) asked for a connection.
+        Returns a refusal text, or '' when opening (or open)."""
         if self.shutting_down:
             return f"pool {self.limits.pool_name!r} is shutting down"
         if self.redis_down_since is not None and self.open_connections == 0:
@@ -223,7 +331,7 @@ class Pool:
             # waiting when the attempt fails too (the table says so).
             self.counters[keys.REFUSED_UNAVAILABLE] += 1
             self.next_connect_at = min(self.next_connect_at, self.last_failure_at + _DEMAND_PROBE_S)
-        self.demand += 1
+        self.demand[db] = self.demand.get(db, 0) + 1
         return ""
 
     # ----- what workers gave back ---------------------------------------------------
@@ -245,7 +353,9 @@ class Pool:
             return self._discard(slot, "returned broken", now, keys.reaped_key(ReapCause.BROKEN.value))
         self.counters[keys.RESETS] += 1
         self._move(slot, SlotState.MANAGED)
-        return [Publish(index, generation, RowState.MANAGER), ResetConnection(index, generation, slot.backend)]
+        return [
+            Publish(index, generation, RowState.MANAGER, db=slot.db), ResetConnection(index, generation, slot.backend, slot.db)
+        ]
 
     def reset_done(self, index: int, generation: int, ok: bool, now: float, error: str = "") -> list[Action]:
         slot = self.slot(index, generation)
@@ -254,7 +364,8 @@ class Pool:
         if not ok:
             log.warning("reset of slot %d failed (%s): connection replaced", index, error)
             return self._discard(slot, "reset failed", now)
-        if self.shutting_down or slot.retire or now >= slot.expires_at or index >= self.limits.max_connections:
+        if (self.shutting_down or slot.retire or now >= slot.expires_at or index >= self.limits.max_connections
+                or not self.serves(slot.db)):
             return self._discard(slot, "retired", now)
         return self._share(slot, now)
 
@@ -271,23 +382,29 @@ class Pool:
 
     # ----- the sweep ---------------------------------------------------------------
 
-    def sweep(self, rows: list[RowView], now: float, waiters: int, idle_elsewhere: int = 0) -> list[Action]:
-        """Decide from what the rows say: repairs, leak warnings, revocations, trimming.
+    def sweep(
+        self, rows: list[RowView], now: float, waiters: Mapping[int, int], idle_elsewhere: Mapping[int, int] | None = None
+    ) -> list[Action]:
+        """Decide from what the rows say: repairs, leak warnings, revocations, trimming,
+        and which idle slots may be rebound to another database.
 
-        ``idle_elsewhere``: idle connections not among ``rows`` (a sweep of
-        one process's rows), so that ``min_idle`` is not over-counted.
+        ``waiters`` and ``idle_elsewhere`` are per database; ``idle_elsewhere``:
+        idle connections not among ``rows`` (a sweep of one process's rows), so
+        that ``min_idle`` is not over-counted.
         """
         actions: list[Action] = []
         limits = self.limits
-        idle = idle_elsewhere
+        idle = dict(idle_elsewhere or {})
+        donors: list[Slot] = []
         for view in rows:
             slot = self.slots[view.index] if 0 <= view.index < len(self.slots) else None
             if slot is None or slot.state is not SlotState.SHARED:
                 if view.lock_free:
                     actions.append(Release(view.index, view.generation))
                 continue
-            if view.state is None or view.generation != slot.generation:
-                # Scribbled: nobody can say who uses this connection. Replace it.
+            if view.state is None or view.generation != slot.generation or view.db != slot.db:
+                # Scribbled: nobody can say who uses this connection (or which
+                # database a taker would expect of it). Replace it.
                 log.warning("slot %d: row unreadable or of another generation: connection replaced", slot.index)
                 actions += self._discard(slot, "row scribbled", now, keys.TABLE_REPAIRS)
                 continue
@@ -318,18 +435,24 @@ class Pool:
                 slot.idle_since = now
             if not view.lock_free:
                 continue  # being taken right now
-            if slot.retire or slot.index >= limits.max_connections:
+            idle_in_db = idle.get(slot.db, 0)
+            if slot.retire or slot.index >= limits.max_connections or not self.serves(slot.db):
                 actions += self._discard(slot, "retired", now)
             elif now >= slot.expires_at:
                 actions += self._discard(slot, "max_lifetime reached", now, keys.RECYCLED)
-            elif limits.idle_timeout and now - slot.idle_since >= limits.idle_timeout and idle >= limits.min_idle:
+            elif (limits.idle_timeout and now - slot.idle_since >= limits.idle_timeout
+                  and idle_in_db >= limits.min_idle_of(slot.db)):
                 actions += self._discard(slot, "idle_timeout", now, keys.IDLE_CLOSED)
             else:
-                idle += 1  # only what stays open counts towards min_idle
-                actions.append(Release(slot.index, slot.generation))
-        return actions + self.dispatch(now, idle, waiters)
+                idle[slot.db] = idle_in_db + 1  # only what stays open counts towards min_idle
+                donors.append(slot)  # released by dispatch unless rebound
+        return actions + self.dispatch(now, idle, waiters, donors)
 
     def _held(self, slot: Slot, view: RowView, now: float) -> list[Action]:
+        if view.subscriber:
+            # Subscribed mode lasts as long as its subscriber does: neither a
+            # leak nor a lease to revoke (max_connections still bounds them).
+            return []
         limits = self.limits
         age = now - view.acquired_at
         if limits.max_lease_time and age >= limits.max_lease_time:
@@ -356,7 +479,7 @@ class Pool:
         self._move(slot, SlotState.SHARED)
         slot.idle_since = now
         expires_at = slot.expires_at if slot.expires_at != float("inf") else 0.0
-        return [Publish(slot.index, slot.generation, RowState.READY, expires_at=expires_at), Wake(1)]
+        return [Publish(slot.index, slot.generation, RowState.READY, expires_at=expires_at, db=slot.db), Wake(1, slot.db)]
 
     def _retire(self, slots: list[Slot]) -> list[Action]:
         actions: list[Action] = []
@@ -382,7 +505,7 @@ class Pool:
         actions: list[Action] = [CloseConnection(backend, reason)] if backend is not None else []
         actions.append(Publish(
             slot.index, slot.generation, RowState.CLOSED,
-            revoked_generation=old_generation if revoked_seq else 0, revoked_seq=revoked_seq,
+            revoked_generation=old_generation if revoked_seq else 0, revoked_seq=revoked_seq, db=slot.db,
         ))
         return actions
 
@@ -402,7 +525,7 @@ class Pool:
         """The row of a slot the workers do not own was scribbled: write it again."""
         log.warning("slot %d: row scribbled while the slot is %s: rewritten", slot.index, slot.state.value)
         self.counters[keys.TABLE_REPAIRS] += 1
-        return [Publish(slot.index, slot.generation, self.expected_row(slot))]
+        return [Publish(slot.index, slot.generation, self.expected_row(slot), db=slot.db)]
 
     # ----- call sites, for leak warnings ------------------------------------------
 
@@ -427,6 +550,20 @@ class Pool:
         """Replace every connection: idle ones at the next sweep, leased ones when they come back."""
         return self._retire(self.slots)
 
+    def limit_databases(self, count: int) -> None:
+        """Redis says it has ``count`` databases (CONFIG GET databases): serve none beyond."""
+        self.redis_databases = count
+        limits = self.limits
+        served = tuple(db for db in limits.databases if db < count or db == limits.default_db)
+        if served != limits.databases:
+            log.warning(
+                "Redis at %s has %d databases (CONFIG GET databases): not serving db %s of the configured %s",
+                limits.redis_label, count, format_databases(tuple(set(limits.databases) - set(served))),
+                format_databases(limits.databases),
+            )
+            limits.databases = served
+            limits.warm_databases = tuple(db for db in limits.warm_databases if db in served)
+
     def apply_limits(self, limits: Limits) -> list[Action]:
         """Reload: new limits take effect at once; extra slots drain at the sweep."""
         if limits.max_connections > self.capacity:
@@ -436,6 +573,8 @@ class Pool:
             )
             limits.max_connections = self.capacity
         self.limits = limits
+        if self.redis_databases is not None:
+            self.limit_databases(self.redis_databases)
         return self._retire(self.slots[limits.max_connections:])
 
     def begin_shutdown(self) -> list[Action]:

@@ -19,7 +19,7 @@ from sharedpool import table as tbl
 from sharedpool.manager.actions import Action, RowView
 from sharedpool.manager.pool import Pool, SlotState
 from sharedpool.manager.table_keeper import TableKeeper
-from sharedpool.table import RowState
+from sharedpool.table import RowFlag, RowState
 
 log = logging.getLogger("sharedpool.manager")
 
@@ -87,13 +87,13 @@ class Reaper:
                 alive = self._alive(row.holder_pid, row.holder_start)
             views.append(RowView(
                 index, row.state, row.generation, row.lease_seq, row.holder_pid,
-                row.acquired_at, row.call_site, lock_free, alive,
+                row.acquired_at, row.call_site, lock_free, alive, row.db, bool(row.flags & RowFlag.SUBSCRIBER),
             ))
         if only_pid:
-            idle = keeper.count_rows(self.pool, RowState.READY)
-            self._perform(self.pool.sweep(views, now, table.waiters, idle_elsewhere=idle))
+            idle = keeper.idle_by_db(self.pool)
+            self._perform(self.pool.sweep(views, now, table.waiters_by_db(), idle_elsewhere=idle))
             return
-        self._perform(self.pool.sweep(views, now, table.waiters))
+        self._perform(self.pool.sweep(views, now, table.waiters_by_db()))
         self._sweep_waiters()
         keeper.restore_header(self.pool.limits.max_connections, self.max_waiting)
 
@@ -105,7 +105,8 @@ class Reaper:
                 continue
             try:
                 row = table.row(slot.index)
-                intact = row.state is self.pool.expected_row(slot) and row.generation == slot.generation
+                intact = (row.state is self.pool.expected_row(slot) and row.generation == slot.generation
+                          and row.db == slot.db)
             except tbl.RowError:
                 intact = False
             if not intact:
@@ -124,9 +125,10 @@ class Reaper:
                 table.drop_waiters_of(dead)
         finally:
             keeper.unlock_header()
-        if table.waiters and keeper.count_rows(self.pool, RowState.READY):
+        if table.waiters:
             # A wake lost to a waker that died mid-way: hand the turn on.
-            keeper.wake(1)
+            for db in keeper.idle_by_db(self.pool):
+                keeper.wake(1, db)
 
     def health_check(self, now: float) -> None:
         """An idle connection with EOF or bytes nobody asked for is dead or dirty."""

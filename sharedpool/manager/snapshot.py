@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from sharedpool import stats as keys
 from sharedpool import table as tbl
+from sharedpool.config import format_databases
 from sharedpool.manager.pool import SlotState
-from sharedpool.table import RowState
+from sharedpool.table import RowFlag, RowState
 from sharedpool.version import __version__
 
 if TYPE_CHECKING:
@@ -24,20 +25,33 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
     pool, table, config = manager.pool, manager.keeper.table, manager.config
     now = time.monotonic()
     held_by: dict[int, int] = {}
-    idle = held = granted = 0
+    idle = held = granted = subscribers = 0
+    databases = {db: dict.fromkeys(keys.DATABASE_KEYS, 0) for db in pool.limits.warm_databases}
+    for db, count in table.waiters_by_db().items():
+        if pool.serves(db):
+            databases.setdefault(db, dict.fromkeys(keys.DATABASE_KEYS, 0))[keys.DB_WAITING] = count
     for slot in pool.slots:
         try:
             row = table.row(slot.index)
         except tbl.RowError:
             continue
         granted += row.lease_seq
-        if slot.state is not SlotState.SHARED or row.generation != slot.generation:
+        if slot.state is SlotState.EMPTY:
+            continue
+        per_db = databases.setdefault(slot.db, dict.fromkeys(keys.DATABASE_KEYS, 0))
+        per_db[keys.DB_OPEN] += 1
+        if slot.state is not SlotState.SHARED or row.generation != slot.generation or row.db != slot.db:
             continue
         if row.state is RowState.READY:
             idle += 1
+            per_db[keys.DB_IDLE] += 1
         elif row.state is RowState.HELD:
             held += 1
+            per_db[keys.DB_HELD] += 1
             held_by[row.holder_pid] = held_by.get(row.holder_pid, 0) + 1
+            if row.flags & RowFlag.SUBSCRIBER:
+                subscribers += 1
+                per_db[keys.DB_SUBSCRIBERS] += 1
     channels = manager.control.channels_by_pid()
     workers = [
         {"pid": pid, "leases_held": held_by.get(pid, 0), "control_connections": channels.get(pid, 0)}
@@ -66,6 +80,11 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
             "max": config.max_connections,
         },
         "leases": {"held": held, "waiting": max(0, table.waiters)},
+        keys.SUBSCRIBERS: subscribers,
+        "default_db": pool.limits.default_db,
+        "databases_served": format_databases(pool.limits.databases),
+        # Keyed by the database's number as text (JSON keys are strings).
+        keys.DATABASES: {str(db): databases[db] for db in sorted(databases)},
         "paused": pool.paused,
         "control_connections": len(manager.control),
         "counters": counters,

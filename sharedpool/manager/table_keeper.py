@@ -76,6 +76,15 @@ class TableKeeper:
         table = self.table
         return sum(1 for slot in pool.in_state(SlotState.SHARED) if table.state_of(slot.index) == state)
 
+    def idle_by_db(self, pool: Pool) -> dict[int, int]:
+        """Shared slots whose row says READY, per database (the slot's, which the row must agree with)."""
+        table = self.table
+        idle: dict[int, int] = {}
+        for slot in pool.in_state(SlotState.SHARED):
+            if table.state_of(slot.index) == RowState.READY:
+                idle[slot.db] = idle.get(slot.db, 0) + 1
+        return idle
+
     def held_by(self, pool: Pool, pid: int) -> int:
         count = 0
         for slot in pool.in_state(SlotState.SHARED):
@@ -103,6 +112,7 @@ class TableKeeper:
         table.write_row(index, tbl.Row(
             action.state, action.generation, lease_seq=seq,
             revoked_generation=revoked_generation, revoked_seq=revoked_seq, expires_at=action.expires_at,
+            db=action.db,
         ))
         if action.state is not RowState.MANAGER:
             self.unlock(index)
@@ -130,15 +140,15 @@ class TableKeeper:
         if table.max_waiting != min(max_waiting, table.waiter_capacity):
             table.set_max_waiting(max_waiting)
 
-    def wake(self, count: int) -> None:
-        """Wake ``count`` waiters (-1: all), oldest first."""
+    def wake(self, count: int, db: int | None = None) -> None:
+        """Wake ``count`` waiters (-1: all) of ``db`` (None: of any), oldest first."""
         table = self.table
         woken = 0
         while count < 0 or woken < count:
             if not self.lock_header():
                 return  # the waiters rescan on their own every few tens of ms
             try:
-                picked = table.pick_waiter()
+                picked = table.pick_waiter(db)
             finally:
                 self.unlock_header()
             if picked is None:

@@ -6,6 +6,10 @@ unlocking. No frame, no manager wake-up. The manager reads the rows to do
 everything else (repair, trimming, leak warnings, stats), and treats them as
 untrusted: any worker can write any byte here.
 
+Each row carries the database its connection is SELECTed to (the manager
+writes it) and a flags byte (``RowFlag``, the holder's); each waiter entry
+the database it waits for. A worker takes only READY rows of its database.
+
 Layout (native byte order; every process of a host shares the CPU), in ``layout``::
 
     0            header (HEADER_SIZE bytes)
@@ -37,6 +41,7 @@ from sharedpool.table.layout import (
     HISTOGRAM_BUCKETS,
     LAYOUT_VERSION,
     MAGIC,
+    MAX_DB,
     RETIRE_NOW,
     ROW_SIZE,
     ROWS_AT,
@@ -45,6 +50,7 @@ from sharedpool.table.layout import (
     Outcome,
     Row,
     RowError,
+    RowFlag,
     RowState,
     WaiterState,
     bucket,
@@ -78,6 +84,7 @@ __all__ = [
     "HISTOGRAM_BUCKETS",
     "LAYOUT_VERSION",
     "MAGIC",
+    "MAX_DB",
     "RETIRE_NOW",
     "ROWS_AT",
     "ROW_SIZE",
@@ -86,6 +93,7 @@ __all__ = [
     "Outcome",
     "Row",
     "RowError",
+    "RowFlag",
     "RowState",
     "Table",
     "WaiterState",

@@ -13,7 +13,8 @@ import struct
 from dataclasses import dataclass, replace
 
 MAGIC = 0x53504C54  # "SPLT"
-LAYOUT_VERSION = 1
+# 2: rows and waiter entries carry a database (and rows a flags byte).
+LAYOUT_VERSION = 2
 
 # ----- header --------------------------------------------------------------
 # magic, layout, flags, capacity, slots_in_use, waiter_capacity, max_waiting,
@@ -53,20 +54,32 @@ HISTOGRAM_BUCKETS = 24
 # Bucket i counts durations below 10 µs * 2**i; the last one takes the rest.
 BUCKET_BOUNDS_S: tuple[float, ...] = tuple(10e-6 * 2.0**i for i in range(HISTOGRAM_BUCKETS - 1)) + (math.inf,)
 
-# state, pad, generation, holder pid, call site, lease seq, holder start,
-# acquired at, revoked generation, revoked seq, expires at
-ROW = struct.Struct("=BxxxIiIQddIxxxxQd")
+# state, database, row flags, generation, holder pid, call site, lease seq,
+# holder start, acquired at, revoked generation, revoked seq, expires at.
+# The database and the flags use what was the state's padding: a layout-1
+# reader that ignores them sees the rows it always saw.
+ROW = struct.Struct("=BHBIiIQddIxxxxQd")
 HIST = struct.Struct(f"={HISTOGRAM_BUCKETS}Q")
 # The first fields of a row, as the hot path reads and writes them.
-TAKE_READ = struct.Struct("=BxxxIiIQ")
-TAKE_WRITE = struct.Struct("=BxxxIiIQdd")
-GIVE_READ = struct.Struct("=BxxxIiIQ32xd")
+TAKE_READ = struct.Struct("=BHxIiIQ")
+# Taking and giving back rewrite the database as read and clear the flags:
+# a lease that ends is no longer a subscriber.
+TAKE_WRITE = struct.Struct("=BHBIiIQdd")
+GIVE_READ = struct.Struct("=BHxIiIQ32xd")
+DB_AT = 1
+FLAGS_OF_ROW_AT = 3
+U16 = struct.Struct("=H")
+MAX_DB = 0xFFFF
 EXPIRES_AT = 56
 F64 = struct.Struct("=d")
 WAIT_HIST_AT = 64
 HOLD_HIST_AT = WAIT_HIST_AT + HIST.size
 ROW_SIZE = 512
 assert HOLD_HIST_AT + HIST.size <= ROW_SIZE and ROW.size <= WAIT_HIST_AT
+
+
+class RowFlag(enum.IntFlag):
+    SUBSCRIBER = 1  # the lease is in subscribed mode: long-lived by nature, not a leak
 
 
 class RowState(enum.IntEnum):
@@ -96,6 +109,8 @@ class Row:
     # connection back for replacement instead of READY (max_lifetime,
     # reconnect, reload). 0: never.
     expires_at: float = 0.0
+    db: int = 0  # the database the connection is SELECTed to (written by the manager)
+    flags: int = 0  # RowFlag, written by the holder while HELD
 
 
 class RowError(ValueError):
@@ -104,13 +119,15 @@ class RowError(ValueError):
 
 # ----- the pure moves ------------------------------------------------------
 
-def take(row: Row, pid: int, start: float, now: float, call_site: int) -> Row:
-    """A worker that holds the slot's lock takes the lease."""
+def take(row: Row, pid: int, start: float, now: float, call_site: int, db: int = 0) -> Row:
+    """A worker of database ``db`` that holds the slot's lock takes the lease."""
     if row.state is not RowState.READY:
         raise RowError(f"take from {row.state.name}")
+    if row.db != db:
+        raise RowError(f"take for db {db} from a row of db {row.db}")
     return replace(
         row, state=RowState.HELD, holder_pid=pid, holder_start=start, acquired_at=now,
-        call_site=call_site, lease_seq=(row.lease_seq + 1) & 0xFFFFFFFFFFFFFFFF or 1,
+        call_site=call_site, lease_seq=(row.lease_seq + 1) & 0xFFFFFFFFFFFFFFFF or 1, flags=0,
     )
 
 
@@ -134,7 +151,9 @@ def give_back(row: Row, outcome: Outcome, now: float = 0.0) -> Row:
         raise RowError(f"give back from {row.state.name}")
     if outcome is Outcome.CLEAN and row.expires_at and now >= row.expires_at:
         outcome = Outcome.BROKEN
-    return replace(row, state=STATE_AFTER[outcome], holder_pid=0, holder_start=0.0, acquired_at=0.0, call_site=0)
+    return replace(
+        row, state=STATE_AFTER[outcome], holder_pid=0, holder_start=0.0, acquired_at=0.0, call_site=0, flags=0
+    )
 
 
 def found_abandoned(row: Row) -> Row:
@@ -176,8 +195,8 @@ def percentile(histogram: list[int], q: float) -> float:
 
 
 # ----- waiters ---------------------------------------------------------------
-# state, pad, pid, token, ticket, enqueued at
-WAITER = struct.Struct("=BxxxiIxxxxQd")
+# state, database, pad, pid, token, ticket, enqueued at
+WAITER = struct.Struct("=BHxiIxxxxQd")
 WAITER_SIZE = 32
 assert WAITER.size <= WAITER_SIZE
 

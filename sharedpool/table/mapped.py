@@ -10,12 +10,14 @@ import mmap
 import os
 
 from sharedpool.table.layout import (
+    DB_AT,
     DOWN_SINCE_AT,
     EXPIRES_AT,
     F64,
     FAILED_CONNECTS_AT,
     FLAGS,
     FLAGS_AT,
+    FLAGS_OF_ROW_AT,
     GIVE_READ,
     HEADER,
     HIST,
@@ -38,6 +40,7 @@ from sharedpool.table.layout import (
     TAKE_READ,
     TAKE_WRITE,
     TICKET_AT,
+    U16,
     U32,
     U64,
     WAIT_HIST_AT,
@@ -48,6 +51,7 @@ from sharedpool.table.layout import (
     Outcome,
     Row,
     RowError,
+    RowFlag,
     RowState,
     WaiterState,
     table_size,
@@ -154,43 +158,62 @@ class Table:
     def generation_of(self, slot: int) -> int:
         return int(U32.unpack_from(self.map, ROWS_AT + slot * ROW_SIZE + 4)[0])
 
+    def db_of(self, slot: int) -> int:
+        return int(U16.unpack_from(self.map, ROWS_AT + slot * ROW_SIZE + DB_AT)[0])
+
     def row(self, slot: int) -> Row:
-        values = ROW.unpack_from(self.map, self._row_at(slot))
-        state = ROW_STATES.get(values[0])
+        (state_byte, db, flags, generation, holder_pid, call_site, lease_seq, holder_start, acquired_at,
+         revoked_generation, revoked_seq, expires_at) = ROW.unpack_from(self.map, self._row_at(slot))
+        state = ROW_STATES.get(state_byte)
         if state is None:
-            raise RowError(f"slot {slot}: state byte {values[0]} is no state")
-        return Row(state, *values[1:])
+            raise RowError(f"slot {slot}: state byte {state_byte} is no state")
+        return Row(
+            state, generation, holder_pid, call_site, lease_seq, holder_start, acquired_at,
+            revoked_generation, revoked_seq, expires_at, db, flags,
+        )
 
     def write_row(self, slot: int, row: Row) -> None:
         ROW.pack_into(
-            self.map, self._row_at(slot), row.state, row.generation, row.holder_pid, row.call_site,
-            row.lease_seq, row.holder_start, row.acquired_at, row.revoked_generation, row.revoked_seq,
-            row.expires_at,
+            self.map, self._row_at(slot), row.state, row.db, row.flags, row.generation, row.holder_pid,
+            row.call_site, row.lease_seq, row.holder_start, row.acquired_at, row.revoked_generation,
+            row.revoked_seq, row.expires_at,
         )
 
     # The hot path's moves: ``take`` and ``give_back`` above, done in place
     # (tests hold the two to the same results).
-    def take_in_place(self, slot: int, generation: int, pid: int, start: float, now: float, call_site: int) -> int:
-        """``take`` on a READY row of ``generation`` we hold the lock of; its lease number, or 0."""
+    def take_in_place(self, slot: int, generation: int, pid: int, start: float, now: float, call_site: int, db: int) -> int:
+        """``take`` on a READY row of ``generation`` and ``db`` we hold the lock of; its lease number, or 0."""
         at = ROWS_AT + slot * ROW_SIZE
-        state, row_generation, _pid, _site, seq = TAKE_READ.unpack_from(self.map, at)
-        if state != RowState.READY or row_generation != generation:
+        state, row_db, row_generation, _pid, _site, seq = TAKE_READ.unpack_from(self.map, at)
+        # The database is checked under the lock: the manager rebinds a slot
+        # to another database only while it holds that lock.
+        if state != RowState.READY or row_generation != generation or row_db != db:
             return 0
         seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1  # a scribbled maximum wraps, never raises
-        TAKE_WRITE.pack_into(self.map, at, RowState.HELD, row_generation, pid, call_site, seq, start, now)
+        TAKE_WRITE.pack_into(self.map, at, RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
         return int(seq)
 
     def give_back_in_place(self, slot: int, generation: int, seq: int, outcome: Outcome, now: float) -> Outcome | None:
         """``give_back`` if the row is still our lease: the outcome written (an expired
         connection goes back BROKEN); None if it was revoked or repaired."""
         at = ROWS_AT + slot * ROW_SIZE
-        state, row_generation, _pid, _site, row_seq, expires_at = GIVE_READ.unpack_from(self.map, at)
+        state, row_db, row_generation, _pid, _site, row_seq, expires_at = GIVE_READ.unpack_from(self.map, at)
         if state != RowState.HELD or row_generation != generation or row_seq != seq:
             return None
         if outcome is Outcome.CLEAN and expires_at and now >= expires_at:
             outcome = Outcome.BROKEN
-        TAKE_WRITE.pack_into(self.map, at, STATE_AFTER[outcome], row_generation, 0, 0, seq, 0.0, 0.0)
+        TAKE_WRITE.pack_into(self.map, at, STATE_AFTER[outcome], row_db, 0, row_generation, 0, 0, seq, 0.0, 0.0)
         return outcome
+
+    def mark_subscriber(self, slot: int, generation: int, seq: int) -> bool:
+        """The holder's lease entered subscribed mode (it holds the slot's lock).
+        False if the row is no longer its lease (revoked or repaired)."""
+        at = ROWS_AT + slot * ROW_SIZE
+        state, _db, row_generation, _pid, _site, row_seq = TAKE_READ.unpack_from(self.map, at)
+        if state != RowState.HELD or row_generation != generation or row_seq != seq:
+            return False
+        self.map[at + FLAGS_OF_ROW_AT] = self.map[at + FLAGS_OF_ROW_AT] | RowFlag.SUBSCRIBER
+        return True
 
     def set_expiry(self, slot: int, expires_at: float) -> None:
         """The manager's: when the connection in this row is to be replaced."""
@@ -224,15 +247,15 @@ class Table:
     def _waiter_at(self, index: int) -> int:
         return self.waiters_at + index * WAITER_SIZE
 
-    def waiter(self, index: int) -> tuple[int, int, int, int, float]:
-        """(state, pid, token, ticket, enqueued_at) of one entry, raw."""
+    def waiter(self, index: int) -> tuple[int, int, int, int, int, float]:
+        """(state, db, pid, token, ticket, enqueued_at) of one entry, raw."""
         return WAITER.unpack_from(self.map, self._waiter_at(index))  # type: ignore[return-value]
 
     def hwm(self) -> int:
         return max(0, min(self.waiter_capacity, int(I32.unpack_from(self.map, HWM_AT)[0])))
 
-    def enqueue(self, pid: int, token: int, now: float) -> int:
-        """Add a waiter; return its index, or -1 when max_waiting are queued."""
+    def enqueue(self, pid: int, token: int, now: float, db: int = 0) -> int:
+        """Add a waiter for a connection of ``db``; return its index, or -1 when max_waiting are queued."""
         if self.waiters >= self.max_waiting:
             return -1
         ticket = U64.unpack_from(self.map, TICKET_AT)[0]
@@ -240,7 +263,7 @@ class Table:
         hwm = self.hwm()
         for index in range(self.waiter_capacity):
             if self.map[self._waiter_at(index)] == WaiterState.FREE:
-                WAITER.pack_into(self.map, self._waiter_at(index), WaiterState.WAITING, pid, token, ticket, now)
+                WAITER.pack_into(self.map, self._waiter_at(index), WaiterState.WAITING, db, pid, token, ticket, now)
                 if index >= hwm:
                     I32.pack_into(self.map, HWM_AT, index + 1)
                 self._set_waiters(max(0, self.waiters) + 1)
@@ -251,7 +274,7 @@ class Table:
         """Remove our entry; True if it had been woken (the wake is then ours to pass on)."""
         if not 0 <= index < self.waiter_capacity:
             return False
-        state, entry_pid, entry_token, _ticket, _at = self.waiter(index)
+        state, _db, entry_pid, entry_token, _ticket, _at = self.waiter(index)
         if entry_pid != pid or entry_token != token or state == WaiterState.FREE:
             return False
         self.map[self._waiter_at(index)] = WaiterState.FREE
@@ -262,16 +285,16 @@ class Table:
     def requeue(self, index: int, pid: int, token: int) -> None:
         """A woken waiter that found nothing free waits again, keeping its ticket."""
         if 0 <= index < self.waiter_capacity:
-            state, entry_pid, entry_token, _ticket, _at = self.waiter(index)
+            state, _db, entry_pid, entry_token, _ticket, _at = self.waiter(index)
             if entry_pid == pid and entry_token == token and state == WaiterState.WOKEN:
                 self.map[self._waiter_at(index)] = WaiterState.WAITING
 
-    def pick_waiter(self) -> tuple[int, int, int] | None:
-        """Mark the oldest waiting entry woken; return (index, pid, token)."""
+    def pick_waiter(self, db: int | None = None) -> tuple[int, int, int] | None:
+        """Mark the oldest waiting entry (of ``db``; None: of any) woken; return (index, pid, token)."""
         best: tuple[int, int, int, int] | None = None
         for index in range(self.hwm()):
-            state, pid, token, ticket, _at = self.waiter(index)
-            if state == WaiterState.WAITING and (best is None or ticket < best[0]):
+            state, entry_db, pid, token, ticket, _at = self.waiter(index)
+            if state == WaiterState.WAITING and (db is None or entry_db == db) and (best is None or ticket < best[0]):
                 best = (ticket, index, pid, token)
         if best is None:
             return None
@@ -282,7 +305,7 @@ class Table:
         """Remove every entry of these pids (the manager's sweep); return how many."""
         dropped = 0
         for index in range(self.hwm()):
-            state, pid, _token, _ticket, _at = self.waiter(index)
+            state, _db, pid, _token, _ticket, _at = self.waiter(index)
             if state != WaiterState.FREE and pid in dead:
                 self.map[self._waiter_at(index)] = WaiterState.FREE
                 dropped += 1
@@ -292,7 +315,16 @@ class Table:
         return dropped
 
     def waiter_pids(self) -> list[int]:
-        return [pid for state, pid, *_ in (self.waiter(i) for i in range(self.hwm())) if state != WaiterState.FREE]
+        return [pid for state, _db, pid, *_ in (self.waiter(i) for i in range(self.hwm())) if state != WaiterState.FREE]
+
+    def waiters_by_db(self) -> dict[int, int]:
+        """Queued entries per database (read without the queue's lock: a count, not a decision)."""
+        counts: dict[int, int] = {}
+        for index in range(self.hwm()):
+            state, db, *_ = self.waiter(index)
+            if state != WaiterState.FREE:
+                counts[db] = counts.get(db, 0) + 1
+        return counts
 
     def repair_waiters(self) -> None:
         """Make the count and the high-water mark agree with the entries (after scribbling)."""
