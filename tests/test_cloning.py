@@ -93,6 +93,7 @@ def test_a_clone_in_the_same_process_uses_the_shared_pool_and_database(
         round_trip(clone, db_view, how)
     finally:
         clone.close()
+        clone.connection_pool.disconnect()  # a pool given to redis.Redis is the caller's to close
     assert only_the_managers_connections(db_view, manager.pool_name) == []
 
 
@@ -102,6 +103,8 @@ def _clone_in_child(how: str, original: sharedpool.SharedRedis, results: Any) ->
         key = f"child:{uuid.uuid4().hex}"
         clone.set(key, how)
         results.put(("ok", key, type(clone.connection_pool).__name__))
+        clone.close()
+        clone.connection_pool.disconnect()
     except Exception as exc:
         results.put(("error", f"{type(exc).__name__}: {exc}", ""))
 
@@ -161,9 +164,10 @@ def test_from_url_takes_the_database_and_options_and_drops_the_password(
     client = redis.Redis(connection_pool=pool)
     try:
         round_trip(client, db_view, "from_url")
-        assert isinstance(client.get("missing:" + uuid.uuid4().hex), type(None))
+        assert client.get("missing:" + uuid.uuid4().hex) is None
     finally:
         client.close()
+        pool.disconnect()
     url = f"redis://localhost:{redis_server.port}?db={DB}"
     via_client = sharedpool.SharedRedis.from_url(url, socket_path=manager.socket_path)
     try:
@@ -203,6 +207,7 @@ def test_retry_defaults_are_redis_pys_own(manager: ManagerProcess) -> None:
     finally:
         shared.close()
         pool_only.close()
+        pool_only.connection_pool.disconnect()
 
 
 def test_retries_stop_at_the_call_bound_whatever_the_policy(manager: ManagerProcess, redis_server: Any) -> None:

@@ -139,6 +139,15 @@ class ControlChannel:
         self.call(FrameType.PING, b"", FrameType.PONG, self.reply_timeout if timeout is None else timeout)
         return time.monotonic() - started
 
+    def __del__(self) -> None:
+        # A pool dropped without disconnect() (redis.Redis(connection_pool=...)
+        # never closes a pool it was given): close quietly, as redis-py's
+        # connections do, rather than leave the socket to a ResourceWarning.
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def close(self) -> None:
         """Close our end. Only ever called in the process that opened it."""
         if not self.closed:
