@@ -48,6 +48,17 @@ _MANAGER_OWNED = frozenset({
     "cache", "cache_config", "maint_notifications_config",
 })
 
+def refuse_manager_owned(connection_kwargs: dict[str, Any]) -> None:
+    """Refuse connection options a worker cannot set per lease (the asyncio pool's check too)."""
+    refused = sorted(set(connection_kwargs) & _MANAGER_OWNED)
+    if refused:
+        raise errors.ConfigError(
+            refused[0], connection_kwargs[refused[0]],
+            "not settable in a worker: the sharedpool manager owns the Redis connections "
+            "(set it on 'sharedpool serve', e.g. in --redis-url)",
+        )
+
+
 # How often a process checks that the manager that lent it the table lives.
 _LIVENESS_S = 0.1
 
