@@ -90,7 +90,9 @@ class AsyncLeasedConnection(SessionWatch, Connection):
         """Close our copy of the fd now (sync: the attachment and the lease core call it)."""
         self._parser.on_disconnect()
         self.reset_should_reconnect()
-        raw, transport, loop = self._raw, self._transport, self._stream_loop
+        # The writer is held until the transport is closing: a StreamWriter
+        # collected before that warns and closes it its own way.
+        raw, transport, loop, writer = self._raw, self._transport, self._stream_loop, self._writer
         self._raw = self._reader = self._writer = self._transport = None
         if raw is None:
             return
@@ -102,6 +104,7 @@ class AsyncLeasedConnection(SessionWatch, Connection):
             # A forked child or a closed loop: the epoll instance (shared
             # with the parent after fork) is not ours to touch.
             raw.close()
+        del writer
         pool = self.shared_pool
         if pool is not None and self.owner_pid == os.getpid():
             pool.connection_lost(self)
