@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import random
-import signal
 import time
 import uuid
 from typing import Any

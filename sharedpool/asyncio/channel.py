@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from sharedpool import errors, protocol
+from sharedpool.asyncio.waiting import settled_within
 from sharedpool.client.channel import close_fds, error_from, explain_connect_error
 from sharedpool.protocol import FrameType
 from sharedpool.version import __version__
@@ -72,7 +73,7 @@ class AsyncControlChannel:
         channel = cls(socket_path, sock, loop)
         try:
             # The WELCOME answers the HELLO, whose request id is 0.
-            welcome = loop.create_future()
+            welcome: asyncio.Future[Frame] = loop.create_future()
             channel._waiters[0] = (welcome, True)
             loop.add_reader(sock.fileno(), channel._on_readable)
             hello = protocol.encode_json(FrameType.HELLO, {"pid": channel.pid, "client": f"sharedpool/{__version__}"})
@@ -81,11 +82,11 @@ class AsyncControlChannel:
             except OSError:
                 pass  # refused and closed at once: the reason may still be waiting to be read
             try:
-                frame_type, body, fd = await asyncio.wait_for(welcome, max(0.001, timeout))
-            except asyncio.TimeoutError:
-                raise channel._silent() from None
+                if not await settled_within(welcome, timeout):
+                    raise channel._silent()
             finally:
                 channel._waiters.pop(0, None)
+            frame_type, body, fd = welcome.result()
             if frame_type != FrameType.WELCOME:
                 if fd is not None:
                     os.close(fd)
@@ -118,10 +119,9 @@ class AsyncControlChannel:
         self._waiters[request_id] = (future, want_fd)
         try:
             await self._send(protocol.header(frame_type, request_id) + body)
-            try:
-                got_type, got_body, fd = await asyncio.wait_for(future, max(0.001, timeout))
-            except asyncio.TimeoutError:
-                raise self._silent() from None
+            if not await settled_within(future, timeout):
+                raise self._silent()
+            got_type, got_body, fd = future.result()
         finally:
             # Cancelled or not, we stop waiting: a reply coming later is dropped.
             self._waiters.pop(request_id, None)

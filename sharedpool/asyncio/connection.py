@@ -96,14 +96,17 @@ class AsyncLeasedConnection(SessionWatch, Connection):
         self._raw = self._reader = self._writer = self._transport = None
         if raw is None:
             return
-        if transport is not None and loop is not None and self.owner_pid == os.getpid() and not loop.is_closed():
-            # abort(): close without flushing and never shutdown(); the
-            # socket closes at the loop's next turn.
-            transport.abort()
-        else:
-            # A forked child or a closed loop: the epoll instance (shared
-            # with the parent after fork) is not ours to touch.
-            raw.close()
+        if transport is not None and loop is not None and (
+            self.owner_pid == os.getpid() or loop.is_closed() or not transport.is_reading()
+        ):
+            # abort(): no flush, never shutdown(). In a forked child only
+            # when it touches no epoll instance (the parent's too, after
+            # fork): a closed loop's or a paused transport's.
+            try:
+                transport.abort()
+            except RuntimeError:
+                pass  # a closed loop cannot schedule the rest of the close: the socket is closed here
+        raw.close()
         del writer
         pool = self.shared_pool
         if pool is not None and self.owner_pid == os.getpid():

@@ -19,7 +19,7 @@ import collections
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sharedpool import errors
 from sharedpool.client import lease_queue
@@ -68,6 +68,36 @@ async def readable(loop: asyncio.AbstractEventLoop, fd: int, seconds: float) -> 
         timer.cancel()
 
 
+async def settled_within(future: asyncio.Future[Any], seconds: float) -> bool:
+    """Await ``future`` for at most ``seconds``: False if the time ran out (the future is then cancelled).
+
+    Not ``asyncio.wait_for``: up to Python 3.11 it swallows the caller's
+    cancellation when the future completes in the same turn, and a task
+    that was cancelled while waiting must stop.
+    """
+    loop = asyncio.get_running_loop()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        if not future.done():
+            expired = True
+            future.cancel()
+
+    timer = loop.call_later(max(0.0, seconds), expire)
+    try:
+        await future
+        return True
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # 3.11+: whether the caller was cancelled too
+        if expired and not (cancelling is not None and cancelling()):
+            return False
+        raise
+    finally:
+        timer.cancel()
+
+
 def _settle(future: asyncio.Future[bool], value: bool) -> None:
     if not future.done():
         future.set_result(value)
@@ -100,18 +130,16 @@ class Seats:
         future: asyncio.Future[None] = loop.create_future()
         self._line.append(future)
         try:
-            await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            if future.done() and not future.cancelled():
-                self._pass_on()
-            raise errors.PoolTimeout(
-                f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s "
-                f"({pressure(att)}; {self.waiting + 1} tasks of this process in line)"
-            ) from None
+            seated = await settled_within(future, deadline - time.monotonic())
         except BaseException:
             if future.done() and not future.cancelled():
                 self._pass_on()  # handed a seat as we gave up: the next one gets it
             raise
+        if not seated:
+            raise errors.PoolTimeout(
+                f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s "
+                f"({pressure(att)}; {self.waiting + 1} tasks of this process in line)"
+            )
 
     def _pass_on(self) -> None:
         while self._line:
