@@ -230,15 +230,20 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         flags = att.table.hot()[0]
         if flags & lease_core.STOPPING:
             raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
-        taken = lease_core.try_slots(att, taker, site, started) if not flags else None
-        spins = _SPINS if not flags else 0
+        assert self._seats is not None
+        if self._seats.waiting:
+            # Tasks of this process are in line already: first come, first
+            # served, and no scan of locks the line will get first anyway.
+            taken, spins = None, 0
+        else:
+            taken = lease_core.try_slots(att, taker, site, started) if not flags else None
+            spins = _SPINS if not flags else 0
         while taken is None and spins:
             spins -= 1
             await asyncio.sleep(0)
             taken = lease_core.try_slots(att, taker, site, started)
         if taken is not None:
             return taken
-        assert self._seats is not None
         async with self._seats.seat(att, deadline, self._acquire_timeout(att)):
             taken = lease_core.try_slots(att, taker, site, started) if not att.table.hot()[0] else None
             if taken is not None:
