@@ -105,7 +105,11 @@ class AsyncLeasedConnection(SessionWatch, Connection):
             try:
                 transport.abort()
             except RuntimeError:
-                pass  # a closed loop cannot schedule the rest of the close: the socket is closed here
+                # A closed loop cannot schedule the rest of the close, and
+                # asyncio has no other way to finish it: the socket is closed
+                # here, and the transport told so (else it warns when collected).
+                if getattr(transport, "_sock", None) is not None:
+                    transport._sock = None  # type: ignore[attr-defined]
         raw.close()
         del writer
         pool = self.shared_pool
