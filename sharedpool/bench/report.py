@@ -190,6 +190,13 @@ def build_rows(results: Results, settings: dict[str, Any], cs: Sequence[int], tw
                 target=f">= {limit:.2f}x plain" if limit else "", passes=_at_least(limit) if limit else None)
         compare("E2E", f"p99 request latency ms, C={size}", f"e2e.shared.c{size}.p99_ms", "e2e.plain.p99_ms", decimals=2)
         waits("E2E", f"lease wait p50 / p99 ms, C={size}", f"e2e.shared.c{size}")
+    label = f"W=4 x 64 tasks, k={k}, C=4, io {settings['io_ms']:g} ms"
+    compare("ASYNC", f"requests/s, asyncio ({label})", "async.shared.rps", "async.plain.rps", decimals=0,
+            target=">= 0.95x plain", passes=_at_least(0.95))
+    compare("ASYNC", "p99 request latency ms", "async.shared.p99_ms", "async.plain.p99_ms", decimals=2)
+    compare("ASYNC", "CPU ms/request, workers", "async.shared.cpu_ms", "async.plain.cpu_ms", decimals=3)
+    rows.append(Row("ASYNC", "peak Redis connections", m("async.plain.peak_clients"), m("async.shared.peak_clients"),
+                    decimals=0))
     wanted = {name.lower() for name in settings["scenarios"]}
     return [row for row in rows if _scenario_id(row.scenario) in wanted]
 

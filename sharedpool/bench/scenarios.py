@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from sharedpool import table as tbl
+from sharedpool.bench.async_scenario import scenario_async
 from sharedpool.bench.e2e import run_wrk
 from sharedpool.bench.jobs import Job
 from sharedpool.bench.report import E2E_SIZES, PLAIN, SHARED, TWEMPROXY, Results, percentile
@@ -244,6 +245,7 @@ def e2e_sizes(rig: Rig) -> list[int]:
 
 SCENARIO_RUNNERS: dict[str, Callable[[Rig, Results], None]] = {
     "s1": scenario_s1, "s2": scenario_s2, "s2x": scenario_s2x, "s3": scenario_s3, "s5": scenario_s5, "e2e": scenario_e2e,
+    "async": scenario_async,
 }
 
 

@@ -198,27 +198,27 @@ class ControlChannel:
                 raise errors.ManagerUnavailable(f"manager at {self.socket_path} went away ({exc.strerror or exc})") from None
             fds = protocol.fds_from_ancillary(ancdata)
             if not data:
-                _close_fds(fds)
+                close_fds(fds)
                 self.close()
                 raise errors.ManagerUnavailable(f"manager at {self.socket_path} closed the control connection")
             try:
                 protocol.check_recv_flags(flags)
                 version, frame_type, request_id, body = protocol.split(data)
             except protocol.ProtocolError as exc:
-                _close_fds(fds)
+                close_fds(fds)
                 raise self._broken(str(exc)) from None
             if version == 1:
-                _close_fds(fds)
+                close_fds(fds)
                 self.close()
                 raise errors.ProtocolMismatch(
                     f"manager at {self.socket_path} speaks protocol version 1; this client speaks "
                     f"{protocol.VERSION}: run the same sharedpool version in the manager and the workers"
                 )
             if frame_type in protocol.UNSOLICITED_TYPES:
-                _close_fds(fds)
+                close_fds(fds)
                 continue  # a newer manager's notice we do not know
             if len(fds) > (1 if want_fd else 0):
-                _close_fds(fds)
+                close_fds(fds)
                 raise self._broken(f"frame type {frame_type} carried {len(fds)} fds")
             return frame_type, request_id, body, (fds[0] if fds else None)
 
@@ -232,14 +232,20 @@ class ControlChannel:
 
     def _unexpected(self, frame_type: int, body: bytes, wanted: str) -> errors.SharedPoolError:
         if frame_type == FrameType.ERROR:
-            error = protocol.decode_error(body)
-            if error.code in _FATAL:
+            error, fatal = error_from(body)
+            if fatal:
                 self.close()
-            return _ERRORS.get(error.code, errors.SharedPoolError)(error.message)
+            return error
         return self._broken(f"expected {wanted}, got frame type {frame_type}")
 
 
-def _close_fds(fds: list[int]) -> None:
+def error_from(body: bytes) -> tuple[errors.SharedPoolError, bool]:
+    """The exception an ERROR frame's body stands for, and whether the manager closes the channel after it."""
+    error = protocol.decode_error(body)
+    return _ERRORS.get(error.code, errors.SharedPoolError)(error.message), error.code in _FATAL
+
+
+def close_fds(fds: list[int]) -> None:
     for fd in fds:
         try:
             os.close(fd)

@@ -23,37 +23,12 @@ from redis.connection import Connection
 from redis.retry import Retry
 
 from sharedpool import errors
-from sharedpool.client.lease_core import mark_subscriber
+from sharedpool.client.session import SessionWatch
 from sharedpool.errors import LeaseLost
-from sharedpool.table import Outcome
 
 if TYPE_CHECKING:
     from sharedpool.client.lease_core import Lease
     from sharedpool.client.pool import SharedConnectionPool
-
-# Commands after which the session differs from the manager's handshake
-# (DESIGN fact 3): the manager must RESET before anyone else gets it.
-_SUBSCRIBE_COMMANDS = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE"})
-_SESSION_COMMANDS = frozenset({
-    "SELECT", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
-    "SUNSUBSCRIBE", "HELLO", "AUTH", "READONLY", "READWRITE", "MONITOR", "RESET",
-    "ASKING", "QUIT", "SYNC", "PSYNC", "REPLCONF",
-})
-_SESSION_CLIENT_SUBCOMMANDS = frozenset({
-    "TRACKING", "SETNAME", "SETINFO", "NO-EVICT", "NO-TOUCH", "CACHING",
-})
-_TRANSACTION_COMMANDS = frozenset({"MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH"})
-
-# Command names seen to leave the session alone, in the spelling the caller
-# used; filled as commands are classified so the common path is one lookup.
-_HARMLESS: set[Any] = set()
-_HARMLESS_CAP = 4096
-
-
-def _token(value: Any) -> str:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("latin-1").upper()
-    return str(value).upper()
 
 
 class LeaseState(enum.Enum):
@@ -123,7 +98,7 @@ class _BoundedRetry(Retry):
             self._depth -= 1
 
 
-class LeasedConnection(Connection):
+class LeasedConnection(SessionWatch, Connection):
     """One slot's connection as seen by a worker; reused across leases of that slot."""
 
     @property
@@ -163,11 +138,7 @@ class LeasedConnection(Connection):
         self.lease: Lease | None = None
         self.why = ""  # what ended the last lease early (revocation text)
         self.retry_until = 0.0  # after a lost lease: when redis-py's retries must stop waiting
-        self._session_changed = False
-        self._in_multi = False
-        self._watching = False
-        self._broken = False
-        self._pending_replies = 0
+        self.watch_reset()
         # A socket object made from an fd assumes blocking mode whatever the
         # shared description says (DESIGN fact 9): give it its own mode now.
         sock.settimeout(self.socket_timeout)
@@ -206,8 +177,7 @@ class LeasedConnection(Connection):
         self.state = LeaseState.IN_USE
         self.lease = lease
         self.why = ""
-        self._session_changed = self._in_multi = self._watching = self._broken = False
-        self._pending_replies = 0
+        self.watch_reset()
 
     def end(self) -> Lease | None:
         """The lease is over for this object (given back, lost or revoked)."""
@@ -232,16 +202,8 @@ class LeasedConnection(Connection):
         if self.state in (LeaseState.LOST, LeaseState.REVOKED):
             self.state = LeaseState.FREE
 
-    def outcome(self) -> Outcome:
-        if self._broken or self._sock is None:
-            return Outcome.BROKEN
-        if self._session_changed or self._in_multi or self._watching:
-            # RESET also reads past any reply still in flight.
-            return Outcome.NEEDS_RESET
-        if self._pending_replies != 0 or self._has_unread_bytes():
-            # A reply nobody read would be the next holder's answer.
-            return Outcome.BROKEN
-        return Outcome.CLEAN
+    def _transport_gone(self) -> bool:
+        return self._sock is None
 
     def _has_unread_bytes(self) -> bool:
         buffer = getattr(self._parser, "_buffer", None)
@@ -288,20 +250,14 @@ class LeasedConnection(Connection):
             # Reconnecting binds a fresh lease and resets the counts: do it
             # before counting this command, or its reply would go unseen.
             self.connect()
-        name = args[0]
-        if name not in _HARMLESS:
-            self._classify(args)
-        self._pending_replies += 1
+        self.watch_command(args)
         self.send_packed_command(self._command_packer.pack(*args), check_health=kwargs.get("check_health", True))
 
     def pack_commands(self, commands: Any) -> Any:
         if self._sock is None:
             self.connect()  # as in send_command: count on the lease that will carry them
         commands = list(commands)
-        for args in commands:
-            if args[0] not in _HARMLESS:
-                self._classify(args)
-        self._pending_replies += len(commands)
+        self.watch_commands(commands)
         return super().pack_commands(commands)
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
@@ -309,39 +265,3 @@ class LeasedConnection(Connection):
             return super().read_response(*args, **kwargs)
         finally:
             self._pending_replies -= 1
-
-    def _classify(self, args: tuple[Any, ...]) -> None:
-        words = _token(args[0]).split()
-        if not words:
-            return
-        command = words[0]
-        if command in _TRANSACTION_COMMANDS:
-            if command == "MULTI":
-                self._in_multi = True
-            elif command == "WATCH":
-                self._watching = True
-            elif command == "UNWATCH":
-                self._watching = False
-            else:  # EXEC and DISCARD end the transaction and every WATCH
-                self._in_multi = False
-                self._watching = False
-            return
-        if command in _SESSION_COMMANDS:
-            self._session_changed = True
-            if command in _SUBSCRIBE_COMMANDS and self.lease is not None:
-                mark_subscriber(self.lease)  # long-lived by nature: not a leak
-            return
-        if command == "CLIENT":
-            sub = words[1] if len(words) > 1 else (_token(args[1]) if len(args) > 1 else "")
-            if sub == "REPLY":
-                # Redis may skip our next replies, the manager's RESET's
-                # included: nobody can tell which reply is whose any more.
-                self._broken = True
-            elif sub in _SESSION_CLIENT_SUBCOMMANDS:
-                self._session_changed = True
-            return  # CLIENT subcommands differ: never remembered as harmless
-        if len(_HARMLESS) < _HARMLESS_CAP:
-            try:
-                _HARMLESS.add(args[0])
-            except TypeError:
-                pass

@@ -48,6 +48,18 @@ _MANAGER_OWNED = frozenset({
 
 _NOT_FOR_CONNECTIONS = frozenset(clone.POOL_KEYS) | {"redis_location"}
 
+
+def refuse_manager_owned(connection_kwargs: dict[str, Any]) -> None:
+    """Refuse connection options a worker cannot set per lease (the asyncio pool's check too)."""
+    refused = sorted(set(connection_kwargs) & _MANAGER_OWNED)
+    if refused:
+        raise errors.ConfigError(
+            refused[0], connection_kwargs[refused[0]],
+            "not settable in a worker: the sharedpool manager owns the Redis connections "
+            "(set it on 'sharedpool serve', e.g. in --redis-url)",
+        )
+
+
 # How often a process checks that the manager that lent it the table lives.
 _LIVENESS_S = 0.1
 
@@ -91,13 +103,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         # redis-py's per-pool cap: here the manager's max_connections is the cap.
         connection_kwargs.pop("max_connections", None)
         redis_location = connection_kwargs.pop("redis_location", None)
-        refused = sorted(set(connection_kwargs) & _MANAGER_OWNED)
-        if refused:
-            raise errors.ConfigError(
-                refused[0], connection_kwargs[refused[0]],
-                "not settable in a worker: the sharedpool manager owns the Redis connections "
-                "(set it on 'sharedpool serve', e.g. in --redis-url)",
-            )
+        refuse_manager_owned(connection_kwargs)
         self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
         self.db: int | None = clone.database(connection_kwargs.pop("db", None))
         self._requested_protocol = connection_kwargs.get("protocol")

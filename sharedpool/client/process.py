@@ -12,7 +12,7 @@ import atexit
 import logging
 import os
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from sharedpool.client.pool import SharedConnectionPool
@@ -20,6 +20,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("sharedpool.client")
 
 _POOLS: weakref.WeakSet[SharedConnectionPool] = weakref.WeakSet()
+
+
+class ProcessHooks(Protocol):
+    """What another kind of pool (``sharedpool.asyncio``) does at the hooks below, all sync."""
+
+    def after_fork_in_child(self) -> None: ...
+    def release_process_state(self) -> None: ...
+    def abort(self) -> int: ...
+
+
+# Kept strongly: each is one module-level registry of its own pools.
+_OTHER_HOOKS: list[ProcessHooks] = []
+
+
+def register_hooks(hooks: ProcessHooks) -> None:
+    """Have the server hooks and ``os.fork`` reach pools this module does not know."""
+    if hooks not in _OTHER_HOOKS:
+        _OTHER_HOOKS.append(hooks)
 
 
 def register(pool: SharedConnectionPool) -> None:
@@ -43,6 +61,11 @@ def after_fork_in_child() -> None:
             pool.after_fork_in_child()
         except Exception:  # one pool must not break a fork
             log.debug("pool reset after fork failed", exc_info=True)
+    for hooks in _OTHER_HOOKS:
+        try:
+            hooks.after_fork_in_child()
+        except Exception:
+            log.debug("pool reset after fork failed", exc_info=True)
 
 
 def release_process_state() -> None:
@@ -56,6 +79,11 @@ def release_process_state() -> None:
             pool.disconnect(inuse_connections=False)
         except Exception:
             log.debug("could not release %r", pool, exc_info=True)
+    for hooks in _OTHER_HOOKS:
+        try:
+            hooks.release_process_state()
+        except Exception:
+            log.debug("could not release %r", hooks, exc_info=True)
 
 
 def close_control_channels() -> int:
@@ -72,6 +100,11 @@ def close_control_channels() -> int:
             ended += pool.abort()
         except Exception:
             log.debug("could not abort %r", pool, exc_info=True)
+    for hooks in _OTHER_HOOKS:
+        try:
+            ended += hooks.abort()
+        except Exception:
+            log.debug("could not abort %r", hooks, exc_info=True)
     return ended
 
 
@@ -82,6 +115,11 @@ def _close_at_exit() -> None:
         try:
             if pool.pid == os.getpid():
                 pool.disconnect(inuse_connections=False)
+        except Exception:
+            pass
+    for hooks in _OTHER_HOOKS:
+        try:
+            hooks.release_process_state()
         except Exception:
             pass
 

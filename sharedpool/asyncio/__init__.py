@@ -1,0 +1,15 @@
+"""The shared pool for ``redis.asyncio``: ASGI workers (uvicorn under gunicorn, FastAPI) on the manager's leases.
+
+Module map: ``pool`` (``SharedConnectionPool``: the lease core driven by
+the event loop), ``waiting`` (the table's queue awaited on the wake socket,
+and a process's seats in it), ``channel`` (the control connection on the
+loop), ``connection`` (a ``redis.asyncio`` connection over a lent fd),
+``client`` (``SharedRedis``, ``Redis()``, ``lease()``), ``process`` (fork
+and server hooks reach these pools through ``sharedpool.client.process``).
+"""
+
+from sharedpool.asyncio.client import Redis, SharedRedis
+from sharedpool.asyncio.connection import AsyncLeasedConnection
+from sharedpool.asyncio.pool import SharedConnectionPool
+
+__all__ = ["AsyncLeasedConnection", "Redis", "SharedConnectionPool", "SharedRedis"]

@@ -1,0 +1,82 @@
+"""``SharedRedis`` and the ``Redis()`` shortcut for asyncio: ``redis.asyncio.Redis`` over the shared pool, plus ``lease()``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio
+
+from sharedpool import errors
+from sharedpool.asyncio.connection import AsyncLeasedConnection
+from sharedpool.asyncio.pool import SharedConnectionPool
+
+
+class _PinnedPool:
+    """Hands out one already-leased connection, for ``SharedRedis.lease()``."""
+
+    def __init__(self, pool: SharedConnectionPool, connection: AsyncLeasedConnection) -> None:
+        self._pool = pool
+        self._connection: AsyncLeasedConnection | None = connection
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> AsyncLeasedConnection:
+        if self._connection is None:
+            raise errors.LeaseError("this lease() block has ended; use the client it came from")
+        if self._connection.owner_pid != os.getpid():
+            raise errors.LeaseLost("a lease() block's connection was inherited across fork: use the client in this process")
+        return self._connection
+
+    async def release(self, connection: Any) -> None:
+        pass  # the lease ends with the block, not with each command
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+class SharedRedis(redis.asyncio.Redis):
+    """``redis.asyncio.Redis`` over an asyncio ``SharedConnectionPool``, plus ``lease()``."""
+
+    connection_pool: SharedConnectionPool
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[redis.asyncio.Redis]:
+        """Pin one lease for a block: every command, pipeline and pub/sub inside uses it.
+
+        The yielded client is for this task and this block only. Cancelled
+        inside, the lease ends as any other: broken if a reply was in flight.
+        """
+        pool = self.connection_pool
+        conn = await pool.get_connection()
+        pinned = _PinnedPool(pool, conn)
+        client = object.__new__(type(self))
+        client.__dict__.update(self.__dict__)
+        client.connection_pool = pinned  # type: ignore[assignment]
+        client.connection = None
+        client.single_connection_client = False
+        client.auto_close_connection_pool = False
+        try:
+            yield client
+        finally:
+            pinned._connection = None
+            pool.release_now(conn)
+
+
+def Redis(
+    socket_path: str | None = None,
+    *,
+    acquire_timeout: float | None = None,
+    manager_timeout: float | None = None,
+    single_connection_client: bool = False,
+    **redis_kwargs: Any,
+) -> SharedRedis:
+    """A ``redis.asyncio.Redis`` whose connections are leased from the sharedpool manager.
+
+    Keyword arguments are those of ``redis.asyncio.Redis`` that concern the
+    client (``decode_responses``, ``socket_timeout``, ``retry``, ``protocol``, ``db``...).
+    """
+    pool = SharedConnectionPool(socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, **redis_kwargs)
+    client = SharedRedis(connection_pool=pool, single_connection_client=single_connection_client)
+    client.auto_close_connection_pool = True
+    return client

@@ -1,0 +1,240 @@
+"""A ``redis.asyncio`` connection over a socket the manager lent us.
+
+As the sync ``LeasedConnection``: no handshake (the manager did it), never a
+``shutdown()`` (DESIGN fact 1), and the session watched so that the release
+says CLEAN, NEEDS_RESET or BROKEN (``client.session``). What is asyncio's:
+
+* the lent fd is wrapped once in this loop's stream (``open_connection(sock=)``)
+  and kept for the next leases of its (slot, generation); between leases
+  the transport does not read (``pause_reading``), or it would take replies
+  meant for whichever process holds the slot then;
+* each lease puts the fd back in non-blocking mode: O_NONBLOCK lives on the
+  description shared with every holder, and a sync holder may have cleared
+  it (DESIGN fact 9);
+* a task cancelled mid-command leaves a reply or a partial write in flight:
+  redis-py then disconnects (``read_response`` / ``send_packed_command``
+  close on any ``BaseException``), and a pending reply or unsent bytes make
+  the outcome BROKEN anyway, so no later task reads that reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import TYPE_CHECKING, Any, cast
+
+from redis.asyncio.connection import Connection
+
+from sharedpool.client.connection import LeaseState
+from sharedpool.client.session import SessionWatch
+from sharedpool.errors import LeaseLost
+
+if TYPE_CHECKING:
+    from sharedpool.asyncio.pool import SharedConnectionPool
+    from sharedpool.client.lease_core import Lease
+
+# StreamReader's buffer limit: a reply larger than this is still read, in pieces.
+_STREAM_LIMIT = 2**20
+
+
+class AsyncLeasedConnection(SessionWatch, Connection):
+    """One slot's connection as seen by a task; reused across leases of that slot in this loop."""
+
+    def __init__(
+        self, *, shared_pool: SharedConnectionPool, slot: int, generation: int, redis_label: str = "", **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.shared_pool: SharedConnectionPool | None = shared_pool
+        self.slot = slot
+        self.generation = generation
+        self.redis_label = redis_label
+        self.state = LeaseState.FREE
+        self.lease: Lease | None = None
+        self.why = ""
+        self.retry_until = 0.0
+        self.owner_pid = os.getpid()
+        self._raw: socket.socket | None = None  # our dup of the slot's fd, inside the transport
+        self._transport: asyncio.Transport | None = None
+        self._stream_loop: asyncio.AbstractEventLoop | None = None
+        self.watch_reset()
+
+    def repr_pieces(self) -> list[tuple[str, Any]]:
+        lease = self.lease.id if self.lease is not None else None
+        return [
+            ("slot", self.slot), ("generation", self.generation), ("lease", lease),
+            ("state", self.state.value), ("redis", self.redis_label),
+        ]
+
+    def _host_error(self) -> str:
+        return f"{self.redis_label} (sharedpool slot {self.slot})"
+
+    # ----- the stream over the lent fd -------------------------------------------
+
+    async def open_stream(self, sock: socket.socket, slot: int, generation: int) -> None:
+        """Wrap ``sock`` (our dup of a slot's fd) in this loop's stream; we hold the slot's lease."""
+        self.drop()
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+        except BaseException:
+            sock.close()
+            raise
+        self._raw = sock
+        self._reader, self._writer = reader, writer
+        self._transport = cast(asyncio.Transport, writer.transport)
+        self._stream_loop = asyncio.get_running_loop()
+        self.slot, self.generation = slot, generation
+        self._parser.on_connect(self)
+
+    def drop(self) -> None:
+        """Close our copy of the fd now (sync: the attachment and the lease core call it)."""
+        self._parser.on_disconnect()
+        self.reset_should_reconnect()
+        # The writer is held until the transport is closing: a StreamWriter
+        # collected before that warns and closes it its own way.
+        raw, transport, loop, writer = self._raw, self._transport, self._stream_loop, self._writer
+        self._raw = self._reader = self._writer = self._transport = None
+        if raw is None:
+            return
+        if transport is not None and loop is not None and (
+            self.owner_pid == os.getpid() or loop.is_closed() or not transport.is_reading()
+        ):
+            # abort(): no flush, never shutdown(). In a forked child only
+            # when it touches no epoll instance (the parent's too, after
+            # fork): a closed loop's or a paused transport's.
+            try:
+                transport.abort()
+            except RuntimeError:
+                # A closed loop cannot schedule the rest of the close, and
+                # asyncio has no other way to finish it: the socket is closed
+                # here, and the transport told so (else it warns when collected).
+                if getattr(transport, "_sock", None) is not None:
+                    transport._sock = None  # type: ignore[attr-defined]
+        raw.close()
+        del writer
+        pool = self.shared_pool
+        if pool is not None and self.owner_pid == os.getpid():
+            pool.connection_lost(self)
+
+    # ----- lease lifecycle (called by the pool) -----------------------------------
+
+    def begin(self, lease: Lease) -> None:
+        raw, transport = self._raw, self._transport
+        assert raw is not None and transport is not None
+        os.set_blocking(raw.fileno(), False)
+        transport.resume_reading()
+        self.state = LeaseState.IN_USE
+        self.lease = lease
+        self.why = ""
+        self.watch_reset()
+
+    def end(self) -> Lease | None:
+        """The lease is over for this object: stop reading before the lock is given back."""
+        lease, self.lease = self.lease, None
+        if self._transport is not None:
+            self._transport.pause_reading()
+        if self.state is LeaseState.IN_USE:
+            self.state = LeaseState.FREE
+        return lease
+
+    def lose(self) -> Lease | None:
+        lease, self.lease = self.lease, None
+        self.state = LeaseState.LOST
+        return lease
+
+    def revoked(self, why: str) -> None:
+        self.lease = None
+        self.state = LeaseState.REVOKED
+        self.why = why
+
+    def settle(self) -> None:
+        if self.state in (LeaseState.LOST, LeaseState.REVOKED):
+            self.state = LeaseState.FREE
+
+    def _transport_gone(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
+
+    def _has_unread_bytes(self) -> bool:
+        reader, transport = self._reader, self._transport
+        if transport is not None and transport.get_write_buffer_size():
+            return True  # part of a command never went out
+        # StreamReader has no public peek; redis-py's own parser reads this too.
+        return reader is not None and bool(getattr(reader, "_buffer", b""))
+
+    # ----- redis-py overrides ----------------------------------------------------
+
+    async def _connect(self) -> None:
+        """redis-py reconnects after a failure mid-lease: swap in a fresh lease."""
+        pool = self.shared_pool
+        if pool is None or self.owner_pid != os.getpid():
+            raise LeaseLost(f"{self!r} was inherited across fork: take a lease from the pool in this process")
+        await pool.replace_lost_lease(self)
+
+    async def on_connect(self) -> None:
+        self._parser.on_connect(self)
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        self._parser.on_connect(self)
+
+    async def disconnect(
+        self, nowait: bool = False, error: Exception | None = None, failure_count: int | None = None,
+        health_check_failed: bool = False,
+    ) -> None:
+        self.drop()
+
+    async def send_command(self, *args: Any, **kwargs: Any) -> None:
+        if self._writer is None:
+            # Reconnecting binds a fresh lease and resets the counts: do it
+            # before counting this command, or its reply would go unseen.
+            await self.connect_check_health(check_health=False)
+        self.watch_command(args)
+        await self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
+
+    def pack_commands(self, commands: Any) -> Any:
+        commands = list(commands)
+        self.watch_commands(commands)
+        return super().pack_commands(commands)
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        finally:
+            self._pending_replies -= 1
+
+
+class SlotEntry:
+    """What ``Attachment.conns`` keeps per slot for the asyncio pool.
+
+    The attachment and the lease core treat cached connections as sync
+    objects (``state``, ``lease``, ``generation``, ``disconnect()``), and a
+    ``redis.asyncio`` connection's ``disconnect`` is a coroutine: this
+    gives them the sync view of one.
+    """
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: AsyncLeasedConnection) -> None:
+        self.conn = conn
+
+    @property
+    def state(self) -> LeaseState:
+        return self.conn.state
+
+    @property
+    def lease(self) -> Lease | None:
+        return self.conn.lease
+
+    @property
+    def generation(self) -> int:
+        return self.conn.generation
+
+    @property
+    def shared_pool(self) -> SharedConnectionPool | None:
+        return self.conn.shared_pool
+
+    @shared_pool.setter
+    def shared_pool(self, pool: SharedConnectionPool | None) -> None:
+        self.conn.shared_pool = pool
+
+    def disconnect(self) -> None:
+        self.conn.drop()

@@ -1,0 +1,466 @@
+"""``SharedConnectionPool`` for ``redis.asyncio``: the lease table's leases, taken without blocking the loop.
+
+The lease core is sans-I/O (``client.lease_core``, ``client.lease_queue``);
+this module is its asyncio driver:
+
+* taking a READY slot is a try-lock on the table, never a wait; before
+  queueing, a task yields to the loop a few times (``_SPINS``), so that
+  tasks of this process that hold slots can give them back;
+* a task that finds none joins the table's FIFO queue and waits on its wake
+  socket with ``loop.add_reader``, at most ``RESCAN_S`` at a time, until
+  ``acquire_timeout``. At most ``_QUEUE_SEATS`` tasks of a process queue in
+  the table at once; the others wait their turn in this process (FIFO), so
+  that hundreds of tasks per worker do not fill the manager's
+  ``max_waiting``;
+* the control channel is ``AsyncControlChannel``: no request blocks the loop;
+* each lease holds a ``Taker`` (its own open file description of the
+  table: DESIGN fact 11) from a free list, given back with the lease.
+
+A pool serves one event loop at a time: used from another loop, it drops
+what it held in the old one and attaches afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import Any, cast
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from sharedpool import errors, protocol
+from sharedpool import table as tbl
+from sharedpool.asyncio import process
+from sharedpool.asyncio.channel import AsyncControlChannel
+from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
+from sharedpool.asyncio.waiting import Seats, wait_in_queue
+from sharedpool.client import clone, lease_core
+from sharedpool.client.attachment import Attachment, check_welcome
+from sharedpool.client.callsite import caller
+from sharedpool.client.channel import ControlChannel
+from sharedpool.client.connection import LeaseState
+from sharedpool.client.lease_core import Lease, Taken, Taker, give_back
+from sharedpool.client.pool import refuse_manager_owned
+from sharedpool.config import client_config
+from sharedpool.protocol import FrameType
+from sharedpool.table import Outcome
+
+log = logging.getLogger("sharedpool.client")
+
+_LIVENESS_S = 0.1  # how often a process checks that the manager that lent it the table lives
+_SPINS = 4  # turns of the loop given away before queueing (holders in this process may give back meanwhile)
+_QUEUE_SEATS = 4  # tasks of one process queued in the table at once
+
+
+class SharedConnectionPool(redis.asyncio.ConnectionPool):
+    """A ``redis.asyncio`` pool whose connections are leases from a sharedpool manager.
+
+    The sync ``SharedConnectionPool``'s arguments and bounds: no call waits
+    longer than ``manager_timeout + acquire_timeout`` in all. ``db`` is the
+    database asked for (None: the manager's).
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        acquire_timeout: float | None = None,
+        manager_timeout: float | None = None,
+        **connection_kwargs: Any,
+    ) -> None:
+        refuse_manager_owned(connection_kwargs)
+        connection_kwargs.pop("max_connections", None)
+        self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
+        self._requested_protocol = connection_kwargs.get("protocol")
+        db = connection_kwargs.pop("db", None)
+        self.db: int | None = clone.database(db)
+        connection_kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries=3))
+        super().__init__(connection_class=AsyncLeasedConnection, **connection_kwargs)
+        self._start_afresh()
+        process.register(self)
+
+    def _start_afresh(self) -> None:
+        self.pid = os.getpid()
+        self._attachment: Attachment | None = None
+        self._channel: AsyncControlChannel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._attach_lock: asyncio.Lock | None = None
+        self._free_takers: list[Taker] = []
+        self._seats: Seats | None = None
+
+    def __repr__(self) -> str:
+        att = self._attachment
+        name = att.pool_name if att is not None else "?"
+        held = att.held if att is not None else 0
+        cached = len(att.conns) if att is not None else 0
+        waiting = self._seats.waiting if self._seats is not None else 0
+        return (
+            f"<asyncio SharedConnectionPool {self.config.socket_path} pool={name!r} "
+            f"[{held} leased here, {cached} slots cached, {waiting} tasks waiting]>"
+        )
+
+    # ----- per-process, per-loop state --------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: close our copies of the parent's fds, unlock nothing, tell no one (DESIGN facts 5, 12)."""
+        if self.pid == os.getpid():
+            return
+        att = self._attachment
+        for taker in self._free_takers:
+            taker.close()
+        self._start_afresh()
+        if att is not None:
+            att.abandon()
+
+    async def _attach(self, deadline: float) -> Attachment:
+        if self.pid != os.getpid():
+            self.after_fork_in_child()
+        loop = asyncio.get_running_loop()
+        att = self._attachment
+        if att is not None and not att.detached:
+            now = time.monotonic()
+            if self._loop is loop:
+                if now - att.checked_at < _LIVENESS_S:
+                    return att
+                att.checked_at = now
+                if att.manager_alive() and not att.channel.closed:
+                    return att
+                log.warning("manager of pool %r (epoch %s) is gone: dropping its table and connections", att.pool_name, att.epoch)
+            self._detach(att)
+        if self._loop is not loop:
+            # Locks, seats and streams belong to one loop: start this one's afresh.
+            self._loop, self._attach_lock, self._seats = loop, asyncio.Lock(), Seats(_QUEUE_SEATS)
+        assert self._attach_lock is not None
+        try:
+            await asyncio.wait_for(self._attach_lock.acquire(), max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise errors.ManagerUnavailable(
+                f"no sharedpool manager at {self.config.socket_path}: another task is still connecting"
+            ) from None
+        try:
+            att = self._attachment
+            if att is not None and not att.detached:
+                return att
+            channel = await open_channel(self.config.socket_path, deadline)
+            try:
+                db = check_welcome(channel.welcome, self._requested_protocol, self.db)
+                # The attachment uses only the channel's sync surface (notify,
+                # ping, close, abandon, welcome, table_fd, closed), which the
+                # asyncio channel has too.
+                att = Attachment(cast(ControlChannel, channel), db)
+            except BaseException:
+                channel.close()
+                raise
+            self._attachment, self._channel = att, channel
+            return att
+        finally:
+            self._attach_lock.release()
+
+    def _detach(self, att: Attachment) -> None:
+        if self._attachment is att:
+            self._attachment = self._channel = None
+            for taker in self._free_takers:
+                taker.close()
+            self._free_takers = []
+        att.detach()
+
+    def _acquire_timeout(self, att: Attachment) -> float:
+        return self.config.acquire_timeout or att.acquire_timeout
+
+    # ----- taking a lease ---------------------------------------------------------
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> AsyncLeasedConnection:
+        return await self._lease(caller())
+
+    async def _lease(
+        self, site_text: str, conn: AsyncLeasedConnection | None = None, budget: float = 0.0
+    ) -> AsyncLeasedConnection:
+        """Take a lease and return the connection bound to it (``conn``: rebind that object, for redis-py's retry)."""
+        started = time.monotonic()
+        manager_timeout = self.config.manager_timeout
+        att = self._attachment
+        if att is None or att.detached or self._loop is not asyncio.get_running_loop() or started - att.checked_at >= _LIVENESS_S:
+            att = await self._attach(min(started + manager_timeout, budget or float("inf")))
+        acquire_timeout = self._acquire_timeout(att)
+        final = started + manager_timeout + acquire_timeout
+        deadline = started + acquire_timeout
+        if budget:
+            # redis-py's retries re-enter here after each failure: together
+            # they get no more than one call's worth of time.
+            final, deadline = min(final, budget), min(deadline, budget)
+        limit = att.lease_limit
+        if limit and att.held >= limit:
+            raise errors.WorkerLimit(
+                f"pid {att.pid} already holds {limit} leases of pool {att.pool_name!r} (max_leases_per_worker={limit})"
+            )
+        taker = self._free_takers.pop() if self._free_takers else Taker(att)
+        taker.avoid.clear()
+        site = att.site_id(site_text) if site_text else 0
+        try:
+            while True:
+                taken = await self._take(att, taker, site, started, deadline, final)
+                slot, generation, seq = taken
+                lease = Lease(att, slot, generation, seq, taker.lock_fd, time.monotonic(), att.db, taker)
+                att.held += 1
+                try:
+                    return await self._bind(att, lease, conn, final, started)
+                except errors.StaleSlot:
+                    # A row that says READY for a generation the manager has
+                    # not opened (scribbled): skip it until the manager repairs it.
+                    self._give_back(lease, Outcome.CLEAN, used=False)
+                    taker.avoid.add((slot, generation))
+                    if time.monotonic() >= deadline:
+                        raise errors.PoolTimeout(
+                            f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s ({lease_core.pressure(att)})"
+                        ) from None
+                except BaseException:
+                    self._give_back(lease, Outcome.CLEAN, used=False)
+                    raise
+        except BaseException:
+            self._recycle(taker)
+            raise
+
+    async def _take(self, att: Attachment, taker: Taker, site: int, started: float, deadline: float, final: float) -> Taken:
+        flags = att.table.hot()[0]
+        if flags & lease_core.STOPPING:
+            raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
+        assert self._seats is not None
+        if self._seats.waiting:
+            # Tasks of this process are in line already: first come, first
+            # served, and no scan of locks the line will get first anyway.
+            taken, spins = None, 0
+        else:
+            taken = lease_core.try_slots(att, taker, site, started, att.db) if not flags else None
+            spins = _SPINS if not flags else 0
+        while taken is None and spins:
+            spins -= 1
+            await asyncio.sleep(0)
+            taken = lease_core.try_slots(att, taker, site, started, att.db)
+        if taken is not None:
+            return taken
+        async with self._seats.seat(att, deadline, self._acquire_timeout(att)):
+            taken = lease_core.try_slots(att, taker, site, started, att.db) if not att.table.hot()[0] else None
+            if taken is not None:
+                return taken
+            return await wait_in_queue(att, taker, site, started, deadline, self._acquire_timeout(att), self._demand)
+
+    async def _demand(self, att: Attachment, deadline: float, db: int) -> None:
+        channel = self._channel_of(att)
+        body = protocol.encode_demand(db)[protocol.HEADER.size :]
+        try:
+            await channel.call(FrameType.DEMAND, body, FrameType.ACK, max(0.05, deadline - time.monotonic()))
+        except errors.ManagerUnavailable:
+            if not att.manager_alive():
+                self._detach(att)
+                raise
+        # RedisUnavailable and ShuttingDown reach the caller as they are.
+
+    def _channel_of(self, att: Attachment) -> AsyncControlChannel:
+        return cast(AsyncControlChannel, att.channel)
+
+    # ----- binding the fd -------------------------------------------------------------
+
+    async def _bind(
+        self, att: Attachment, lease: Lease, conn: AsyncLeasedConnection | None, final: float, started: float
+    ) -> AsyncLeasedConnection:
+        entry = cast("SlotEntry | None", att.conns.get(lease.slot))
+        cached = entry.conn if entry is not None else None
+        usable = cached is not None and cached.generation == lease.generation and cached._transport is not None
+        if conn is None and usable:
+            assert cached is not None
+            cached.begin(lease)
+            return cached
+        if usable:
+            assert cached is not None and cached._raw is not None
+            fd = os.dup(cached._raw.fileno())
+        else:
+            fd = await self._fetch_fd(att, lease, final, started)
+        sock = socket.socket(fileno=fd)
+        if conn is None:
+            conn = self._make(att, lease.slot, lease.generation)
+        await conn.open_stream(sock, lease.slot, lease.generation)
+        conn.begin(lease)
+        stale = cached if cached is not conn else None
+        att.conns[lease.slot] = cast(Any, SlotEntry(conn))
+        if stale is not None:
+            stale.shared_pool = None
+            stale.drop()  # an older generation, or the copy we dup'd from: only our fd
+        return conn
+
+    async def _fetch_fd(self, att: Attachment, lease: Lease, final: float, started: float) -> int:
+        body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+        try:
+            timeout = max(0.05, final - time.monotonic())
+            _body, fd = await self._channel_of(att).call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
+        except errors.ManagerUnavailable as exc:
+            raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
+        assert fd is not None
+        return fd
+
+    def _make(self, att: Attachment, slot: int, generation: int) -> AsyncLeasedConnection:
+        kwargs = dict(self.connection_kwargs)
+        kwargs["protocol"] = int(att.welcome.get("protocol", 3))
+        kwargs["db"] = att.db
+        return AsyncLeasedConnection(
+            shared_pool=self, slot=slot, generation=generation, redis_label=str(att.welcome.get("redis", "")), **kwargs
+        )
+
+    def make_connection(self) -> AsyncLeasedConnection:
+        raise errors.LeaseError("SharedConnectionPool makes no connections of its own; use get_connection()")
+
+    # ----- giving it back ---------------------------------------------------------------
+
+    async def release(self, connection: Any) -> None:
+        # No await in here: a cancellation cannot cut a release in half.
+        self.release_now(connection)
+
+    def release_now(self, connection: Any) -> None:
+        """``release``, sync: the lease's end is written before anything else can run."""
+        if not isinstance(connection, AsyncLeasedConnection) or connection.shared_pool is not self:
+            if isinstance(connection, AsyncLeasedConnection) and connection.owner_pid != os.getpid():
+                return  # inherited across fork: the parent's, not ours to return
+            if isinstance(connection, AsyncLeasedConnection) and connection.shared_pool is None:
+                connection.settle()
+                return  # detached from a manager that is gone
+            raise errors.LeaseError(f"{connection!r} does not belong to {self!r}")
+        if connection.state is not LeaseState.IN_USE:
+            if connection.state in (LeaseState.LOST, LeaseState.REVOKED):
+                connection.settle()  # already given back while redis-py retried
+                return
+            raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
+        lease = connection.lease
+        assert lease is not None
+        outcome = Outcome.BROKEN
+        try:
+            outcome = connection.outcome()
+            if outcome is Outcome.BROKEN:
+                connection.drop()
+        finally:
+            connection.end()
+            self._give_back(lease, outcome)
+
+    def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
+        report = give_back(lease, outcome, used)
+        if report:
+            lease.attachment.channel.notify(report)
+        if lease.taker is not None:
+            self._recycle(lease.taker)
+
+    def _recycle(self, taker: Taker) -> None:
+        att = self._attachment
+        if taker.held or taker.lock_fd < 0 or taker.attachment is not att or taker.pid != os.getpid():
+            if not taker.held:
+                taker.close()
+            return
+        self._free_takers.append(taker)
+
+    # ----- redis-py's retry after a lost connection -----------------------------------
+
+    def connection_lost(self, conn: AsyncLeasedConnection) -> None:
+        """``conn`` closed its fd: it no longer serves its slot in this process."""
+        att = self._attachment
+        entry = cast("SlotEntry | None", att.conns.get(conn.slot)) if att is not None else None
+        if att is not None and entry is not None and entry.conn is conn:
+            del att.conns[conn.slot]
+
+    async def replace_lost_lease(self, conn: AsyncLeasedConnection) -> None:
+        """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""
+        if conn.state is LeaseState.REVOKED:
+            raise errors.LeaseLost(conn.why)
+        lease = conn.lease
+        if conn.state is LeaseState.IN_USE and lease is not None:
+            att = lease.attachment
+            row = None
+            try:
+                row = att.table.row(lease.slot)
+            except tbl.RowError:
+                pass
+            if row is not None and tbl.was_revoked(row, lease.generation, lease.seq):
+                why = (
+                    f"lease {lease.id} of pool {att.pool_name!r} was revoked after "
+                    f"{time.monotonic() - lease.taken_at:.1f} s (max_lease_time={att.max_lease_time:g} s); "
+                    f"its connection was closed"
+                )
+                conn.end()
+                conn.revoked(why)
+                self._give_back(lease, Outcome.BROKEN)
+                raise errors.LeaseLost(why)
+            conn.lose()
+            conn.retry_until = time.monotonic() + self.config.manager_timeout + self._acquire_timeout(att)
+            self._give_back(lease, Outcome.BROKEN)
+        elif conn.state is not LeaseState.LOST:
+            raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
+        await self._lease(caller(), conn, budget=conn.retry_until)
+
+    # ----- redis-py pool interface, the rest ------------------------------------------
+
+    def owns_connection(self, connection: Any) -> bool:
+        return (
+            isinstance(connection, AsyncLeasedConnection) and connection.shared_pool is self and connection.owner_pid == self.pid
+        )
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """Drop this process's cached fds (never the manager's connections) and its channel."""
+        self.release_process_state(inuse_connections)
+
+    def release_process_state(self, inuse_connections: bool = False) -> None:
+        if self.pid != os.getpid():
+            self.after_fork_in_child()
+            return
+        att = self._attachment
+        if att is None:
+            return
+        busy = any(entry.state is LeaseState.IN_USE for entry in att.conns.values())
+        if busy and not inuse_connections:
+            for slot, entry in list(att.conns.items()):
+                if entry.state is not LeaseState.IN_USE:
+                    del att.conns[slot]
+                    entry.disconnect()
+            return
+        self._detach(att)
+
+    async def aclose(self) -> None:
+        await self.disconnect()
+
+    def get_connection_count(self) -> list[tuple[int, dict[Any, Any]]]:
+        return []
+
+    def abort(self) -> int:
+        """A dying worker's hook: give up this process's leases now and close the channel (see the sync pool)."""
+        att = self._attachment
+        if self.pid != os.getpid() or att is None:
+            return 0
+        return att.abort()
+
+    # ----- sharedpool extras -----------------------------------------------------------
+
+    async def manager_info(self) -> dict[str, Any]:
+        """What the manager said in its WELCOME (pool, epoch, db, protocol, redis)."""
+        att = await self._attach(time.monotonic() + self.config.manager_timeout)
+        return dict(att.welcome)
+
+    async def stats(self) -> dict[str, Any]:
+        """The manager's stats snapshot."""
+        att = await self._attach(time.monotonic() + self.config.manager_timeout)
+        return await self._channel_of(att).request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY, timeout=10.0)
+
+
+async def open_channel(socket_path: str, deadline: float) -> AsyncControlChannel:
+    """Connect, retrying while no manager answers, until ``deadline`` (the sync ``open_channel``'s rule)."""
+    delay = 0.02
+    started = time.monotonic()
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return await AsyncControlChannel.connect(socket_path, max(0.05, min(remaining, 5.0)))
+        except errors.ManagerUnavailable as exc:
+            if time.monotonic() + delay >= deadline:
+                waited = time.monotonic() - started
+                raise errors.ManagerUnavailable(f"{exc} (waited {waited:.2f} s)") from None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.25)
