@@ -215,21 +215,41 @@ class ManagerConfig:
         "sharedpool:{pool}:{slot}", "CLIENT SETNAME of each connection: {pool}, {slot}, {db} filled in (empty: none)",
         str, _client_name, "TEMPLATE",
     )
-    acquire_timeout: float = _spec(5.0, "seconds a worker waits for a lease before PoolTimeout", float, _positive_float, "SECONDS")
-    max_leases_per_worker: int = _spec(0, "most leases one worker process may hold at once (0: no limit)", int, _int_range(0, 10_000), "N")
+    acquire_timeout: float = _spec(
+        5.0, "seconds a worker waits for a lease before PoolTimeout", float, _positive_float, "SECONDS",
+    )
+    max_leases_per_worker: int = _spec(
+        0, "most leases one worker process may hold at once (0: no limit)", int, _int_range(0, 10_000), "N",
+    )
     max_waiting: int = _spec(256, "most workers queued for a lease; more are refused at once", int, _int_range(0, 1_000_000), "N")
-    max_lifetime: float = _spec(3600.0, "seconds before an idle connection is recycled (0: never)", float, _non_negative_float, "SECONDS")
-    idle_timeout: float = _spec(600.0, "seconds idle before a connection above min_idle is closed (0: never)", float, _non_negative_float, "SECONDS")
-    health_check_interval: float = _spec(30.0, "seconds between health checks of idle connections (0: off)", float, _non_negative_float, "SECONDS")
-    leak_threshold: float = _spec(30.0, "seconds a lease may be held before a warning is logged (0: off)", float, _non_negative_float, "SECONDS")
-    max_lease_time: float = _spec(0.0, "seconds after which a held lease is revoked (0: never)", float, _non_negative_float, "SECONDS")
+    max_lifetime: float = _spec(
+        3600.0, "seconds before an idle connection is recycled (0: never)", float, _non_negative_float, "SECONDS",
+    )
+    idle_timeout: float = _spec(
+        600.0, "seconds idle before a connection above min_idle is closed (0: never)", float, _non_negative_float, "SECONDS",
+    )
+    health_check_interval: float = _spec(
+        30.0, "seconds between health checks of idle connections (0: off)", float, _non_negative_float, "SECONDS",
+    )
+    leak_threshold: float = _spec(
+        30.0, "seconds a lease may be held before a warning is logged (0: off)", float, _non_negative_float, "SECONDS",
+    )
+    max_lease_time: float = _spec(
+        0.0, "seconds after which a held lease is revoked (0: never)", float, _non_negative_float, "SECONDS",
+    )
     reap_interval: float = _spec(1.0, "seconds between sweeps for dead lease holders", float, _positive_float, "SECONDS")
-    shutdown_grace: float = _spec(10.0, "seconds to wait for leases on SIGTERM before closing anyway", float, _non_negative_float, "SECONDS")
-    redis_timeout: float = _spec(5.0, "socket and connect timeout of the manager's own Redis I/O", float, _positive_float, "SECONDS")
+    shutdown_grace: float = _spec(
+        10.0, "seconds to wait for leases on SIGTERM before closing anyway", float, _non_negative_float, "SECONDS",
+    )
+    redis_timeout: float = _spec(
+        5.0, "socket and connect timeout of the manager's own Redis I/O", float, _positive_float, "SECONDS",
+    )
     protocol: int = _spec(3, "RESP version the connections are set up with", int, _choice(2, 3), "2|3")
     max_clients: int = _spec(1024, "most control connections at once; more are refused", int, _int_range(1, 1_000_000), "N")
     handshake_timeout: float = _spec(5.0, "seconds a new control connection has to send HELLO", float, _positive_float, "SECONDS")
-    log_level: str = _spec("INFO", "DEBUG, INFO, WARNING or ERROR", str.upper, _choice("DEBUG", "INFO", "WARNING", "ERROR"), "LEVEL")
+    log_level: str = _spec(
+        "INFO", "DEBUG, INFO, WARNING or ERROR", str.upper, _choice("DEBUG", "INFO", "WARNING", "ERROR"), "LEVEL",
+    )
     log_format: str = _spec("text", "text, or json (one object per line)", str.lower, _choice("text", "json"), "FORMAT")
     metrics_port: int = _spec(0, "serve Prometheus metrics on this TCP port (0: off)", int, _int_range(0, 65535), "PORT")
     metrics_host: str = _spec("127.0.0.1", "address the metrics endpoint listens on", str, None, "HOST")
