@@ -70,7 +70,10 @@ DJANGO_APP = textwrap.dedent(
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": f"redis://127.0.0.1:{port}/{db}",
             "KEY_PREFIX": alias,
-            "OPTIONS": {"CONNECTION_POOL_CLASS": "sharedpool.SharedConnectionPool"},
+            "OPTIONS": {
+                "CONNECTION_POOL_CLASS": "sharedpool.SharedConnectionPool",
+                "CONNECTION_POOL_KWARGS": {"acquire_timeout": 5.0},
+            },
         }
         for alias, db in (("default", 1), ("sessions", 2))
     })
