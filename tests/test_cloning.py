@@ -189,7 +189,7 @@ def test_from_url_naming_another_redis_is_refused_not_redirected(manager: Manage
         sharedpool.SharedConnectionPool.from_url(f"rediss://127.0.0.1:{redis_server.port}/0")
 
 
-def test_retry_defaults_are_redis_pys_own(manager: ManagerProcess) -> None:
+def test_retry_timeout_and_health_check_defaults_are_redis_pys_own(manager: ManagerProcess) -> None:
     plain_client_retry = redis.Redis().get_retry()
     shared = sharedpool.Redis(socket_path=manager.socket_path)
     pool_only = redis.Redis(connection_pool=sharedpool.SharedConnectionPool(socket_path=manager.socket_path))
@@ -197,6 +197,8 @@ def test_retry_defaults_are_redis_pys_own(manager: ManagerProcess) -> None:
         ours = shared.connection_pool.get_connection()
         try:
             assert ours.retry.policy == plain_client_retry  # what redis.Redis() retries with
+            plain = redis.Connection()
+            assert (ours.socket_timeout, ours.health_check_interval) == (plain.socket_timeout, plain.health_check_interval)
         finally:
             shared.connection_pool.release(ours)
         bare = pool_only.connection_pool.get_connection()

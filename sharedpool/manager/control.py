@@ -32,13 +32,13 @@ _FRAMES_PER_WAKEUP = 16
 _ACCEPT_BACKOFF = 0.5
 
 
-class ClientState(enum.Enum):
+class PeerState(enum.Enum):
     HANDSHAKE = "handshake"
     READY = "ready"
     CLOSED = "closed"
 
 
-class ControlClient:
+class Peer:
     """One accepted control connection (one per worker process, plus one-shot admin ones)."""
 
     __slots__ = ("sock", "pid", "uid", "state", "accepted_at", "label")
@@ -47,7 +47,7 @@ class ControlClient:
         self.sock = sock
         self.pid = pid
         self.uid = uid
-        self.state = ClientState.HANDSHAKE
+        self.state = PeerState.HANDSHAKE
         self.accepted_at = now
         self.label = f"pid {pid} uid {uid}"
 
@@ -55,11 +55,11 @@ class ControlClient:
 class ControlServer:
     """Every control connection the manager has, by state."""
 
-    def __init__(self, manager: Manager, handlers: Mapping[int, Callable[[Manager, ControlClient, int, bytes], None]]) -> None:
+    def __init__(self, manager: Manager, handlers: Mapping[int, Callable[[Manager, Peer, int, bytes], None]]) -> None:
         self._manager = manager
         self._handlers = handlers
-        self.clients: dict[int, ControlClient] = {}  # socket fd -> client past HELLO
-        self.handshaking: set[ControlClient] = set()
+        self.clients: dict[int, Peer] = {}  # socket fd -> client past HELLO
+        self.handshaking: set[Peer] = set()
 
     def __len__(self) -> int:
         return len(self.clients) + len(self.handshaking)
@@ -112,13 +112,13 @@ class ControlServer:
             _refuse(sock, *refusal)
             return
         self._manager.counters[keys.CLIENTS_ACCEPTED] += 1
-        client = ControlClient(sock, pid, uid, time.monotonic())
+        client = Peer(sock, pid, uid, time.monotonic())
         self.handshaking.add(client)
         self._manager.watch(sock.fileno(), lambda: self._on_readable(client))
 
-    def admitted(self, client: ControlClient) -> None:
+    def admitted(self, client: Peer) -> None:
         """HELLO accepted: the client may send every other frame."""
-        client.state = ClientState.READY
+        client.state = PeerState.READY
         self.handshaking.discard(client)
         self.clients[client.sock.fileno()] = client
 
@@ -136,11 +136,11 @@ class ControlServer:
         for client in list(self.clients.values()) + list(self.handshaking):
             self.drop(client, reason, sweep=False)
 
-    def drop(self, client: ControlClient, reason: str, sweep: bool = True) -> None:
-        if client.state is ClientState.CLOSED:
+    def drop(self, client: Peer, reason: str, sweep: bool = True) -> None:
+        if client.state is PeerState.CLOSED:
             return
-        was_ready = client.state is ClientState.READY
-        client.state = ClientState.CLOSED
+        was_ready = client.state is PeerState.READY
+        client.state = PeerState.CLOSED
         self.handshaking.discard(client)
         fd = client.sock.fileno()
         self.clients.pop(fd, None)
@@ -155,7 +155,7 @@ class ControlServer:
                 # the next sweep.
                 self._manager.reaper.sweep(time.monotonic(), only_pid=client.pid)
 
-    def send(self, client: ControlClient, frame: bytes) -> bool:
+    def send(self, client: Peer, frame: bytes) -> bool:
         try:
             client.sock.send(frame)
             return True
@@ -167,11 +167,11 @@ class ControlServer:
             self.drop(client, f"send failed ({exc.strerror or exc})")
         return False
 
-    def _on_readable(self, client: ControlClient) -> None:
+    def _on_readable(self, client: Peer) -> None:
         # Frames that arrive together are handled in one wake-up, up to a
         # bound, so one busy worker cannot starve the others.
         for _ in range(_FRAMES_PER_WAKEUP):
-            if client.state is ClientState.CLOSED:
+            if client.state is PeerState.CLOSED:
                 return
             try:
                 data, _anc, flags, _addr = client.sock.recvmsg(protocol.MAX_FRAME)
@@ -185,7 +185,7 @@ class ControlServer:
                 return
             self._on_frame(client, data, flags)
 
-    def _on_frame(self, client: ControlClient, data: bytes, flags: int) -> None:
+    def _on_frame(self, client: Peer, data: bytes, flags: int) -> None:
         request_id = 0
         try:
             protocol.check_recv_flags(flags)
@@ -198,7 +198,7 @@ class ControlServer:
                 self.send(client, protocol.encode_error(
                     ErrorCode.UNSUPPORTED, f"frame type {frame_type} is not supported", request_id))
                 return
-            if client.state is ClientState.HANDSHAKE and frame_type != FrameType.HELLO:
+            if client.state is PeerState.HANDSHAKE and frame_type != FrameType.HELLO:
                 self.send(client, protocol.encode_error(ErrorCode.NOT_READY, "the first frame must be HELLO", request_id))
                 self.drop(client, f"frame type {frame_type} before HELLO")
                 return
@@ -212,13 +212,13 @@ class ControlServer:
             log.exception("internal error handling a frame from %s; closing its connection", client.label)
             self._close_for_frame(client, ErrorCode.INTERNAL, "internal error; see the manager log", request_id, "internal error")
 
-    def _close_for_frame(self, client: ControlClient, code: ErrorCode, message: str, request_id: int, reason: str) -> None:
+    def _close_for_frame(self, client: Peer, code: ErrorCode, message: str, request_id: int, reason: str) -> None:
         self._manager.counters[keys.PROTOCOL_ERRORS] += 1
-        if client.state is not ClientState.CLOSED:
+        if client.state is not PeerState.CLOSED:
             self.send(client, protocol.encode_error(code, message, request_id))
             self.drop(client, reason)
 
-    def _refuse_version(self, client: ControlClient, version: int, request_id: int) -> None:
+    def _refuse_version(self, client: Peer, version: int, request_id: int) -> None:
         message = (
             f"this manager speaks sharedpool protocol {protocol.VERSION}, the client speaks {version}: "
             f"run the same sharedpool version in the workers as in the manager"

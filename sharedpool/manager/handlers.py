@@ -22,7 +22,7 @@ from sharedpool import table as tbl
 from sharedpool.config import format_databases
 from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
-from sharedpool.manager.control import ClientState, ControlClient
+from sharedpool.manager.control import Peer, PeerState
 from sharedpool.manager.pool import ReapCause, SlotState
 from sharedpool.protocol import ErrorCode, FrameType
 from sharedpool.table import Outcome, RowState
@@ -57,8 +57,8 @@ def welcome(manager: Manager) -> dict[str, Any]:
     }
 
 
-def on_hello(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
-    if client.state is not ClientState.HANDSHAKE:
+def on_hello(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+    if client.state is not PeerState.HANDSHAKE:
         raise protocol.ProtocolError("HELLO sent twice")
     hello = protocol.decode_json(body)
     claimed = hello.get("pid")
@@ -72,7 +72,7 @@ def on_hello(manager: Manager, client: ControlClient, request_id: int, body: byt
         manager.control.drop(client, f"WELCOME undeliverable ({exc.strerror or exc})", sweep=False)
 
 
-def on_fetch_fd(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
+def on_fetch_fd(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
     index, generation = protocol.decode_slot(body)
     slot = manager.pool.slot(index, generation)
     if slot is None or slot.state is not SlotState.SHARED or slot.backend is None:
@@ -88,7 +88,7 @@ def on_fetch_fd(manager: Manager, client: ControlClient, request_id: int, body: 
         manager.control.drop(client, f"fd undeliverable ({exc.strerror or exc})")
 
 
-def on_report(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
+def on_report(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
     report = protocol.decode_report(body)
     pool, keeper, table = manager.pool, manager.keeper, manager.keeper.table
     slot = pool.slot(report.slot, report.generation)
@@ -124,7 +124,7 @@ def on_report(manager: Manager, client: ControlClient, request_id: int, body: by
     manager.redispatch(now)
 
 
-def on_demand(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
+def on_demand(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
     now = time.monotonic()
     pool = manager.pool
     db = protocol.decode_demand(body, pool.limits.default_db)
@@ -144,12 +144,12 @@ def on_demand(manager: Manager, client: ControlClient, request_id: int, body: by
         manager.sweep_soon(now)
 
 
-def on_site(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
+def on_site(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
     site_id, text = protocol.decode_site(body)
     manager.pool.note_site(client.pid, site_id, text)
 
 
-def on_probe(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
+def on_probe(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
     request = protocol.decode_json(body)
     timeout = request.get("timeout", 2.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
@@ -164,7 +164,7 @@ def on_probe(manager: Manager, client: ControlClient, request_id: int, body: byt
             error = describe_error(exc)
         if "max number of clients" in error:
             log.warning("Redis at %s refuses new connections: %s", target.label, error)
-        if client.state is ClientState.READY:
+        if client.state is PeerState.READY:
             manager.control.send(client, protocol.encode_json(FrameType.PROBE_REPLY, {
                 "ok": not error, "error": error, "elapsed_s": round(now - started, 4),
                 "redis": target.label, "pool": manager.config.pool_name, "open": manager.pool.open_connections,
@@ -176,16 +176,16 @@ def on_probe(manager: Manager, client: ControlClient, request_id: int, body: byt
     manager.submit(lambda: probe(target, float(timeout)), done)
 
 
-def on_stats(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
+def on_stats(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
     snapshot = manager.snapshot(max_workers=_STATS_WORKER_ROWS)
     manager.control.send(client, protocol.encode_json(FrameType.STATS_REPLY, snapshot, request_id))
 
 
-def on_ping(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
+def on_ping(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
     manager.control.send(client, protocol.encode_empty(FrameType.PONG, request_id))
 
 
-def on_admin(manager: Manager, client: ControlClient, request_id: int, body: bytes) -> None:
+def on_admin(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
     request = protocol.decode_json(body)
     command = request.get("command")
     if client.uid not in (os.getuid(), 0):
@@ -226,7 +226,7 @@ def on_admin(manager: Manager, client: ControlClient, request_id: int, body: byt
     manager.control.send(client, protocol.encode_json(FrameType.ADMIN_REPLY, reply, request_id))
 
 
-Handler = Callable[["Manager", ControlClient, int, bytes], None]
+Handler = Callable[["Manager", Peer, int, bytes], None]
 
 HANDLERS: dict[int, Handler] = {
     FrameType.ADMIN: on_admin,
