@@ -37,8 +37,13 @@ def run_watching_redis(
     that is neither the manager's nor ``admin``. Returns exit code, output, strangers."""
     own = admin.client_id()
     strangers: set[str] = set()
+    # The sharedpool under test, whatever the environment has installed.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(sharedpool.__file__)))
+    path = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     with open(log, "w") as output:
-        process = subprocess.Popen(command, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env={**os.environ, **env, "PYTHONPATH": path}, stdout=output, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + timeout
         try:
             while process.poll() is None:
