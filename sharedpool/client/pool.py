@@ -3,18 +3,19 @@
 A lease is a lock on one byte of the shared table plus a row written
 (``sharedpool.table``): ``get_connection`` takes one through the lease core
 (``lease_core``) and returns this process's connection object for its
-slot; ``release`` gives it back. This module adds what is sync: attaching
-to a manager (``Attachment``), one ``Taker`` per thread, blocking waits on
-the thread's wake socket, and the control channel's blocking requests.
+slot; ``release`` gives it back. This module is the sync pool itself:
+redis-py's pool interface, the options a worker may set, taking a lease
+(spinning, then blocking waits on the thread's wake socket) and giving it
+back, and the control channel's blocking requests. Attaching to a manager
+and each thread's taker are ``attaching.py``'s; binding a lease to a
+connection object and ending one redis-py lost are ``binding.py``'s.
 The manager hears of a lease only when it has work to do: a first fd for a
 (slot, generation), a slot to open, a reset, a broken connection.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -25,17 +26,16 @@ from typing import Any
 import redis
 
 from sharedpool import errors, protocol
-from sharedpool import table as tbl
 from sharedpool.client import clone, lease_core, lease_queue, process
-from sharedpool.client.attachment import Attachment, check_welcome, open_channel
+from sharedpool.client.attaching import LIVENESS_S, Attaching, ThreadState
+from sharedpool.client.attachment import Attachment
+from sharedpool.client.binding import bind, end_lost_lease, give_back_reporting
 from sharedpool.client.callsite import caller
 from sharedpool.client.connection import LeasedConnection, LeaseState
-from sharedpool.client.lease_core import Lease, Taken, Taker, give_back
+from sharedpool.client.lease_core import Lease, Taken, give_back
 from sharedpool.config import client_config
 from sharedpool.protocol import FrameType
 from sharedpool.table import Outcome
-
-log = logging.getLogger("sharedpool.client")
 
 # Settings that belong to the manager: a worker cannot change them per lease.
 _MANAGER_OWNED = frozenset({
@@ -45,8 +45,6 @@ _MANAGER_OWNED = frozenset({
     "socket_keepalive_options", "socket_connect_timeout", "redis_connect_func", "connection_class",
     "cache", "cache_config", "maint_notifications_config",
 })
-
-_NOT_FOR_CONNECTIONS = frozenset(clone.POOL_KEYS) | {"redis_location"}
 
 
 def refuse_manager_owned(connection_kwargs: dict[str, Any]) -> None:
@@ -60,24 +58,7 @@ def refuse_manager_owned(connection_kwargs: dict[str, Any]) -> None:
         )
 
 
-# How often a process checks that the manager that lent it the table lives.
-_LIVENESS_S = 0.1
-
-
-class _ThreadState(Taker):
-    """A thread's taker, with the poller its blocking waits use. Closed with the thread."""
-
-    def __init__(self, attachment: Attachment) -> None:
-        super().__init__(attachment)
-        self.poller = select.poll()
-
-    def wake_socket(self) -> socket.socket:
-        if self.wake is None:
-            self.poller.register(super().wake_socket().fileno(), select.POLLIN)
-        return super().wake_socket()
-
-
-class SharedConnectionPool(redis.ConnectionPool):
+class SharedConnectionPool(Attaching, redis.ConnectionPool):
     """A redis-py ``ConnectionPool`` whose connections are leases from a sharedpool manager.
 
     ``socket_path`` (or ``SHAREDPOOL_SOCKET``) names the manager;
@@ -145,81 +126,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         cached = len(att.conns) if att is not None else 0
         return f"<SharedConnectionPool {self.config.socket_path} pool={name!r} [{held} leased here, {cached} slots cached]>"
 
-    # ----- per-process state ---------------------------------------------
-
-    def reset(self) -> None:
-        """Start this process's state afresh (also what a forked child does)."""
-        old: Attachment | None = getattr(self, "_attachment", None)
-        old_local: threading.local | None = getattr(self, "_local", None)
-        inherited = getattr(self, "pid", os.getpid()) != os.getpid()
-        self.pid = os.getpid()
-        self._local = threading.local()
-        self._attach_lock = threading.Lock()
-        self._attachment: Attachment | None = None
-        self._created_connections = 0
-        self._available_connections: list[Any] = []
-        self._in_use_connections: set[Any] = set()
-        if inherited:
-            # The parent's fds, table and channel are the parent's: close our
-            # copies, unlock nothing, tell no one (DESIGN facts 5 and 12).
-            state = getattr(old_local, "state", None) if old_local is not None else None
-            if state is not None:
-                state.close()
-            if old is not None:
-                old.abandon()
-
-    def _checkpid(self) -> None:
-        if self.pid != os.getpid():
-            with self._fork_lock:
-                if self.pid != os.getpid():
-                    self.reset()
-
-
-    def _attach(self, deadline: float) -> Attachment:
-        att = self._attachment
-        if att is not None and not att.detached:
-            now = time.monotonic()
-            if now - att.checked_at < _LIVENESS_S:
-                return att
-            att.checked_at = now
-            if att.manager_alive() and not att.channel.closed:
-                return att
-            log.warning("manager of pool %r (epoch %s) is gone: dropping its table and connections", att.pool_name, att.epoch)
-            self._detach(att)
-        if not self._attach_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise errors.ManagerUnavailable(
-                f"no sharedpool manager at {self.config.socket_path}: another thread is still connecting"
-            )
-        try:
-            att = self._attachment
-            if att is not None and not att.detached:
-                return att
-            channel = open_channel(self.config.socket_path, deadline)
-            try:
-                db = check_welcome(channel.welcome, self._requested_protocol, self.db, self.redis_location)
-                att = Attachment(channel, db)
-            except BaseException:
-                channel.close()
-                raise
-            self._attachment = att
-            return att
-        finally:
-            self._attach_lock.release()
-
-    def _detach(self, att: Attachment) -> None:
-        if self._attachment is att:
-            self._attachment = None
-        att.detach()
-
-    def _thread_state(self, att: Attachment) -> _ThreadState:
-        state: _ThreadState | None = getattr(self._local, "state", None)
-        if state is not None and state.attachment is att and state.lock_fd >= 0:
-            return state
-        if state is not None:
-            state.close()
-        state = _ThreadState(att)
-        self._local.state = state
-        return state
+    # ----- timeouts (attaching, detaching, threads' takers: Attaching) -------
 
     def _acquire_timeout(self, att: Attachment) -> float:
         return self.config.acquire_timeout or att.acquire_timeout
@@ -246,7 +153,7 @@ class SharedConnectionPool(redis.ConnectionPool):
         started = time.monotonic()
         manager_timeout = self.config.manager_timeout
         att = self._attachment
-        if att is None or att.detached or started - att.checked_at >= _LIVENESS_S:
+        if att is None or att.detached or started - att.checked_at >= LIVENESS_S:
             att = self._attach(min(started + manager_timeout, budget or float("inf")))
         acquire_timeout = self.config.acquire_timeout or att.acquire_timeout
         final = started + manager_timeout + acquire_timeout
@@ -284,11 +191,11 @@ class SharedConnectionPool(redis.ConnectionPool):
             lease = Lease(att, slot, generation, seq, state.lock_fd, time.monotonic(), att.db, state)
             att.held += 1
             try:
-                return self._bind(att, lease, conn, final, started)
+                return bind(self, att, lease, conn, final, started)
             except errors.StaleSlot:
                 # A row that says READY for a generation the manager has not
                 # opened (scribbled): skip it until the manager repairs it.
-                self._give_back(lease, Outcome.CLEAN, used=False)
+                give_back_reporting(lease, Outcome.CLEAN, used=False)
                 state.avoid.add((slot, generation))
                 if time.monotonic() >= deadline:
                     raise errors.PoolTimeout(
@@ -296,10 +203,10 @@ class SharedConnectionPool(redis.ConnectionPool):
                     ) from None
                 continue
             except BaseException:
-                self._give_back(lease, Outcome.CLEAN, used=False)
+                give_back_reporting(lease, Outcome.CLEAN, used=False)
                 raise
 
-    def _wait(self, att: Attachment, state: _ThreadState, site: int, started: float, deadline: float) -> Taken:
+    def _wait(self, att: Attachment, state: ThreadState, site: int, started: float, deadline: float) -> Taken:
         """Every open slot is taken: queue, and do what the lease core asks, blocking."""
         wait = lease_queue.QueueWait(att, state, site, started, deadline, self._acquire_timeout(att), att.db)
         poller = state.poller
@@ -328,51 +235,6 @@ class SharedConnectionPool(redis.ConnectionPool):
                 self._detach(att)
                 raise
         # RedisUnavailable and ShuttingDown reach the caller as they are.
-
-    # ----- binding the fd ---------------------------------------------------------
-
-    def _bind(
-        self, att: Attachment, lease: Lease, conn: LeasedConnection | None, final: float, started: float
-    ) -> LeasedConnection:
-        cached = att.conns.get(lease.slot)
-        if conn is None and cached is not None and cached.generation == lease.generation and cached._sock is not None:
-            cached.begin(lease)
-            return cached
-        if conn is not None and cached is not None and cached.generation == lease.generation and cached._sock is not None:
-            fd = os.dup(cached._sock.fileno())
-        else:
-            fd = self._fetch_fd(att, lease, final, started)
-        sock = socket.socket(fileno=fd)
-        if conn is None:
-            conn = self._make(att, lease.slot, lease.generation, sock)
-            conn.begin(lease)
-        else:
-            conn.begin(lease, sock)
-        stale = att.conns.get(lease.slot)
-        att.conns[lease.slot] = conn
-        if stale is not None and stale is not conn:
-            stale.shared_pool = None
-            stale.disconnect()  # an older generation: only our copy of a dead fd
-        return conn
-
-    def _fetch_fd(self, att: Attachment, lease: Lease, final: float, started: float) -> int:
-        body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
-        try:
-            timeout = max(0.05, final - time.monotonic())
-            _body, fd = att.channel.call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
-        except errors.ManagerUnavailable as exc:
-            raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
-        assert fd is not None
-        return fd
-
-    def _make(self, att: Attachment, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:
-        kwargs = {key: value for key, value in self.connection_kwargs.items() if key not in _NOT_FOR_CONNECTIONS}
-        kwargs["protocol"] = int(att.welcome.get("protocol", 3))
-        kwargs["db"] = att.db
-        return LeasedConnection(
-            shared_pool=self, slot=slot, generation=generation, sock=sock,
-            redis_label=str(att.welcome.get("redis", "")), **kwargs,
-        )
 
     def make_connection(self) -> LeasedConnection:
         raise errors.LeaseError("SharedConnectionPool makes no connections of its own; use get_connection()")
@@ -409,11 +271,6 @@ class SharedConnectionPool(redis.ConnectionPool):
             if report:
                 lease.attachment.channel.notify(report)
 
-    def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
-        report = give_back(lease, outcome, used)
-        if report:
-            lease.attachment.channel.notify(report)
-
     # ----- redis-py's retry after a lost connection ---------------------------------
 
     def connection_lost(self, conn: LeasedConnection) -> None:
@@ -424,32 +281,7 @@ class SharedConnectionPool(redis.ConnectionPool):
 
     def replace_lost_lease(self, conn: LeasedConnection) -> socket.socket:
         """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""
-        if conn.state is LeaseState.REVOKED:
-            raise errors.LeaseLost(conn.why)
-        lease = conn.lease
-        if conn.state is LeaseState.IN_USE and lease is not None:
-            att: Attachment = lease.attachment
-            row = None
-            try:
-                row = att.table.row(lease.slot)
-            except tbl.RowError:
-                pass
-            if row is not None and tbl.was_revoked(row, lease.generation, lease.seq):
-                why = (
-                    f"lease {lease.id} of pool {att.pool_name!r} was revoked after "
-                    f"{time.monotonic() - lease.taken_at:.1f} s (max_lease_time={att.max_lease_time:g} s); "
-                    f"its connection was closed"
-                )
-                conn.end()
-                conn.revoked(why)
-                self._give_back(lease, Outcome.BROKEN)
-                raise errors.LeaseLost(why)
-            conn.lose()
-            if not conn.retry_until:
-                conn.retry_until = time.monotonic() + self.call_bound()
-            self._give_back(lease, Outcome.BROKEN)
-        elif conn.state is not LeaseState.LOST:
-            raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
+        end_lost_lease(self, conn)
         self._lease(caller(), conn, budget=conn.retry_until)
         sock = conn._sock
         assert sock is not None

@@ -2,43 +2,29 @@
 
 With the lease table, workers take and give back leases without the
 manager; what stays here is the life of each slot's *connection*: opening,
-sharing it through the table, resetting, replacing, trimming, and the
-decisions the sweep makes from the rows it read (leak warnings,
-``max_lease_time``). Every entry point takes ``now`` and returns the I/O
-still to do as a list of actions; the loop (``loop.py``) performs them.
-Slots move between states only through ``_move``, which refuses
-impossible transitions, and each state has one collection, so counts are
-``len()`` of a collection. Each counter is written where its transition
-happens: a connection's end is counted, with its cause, in ``_discard``.
+sharing it through the table, resetting, replacing, trimming. Every entry
+point takes ``now`` and returns the I/O still to do as a list of actions;
+the loop (``loop.py``) performs them. Slots (``slot.py``) move between
+states only through ``_move``, which refuses impossible transitions, and
+each state has one collection, so counts are ``len()`` of a collection.
+Each counter is written where its transition happens: a connection's end
+is counted, with its cause, in ``_discard``.
 
-A *slot* is a numbered place for one Redis connection (one row of the
-table). Replacing a slot's connection bumps its *generation*: a worker's
-cached fd of an older generation is never mistaken for the current one,
-and the slot's lock byte moves with it (``table.slot_lock``).
-
-Databases: each open slot belongs to one database (``Slot.db``, written in
-its row). ``max_connections`` bounds the slots of all databases together,
-``Limits.max_per_database`` each one's; ``min_idle`` applies to each *warm*
-database (``Limits.warm_databases``). Dispatch opens, round-robin between
-the databases that need it, what their waiters, DEMANDs and ``min_idle``
-call for. When the global cap leaves nothing to open and a database still
-has waiters, an idle slot of another database is *rebound*: one the sweep
-holds the lock of, of a database with no waiters of its own and more idle
-connections than its ``min_idle``, idle the longest first. The slot is
-RESET and SELECTs the new database, then is published READY for it.
+What is decided elsewhere and acted on here: how many connections each
+database needs and which idle slots are rebound (``databases.py``), and
+what each row the sweep read calls for (``sweep.py``).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sharedpool import stats as keys
 from sharedpool.config import format_databases
+from sharedpool.manager import databases
 from sharedpool.manager.actions import (
     Action,
     CloseConnection,
@@ -51,18 +37,13 @@ from sharedpool.manager.actions import (
     RowView,
     Wake,
 )
+from sharedpool.manager.slot import ReapCause, Slot, SlotState
+from sharedpool.manager.sweep import End, GiveBack, Note, judge
 from sharedpool.table import RETIRE_NOW, Outcome, RowState
 
+__all__ = ["Pool", "ReapCause", "Slot", "SlotState"]
+
 log = logging.getLogger("sharedpool.manager")
-
-
-class SlotState(enum.Enum):
-    EMPTY = "empty"  # no connection; the row says CLOSED
-    CONNECTING = "connecting"  # the row says MANAGER
-    SHARED = "shared"  # in the table: READY or HELD, moved by the workers
-    MANAGED = "managed"  # the manager holds the slot's lock (reset, repair); row MANAGER
-
-    __hash__ = object.__hash__  # identity: cheaper than Enum's hash of the name
 
 
 _ALLOWED_MOVES: dict[SlotState, frozenset[SlotState]] = {
@@ -71,35 +52,6 @@ _ALLOWED_MOVES: dict[SlotState, frozenset[SlotState]] = {
     SlotState.SHARED: frozenset({SlotState.MANAGED, SlotState.EMPTY}),
     SlotState.MANAGED: frozenset({SlotState.SHARED, SlotState.EMPTY}),
 }
-
-
-class ReapCause(enum.Enum):
-    """Why a leased connection was taken back and replaced."""
-
-    HOLDER_CLOSED = "holder_closed"  # row HELD, lock free: the holder vanished mid-lease
-    HOLDER_DEAD = "holder_dead"  # holder dead by psutil, lock kept by an orphaned child
-    BROKEN = "broken"  # the holder said so
-    REVOKED = "revoked"  # max_lease_time
-
-
-@dataclass(eq=False)
-class Slot:
-    index: int
-    state: SlotState = SlotState.EMPTY
-    generation: int = 0
-    backend: Any = None
-    idle_since: float = 0.0
-    expires_at: float = float("inf")
-    # Replace instead of reusing when the current lease ends (reconnect, reload).
-    retire: bool = False
-    # The last lease number seen in the row: a new one restarts the idle clock.
-    seen_seq: int = 0
-    leak_warned_seq: int = 0
-    db: int = 0  # the database its connection is SELECTed to (the last one, while EMPTY)
-
-    def __repr__(self) -> str:
-        return f"<Slot {self.index} db {self.db} gen {self.generation} {self.state.value}>"
-
 
 
 _BACKOFF_BASE = 0.05
@@ -200,66 +152,41 @@ class Pool:
             # Backing off: the demand waits for the next attempt.
             for db, count in demand.items():
                 self.demand[db] = self.demand.get(db, 0) + count
-        connecting: dict[int, int] = {}
-        for slot in self._by_state[SlotState.CONNECTING].values():
-            connecting[slot.db] = connecting.get(slot.db, 0) + 1
+        connecting = self._by_db(SlotState.CONNECTING)
         asked = {db: max(waiters.get(db, 0), demand.get(db, 0)) for db in {*waiters, *demand} if self.serves(db)}
-        need: dict[int, int] = {}
-        for db in sorted({*asked, *limits.warm_databases}):
-            wanted = asked.get(db, 0) + max(0, limits.min_idle_of(db) - idle.get(db, 0)) - connecting.get(db, 0)
-            if limits.max_per_database:
-                wanted = min(wanted, limits.max_per_database - self.in_db(db))
-            if wanted > 0:
-                need[db] = wanted
+        need = databases.needs(limits, asked, idle, connecting, self.open_by_db())
         openable = sorted(index for index in self._by_state[SlotState.EMPTY] if index < limits.max_connections)
         budget = len(openable) if now >= self.next_connect_at else 0
         if self.redis_down_since is not None:
             # While Redis is down, probe with one connection at a time.
             budget = min(budget, 1 - self.count(SlotState.CONNECTING))
-        # Round-robin, the default database first: one busy database cannot
-        # take every free slot from the others.
-        order = sorted(need, key=lambda db: (db != limits.default_db, db))
-        while budget > 0 and need:
-            for db in order:
-                if budget <= 0 or not need.get(db):
-                    continue
-                slot = self.slots[openable.pop(0)]
-                slot.db = db
-                self._move(slot, SlotState.CONNECTING)
-                actions.append(Publish(slot.index, slot.generation, RowState.MANAGER, db=db))
-                actions.append(OpenConnection(slot.index, slot.generation))
-                budget -= 1
-                need[db] -= 1
-                connecting[db] = connecting.get(db, 0) + 1
-            need = {db: n for db, n in need.items() if n > 0}
+        order = databases.opening_order(need, limits.default_db)
+        for db in databases.share_out(need, order, budget):
+            slot = self.slots[openable.pop(0)]
+            slot.db = db
+            self._move(slot, SlotState.CONNECTING)
+            actions.append(Publish(slot.index, slot.generation, RowState.MANAGER, db=db))
+            actions.append(OpenConnection(slot.index, slot.generation))
+            need[db] -= 1
         self.rebind_wanted = False
-        if openable or not need:
+        if openable or not any(need.values()):
             return actions + self._release(donors)
         # The global cap is reached: a database whose waiters are not served
         # by what is opening takes an idle slot of a database that waits for nothing.
-        coming = dict(connecting)  # being opened, reset or rebound for that database
-        for slot in self._by_state[SlotState.MANAGED].values():
-            coming[slot.db] = coming.get(slot.db, 0) + 1
-        short = {db: asked.get(db, 0) - coming.get(db, 0) - idle.get(db, 0) for db in order}
-        spare = dict(idle)
-        candidates = sorted(donors, key=lambda slot: slot.idle_since)
-        used: set[int] = set()
-        for db in order:
-            for _ in range(short[db]):
-                if limits.max_per_database and self.in_db(db) >= limits.max_per_database:
-                    break
-                donor = next((
-                    slot for slot in candidates
-                    if slot.index not in used and slot.db != db and not asked.get(slot.db)
-                    and spare.get(slot.db, 0) > limits.min_idle_of(slot.db)
-                ), None)
-                if donor is None:
-                    self.rebind_wanted = True
-                    break
-                used.add(donor.index)
-                spare[donor.db] -= 1
-                actions += self._rebind(donor, db)
-        return actions + self._release([slot for slot in donors if slot.index not in used])
+        coming = self._by_db(SlotState.CONNECTING, SlotState.MANAGED)  # being opened, reset or rebound for it
+        plan, self.rebind_wanted = databases.rebinds(limits, order, asked, coming, idle, self.open_by_db(), donors)
+        for donor, db in plan:
+            actions += self._rebind(donor, db)
+        rebound = {donor.index for donor, _ in plan}
+        return actions + self._release([slot for slot in donors if slot.index not in rebound])
+
+    def _by_db(self, *states: SlotState) -> dict[int, int]:
+        """Slots in ``states``, per database."""
+        counts: dict[int, int] = {}
+        for state in states:
+            for slot in self._by_state[state].values():
+                counts[slot.db] = counts.get(slot.db, 0) + 1
+        return counts
 
     def _rebind(self, slot: Slot, db: int) -> list[Action]:
         """Lend an idle connection (its lock held by us) to another database."""
@@ -385,15 +312,14 @@ class Pool:
     def sweep(
         self, rows: list[RowView], now: float, waiters: Mapping[int, int], idle_elsewhere: Mapping[int, int] | None = None
     ) -> list[Action]:
-        """Decide from what the rows say: repairs, leak warnings, revocations, trimming,
-        and which idle slots may be rebound to another database.
+        """Act on what the rows say (``sweep.judge``): repairs, leak warnings, revocations,
+        trimming; then dispatch, offering the idle slots kept for rebinding.
 
         ``waiters`` and ``idle_elsewhere`` are per database; ``idle_elsewhere``:
         idle connections not among ``rows`` (a sweep of one process's rows), so
         that ``min_idle`` is not over-counted.
         """
         actions: list[Action] = []
-        limits = self.limits
         idle = dict(idle_elsewhere or {})
         donors: list[Slot] = []
         for view in rows:
@@ -402,76 +328,26 @@ class Pool:
                 if view.lock_free:
                     actions.append(Release(view.index, view.generation))
                 continue
-            if view.state is None or view.generation != slot.generation or view.db != slot.db:
-                # Scribbled: nobody can say who uses this connection (or which
-                # database a taker would expect of it). Replace it.
-                log.warning("slot %d: row unreadable or of another generation: connection replaced", slot.index)
-                actions += self._discard(slot, "row scribbled", now, keys.TABLE_REPAIRS)
-                continue
-            if view.state is RowState.HELD:
-                if view.lock_free:
-                    actions += self.given_back(slot.index, slot.generation, Outcome.BROKEN, now, ReapCause.HOLDER_CLOSED)
-                elif not view.holder_alive:
-                    # Its lock outlives it in an orphaned child (DESIGN fact 12):
-                    # a new generation leaves that lock behind.
-                    log.warning(
-                        "slot %d: holder pid %d is dead but its lock lives on (a child kept it): connection replaced",
-                        slot.index, view.holder_pid,
-                    )
-                    actions += self._discard(slot, "holder dead", now, keys.reaped_key(ReapCause.HOLDER_DEAD.value))
-                else:
-                    actions += self._held(slot, view, now)
-                continue
-            if view.state in (RowState.RESET, RowState.BROKEN):
-                if view.lock_free:
-                    outcome = Outcome.BROKEN if view.state is RowState.BROKEN else Outcome.NEEDS_RESET
-                    actions += self.given_back(slot.index, slot.generation, outcome, now)
-                continue
-            if view.state is not RowState.READY:
-                actions += self._discard(slot, f"row says {view.state.name} in a shared slot", now, keys.TABLE_REPAIRS)
-                continue
-            if view.lease_seq != slot.seen_seq:
-                slot.seen_seq = view.lease_seq
-                slot.idle_since = now
-            if not view.lock_free:
-                continue  # being taken right now
-            idle_in_db = idle.get(slot.db, 0)
-            if slot.retire or slot.index >= limits.max_connections or not self.serves(slot.db):
-                actions += self._discard(slot, "retired", now)
-            elif now >= slot.expires_at:
-                actions += self._discard(slot, "max_lifetime reached", now, keys.RECYCLED)
-            elif (limits.idle_timeout and now - slot.idle_since >= limits.idle_timeout
-                  and idle_in_db >= limits.min_idle_of(slot.db)):
-                actions += self._discard(slot, "idle_timeout", now, keys.IDLE_CLOSED)
-            else:
-                idle[slot.db] = idle_in_db + 1  # only what stays open counts towards min_idle
+            verdict = judge(slot, view, now, self.limits, idle.get(slot.db, 0), self.serves(slot.db))
+            if isinstance(verdict, End):
+                actions += self._discard(slot, verdict.reason, now, verdict.counter, verdict.revoked_seq)
+            elif isinstance(verdict, GiveBack):
+                actions += self.given_back(slot.index, slot.generation, verdict.outcome, now, verdict.cause)
+            elif verdict is Note.LEAK:
+                self._warn_leak(slot, view, now)
+            elif verdict is Note.IDLE:
+                idle[slot.db] = idle.get(slot.db, 0) + 1  # only what stays open counts towards min_idle
                 donors.append(slot)  # released by dispatch unless rebound
         return actions + self.dispatch(now, idle, waiters, donors)
 
-    def _held(self, slot: Slot, view: RowView, now: float) -> list[Action]:
-        if view.subscriber:
-            # Subscribed mode lasts as long as its subscriber does: neither a
-            # leak nor a lease to revoke (max_connections still bounds them).
-            return []
-        limits = self.limits
-        age = now - view.acquired_at
-        if limits.max_lease_time and age >= limits.max_lease_time:
-            log.warning(
-                "revoked lease %d of pid %d (slot %d) after %.1f s: max_lease_time=%g s",
-                view.lease_seq, view.holder_pid, slot.index, age, limits.max_lease_time,
-            )
-            return self._discard(
-                slot, "revoked: max_lease_time", now, keys.reaped_key(ReapCause.REVOKED.value), revoked_seq=view.lease_seq
-            )
-        if limits.leak_threshold and age >= limits.leak_threshold and slot.leak_warned_seq != view.lease_seq:
-            slot.leak_warned_seq = view.lease_seq
-            self.counters[keys.LEAK_WARNINGS] += 1
-            where = self.sites.get((view.holder_pid, view.call_site), "an unknown place")
-            log.warning(
-                "possible leak: pid %d has held lease %d (slot %d) for %.1f s (leak_threshold %g s); taken at %s",
-                view.holder_pid, view.lease_seq, slot.index, age, limits.leak_threshold, where,
-            )
-        return []
+    def _warn_leak(self, slot: Slot, view: RowView, now: float) -> None:
+        slot.leak_warned_seq = view.lease_seq
+        self.counters[keys.LEAK_WARNINGS] += 1
+        where = self.sites.get((view.holder_pid, view.call_site), "an unknown place")
+        log.warning(
+            "possible leak: pid %d has held lease %d (slot %d) for %.1f s (leak_threshold %g s); taken at %s",
+            view.holder_pid, view.lease_seq, slot.index, now - view.acquired_at, self.limits.leak_threshold, where,
+        )
 
     # ----- connections -----------------------------------------------------
 

@@ -1,0 +1,119 @@
+"""Binding a lease to a connection object, and ending a lease redis-py lost.
+
+A lease taken from the table is bound to this process's ``LeasedConnection``
+for its slot: the cached one when it holds the slot's fd of this
+generation, else one on the fd fetched from the manager (FETCH_FD). When a
+command fails mid-lease, redis-py reconnects: the lost lease is given back
+broken (or, when the manager revoked it, the caller is told why) before the
+pool binds the same object to a fresh lease
+(``SharedConnectionPool.replace_lost_lease``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from sharedpool import errors, protocol
+from sharedpool import table as tbl
+from sharedpool.client import clone
+from sharedpool.client.attachment import Attachment
+from sharedpool.client.connection import LeasedConnection, LeaseState
+from sharedpool.client.lease_core import Lease, give_back
+from sharedpool.protocol import FrameType
+from sharedpool.table import Outcome
+
+if TYPE_CHECKING:
+    from sharedpool.client.pool import SharedConnectionPool
+
+# The pool's own options: not redis-py connection options.
+_NOT_FOR_CONNECTIONS = frozenset(clone.POOL_KEYS) | {"redis_location"}
+
+
+def bind(
+    pool: SharedConnectionPool, att: Attachment, lease: Lease, conn: LeasedConnection | None, final: float, started: float
+) -> LeasedConnection:
+    """The connection bound to ``lease``: this process's cached one for the slot, or
+    ``conn`` (rebinding that object) or a new one, on the slot's fd."""
+    cached = att.conns.get(lease.slot)
+    if conn is None and cached is not None and cached.generation == lease.generation and cached._sock is not None:
+        cached.begin(lease)
+        return cached
+    if conn is not None and cached is not None and cached.generation == lease.generation and cached._sock is not None:
+        fd = os.dup(cached._sock.fileno())
+    else:
+        fd = _fetch_fd(att, lease, final, started)
+    sock = socket.socket(fileno=fd)
+    if conn is None:
+        conn = _connection(pool, att, lease.slot, lease.generation, sock)
+        conn.begin(lease)
+    else:
+        conn.begin(lease, sock)
+    stale = att.conns.get(lease.slot)
+    att.conns[lease.slot] = conn
+    if stale is not None and stale is not conn:
+        stale.shared_pool = None
+        stale.disconnect()  # an older generation: only our copy of a dead fd
+    return conn
+
+
+def _fetch_fd(att: Attachment, lease: Lease, final: float, started: float) -> int:
+    body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+    try:
+        timeout = max(0.05, final - time.monotonic())
+        _body, fd = att.channel.call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
+    except errors.ManagerUnavailable as exc:
+        raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
+    assert fd is not None
+    return fd
+
+
+def _connection(pool: SharedConnectionPool, att: Attachment, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:
+    kwargs = {key: value for key, value in pool.connection_kwargs.items() if key not in _NOT_FOR_CONNECTIONS}
+    kwargs["protocol"] = int(att.welcome.get("protocol", 3))
+    kwargs["db"] = att.db
+    return LeasedConnection(
+        shared_pool=pool, slot=slot, generation=generation, sock=sock,
+        redis_label=str(att.welcome.get("redis", "")), **kwargs,
+    )
+
+
+def give_back_reporting(lease: Lease, outcome: Outcome, used: bool = True) -> None:
+    """Give ``lease`` back, telling the manager when it has work to do."""
+    report = give_back(lease, outcome, used)
+    if report:
+        lease.attachment.channel.notify(report)
+
+
+def end_lost_lease(pool: SharedConnectionPool, conn: LeasedConnection) -> None:
+    """``conn`` lost its connection mid-lease: give the lease back broken, so that
+    redis-py's retry may take a fresh one. Raises ``LeaseLost`` when no retry may:
+    the manager revoked the lease, or ``conn`` holds none."""
+    if conn.state is LeaseState.REVOKED:
+        raise errors.LeaseLost(conn.why)
+    lease = conn.lease
+    if conn.state is LeaseState.IN_USE and lease is not None:
+        att: Attachment = lease.attachment
+        row = None
+        try:
+            row = att.table.row(lease.slot)
+        except tbl.RowError:
+            pass
+        if row is not None and tbl.was_revoked(row, lease.generation, lease.seq):
+            why = (
+                f"lease {lease.id} of pool {att.pool_name!r} was revoked after "
+                f"{time.monotonic() - lease.taken_at:.1f} s (max_lease_time={att.max_lease_time:g} s); "
+                f"its connection was closed"
+            )
+            conn.end()
+            conn.revoked(why)
+            give_back_reporting(lease, Outcome.BROKEN)
+            raise errors.LeaseLost(why)
+        conn.lose()
+        if not conn.retry_until:
+            conn.retry_until = time.monotonic() + pool.call_bound()
+        give_back_reporting(lease, Outcome.BROKEN)
+    elif conn.state is not LeaseState.LOST:
+        raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
