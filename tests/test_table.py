@@ -216,3 +216,46 @@ def test_slot_lock_offsets_never_collide_across_slots_and_generations() -> None:
 def test_wake_addresses_are_abstract_and_distinct() -> None:
     assert tbl.wake_address("e", 1, 2).startswith(b"\0")
     assert tbl.wake_address("e", 1, 2) != tbl.wake_address("e", 1, 3) != tbl.wake_address("f", 1, 2)
+
+
+@given(
+    generation=st.integers(0, 2**32 - 1), seq=st.integers(1, 2**40), pid=st.integers(1, 2**31 - 1),
+    now=st.floats(1, 1e9), site=st.integers(0, 2**32 - 1), db=st.integers(0, tbl.MAX_DB), subscribed=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_handing_over_in_place_is_a_clean_give_back_then_a_take(
+    generation: int, seq: int, pid: int, now: float, site: int, db: int, subscribed: bool
+) -> None:
+    table = tbl.Table.create(capacity=1, waiter_capacity=1, max_waiting=1, epoch=b"x")
+    try:
+        table.write_row(0, Row(RowState.READY, generation, lease_seq=seq - 1, db=db))
+        taken = table.take_in_place(0, generation, pid, 1.5, now / 2, 7, db)
+        if subscribed:
+            table.mark_subscriber(0, generation, taken)
+        held = table.row(0)
+        assert table.hand_over_in_place(0, generation, taken + 1, pid, 1.5, now, site) == 0  # not our lease
+        assert table.row(0) == held
+        handed = table.hand_over_in_place(0, generation, taken, pid, 1.5, now, site)
+        expected = tbl.take(tbl.give_back(held, Outcome.CLEAN, now), pid, 1.5, now, site, db)
+        assert table.row(0) == expected and handed == expected.lease_seq != taken
+        assert table.row(0).acquired_at == now  # leak warnings and max_lease_time time the new lease
+    finally:
+        table.close()
+
+
+def test_an_expired_connection_is_never_handed_over(table: tbl.Table) -> None:
+    table.write_row(0, Row(RowState.READY, 3, lease_seq=5))
+    taken = table.take_in_place(0, 3, 42, 1.0, 10.0, 0, 0)
+    table.set_expiry(0, 11.0)
+    assert table.hand_over_in_place(0, 3, taken, 42, 1.0, 11.5, 0) == 0
+    assert table.give_back_in_place(0, 3, taken, Outcome.CLEAN, 11.5) is Outcome.BROKEN
+
+
+def test_oldest_waiter_since_skips_our_own_and_other_databases(table: tbl.Table) -> None:
+    assert table.oldest_waiter_since(0, other_than=1) is None
+    table.enqueue(1, 11, 5.0, db=0)  # ours
+    table.enqueue(2, 21, 7.0, db=1)  # another database
+    table.enqueue(3, 31, 9.0, db=0)
+    assert table.oldest_waiter_since(0, other_than=1) == 9.0
+    assert table.oldest_waiter_since(0, other_than=3) == 5.0
+    assert table.oldest_waiter_since(1, other_than=1) == 7.0

@@ -22,8 +22,9 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from sharedpool import errors
+from sharedpool.asyncio.handoff import Handoff, LocalLine
 from sharedpool.client import lease_queue
-from sharedpool.client.lease_core import Taken, Taker, pressure
+from sharedpool.client.lease_core import Lease, Taken, Taker, pressure
 
 if TYPE_CHECKING:
     from sharedpool.client.attachment import Attachment
@@ -32,10 +33,20 @@ Demander = Callable[["Attachment", float, int], Awaitable[None]]
 
 
 async def wait_in_queue(
-    att: Attachment, taker: Taker, site: int, started: float, deadline: float, acquire_timeout: float, demand: Demander
-) -> Taken:
-    """Every open slot is taken: queue in the table, and do what the lease core asks, awaiting."""
-    wait = lease_queue.QueueWait(att, taker, site, started, deadline, acquire_timeout, att.db)
+    att: Attachment,
+    taker: Taker,
+    handoff: Handoff,
+    line: LocalLine,
+    deadline: float,
+    acquire_timeout: float,
+    demand: Demander,
+) -> Taken | Lease:
+    """Every open slot is taken: queue in the table, and do what the lease core asks, awaiting.
+
+    A task of this process may hand us its lease meanwhile (``handoff``): that ends the wait too.
+    """
+    wait = lease_queue.QueueWait(att, taker, handoff.site, handoff.started, deadline, acquire_timeout, att.db)
+    line.in_table += 1
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -43,7 +54,10 @@ async def wait_in_queue(
             if isinstance(step, tuple):
                 return step
             if isinstance(step, lease_queue.Sleep):
-                if await readable(loop, step.fd, step.seconds):
+                woken = await readable(loop, step.fd, step.seconds, handoff)
+                if handoff.lease is not None:
+                    return handoff.lease  # claimed by the caller, after leave() below
+                if woken:
                     wait.on_wake()
             elif isinstance(step, lease_queue.Demand):
                 await demand(att, step.deadline, step.db)
@@ -53,17 +67,22 @@ async def wait_in_queue(
     finally:
         # Cancelled too: our entry leaves the queue and a wake meant for us
         # goes to the next waiter.
+        line.in_table -= 1
         wait.leave()
 
 
-async def readable(loop: asyncio.AbstractEventLoop, fd: int, seconds: float) -> bool:
-    """Whether ``fd`` became readable within ``seconds``."""
+async def readable(loop: asyncio.AbstractEventLoop, fd: int, seconds: float, handoff: Handoff | None = None) -> bool:
+    """Whether ``fd`` became readable within ``seconds`` (or a lease was handed over: see ``handoff.lease``)."""
     future: asyncio.Future[bool] = loop.create_future()
     loop.add_reader(fd, _settle, future, True)
     timer = loop.call_later(seconds, _settle, future, False)
+    if handoff is not None:
+        handoff.future = future
     try:
         return await future
     finally:
+        if handoff is not None:
+            handoff.future = None
         loop.remove_reader(fd)
         timer.cancel()
 
@@ -115,31 +134,42 @@ class Seats:
         return sum(1 for future in self._line if not future.done())
 
     @asynccontextmanager
-    async def seat(self, att: Attachment, deadline: float, acquire_timeout: float) -> AsyncIterator[None]:
-        await self._take(att, deadline, acquire_timeout)
+    async def seat(self, att: Attachment, deadline: float, acquire_timeout: float, handoff: Handoff) -> AsyncIterator[bool]:
+        """Yields True with a seat; False when a lease was handed over (``handoff.lease``) first."""
+        if not await self._take(att, deadline, acquire_timeout, handoff):
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             self._pass_on()
 
-    async def _take(self, att: Attachment, deadline: float, acquire_timeout: float) -> None:
+    async def _take(self, att: Attachment, deadline: float, acquire_timeout: float, handoff: Handoff) -> bool:
         if self.free > 0 and not self._line:
             self.free -= 1
-            return
+            return True
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._line.append(future)
+        # A hand-over settles this same future: done, it is skipped by
+        # _pass_on, so a task gets a seat or a lease, never both.
+        handoff.future = future
         try:
             seated = await settled_within(future, deadline - time.monotonic())
         except BaseException:
-            if future.done() and not future.cancelled():
+            if future.done() and not future.cancelled() and handoff.lease is None:
                 self._pass_on()  # handed a seat as we gave up: the next one gets it
             raise
+        finally:
+            handoff.future = None
+        if handoff.lease is not None:
+            return False
         if not seated:
             raise errors.PoolTimeout(
                 f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s "
                 f"({pressure(att)}; {self.waiting + 1} tasks of this process in line)"
             )
+        return True
 
     def _pass_on(self) -> None:
         while self._line:

@@ -3,9 +3,12 @@
 W=4 worker processes x 64 concurrent tasks; a request is k commands
 (GET/SET of its own key) and a wait on other I/O (``asyncio.sleep``).
 Plain: one ``redis.asyncio`` pool per worker (up to 64 connections each).
-Shared: ``sharedpool.asyncio`` over a manager with C connections. Both run
-in the same rounds, in alternating order; peak Redis connections are
-counted by Redis itself (``CONNECTED_CLIENTS`` polled during the window).
+Shared: ``sharedpool.asyncio`` over a manager with C connections, one lease
+per command (what a ``redis.asyncio`` user's code does unchanged). Shared,
+lease per request: the same request inside ``async with r.lease()``, the
+API the README offers for a block of commands. All run in the same rounds,
+in alternating order; peak Redis connections are counted by Redis itself
+(``CONNECTED_CLIENTS`` polled during the window).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ WORKERS = 4
 TASKS = 64
 CONNECTIONS = 4
 TARGET = 0.95  # x plain requests/s at C=4
+SHARED_LEASE = "shared_lease"  # sharedpool, one lease() block per request
 
 
 def _worker(system: str, address: str, commands: int, io_s: float, duration: float, ready: Any, go: Any, out: Any) -> None:
@@ -41,13 +45,20 @@ def _worker(system: str, address: str, commands: int, io_s: float, duration: flo
         latencies = array("d")
         stop_at = 0.0
 
-        async def request(key: str, value: str) -> None:
+        async def commands_on(client: Any, key: str, value: str) -> None:
             for i in range(commands):
                 if i % 2:
-                    if await r.get(key) != value.encode():
+                    if await client.get(key) != value.encode():
                         raise AssertionError(f"{key}: wrong reply")
                 else:
-                    await r.set(key, value)
+                    await client.set(key, value)
+
+        async def request(key: str, value: str) -> None:
+            if system == SHARED_LEASE:
+                async with r.lease() as pinned:
+                    await commands_on(pinned, key, value)
+            else:
+                await commands_on(r, key, value)
             await asyncio.sleep(io_s)
 
         async def task(n: int, record: bool) -> None:
@@ -81,7 +92,7 @@ def _run(rig: Rig, system: str, address: str) -> dict[str, float]:
     # Redis's own count: before the workers start, less the manager's
     # connections (already open: min_idle=C), so that both systems' peaks
     # are the connections they use.
-    baseline = _clients(rig) - (rig.manager_open(address) if system == SHARED else 0)
+    baseline = _clients(rig) - (rig.manager_open(address) if system != PLAIN else 0)
     peak = 0
     procs = [ctx.Process(target=_worker, args=(system, address, s.commands, s.io_ms / 1e3, s.duration, ready, go, out))
              for ready in readies]
@@ -124,7 +135,7 @@ def scenario_async(rig: Rig, results: Results) -> None:
 
     size = rig.sizes([CONNECTIONS])[0]
     address = rig.manager(size)
-    systems = [(PLAIN, rig.redis_url), (SHARED, address)]
+    systems = [(PLAIN, rig.redis_url), (SHARED, address), (SHARED_LEASE, address)]
 
     def measure(system: str, where: str) -> Any:
         def run(round_no: int) -> str:

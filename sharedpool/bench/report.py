@@ -195,6 +195,9 @@ def build_rows(results: Results, settings: dict[str, Any], cs: Sequence[int], tw
             target=">= 0.95x plain", passes=_at_least(0.95))
     compare("ASYNC", "p99 request latency ms", "async.shared.p99_ms", "async.plain.p99_ms", decimals=2)
     compare("ASYNC", "CPU ms/request, workers", "async.shared.cpu_ms", "async.plain.cpu_ms", decimals=3)
+    compare("ASYNC", "requests/s, one lease() per request", "async.shared_lease.rps", "async.plain.rps", decimals=0)
+    compare("ASYNC", "p99 request latency ms, lease() per request", "async.shared_lease.p99_ms", "async.plain.p99_ms",
+            decimals=2)
     rows.append(Row("ASYNC", "peak Redis connections", m("async.plain.peak_clients"), m("async.shared.peak_clients"),
                     decimals=0))
     wanted = {name.lower() for name in settings["scenarios"]}

@@ -205,6 +205,39 @@ class Table:
         TAKE_WRITE.pack_into(self.map, at, STATE_AFTER[outcome], row_db, 0, row_generation, 0, 0, seq, 0.0, 0.0)
         return outcome
 
+    def hand_over_in_place(
+        self, slot: int, generation: int, seq: int, pid: int, start: float, now: float, call_site: int
+    ) -> int:
+        """``give_back`` CLEAN then ``take`` by ``pid``, the slot's lock kept: the next lease's number, or 0.
+
+        0 when the row is no longer our lease (revoked, repaired) or its
+        connection has expired: the caller then gives it back the ordinary
+        way. The new lease number and acquired-at are what the manager's
+        leak warning and ``max_lease_time`` go by, so each lease of a chain
+        of hand-overs is timed from its own start.
+        """
+        at = ROWS_AT + slot * ROW_SIZE
+        state, row_db, row_generation, _pid, _site, row_seq, expires_at = GIVE_READ.unpack_from(self.map, at)
+        if state != RowState.HELD or row_generation != generation or row_seq != seq:
+            return 0
+        if expires_at and now >= expires_at:
+            return 0
+        seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1
+        TAKE_WRITE.pack_into(self.map, at, RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
+        return int(seq)
+
+    def oldest_waiter_since(self, db: int, other_than: int) -> float | None:
+        """When the oldest entry of ``db`` not of pid ``other_than`` queued (None: there is none).
+
+        Read without the queue's lock: a hint for fairness, not a decision.
+        """
+        oldest: float | None = None
+        for index in range(self.hwm()):
+            state, entry_db, pid, _token, _ticket, at = self.waiter(index)
+            if state != WaiterState.FREE and entry_db == db and pid != other_than and (oldest is None or at < oldest):
+                oldest = at
+        return oldest
+
     def mark_subscriber(self, slot: int, generation: int, seq: int) -> bool:
         """The holder's lease entered subscribed mode (it holds the slot's lock).
         False if the row is no longer its lease (revoked or repaired)."""

@@ -1,0 +1,80 @@
+"""Handing a lease from one task of this process straight to the next, the slot's lock kept.
+
+With hundreds of tasks on a few connections nearly every lease is
+contended, and giving one back through the table costs a datagram to a
+waiter and a process wake-up per command. When the next taker is a task of
+this very process, the releaser rewrites the row for it (a new lease
+number, acquired-at and call site: ``Table.hand_over_in_place``) and passes
+the ``Lease`` on, its ``Taker`` with it: the lock belongs to that taker's
+open file description, so only that description can give it back.
+
+``LocalLine`` is this process's tasks waiting for a lease, oldest first.
+Each holds a ``Handoff``, whose ``future`` is whatever the task awaits at
+the moment (its turn for a seat, its wake socket): a hand-over settles it,
+so the task resumes whichever of the two it was waiting on. A handed lease
+is the task's until it ``claim``s it; a task that ends otherwise (a
+cancellation, a timeout) gives back what was handed to it when it leaves
+the line (psycopg_pool's rule: a hand-off must be accepted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+from sharedpool.client.lease_core import Lease
+
+
+class Handoff:
+    """One waiting task's place in ``LocalLine``."""
+
+    __slots__ = ("future", "lease", "site", "started")
+
+    def __init__(self, site: int, started: float) -> None:
+        self.future: asyncio.Future[Any] | None = None
+        self.lease: Lease | None = None
+        self.site = site
+        self.started = started
+
+    def claim(self) -> Lease | None:
+        lease, self.lease = self.lease, None
+        return lease
+
+
+class LocalLine:
+    """This process's tasks waiting for a lease, and how many of them are in the table's queue."""
+
+    def __init__(self) -> None:
+        self._line: collections.deque[Handoff] = collections.deque()
+        self.in_table = 0
+
+    def __len__(self) -> int:
+        return len(self._line)
+
+    def join(self, site: int, started: float) -> Handoff:
+        handoff = Handoff(site, started)
+        self._line.append(handoff)
+        return handoff
+
+    def leave(self, handoff: Handoff) -> Lease | None:
+        """Out of the line; a lease handed over and not claimed is returned, to be given back."""
+        try:
+            self._line.remove(handoff)
+        except ValueError:
+            pass  # handed a lease: already out
+        return handoff.claim()
+
+    def next_taker(self) -> Handoff | None:
+        """The oldest task that can take a lease now (awaiting, not already settled)."""
+        for handoff in self._line:
+            future = handoff.future
+            if future is not None and not future.done() and handoff.lease is None:
+                return handoff
+        return None
+
+    def hand(self, handoff: Handoff, lease: Lease) -> None:
+        self._line.remove(handoff)
+        handoff.lease = lease
+        assert handoff.future is not None
+        handoff.future.set_result(True)
