@@ -121,9 +121,10 @@ def test_a_cancellation_mid_command_is_never_handed_over(start_manager, hand_ove
 
 
 def test_a_handed_over_lease_is_timed_from_its_own_start(start_manager, hand_overs) -> None:
-    # Two leases of 0.7 s in a row on one slot, one handed to the other:
-    # 1.4 s in all, past max_lease_time, but each lease is within it.
-    manager = start_manager(max_connections=1, min_idle=1, leak_threshold=0.5, max_lease_time=1.0, reap_interval=0.1)
+    # Two leases of 1.6 s in a row on one slot, one handed to the other:
+    # 3.2 s in all, past max_lease_time, but each lease is well within it
+    # (a margin of 1.4 s for a loaded machine's late wake-ups).
+    manager = start_manager(max_connections=1, min_idle=1, leak_threshold=0.5, max_lease_time=3.0, reap_interval=0.1)
 
     async def main() -> None:
         r = _client(manager)
@@ -132,7 +133,7 @@ def test_a_handed_over_lease_is_timed_from_its_own_start(start_manager, hand_ove
         async def second_lease() -> tbl.Row:
             async with r.lease() as pinned:
                 row = _rows(pool)[0]
-                await asyncio.sleep(0.7)
+                await asyncio.sleep(1.6)
                 assert await pinned.get(k) == "first"  # not revoked
                 return row
 
@@ -142,7 +143,7 @@ def test_a_handed_over_lease_is_timed_from_its_own_start(start_manager, hand_ove
                 first = _rows(pool)[0]
                 second = asyncio.create_task(second_lease())
                 await _until_in_line(pool, 1)
-                await asyncio.sleep(0.7)
+                await asyncio.sleep(1.6)
                 handed_at = time.monotonic()
             row = await second
             assert hand_overs == [0]

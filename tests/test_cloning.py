@@ -23,6 +23,7 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from support.redis_view import strangers
 
 import sharedpool
 from sharedpool.dev.launch import ManagerProcess
@@ -48,16 +49,6 @@ def original(manager: ManagerProcess) -> Iterator[sharedpool.SharedRedis]:
     client = sharedpool.Redis(socket_path=manager.socket_path, db=DB, decode_responses=True)
     yield client
     client.close()
-
-
-def only_the_managers_connections(view: redis.Redis, pool_name: str) -> list[str]:
-    """Names of connections in Redis that are neither the manager's nor this test's own view."""
-    own = view.client_id()
-    return [
-        f"{c.get('name')!r} from {c.get('addr')} on db {c.get('db')}"
-        for c in view.client_list()
-        if int(c["id"]) != own and not c.get("name", "").startswith(f"sharedpool:{pool_name}:")
-    ]
 
 
 def round_trip(client: redis.Redis, view: redis.Redis, how: str) -> None:
@@ -94,7 +85,7 @@ def test_a_clone_in_the_same_process_uses_the_shared_pool_and_database(
     finally:
         clone.close()
         clone.connection_pool.disconnect()  # a pool given to redis.Redis is the caller's to close
-    assert only_the_managers_connections(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager.pool_name) == []
 
 
 def _clone_in_child(how: str, original: sharedpool.SharedRedis, results: Any) -> None:
@@ -123,7 +114,7 @@ def test_a_clone_in_a_forked_child_uses_the_shared_pool_and_database(
     assert outcome == "ok", key
     assert pool_class == "SharedConnectionPool"
     assert db_view.get(key) == how
-    assert only_the_managers_connections(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager.pool_name) == []
 
 
 def _use_pickled_client(client: sharedpool.SharedRedis, key: str) -> str:
@@ -140,7 +131,7 @@ def test_a_client_pickled_into_a_spawned_process_uses_the_shared_pool_and_databa
         pool_class = pool.apply(_use_pickled_client, (original, key))
     assert pool_class == "SharedConnectionPool"
     assert db_view.get(key) == "spawned"
-    assert only_the_managers_connections(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager.pool_name) == []
 
 
 def test_a_plain_client_around_a_plain_pool_of_leased_connections_says_what_to_do(
@@ -151,7 +142,7 @@ def test_a_plain_client_around_a_plain_pool_of_leased_connections_says_what_to_d
     with pytest.raises(sharedpool.Misconfigured, match=r"type\(pool\)\(\*\*pool.connection_kwargs\)") as caught:
         plain.ping()
     assert not isinstance(caught.value, redis.ConnectionError)  # a retry loop must not spin on it
-    assert only_the_managers_connections(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager.pool_name) == []
 
 
 def test_from_url_takes_the_database_and_options_and_drops_the_password(
@@ -174,7 +165,7 @@ def test_from_url_takes_the_database_and_options_and_drops_the_password(
         round_trip(via_client, db_view, "SharedRedis.from_url")
     finally:
         via_client.close()
-    assert only_the_managers_connections(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager.pool_name) == []
 
 
 def test_from_url_naming_another_redis_is_refused_not_redirected(manager: ManagerProcess, redis_server: Any) -> None:

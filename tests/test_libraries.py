@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 import rq
+from support.redis_view import strangers
 
 import sharedpool
 from sharedpool.dev.launch import ManagerProcess
@@ -30,17 +31,12 @@ def manager(start_manager: Any) -> ManagerProcess:
     return start_manager(max_connections=3, min_idle=1)
 
 
-# Commands of a connection's handshake (redis-py sends HELLO, then CLIENT SETNAME).
-_HANDSHAKE = frozenset({"hello", "auth", "client|setname", "client|setinfo", "select", "NULL"})
-
-
 def run_watching_redis(
     command: list[str], env: dict[str, str], admin: redis.Redis, pool_name: str, log: Any, timeout: float = 90
 ) -> tuple[int, str, list[str]]:
     """Run ``command`` (output to the file ``log``); meanwhile list every connection in Redis
     that is neither the manager's nor ``admin``. Returns exit code, output, strangers."""
-    own = admin.client_id()
-    strangers: set[str] = set()
+    seen: set[str] = set()
     # The sharedpool under test, whatever the environment has installed.
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(sharedpool.__file__)))
     path = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
@@ -53,19 +49,14 @@ def run_watching_redis(
             while process.poll() is None:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{command[:3]} did not finish within {timeout} s")
-                for client in admin.client_list():
-                    name = client.get("name", "")
-                    if not name and client.get("cmd") in _HANDSHAKE:
-                        continue  # a connection the manager is opening, not named yet: a stranger would go on to work
-                    if int(client["id"]) != own and not name.startswith(f"sharedpool:{pool_name}:"):
-                        strangers.add(f"{name!r} from {client.get('addr')} (cmd {client.get('cmd')})")
+                seen.update(strangers(admin, pool_name))
                 time.sleep(0.02)  # pacing of the CLIENT LIST poll, not a wait for a condition
         finally:
             if process.poll() is None:
                 process.kill()
             process.wait()
     with open(log) as output:
-        return process.returncode, output.read(), sorted(strangers)
+        return process.returncode, output.read(), sorted(seen)
 
 
 DJANGO_APP = textwrap.dedent(
@@ -118,12 +109,12 @@ def test_django_redis_connection_pool_class_on_two_databases(
     script = tmp_path / "django_app.py"
     script.write_text(DJANGO_APP)
     env = {"SHAREDPOOL_SOCKET_PATH": manager.socket_path, "TEST_REDIS_PORT": str(redis_server.port)}
-    code, output, strangers = run_watching_redis(
+    code, output, others = run_watching_redis(
         [sys.executable, str(script)], env, admin, manager.pool_name, tmp_path / "django.log"
     )
     assert code == 0, output
     assert "pool SharedConnectionPool 1" in output
-    assert strangers == []
+    assert others == []
     by_db = {db: redis_server.client(db=db, decode_responses=True) for db in (0, 1, 2)}
     try:
         assert len(by_db[1].keys("default:1:page:*")) == 200
@@ -172,9 +163,9 @@ def test_an_rq_worker_with_its_scheduler_on_the_shared_pool(
             "--url", f"redis://127.0.0.1:{redis_server.port}/2", queue.name,
         ]
         env = {"SHAREDPOOL_SOCKET_PATH": manager.socket_path, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-        code, output, strangers = run_watching_redis(command, env, admin, manager.pool_name, tmp_path / "rq.log")
+        code, output, others = run_watching_redis(command, env, admin, manager.pool_name, tmp_path / "rq.log")
         assert code == 0, output
-        assert strangers == []
+        assert others == []
         for job, result in ((now_job, 5), (scheduled, 11)):
             job.refresh()
             assert job.get_status() == "finished", (job.id, job.get_status(), output[-2000:])
