@@ -117,20 +117,27 @@ def test_a_clone_in_a_forked_child_uses_the_shared_pool_and_database(
     assert strangers(db_view, manager.pool_name) == []
 
 
-def _use_pickled_client(client: sharedpool.SharedRedis, key: str) -> str:
-    client.set(key, "spawned")
-    return type(client.connection_pool).__name__
+def _clone_in_spawned_child(how: str, client: sharedpool.SharedRedis, key: str) -> str:
+    clone = CLONES[how](client)  # the client itself came by pickle: only its options travelled
+    try:
+        clone.set(key, how)
+        return type(clone.connection_pool).__name__
+    finally:
+        clone.close()
+        clone.connection_pool.disconnect()
+        client.close()
 
 
-def test_a_client_pickled_into_a_spawned_process_uses_the_shared_pool_and_database(
-    original: sharedpool.SharedRedis, db_view: redis.Redis, manager: ManagerProcess
+@pytest.mark.parametrize("how", sorted(CLONES))
+def test_a_clone_in_a_spawned_process_uses_the_shared_pool_and_database(
+    how: str, original: sharedpool.SharedRedis, db_view: redis.Redis, manager: ManagerProcess
 ) -> None:
     original.ping()
     key = f"spawned:{uuid.uuid4().hex}"
     with multiprocess.get_context("spawn").Pool(1) as pool:
-        pool_class = pool.apply(_use_pickled_client, (original, key))
+        pool_class = pool.apply(_clone_in_spawned_child, (how, original, key))
     assert pool_class == "SharedConnectionPool"
-    assert db_view.get(key) == "spawned"
+    assert db_view.get(key) == how
     assert strangers(db_view, manager.pool_name) == []
 
 
