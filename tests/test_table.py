@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sharedpool import table as tbl
 from sharedpool.table import Outcome, Row, RowError, RowState
+from sharedpool.table.layout import TICKET_AT
 
 
 @pytest.fixture
@@ -164,6 +165,14 @@ def test_a_releaser_wakes_the_oldest_waiter_of_its_own_database(table: tbl.Table
     assert table.pick_waiter(1) == (db1_old, 10, 1)
     assert table.pick_waiter(1) == (db1_new, 12, 3)
     assert table.waiter(db1_new)[1] == 1
+
+
+def test_a_ticket_counter_scribbled_to_its_top_wraps_instead_of_failing(table: tbl.Table) -> None:
+    table.map[TICKET_AT : TICKET_AT + 8] = b"\xff" * 8
+    first = table.enqueue(pid=10, token=1, now=0.0)
+    second = table.enqueue(pid=11, token=2, now=0.1)
+    assert first >= 0 and second >= 0 and table.waiters == 2
+    assert table.waiter(first)[4] == 2**64 - 1 and table.waiter(second)[4] == 0
 
 
 def test_repair_waiters_survives_garbage(table: tbl.Table) -> None:

@@ -292,7 +292,8 @@ class Table:
         if self.waiters >= self.max_waiting:
             return -1
         ticket = U64.unpack_from(self.map, TICKET_AT)[0]
-        U64.pack_into(self.map, TICKET_AT, ticket + 1)
+        # Wraps rather than overflows: the counter is shared bytes a scribbler may have set to the top.
+        U64.pack_into(self.map, TICKET_AT, (ticket + 1) & 0xFFFF_FFFF_FFFF_FFFF)
         hwm = self.hwm()
         for index in range(self.waiter_capacity):
             if self.map[self._waiter_at(index)] == WaiterState.FREE:
