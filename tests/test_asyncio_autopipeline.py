@@ -303,3 +303,24 @@ def test_batches_are_capped(manager) -> None:
     run(main())
     with pytest.raises(ValueError, match="max_batch=0"):
         AutoPipeline(max_batch=0)
+
+
+def test_pinned_and_single_connection_clients_do_not_batch(manager) -> None:
+    async def main() -> None:
+        single = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True,
+                           single_connection_client=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        try:
+            k = f"ap:single:{uuid.uuid4().hex}"
+            assert await single.set(k, "1") is True and await single.get(k) == "1"
+            assert batcher_of(single).commands == 0  # its one connection, in order: nothing to batch
+            async with r.lease() as pinned:
+                assert await pinned.incr(k) == 2
+            assert batcher_of(r).commands == 0
+            assert await r.incr(k) == 3 and batcher_of(r).commands == 1
+        finally:
+            await single.aclose()
+            await r.aclose()
+
+    run(main())
+    assert wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="every lease back")

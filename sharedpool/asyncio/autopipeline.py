@@ -87,7 +87,9 @@ class _Call:
     def settle(self, reply: Any) -> None:
         if self.future.done():
             return  # its task was cancelled: the reply was read all the same, and is dropped
-        if isinstance(reply, BaseException):
+        if isinstance(reply, asyncio.CancelledError):
+            self.future.cancel()  # the batch task was cancelled (its loop closing): so are its waiters
+        elif isinstance(reply, BaseException):
             self.future.set_exception(reply)
         else:
             self.future.set_result(reply)

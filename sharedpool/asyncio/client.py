@@ -44,7 +44,7 @@ class SharedRedis(redis.asyncio.Redis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         batcher = self.autopipeline
-        if batcher is not None and self.connection is None and batcher.takes(args[0]):
+        if batcher is not None and not self.single_connection_client and batcher.takes(args[0]):
             return await batcher.execute(self, args, options)
         return await super().execute_command(*args, **options)
 
