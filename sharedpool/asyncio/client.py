@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio
 
 from sharedpool import errors
+from sharedpool.asyncio.autopipeline import AutoPipeline
 from sharedpool.asyncio.connection import AsyncLeasedConnection
 from sharedpool.asyncio.pool import SharedConnectionPool
 
@@ -39,6 +40,13 @@ class SharedRedis(redis.asyncio.Redis):
     """``redis.asyncio.Redis`` over an asyncio ``SharedConnectionPool``, plus ``lease()``."""
 
     connection_pool: SharedConnectionPool
+    autopipeline: AutoPipeline | None = None  # see sharedpool.asyncio.autopipeline
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        batcher = self.autopipeline
+        if batcher is not None and not self.single_connection_client and batcher.takes(args[0]):
+            return await batcher.execute(self, args, options)
+        return await super().execute_command(*args, **options)
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[redis.asyncio.Redis]:
@@ -56,6 +64,7 @@ class SharedRedis(redis.asyncio.Redis):
         client.connection = None
         client.single_connection_client = False
         client.auto_close_connection_pool = False
+        client.autopipeline = None  # the block's commands are this task's, in order, on its lease
         try:
             yield client
         finally:
@@ -69,14 +78,19 @@ def Redis(
     acquire_timeout: float | None = None,
     manager_timeout: float | None = None,
     single_connection_client: bool = False,
+    autopipeline: bool = False,
     **redis_kwargs: Any,
 ) -> SharedRedis:
     """A ``redis.asyncio.Redis`` whose connections are leased from the sharedpool manager.
 
     Keyword arguments are those of ``redis.asyncio.Redis`` that concern the
     client (``decode_responses``, ``socket_timeout``, ``retry``, ``protocol``, ``db``...).
+    ``autopipeline=True``: concurrent tasks' simple commands share leases
+    and round trips (``sharedpool.asyncio.autopipeline``).
     """
     pool = SharedConnectionPool(socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, **redis_kwargs)
     client = SharedRedis(connection_pool=pool, single_connection_client=single_connection_client)
     client.auto_close_connection_pool = True
+    if autopipeline:
+        client.autopipeline = AutoPipeline()
     return client

@@ -6,7 +6,9 @@ Plain: one ``redis.asyncio`` pool per worker (up to 64 connections each).
 Shared: ``sharedpool.asyncio`` over a manager with C connections, one lease
 per command (what a ``redis.asyncio`` user's code does unchanged). Shared,
 lease per request: the same request inside ``async with r.lease()``, the
-API the README offers for a block of commands. All run in the same rounds,
+API the README offers for a block of commands. Shared, autopipelined:
+unchanged code over ``Redis(autopipeline=True)``, tasks' commands batched
+on shared leases. All run in the same rounds,
 in alternating order; peak Redis connections are counted by Redis itself
 (``CONNECTED_CLIENTS`` polled during the window).
 """
@@ -30,10 +32,11 @@ TASKS = 64
 CONNECTIONS = 4
 TARGET = 0.95  # x plain requests/s at C=4
 SHARED_LEASE = "shared_lease"  # sharedpool, one lease() block per request
+SHARED_AUTOPIPE = "shared_autopipe"  # sharedpool, Redis(autopipeline=True), code unchanged
 
 
 def _worker(system: str, address: str, commands: int, io_s: float, duration: float, ready: Any, go: Any, out: Any) -> None:
-    async def main() -> tuple[int, bytes, float]:
+    async def main() -> tuple[int, bytes, float, float]:
         if system == PLAIN:
             import redis.asyncio
 
@@ -41,7 +44,7 @@ def _worker(system: str, address: str, commands: int, io_s: float, duration: flo
         else:
             import sharedpool.asyncio
 
-            r = sharedpool.asyncio.Redis(socket_path=address, acquire_timeout=30)
+            r = sharedpool.asyncio.Redis(socket_path=address, acquire_timeout=30, autopipeline=system == SHARED_AUTOPIPE)
         latencies = array("d")
         stop_at = 0.0
 
@@ -77,8 +80,10 @@ def _worker(system: str, address: str, commands: int, io_s: float, duration: flo
         stop_at = time.monotonic() + duration
         await asyncio.gather(*(task(n, True) for n in range(TASKS)))
         used = resource.getrusage(resource.RUSAGE_SELF)
+        batcher = getattr(r, "autopipeline", None)
+        per_batch = batcher.commands / max(1, batcher.batches) if batcher is not None else 0.0
         await r.aclose()
-        return len(latencies), latencies.tobytes(), used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime
+        return len(latencies), latencies.tobytes(), used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime, per_batch
 
     out.put(asyncio.run(main()))
 
@@ -107,7 +112,7 @@ def _run(rig: Rig, system: str, address: str) -> dict[str, float]:
             time.sleep(0.01)
         go.set()
         started = time.monotonic()
-        results: list[tuple[int, bytes, float]] = []
+        results: list[tuple[int, bytes, float, float]] = []
         while len(results) < WORKERS:
             peak = max(peak, _clients(rig) - baseline)
             try:
@@ -123,11 +128,12 @@ def _run(rig: Rig, system: str, address: str) -> dict[str, float]:
                 proc.kill()
     count = sum(r[0] for r in results)
     samples = array("d")
-    for _count, raw, _cpu in results:
+    for _count, raw, _cpu, _per_batch in results:
         samples.frombytes(raw)
     ordered = sorted(samples)
     return {"rps": count / elapsed, "p99_ms": percentile(ordered, 0.99) * 1e3,
-            "cpu_ms": sum(r[2] for r in results) / max(1, count) * 1e3, "peak_clients": float(peak)}
+            "cpu_ms": sum(r[2] for r in results) / max(1, count) * 1e3, "peak_clients": float(peak),
+            "per_batch": sum(r[3] for r in results) / len(results)}
 
 
 def scenario_async(rig: Rig, results: Results) -> None:
@@ -135,7 +141,7 @@ def scenario_async(rig: Rig, results: Results) -> None:
 
     size = rig.sizes([CONNECTIONS])[0]
     address = rig.manager(size)
-    systems = [(PLAIN, rig.redis_url), (SHARED, address), (SHARED_LEASE, address)]
+    systems = [(PLAIN, rig.redis_url), (SHARED, address), (SHARED_LEASE, address), (SHARED_AUTOPIPE, address)]
 
     def measure(system: str, where: str) -> Any:
         def run(round_no: int) -> str:

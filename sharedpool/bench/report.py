@@ -198,8 +198,17 @@ def build_rows(results: Results, settings: dict[str, Any], cs: Sequence[int], tw
     compare("ASYNC", "requests/s, one lease() per request", "async.shared_lease.rps", "async.plain.rps", decimals=0)
     compare("ASYNC", "p99 request latency ms, lease() per request", "async.shared_lease.p99_ms", "async.plain.p99_ms",
             decimals=2)
+    compare("ASYNC", "requests/s, autopipeline=True", "async.shared_autopipe.rps", "async.plain.rps", decimals=0,
+            target=">= 0.95x plain", passes=_at_least(0.95))
+    compare("ASYNC", "p99 request latency ms, autopipeline=True", "async.shared_autopipe.p99_ms", "async.plain.p99_ms",
+            decimals=2)
+    compare("ASYNC", "CPU ms/request, workers, autopipeline=True", "async.shared_autopipe.cpu_ms", "async.plain.cpu_ms",
+            decimals=3)
+    compare("ASYNC", "commands per batch, autopipeline=True", "async.shared_autopipe.per_batch", decimals=1)
     rows.append(Row("ASYNC", "peak Redis connections", m("async.plain.peak_clients"), m("async.shared.peak_clients"),
                     decimals=0))
+    rows.append(Row("ASYNC", "peak Redis connections, autopipeline=True", m("async.plain.peak_clients"),
+                    m("async.shared_autopipe.peak_clients"), decimals=0))
     wanted = {name.lower() for name in settings["scenarios"]}
     return [row for row in rows if _scenario_id(row.scenario) in wanted]
 
