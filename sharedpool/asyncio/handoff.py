@@ -66,15 +66,21 @@ class LocalLine:
         return handoff.claim()
 
     def next_taker(self) -> Handoff | None:
-        """The oldest task that can take a lease now (awaiting, not already settled)."""
+        """The oldest task in line not yet handed a lease.
+
+        Whether it is awaiting right now does not matter: a task whose
+        timer just fired (its future done, the task not yet resumed), or
+        one between two steps of its wait, looks at ``lease`` before it
+        waits again. Only a task that is awaiting is woken by the hand-over.
+        """
         for handoff in self._line:
-            future = handoff.future
-            if future is not None and not future.done() and handoff.lease is None:
+            if handoff.lease is None:
                 return handoff
         return None
 
     def hand(self, handoff: Handoff, lease: Lease) -> None:
         self._line.remove(handoff)
         handoff.lease = lease
-        assert handoff.future is not None
-        handoff.future.set_result(True)
+        future = handoff.future
+        if future is not None and not future.done():
+            future.set_result(True)

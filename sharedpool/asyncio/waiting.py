@@ -50,6 +50,8 @@ async def wait_in_queue(
     loop = asyncio.get_running_loop()
     try:
         while True:
+            if handoff.lease is not None:
+                return handoff.lease  # handed over between two steps of the wait
             step = wait.next_step()
             if isinstance(step, tuple):
                 return step
@@ -163,6 +165,8 @@ class Seats:
         finally:
             handoff.future = None
         if handoff.lease is not None:
+            if seated and future.result() is None:
+                self._pass_on()  # granted a seat as well as handed a lease: the seat goes to the next
             return False
         if not seated:
             raise errors.PoolTimeout(
