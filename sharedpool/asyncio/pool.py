@@ -34,18 +34,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from sharedpool import errors, protocol
-from sharedpool import table as tbl
 from sharedpool.asyncio import process
 from sharedpool.asyncio.channel import AsyncControlChannel
 from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
 from sharedpool.asyncio.handoff import LocalLine
 from sharedpool.asyncio.waiting import Seats, wait_in_queue
-from sharedpool.client import clone, lease_core
+from sharedpool.client import clone, lease_core, lease_state
 from sharedpool.client.attachment import Attachment, check_welcome
 from sharedpool.client.callsite import caller
 from sharedpool.client.channel import ControlChannel
-from sharedpool.client.connection import LeaseState
 from sharedpool.client.lease_core import Lease, Taken, Taker, give_back
+from sharedpool.client.lease_state import LeaseState
 from sharedpool.client.pool import refuse_manager_owned
 from sharedpool.config import client_config
 from sharedpool.protocol import FrameType
@@ -360,28 +359,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     def release_now(self, connection: Any) -> None:
         """``release``, sync: the lease's end is written before anything else can run."""
-        if not isinstance(connection, AsyncLeasedConnection) or connection.shared_pool is not self:
-            if isinstance(connection, AsyncLeasedConnection) and connection.owner_pid != os.getpid():
-                return  # inherited across fork: the parent's, not ours to return
-            if isinstance(connection, AsyncLeasedConnection) and connection.shared_pool is None:
-                connection.settle()
-                return  # detached from a manager that is gone
-            raise errors.LeaseError(f"{connection!r} does not belong to {self!r}")
-        if connection.state is not LeaseState.IN_USE:
-            if connection.state in (LeaseState.LOST, LeaseState.REVOKED):
-                connection.settle()  # already given back while redis-py retried
-                return
-            raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
-        lease = connection.lease
-        assert lease is not None
-        outcome = Outcome.BROKEN
-        try:
-            outcome = connection.outcome()
-            if outcome is Outcome.BROKEN:
-                connection.drop()
-        finally:
-            connection.end()
-            self.give_back_or_hand_over(lease, outcome)
+        lease_state.release(self, connection, AsyncLeasedConnection, self.give_back_or_hand_over)
 
     def give_back_or_hand_over(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
         """End ``lease``: hand its slot to the next task of this process if fair, else give it back to the table."""
@@ -445,31 +423,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     async def replace_lost_lease(self, conn: AsyncLeasedConnection) -> None:
         """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""
-        if conn.state is LeaseState.REVOKED:
-            raise errors.LeaseLost(conn.why)
         lease = conn.lease
-        if conn.state is LeaseState.IN_USE and lease is not None:
-            att = lease.attachment
-            row = None
-            try:
-                row = att.table.row(lease.slot)
-            except tbl.RowError:
-                pass
-            if row is not None and tbl.was_revoked(row, lease.generation, lease.seq):
-                why = (
-                    f"lease {lease.id} of pool {att.pool_name!r} was revoked after "
-                    f"{time.monotonic() - lease.taken_at:.1f} s (max_lease_time={att.max_lease_time:g} s); "
-                    f"its connection was closed"
-                )
-                conn.end()
-                conn.revoked(why)
-                self._give_back(lease, Outcome.BROKEN)
-                raise errors.LeaseLost(why)
-            conn.lose()
-            conn.retry_until = time.monotonic() + self.config.manager_timeout + self._acquire_timeout(att)
-            self._give_back(lease, Outcome.BROKEN)
-        elif conn.state is not LeaseState.LOST:
-            raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
+        # A fresh budget at each loss: redis.asyncio's retry knows of none.
+        budget_s = self.config.manager_timeout + self._acquire_timeout(lease.attachment) if lease is not None else 0.0
+        lease_state.end_lost_lease(conn, self._give_back, budget_s, keep_budget=False)
         await self._lease(caller(), conn, budget=conn.retry_until)
 
     # ----- redis-py pool interface, the rest ------------------------------------------

@@ -21,7 +21,7 @@ from sharedpool import errors, protocol
 from sharedpool import table as tbl
 from sharedpool.client import clone
 from sharedpool.client.channel import ControlChannel
-from sharedpool.client.connection import LeaseState
+from sharedpool.client.lease_state import LeaseState
 from sharedpool.config import parse_databases
 from sharedpool.protocol import ReportCause
 from sharedpool.table import Outcome

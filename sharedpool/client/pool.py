@@ -26,13 +26,14 @@ from typing import Any
 import redis
 
 from sharedpool import errors, protocol
-from sharedpool.client import clone, lease_core, lease_queue, process
+from sharedpool.client import clone, lease_core, lease_queue, lease_state, process
 from sharedpool.client.attaching import LIVENESS_S, Attaching, ThreadState
 from sharedpool.client.attachment import Attachment
 from sharedpool.client.binding import bind, end_lost_lease, give_back_reporting
 from sharedpool.client.callsite import caller
-from sharedpool.client.connection import LeasedConnection, LeaseState
-from sharedpool.client.lease_core import Lease, Taken, give_back
+from sharedpool.client.connection import LeasedConnection
+from sharedpool.client.lease_core import Lease, Taken
+from sharedpool.client.lease_state import LeaseState
 from sharedpool.config import client_config
 from sharedpool.protocol import FrameType
 from sharedpool.table import Outcome
@@ -242,34 +243,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
     # ----- giving it back -------------------------------------------------------------
 
     def release(self, connection: Any) -> None:
-        if not isinstance(connection, LeasedConnection) or connection.shared_pool is not self:
-            if isinstance(connection, LeasedConnection) and connection.pid != os.getpid():
-                return  # inherited across fork: the parent's, not ours to return
-            if isinstance(connection, LeasedConnection) and connection.shared_pool is None:
-                connection.settle()
-                return  # detached from a manager that is gone
-            raise errors.LeaseError(f"{connection!r} does not belong to {self!r}")
-        if connection.pid != os.getpid():
-            return
-        if connection.state is not LeaseState.IN_USE:
-            if connection.state in (LeaseState.LOST, LeaseState.REVOKED):
-                connection.settle()  # already given back while redis-py retried
-                return
-            raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
-        lease = connection.lease
-        assert lease is not None
-        outcome = Outcome.BROKEN
-        try:
-            outcome = connection.outcome()
-            if outcome is Outcome.BROKEN:
-                connection.disconnect()
-        finally:
-            # Whatever interrupts the above (a signal handler raising), the
-            # lease ends and its lock is given back: broken if we could not tell.
-            connection.end()
-            report = give_back(lease, outcome)
-            if report:
-                lease.attachment.channel.notify(report)
+        lease_state.release(self, connection, LeasedConnection, give_back_reporting)
 
     # ----- redis-py's retry after a lost connection ---------------------------------
 
