@@ -23,7 +23,6 @@ what it held in the old one and attaches afresh.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import time
@@ -40,7 +39,7 @@ from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
 from sharedpool.asyncio.handoff import LocalLine
 from sharedpool.asyncio.waiting import Seats, wait_in_queue
 from sharedpool.client import clone, lease_core, lease_state
-from sharedpool.client.attachment import Attachment, check_welcome
+from sharedpool.client.attachment import LIVENESS_S, Attachment, check_welcome
 from sharedpool.client.callsite import caller
 from sharedpool.client.channel import ControlChannel
 from sharedpool.client.lease_core import Lease, Taken, Taker, give_back
@@ -50,9 +49,6 @@ from sharedpool.config import client_config
 from sharedpool.protocol import FrameType
 from sharedpool.table import Outcome
 
-log = logging.getLogger("sharedpool.client")
-
-_LIVENESS_S = 0.1  # how often a process checks that the manager that lent it the table lives
 _SPINS = 4  # turns of the loop given away before queueing (holders in this process may give back meanwhile)
 _QUEUE_SEATS = 4  # tasks of one process queued in the table at once
 # A lease is handed to the next task of this process, rather than given back
@@ -134,14 +130,8 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         loop = asyncio.get_running_loop()
         att = self._attachment
         if att is not None and not att.detached:
-            now = time.monotonic()
-            if self._loop is loop:
-                if now - att.checked_at < _LIVENESS_S:
-                    return att
-                att.checked_at = now
-                if att.manager_alive() and not att.channel.closed:
-                    return att
-                log.warning("manager of pool %r (epoch %s) is gone: dropping its table and connections", att.pool_name, att.epoch)
+            if self._loop is loop and att.still_serves():
+                return att
             self._detach(att)
         if self._loop is not loop:
             # Locks, seats and streams belong to one loop: start this one's afresh.
@@ -196,20 +186,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         started = time.monotonic()
         manager_timeout = self.config.manager_timeout
         att = self._attachment
-        if att is None or att.detached or self._loop is not asyncio.get_running_loop() or started - att.checked_at >= _LIVENESS_S:
+        if att is None or att.detached or self._loop is not asyncio.get_running_loop() or started - att.checked_at >= LIVENESS_S:
             att = await self._attach(min(started + manager_timeout, budget or float("inf")))
         acquire_timeout = self._acquire_timeout(att)
-        final = started + manager_timeout + acquire_timeout
-        deadline = started + acquire_timeout
-        if budget:
-            # redis-py's retries re-enter here after each failure: together
-            # they get no more than one call's worth of time.
-            final, deadline = min(final, budget), min(deadline, budget)
-        limit = att.lease_limit
-        if limit and att.held >= limit:
-            raise errors.WorkerLimit(
-                f"pid {att.pid} already holds {limit} leases of pool {att.pool_name!r} (max_leases_per_worker={limit})"
-            )
+        final, deadline = lease_core.call_bounds(att, started, manager_timeout, acquire_timeout, budget)
         taker = self._free_takers.pop() if self._free_takers else Taker(att)
         taker.avoid.clear()
         site = att.site_id(site_text) if site_text else 0
@@ -227,14 +207,8 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                 try:
                     bound = await self._bind(att, lease, conn, final, started)
                 except errors.StaleSlot:
-                    # A row that says READY for a generation the manager has
-                    # not opened (scribbled): skip it until the manager repairs it.
                     self._give_back(lease, Outcome.CLEAN, used=False, recycle=lease.taker is not taker)
-                    taker.avoid.add((lease.slot, lease.generation))
-                    if time.monotonic() >= deadline:
-                        raise errors.PoolTimeout(
-                            f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s ({lease_core.pressure(att)})"
-                        ) from None
+                    lease_core.skip_stale(taker, lease, deadline, acquire_timeout)
                     continue
                 except BaseException:
                     self._give_back(lease, Outcome.CLEAN, used=False, recycle=lease.taker is not taker)

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sharedpool.client")
 
+# How often a process checks that the manager that lent it the table lives.
+LIVENESS_S = 0.1
+
 
 def process_start(pid: int) -> float:
     """The process's create_time, which pins its identity against pid reuse; 0 if unknown."""
@@ -66,6 +69,17 @@ class Attachment:
         self.max_lease_time = float(welcome.get("max_lease_time", 0) or 0)
         self.acquire_timeout = float(welcome.get("acquire_timeout", 5.0) or 5.0)
         self.lease_limit = int(welcome.get("max_leases_per_worker", 0) or 0)
+
+    def still_serves(self) -> bool:
+        """Whether this manager still lives and talks to us; asked of the table at most every ``LIVENESS_S``."""
+        now = time.monotonic()
+        if now - self.checked_at < LIVENESS_S:
+            return True
+        self.checked_at = now
+        if self.manager_alive() and not self.channel.closed:
+            return True
+        log.warning("manager of pool %r (epoch %s) is gone: dropping its table and connections", self.pool_name, self.epoch)
+        return False
 
     def manager_alive(self) -> bool:
         try:

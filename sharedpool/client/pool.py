@@ -27,8 +27,8 @@ import redis
 
 from sharedpool import errors, protocol
 from sharedpool.client import clone, lease_core, lease_queue, lease_state, process
-from sharedpool.client.attaching import LIVENESS_S, Attaching, ThreadState
-from sharedpool.client.attachment import Attachment
+from sharedpool.client.attaching import Attaching, ThreadState
+from sharedpool.client.attachment import LIVENESS_S, Attachment
 from sharedpool.client.binding import bind, end_lost_lease, give_back_reporting
 from sharedpool.client.callsite import caller
 from sharedpool.client.connection import LeasedConnection
@@ -157,17 +157,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         if att is None or att.detached or started - att.checked_at >= LIVENESS_S:
             att = self._attach(min(started + manager_timeout, budget or float("inf")))
         acquire_timeout = self.config.acquire_timeout or att.acquire_timeout
-        final = started + manager_timeout + acquire_timeout
-        deadline = started + acquire_timeout
-        if budget:
-            # redis-py's retries re-enter here after each failure: together
-            # they get no more than one call's worth of time.
-            final, deadline = min(final, budget), min(deadline, budget)
-        limit = att.lease_limit
-        if limit and att.held >= limit:
-            raise errors.WorkerLimit(
-                f"pid {att.pid} already holds {limit} leases of pool {att.pool_name!r} (max_leases_per_worker={limit})"
-            )
+        final, deadline = lease_core.call_bounds(att, started, manager_timeout, acquire_timeout, budget)
         state = getattr(self._local, "state", None)
         if state is None or state.attachment is not att or state.lock_fd < 0:
             state = self._thread_state(att)
@@ -194,14 +184,8 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
             try:
                 return bind(self, att, lease, conn, final, started)
             except errors.StaleSlot:
-                # A row that says READY for a generation the manager has not
-                # opened (scribbled): skip it until the manager repairs it.
                 give_back_reporting(lease, Outcome.CLEAN, used=False)
-                state.avoid.add((slot, generation))
-                if time.monotonic() >= deadline:
-                    raise errors.PoolTimeout(
-                        f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s ({lease_core.pressure(att)})"
-                    ) from None
+                lease_core.skip_stale(state, lease, deadline, acquire_timeout)
                 continue
             except BaseException:
                 give_back_reporting(lease, Outcome.CLEAN, used=False)
