@@ -50,9 +50,7 @@ async def wait_in_queue(
     loop = asyncio.get_running_loop()
     try:
         while True:
-            step = wait.next_step()
-            if isinstance(step, tuple):
-                return step
+            step = wait.next_wait()
             if isinstance(step, lease_queue.Sleep):
                 woken = await readable(loop, step.fd, step.seconds, handoff)
                 if handoff.lease is not None:
@@ -62,8 +60,7 @@ async def wait_in_queue(
             elif isinstance(step, lease_queue.Demand):
                 await demand(att, step.deadline, step.db)
             else:
-                for frame in step.frames:
-                    att.channel.notify(frame)
+                return step
     finally:
         # Cancelled too: our entry leaves the queue and a wake meant for us
         # goes to the next waiter.

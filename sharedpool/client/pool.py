@@ -197,17 +197,14 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         poller = state.poller
         try:
             while True:
-                step = wait.next_step()
-                if isinstance(step, tuple):
-                    return step
+                step = wait.next_wait()
                 if isinstance(step, lease_queue.Sleep):
                     if poller.poll(step.seconds * 1000):
                         wait.on_wake()
                 elif isinstance(step, lease_queue.Demand):
                     self._demand(att, step.deadline, step.db)
                 else:
-                    for frame in step.frames:
-                        att.channel.notify(frame)
+                    return step
         finally:
             wait.leave()
 
