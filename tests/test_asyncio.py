@@ -14,6 +14,7 @@ import redis.asyncio
 from support.async_mix import many_tasks
 from support.redis_view import manager_clients
 from support.waiting import wait_for
+from support.workers import run_watching_the_cap
 
 import sharedpool.asyncio as spa
 from sharedpool import errors
@@ -124,21 +125,8 @@ def test_worker_processes_x_64_tasks_cap_holds(start_manager, admin: redis.Redis
     manager = start_manager(max_connections=2, min_idle=1, acquire_timeout=60)
     out = ctx.Queue()
     workers = [ctx.Process(target=_worker_tasks, args=(manager.socket_path, w, out)) for w in range(4)]
-    for worker in workers:
-        worker.start()
-    reports: list[list[str]] = []
-    peak = 0
-    deadline = time.monotonic() + 200
-    while len(reports) < len(workers):
-        peak = max(peak, len(manager_clients(admin, manager.pool_name)))
-        try:
-            reports.append(out.get(timeout=0.05))
-        except Exception:
-            assert time.monotonic() < deadline, "workers did not finish"
-    for worker in workers:
-        worker.join(30)
-        assert worker.exitcode == 0
-    assert [f for report in reports for f in report] == []
+    failures, peak = run_watching_the_cap(workers, out, admin, manager.pool_name, within=200)
+    assert failures == []
     assert 1 <= peak <= 2
     assert wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="every lease back")
 

@@ -13,6 +13,7 @@ import redis
 from support.mix import checked_round_trip
 from support.redis_view import manager_clients
 from support.waiting import wait_for
+from support.workers import run_watching_the_cap
 
 import sharedpool
 
@@ -42,21 +43,8 @@ def test_cap_holds_under_8_processes_x_4_threads(start_manager, admin: redis.Red
     manager = start_manager(max_connections=2, min_idle=1, acquire_timeout=30)
     errors = ctx.Queue()
     workers = [ctx.Process(target=_hammer, args=(manager.socket_path, w, 60, errors)) for w in range(8)]
-    for worker in workers:
-        worker.start()
-    peak = 0
-    reports: list[list[str]] = []
-    deadline = time.monotonic() + 240
-    while len(reports) < len(workers):
-        peak = max(peak, len(manager_clients(admin, manager.pool_name)))
-        try:
-            reports.append(errors.get(timeout=0.05))
-        except Exception:
-            assert time.monotonic() < deadline, "workers did not finish within 240 s"
-    for worker in workers:
-        worker.join(30)
-        assert worker.exitcode == 0
-    assert [f for report in reports for f in report] == []
+    failures, peak = run_watching_the_cap(workers, errors, admin, manager.pool_name, within=240)
+    assert failures == []
     assert 1 <= peak <= 2
     stats = wait_for(lambda: (s := manager.stats())["leases"]["held"] == 0 and s, what="every lease back")
     assert stats["counters"]["leases_granted"] >= 8 * 4 * 60

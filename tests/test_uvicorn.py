@@ -101,7 +101,7 @@ def test_uvicorn_workers_share_the_cap_through_kills_and_recycling(
 
 
 def _run_fleet(server: Server, socket_path: str, admin: redis.Redis, pool_name: str) -> None:
-    wait_for(lambda: _answers(server), 60, "the uvicorn workers to answer")
+    server.wait_ready(60, path="/check?rid=ready")
     manager_pid = manager_stats(socket_path)["manager_pid"]
     served: list[dict[str, Any]] = []
     failed: list[str] = []
@@ -150,13 +150,3 @@ def _run_fleet(server: Server, socket_path: str, admin: redis.Redis, pool_name: 
     wait_for(lambda: manager_stats(socket_path)["leases"]["held"] == 0, 10, "every lease back")
     assert manager_stats(socket_path)["connections"]["open"] <= MAX_CONNECTIONS
 
-
-def _answers(server: Server) -> bool:
-    assert server.process is not None
-    if server.process.poll() is not None:
-        raise AssertionError(f"gunicorn exited with {server.process.returncode}:\n{server.log()[-3000:]}")
-    try:
-        status, _ = server.get("/check?rid=ready", timeout=5.0)
-    except OSError:
-        return False
-    return status == 200

@@ -30,7 +30,7 @@ from typing import Any
 
 from sharedpool import errors, protocol
 from sharedpool.asyncio.waiting import settled_within
-from sharedpool.client.channel import close_fds, error_from, explain_connect_error
+from sharedpool.client.channel import ChannelReplies, close_fds, explain_connect_error
 from sharedpool.protocol import FrameType
 from sharedpool.version import __version__
 
@@ -40,7 +40,7 @@ log = logging.getLogger("sharedpool.client")
 Frame = tuple[int, bytes, "int | None"]
 
 
-class AsyncControlChannel:
+class AsyncControlChannel(ChannelReplies):
     """One control connection on one event loop. ``welcome`` and ``table_fd`` come from the handshake."""
 
     def __init__(self, socket_path: str, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
@@ -86,15 +86,7 @@ class AsyncControlChannel:
                     raise channel._silent()
             finally:
                 channel._waiters.pop(0, None)
-            frame_type, body, fd = welcome.result()
-            if frame_type != FrameType.WELCOME:
-                if fd is not None:
-                    os.close(fd)
-                raise channel._unexpected(frame_type, body, "WELCOME")
-            if fd is None:
-                raise channel._broken("WELCOME carried no lease table")
-            channel.table_fd = fd
-            channel.welcome = protocol.decode_json(body)
+            channel._take_welcome(*welcome.result())
         except BaseException:
             channel.close()
             raise
@@ -125,13 +117,7 @@ class AsyncControlChannel:
         finally:
             # Cancelled or not, we stop waiting: a reply coming later is dropped.
             self._waiters.pop(request_id, None)
-        if got_type == reply_type:
-            if want_fd and fd is None:
-                raise self._broken(f"{reply_type.name} carried no fd")
-            return got_body, fd
-        if fd is not None:
-            os.close(fd)
-        raise self._unexpected(got_type, got_body, reply_type.name)
+        return self._reply(got_type, got_body, fd, reply_type, want_fd)
 
     async def request(self, frame: bytes, reply_type: FrameType, timeout: float) -> dict[str, Any]:
         """Send an encoded frame (its request id is set here); return the JSON reply."""
@@ -273,10 +259,7 @@ class AsyncControlChannel:
                 return
             if version == 1:
                 close_fds(fds)
-                self.close(errors.ProtocolMismatch(
-                    f"manager at {self.socket_path} speaks protocol version 1; this client speaks "
-                    f"{protocol.VERSION}: run the same sharedpool version in the manager and the workers"
-                ))
+                self._old_manager()
                 return
             waiter = None if frame_type in protocol.UNSOLICITED_TYPES else self._waiters.pop(request_id, None)
             if waiter is None or waiter[0].done():
@@ -291,20 +274,6 @@ class AsyncControlChannel:
                 return
             future.set_result((frame_type, body, fds[0] if fds else None))
 
-    def _silent(self) -> errors.ManagerUnavailable:
-        error = errors.ManagerUnavailable(f"manager at {self.socket_path} did not answer in time")
+    def _fail(self, error: errors.SharedPoolError) -> errors.SharedPoolError:
         self.close(error)
         return error
-
-    def _broken(self, why: str) -> errors.SharedPoolError:
-        error = errors.ProtocolMismatch(f"control connection to {self.socket_path} broken: {why}")
-        self.close(error)
-        return error
-
-    def _unexpected(self, frame_type: int, body: bytes, wanted: str) -> errors.SharedPoolError:
-        if frame_type == FrameType.ERROR:
-            error, fatal = error_from(body)
-            if fatal:
-                self.close(error)
-            return error
-        return self._broken(f"expected {wanted}, got frame type {frame_type}")

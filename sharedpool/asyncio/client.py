@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio
 
-from sharedpool import errors
 from sharedpool.asyncio.autopipeline import AutoPipeline
 from sharedpool.asyncio.connection import AsyncLeasedConnection
 from sharedpool.asyncio.pool import SharedConnectionPool
+from sharedpool.client.pinning import PinnedPool, pinned_client
 
 
-class _PinnedPool:
-    """Hands out one already-leased connection, for ``SharedRedis.lease()``."""
-
-    def __init__(self, pool: SharedConnectionPool, connection: AsyncLeasedConnection) -> None:
-        self._pool = pool
-        self._connection: AsyncLeasedConnection | None = connection
-
+class _PinnedPool(PinnedPool[AsyncLeasedConnection]):
     async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> AsyncLeasedConnection:
-        if self._connection is None:
-            raise errors.LeaseError("this lease() block has ended; use the client it came from")
-        if self._connection.owner_pid != os.getpid():
-            raise errors.LeaseLost("a lease() block's connection was inherited across fork: use the client in this process")
-        return self._connection
+        return self.pinned()
 
     async def release(self, connection: Any) -> None:
         pass  # the lease ends with the block, not with each command
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pool, name)
 
 
 class SharedRedis(redis.asyncio.Redis):
@@ -57,19 +43,10 @@ class SharedRedis(redis.asyncio.Redis):
         """
         pool = self.connection_pool
         conn = await pool.get_connection()
-        pinned = _PinnedPool(pool, conn)
-        client = object.__new__(type(self))
-        client.__dict__.update(self.__dict__)
-        client.connection_pool = pinned  # type: ignore[assignment]
-        client.connection = None
-        client.single_connection_client = False
-        client.auto_close_connection_pool = False
-        client.autopipeline = None  # the block's commands are this task's, in order, on its lease
-        try:
+        with _PinnedPool(pool, conn, pool.release_now) as pinned:
+            client = pinned_client(self, pinned, "single_connection_client")
+            client.autopipeline = None  # the block's commands are this task's, in order, on its lease
             yield client
-        finally:
-            pinned._connection = None
-            pool.release_now(conn)
 
 
 def Redis(

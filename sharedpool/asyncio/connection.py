@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio.connection import Connection
 
-from sharedpool.client.connection import LeaseState
-from sharedpool.client.session import SessionWatch
+from sharedpool.client.lease_state import LeaseHolder, LeaseState
 from sharedpool.errors import LeaseLost
 
 if TYPE_CHECKING:
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
 _STREAM_LIMIT = 2**20
 
 
-class AsyncLeasedConnection(SessionWatch, Connection):
+class AsyncLeasedConnection(LeaseHolder, Connection):
     """One slot's connection as seen by a task; reused across leases of that slot in this loop."""
 
     def __init__(
@@ -46,28 +45,10 @@ class AsyncLeasedConnection(SessionWatch, Connection):
     ) -> None:
         super().__init__(**kwargs)
         self.shared_pool: SharedConnectionPool | None = shared_pool
-        self.slot = slot
-        self.generation = generation
-        self.redis_label = redis_label
-        self.state = LeaseState.FREE
-        self.lease: Lease | None = None
-        self.why = ""
-        self.retry_until = 0.0
-        self.owner_pid = os.getpid()
         self._raw: socket.socket | None = None  # our dup of the slot's fd, inside the transport
         self._transport: asyncio.Transport | None = None
         self._stream_loop: asyncio.AbstractEventLoop | None = None
-        self.watch_reset()
-
-    def repr_pieces(self) -> list[tuple[str, Any]]:
-        lease = self.lease.id if self.lease is not None else None
-        return [
-            ("slot", self.slot), ("generation", self.generation), ("lease", lease),
-            ("state", self.state.value), ("redis", self.redis_label),
-        ]
-
-    def _host_error(self) -> str:
-        return f"{self.redis_label} (sharedpool slot {self.slot})"
+        self._hold_init(slot, generation, redis_label)
 
     # ----- the stream over the lent fd -------------------------------------------
 
@@ -123,33 +104,13 @@ class AsyncLeasedConnection(SessionWatch, Connection):
         assert raw is not None and transport is not None
         os.set_blocking(raw.fileno(), False)
         transport.resume_reading()
-        self.state = LeaseState.IN_USE
-        self.lease = lease
-        self.why = ""
-        self.watch_reset()
+        self._begin_lease(lease)
 
     def end(self) -> Lease | None:
         """The lease is over for this object: stop reading before the lock is given back."""
-        lease, self.lease = self.lease, None
         if self._transport is not None:
             self._transport.pause_reading()
-        if self.state is LeaseState.IN_USE:
-            self.state = LeaseState.FREE
-        return lease
-
-    def lose(self) -> Lease | None:
-        lease, self.lease = self.lease, None
-        self.state = LeaseState.LOST
-        return lease
-
-    def revoked(self, why: str) -> None:
-        self.lease = None
-        self.state = LeaseState.REVOKED
-        self.why = why
-
-    def settle(self) -> None:
-        if self.state in (LeaseState.LOST, LeaseState.REVOKED):
-            self.state = LeaseState.FREE
+        return super().end()
 
     def _transport_gone(self) -> bool:
         return self._transport is None or self._transport.is_closing()

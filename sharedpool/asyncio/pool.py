@@ -23,7 +23,6 @@ what it held in the old one and attaches afresh.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import time
@@ -34,26 +33,22 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from sharedpool import errors, protocol
-from sharedpool import table as tbl
 from sharedpool.asyncio import process
 from sharedpool.asyncio.channel import AsyncControlChannel
 from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
 from sharedpool.asyncio.handoff import LocalLine
 from sharedpool.asyncio.waiting import Seats, wait_in_queue
-from sharedpool.client import clone, lease_core
-from sharedpool.client.attachment import Attachment, check_welcome
+from sharedpool.client import clone, lease_core, lease_state
+from sharedpool.client.attachment import LIVENESS_S, Attachment, check_welcome
 from sharedpool.client.callsite import caller
 from sharedpool.client.channel import ControlChannel
-from sharedpool.client.connection import LeaseState
 from sharedpool.client.lease_core import Lease, Taken, Taker, give_back
+from sharedpool.client.lease_state import LeaseState
 from sharedpool.client.pool import refuse_manager_owned
 from sharedpool.config import client_config
 from sharedpool.protocol import FrameType
 from sharedpool.table import Outcome
 
-log = logging.getLogger("sharedpool.client")
-
-_LIVENESS_S = 0.1  # how often a process checks that the manager that lent it the table lives
 _SPINS = 4  # turns of the loop given away before queueing (holders in this process may give back meanwhile)
 _QUEUE_SEATS = 4  # tasks of one process queued in the table at once
 # A lease is handed to the next task of this process, rather than given back
@@ -135,14 +130,8 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         loop = asyncio.get_running_loop()
         att = self._attachment
         if att is not None and not att.detached:
-            now = time.monotonic()
-            if self._loop is loop:
-                if now - att.checked_at < _LIVENESS_S:
-                    return att
-                att.checked_at = now
-                if att.manager_alive() and not att.channel.closed:
-                    return att
-                log.warning("manager of pool %r (epoch %s) is gone: dropping its table and connections", att.pool_name, att.epoch)
+            if self._loop is loop and att.still_serves():
+                return att
             self._detach(att)
         if self._loop is not loop:
             # Locks, seats and streams belong to one loop: start this one's afresh.
@@ -197,20 +186,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         started = time.monotonic()
         manager_timeout = self.config.manager_timeout
         att = self._attachment
-        if att is None or att.detached or self._loop is not asyncio.get_running_loop() or started - att.checked_at >= _LIVENESS_S:
+        if att is None or att.detached or self._loop is not asyncio.get_running_loop() or started - att.checked_at >= LIVENESS_S:
             att = await self._attach(min(started + manager_timeout, budget or float("inf")))
         acquire_timeout = self._acquire_timeout(att)
-        final = started + manager_timeout + acquire_timeout
-        deadline = started + acquire_timeout
-        if budget:
-            # redis-py's retries re-enter here after each failure: together
-            # they get no more than one call's worth of time.
-            final, deadline = min(final, budget), min(deadline, budget)
-        limit = att.lease_limit
-        if limit and att.held >= limit:
-            raise errors.WorkerLimit(
-                f"pid {att.pid} already holds {limit} leases of pool {att.pool_name!r} (max_leases_per_worker={limit})"
-            )
+        final, deadline = lease_core.call_bounds(att, started, manager_timeout, acquire_timeout, budget)
         taker = self._free_takers.pop() if self._free_takers else Taker(att)
         taker.avoid.clear()
         site = att.site_id(site_text) if site_text else 0
@@ -228,14 +207,8 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                 try:
                     bound = await self._bind(att, lease, conn, final, started)
                 except errors.StaleSlot:
-                    # A row that says READY for a generation the manager has
-                    # not opened (scribbled): skip it until the manager repairs it.
                     self._give_back(lease, Outcome.CLEAN, used=False, recycle=lease.taker is not taker)
-                    taker.avoid.add((lease.slot, lease.generation))
-                    if time.monotonic() >= deadline:
-                        raise errors.PoolTimeout(
-                            f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s ({lease_core.pressure(att)})"
-                        ) from None
+                    lease_core.skip_stale(taker, lease, deadline, acquire_timeout)
                     continue
                 except BaseException:
                     self._give_back(lease, Outcome.CLEAN, used=False, recycle=lease.taker is not taker)
@@ -360,28 +333,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     def release_now(self, connection: Any) -> None:
         """``release``, sync: the lease's end is written before anything else can run."""
-        if not isinstance(connection, AsyncLeasedConnection) or connection.shared_pool is not self:
-            if isinstance(connection, AsyncLeasedConnection) and connection.owner_pid != os.getpid():
-                return  # inherited across fork: the parent's, not ours to return
-            if isinstance(connection, AsyncLeasedConnection) and connection.shared_pool is None:
-                connection.settle()
-                return  # detached from a manager that is gone
-            raise errors.LeaseError(f"{connection!r} does not belong to {self!r}")
-        if connection.state is not LeaseState.IN_USE:
-            if connection.state in (LeaseState.LOST, LeaseState.REVOKED):
-                connection.settle()  # already given back while redis-py retried
-                return
-            raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
-        lease = connection.lease
-        assert lease is not None
-        outcome = Outcome.BROKEN
-        try:
-            outcome = connection.outcome()
-            if outcome is Outcome.BROKEN:
-                connection.drop()
-        finally:
-            connection.end()
-            self.give_back_or_hand_over(lease, outcome)
+        lease_state.release(self, connection, AsyncLeasedConnection, self.give_back_or_hand_over)
 
     def give_back_or_hand_over(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
         """End ``lease``: hand its slot to the next task of this process if fair, else give it back to the table."""
@@ -445,31 +397,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     async def replace_lost_lease(self, conn: AsyncLeasedConnection) -> None:
         """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""
-        if conn.state is LeaseState.REVOKED:
-            raise errors.LeaseLost(conn.why)
         lease = conn.lease
-        if conn.state is LeaseState.IN_USE and lease is not None:
-            att = lease.attachment
-            row = None
-            try:
-                row = att.table.row(lease.slot)
-            except tbl.RowError:
-                pass
-            if row is not None and tbl.was_revoked(row, lease.generation, lease.seq):
-                why = (
-                    f"lease {lease.id} of pool {att.pool_name!r} was revoked after "
-                    f"{time.monotonic() - lease.taken_at:.1f} s (max_lease_time={att.max_lease_time:g} s); "
-                    f"its connection was closed"
-                )
-                conn.end()
-                conn.revoked(why)
-                self._give_back(lease, Outcome.BROKEN)
-                raise errors.LeaseLost(why)
-            conn.lose()
-            conn.retry_until = time.monotonic() + self.config.manager_timeout + self._acquire_timeout(att)
-            self._give_back(lease, Outcome.BROKEN)
-        elif conn.state is not LeaseState.LOST:
-            raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
+        # A fresh budget at each loss: redis.asyncio's retry knows of none.
+        budget_s = self.config.manager_timeout + self._acquire_timeout(lease.attachment) if lease is not None else 0.0
+        lease_state.end_lost_lease(conn, self._give_back, budget_s, keep_budget=False)
         await self._lease(caller(), conn, budget=conn.retry_until)
 
     # ----- redis-py pool interface, the rest ------------------------------------------

@@ -52,9 +52,7 @@ async def wait_in_queue(
         while True:
             if handoff.lease is not None:
                 return handoff.lease  # handed over between two steps of the wait
-            step = wait.next_step()
-            if isinstance(step, tuple):
-                return step
+            step = wait.next_wait()
             if isinstance(step, lease_queue.Sleep):
                 woken = await readable(loop, step.fd, step.seconds, handoff)
                 if handoff.lease is not None:
@@ -64,8 +62,7 @@ async def wait_in_queue(
             elif isinstance(step, lease_queue.Demand):
                 await demand(att, step.deadline, step.db)
             else:
-                for frame in step.frames:
-                    att.channel.notify(frame)
+                return step
     finally:
         # Cancelled too: our entry leaves the queue and a wake meant for us
         # goes to the next waiter.

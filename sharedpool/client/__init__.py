@@ -2,6 +2,8 @@
 
 Module map: ``pool`` (redis-py's ``ConnectionPool`` interface, sync waits),
 ``lease_core`` (taking and giving back leases in the table, sans I/O),
+``lease_state`` (a connection's lease state, release, a lost lease's end:
+for both clients), ``pinning`` (``lease()``'s pinned client, for both),
 ``attachment`` (this process's view of one manager epoch), ``channel`` (the
 control connection), ``connection`` (a redis-py connection over a lent fd),
 ``shared_redis`` (``SharedRedis``, ``Redis()``, ``lease()``), ``callsite``

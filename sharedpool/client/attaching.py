@@ -11,7 +11,6 @@ closes its copies of the parent's fds and starts with none of them.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import socket
@@ -23,11 +22,6 @@ from sharedpool import errors
 from sharedpool.client.attachment import Attachment, check_welcome, open_channel
 from sharedpool.client.lease_core import Taker
 from sharedpool.config import ClientConfig
-
-log = logging.getLogger("sharedpool.client")
-
-# How often a process checks that the manager that lent it the table lives.
-LIVENESS_S = 0.1
 
 
 class ThreadState(Taker):
@@ -82,13 +76,8 @@ class Attaching:
     def _attach(self, deadline: float) -> Attachment:
         att = self._attachment
         if att is not None and not att.detached:
-            now = time.monotonic()
-            if now - att.checked_at < LIVENESS_S:
+            if att.still_serves():
                 return att
-            att.checked_at = now
-            if att.manager_alive() and not att.channel.closed:
-                return att
-            log.warning("manager of pool %r (epoch %s) is gone: dropping its table and connections", att.pool_name, att.epoch)
             self._detach(att)
         if not self._attach_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise errors.ManagerUnavailable(

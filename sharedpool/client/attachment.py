@@ -21,7 +21,7 @@ from sharedpool import errors, protocol
 from sharedpool import table as tbl
 from sharedpool.client import clone
 from sharedpool.client.channel import ControlChannel
-from sharedpool.client.connection import LeaseState
+from sharedpool.client.lease_state import LeaseState
 from sharedpool.config import parse_databases
 from sharedpool.protocol import ReportCause
 from sharedpool.table import Outcome
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from sharedpool.client.lease_core import Taker
 
 log = logging.getLogger("sharedpool.client")
+
+# How often a process checks that the manager that lent it the table lives.
+LIVENESS_S = 0.1
 
 
 def process_start(pid: int) -> float:
@@ -66,6 +69,17 @@ class Attachment:
         self.max_lease_time = float(welcome.get("max_lease_time", 0) or 0)
         self.acquire_timeout = float(welcome.get("acquire_timeout", 5.0) or 5.0)
         self.lease_limit = int(welcome.get("max_leases_per_worker", 0) or 0)
+
+    def still_serves(self) -> bool:
+        """Whether this manager still lives and talks to us; asked of the table at most every ``LIVENESS_S``."""
+        now = time.monotonic()
+        if now - self.checked_at < LIVENESS_S:
+            return True
+        self.checked_at = now
+        if self.manager_alive() and not self.channel.closed:
+            return True
+        log.warning("manager of pool %r (epoch %s) is gone: dropping its table and connections", self.pool_name, self.epoch)
+        return False
 
     def manager_alive(self) -> bool:
         try:

@@ -17,10 +17,9 @@ import time
 from typing import TYPE_CHECKING
 
 from sharedpool import errors, protocol
-from sharedpool import table as tbl
-from sharedpool.client import clone
+from sharedpool.client import clone, lease_state
 from sharedpool.client.attachment import Attachment
-from sharedpool.client.connection import LeasedConnection, LeaseState
+from sharedpool.client.connection import LeasedConnection
 from sharedpool.client.lease_core import Lease, give_back
 from sharedpool.protocol import FrameType
 from sharedpool.table import Outcome
@@ -89,31 +88,6 @@ def give_back_reporting(lease: Lease, outcome: Outcome, used: bool = True) -> No
 
 def end_lost_lease(pool: SharedConnectionPool, conn: LeasedConnection) -> None:
     """``conn`` lost its connection mid-lease: give the lease back broken, so that
-    redis-py's retry may take a fresh one. Raises ``LeaseLost`` when no retry may:
-    the manager revoked the lease, or ``conn`` holds none."""
-    if conn.state is LeaseState.REVOKED:
-        raise errors.LeaseLost(conn.why)
-    lease = conn.lease
-    if conn.state is LeaseState.IN_USE and lease is not None:
-        att: Attachment = lease.attachment
-        row = None
-        try:
-            row = att.table.row(lease.slot)
-        except tbl.RowError:
-            pass
-        if row is not None and tbl.was_revoked(row, lease.generation, lease.seq):
-            why = (
-                f"lease {lease.id} of pool {att.pool_name!r} was revoked after "
-                f"{time.monotonic() - lease.taken_at:.1f} s (max_lease_time={att.max_lease_time:g} s); "
-                f"its connection was closed"
-            )
-            conn.end()
-            conn.revoked(why)
-            give_back_reporting(lease, Outcome.BROKEN)
-            raise errors.LeaseLost(why)
-        conn.lose()
-        if not conn.retry_until:
-            conn.retry_until = time.monotonic() + pool.call_bound()
-        give_back_reporting(lease, Outcome.BROKEN)
-    elif conn.state is not LeaseState.LOST:
-        raise errors.LeaseLost(f"{conn!r} is not leased; get one from the pool")
+    redis-py's retry may take a fresh one within the budget ``_BoundedRetry`` set at
+    the command's first failure (or one call's bound from now)."""
+    lease_state.end_lost_lease(conn, give_back_reporting, pool.call_bound(), keep_budget=True)

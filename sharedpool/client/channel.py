@@ -41,7 +41,65 @@ _ERRORS: dict[int, type[errors.SharedPoolError]] = {
 _FATAL = frozenset({ErrorCode.MALFORMED, ErrorCode.NOT_READY, ErrorCode.VERSION, ErrorCode.TOO_MANY_CLIENTS, ErrorCode.FORBIDDEN})
 
 
-class ControlChannel:
+class ChannelReplies:
+    """What a channel makes of the manager's answers, sync and asyncio alike: the reply, or
+    the error to raise (closing the channel first when nothing more can come of it).
+
+    The class supplies ``_fail``: close, failing whatever still waits with the error.
+    """
+
+    socket_path: str
+    table_fd: int
+    welcome: dict[str, Any]
+
+    def _fail(self, error: errors.SharedPoolError) -> errors.SharedPoolError:
+        raise NotImplementedError
+
+    def _take_welcome(self, frame_type: int, body: bytes, fd: int | None) -> None:
+        """The handshake's answer: the WELCOME, with the lease table's memfd."""
+        if frame_type != FrameType.WELCOME:
+            if fd is not None:
+                os.close(fd)
+            raise self._unexpected(frame_type, body, "WELCOME")
+        if fd is None:
+            raise self._broken("WELCOME carried no lease table")
+        self.table_fd = fd
+        self.welcome = protocol.decode_json(body)
+
+    def _reply(
+        self, frame_type: int, body: bytes, fd: int | None, reply_type: FrameType, want_fd: bool
+    ) -> tuple[bytes, int | None]:
+        """A request's answer: its body and fd if it is ``reply_type``."""
+        if frame_type == reply_type:
+            if want_fd and fd is None:
+                raise self._broken(f"{reply_type.name} carried no fd")
+            return body, fd
+        if fd is not None:
+            os.close(fd)
+        raise self._unexpected(frame_type, body, reply_type.name)
+
+    def _old_manager(self) -> errors.SharedPoolError:
+        return self._fail(errors.ProtocolMismatch(
+            f"manager at {self.socket_path} speaks protocol version 1; this client speaks "
+            f"{protocol.VERSION}: run the same sharedpool version in the manager and the workers"
+        ))
+
+    def _silent(self) -> errors.SharedPoolError:
+        return self._fail(errors.ManagerUnavailable(f"manager at {self.socket_path} did not answer in time"))
+
+    def _broken(self, why: str) -> errors.SharedPoolError:
+        return self._fail(errors.ProtocolMismatch(f"control connection to {self.socket_path} broken: {why}"))
+
+    def _unexpected(self, frame_type: int, body: bytes, wanted: str) -> errors.SharedPoolError:
+        if frame_type == FrameType.ERROR:
+            error, fatal = error_from(body)
+            if fatal:
+                self._fail(error)
+            return error
+        return self._broken(f"expected {wanted}, got frame type {frame_type}")
+
+
+class ControlChannel(ChannelReplies):
     """One control connection. ``welcome`` and ``table_fd`` come from the handshake."""
 
     def __init__(self, socket_path: str, connect_timeout: float = 5.0, reply_timeout: float = 30.0) -> None:
@@ -68,14 +126,7 @@ class ControlChannel:
             except OSError:
                 pass  # refused and closed at once: the reason may still be waiting to be read
             frame_type, _rid, body, fd = self._read(started + timeout, want_fd=True)
-            if frame_type != FrameType.WELCOME:
-                if fd is not None:
-                    os.close(fd)
-                raise self._unexpected(frame_type, body, "WELCOME")
-            if fd is None:
-                raise self._broken("WELCOME carried no lease table")
-            self.table_fd = fd
-            self.welcome: dict[str, Any] = protocol.decode_json(body)
+            self._take_welcome(frame_type, body, fd)
         except BaseException:
             self.close()
             raise
@@ -104,13 +155,7 @@ class ControlChannel:
                     if fd is not None:
                         os.close(fd)
                     continue
-                if got_type == reply_type:
-                    if want_fd and fd is None:
-                        raise self._broken(f"{reply_type.name} carried no fd")
-                    return got_body, fd
-                if fd is not None:
-                    os.close(fd)
-                raise self._unexpected(got_type, got_body, reply_type.name)
+                return self._reply(got_type, got_body, fd, reply_type, want_fd)
         finally:
             self._lock.release()
 
@@ -209,11 +254,7 @@ class ControlChannel:
                 raise self._broken(str(exc)) from None
             if version == 1:
                 close_fds(fds)
-                self.close()
-                raise errors.ProtocolMismatch(
-                    f"manager at {self.socket_path} speaks protocol version 1; this client speaks "
-                    f"{protocol.VERSION}: run the same sharedpool version in the manager and the workers"
-                )
+                raise self._old_manager()
             if frame_type in protocol.UNSOLICITED_TYPES:
                 close_fds(fds)
                 continue  # a newer manager's notice we do not know
@@ -222,21 +263,9 @@ class ControlChannel:
                 raise self._broken(f"frame type {frame_type} carried {len(fds)} fds")
             return frame_type, request_id, body, (fds[0] if fds else None)
 
-    def _silent(self) -> errors.ManagerUnavailable:
+    def _fail(self, error: errors.SharedPoolError) -> errors.SharedPoolError:
         self.close()
-        return errors.ManagerUnavailable(f"manager at {self.socket_path} did not answer in time")
-
-    def _broken(self, why: str) -> errors.SharedPoolError:
-        self.close()
-        return errors.ProtocolMismatch(f"control connection to {self.socket_path} broken: {why}")
-
-    def _unexpected(self, frame_type: int, body: bytes, wanted: str) -> errors.SharedPoolError:
-        if frame_type == FrameType.ERROR:
-            error, fatal = error_from(body)
-            if fatal:
-                self.close()
-            return error
-        return self._broken(f"expected {wanted}, got frame type {frame_type}")
+        return error
 
 
 def error_from(body: bytes) -> tuple[errors.SharedPoolError, bool]:

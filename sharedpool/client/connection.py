@@ -11,7 +11,6 @@ It differs from ``redis.Connection`` in three ways:
 
 from __future__ import annotations
 
-import enum
 import os
 import socket
 import time
@@ -23,21 +22,12 @@ from redis.connection import Connection
 from redis.retry import Retry
 
 from sharedpool import errors
-from sharedpool.client.session import SessionWatch
+from sharedpool.client.lease_state import LeaseHolder
 from sharedpool.errors import LeaseLost
 
 if TYPE_CHECKING:
     from sharedpool.client.lease_core import Lease
     from sharedpool.client.pool import SharedConnectionPool
-
-
-class LeaseState(enum.Enum):
-    """Where a connection object stands with respect to a lease. Only its own methods move it."""
-
-    FREE = "free"  # cached for its slot, no lease
-    IN_USE = "in use"
-    LOST = "lost"  # failed mid-lease: given back broken; redis-py's retry may bind a fresh one
-    REVOKED = "revoked"  # the manager took the lease back (max_lease_time)
 
 
 class _SpentBudgetBackoff(AbstractBackoff):
@@ -98,7 +88,7 @@ class _BoundedRetry(Retry):
             self._depth -= 1
 
 
-class LeasedConnection(SessionWatch, Connection):
+class LeasedConnection(LeaseHolder, Connection):
     """One slot's connection as seen by a worker; reused across leases of that slot."""
 
     @property
@@ -131,29 +121,12 @@ class LeasedConnection(SessionWatch, Connection):
             )
         super().__init__(**kwargs)
         self.shared_pool: SharedConnectionPool | None = shared_pool
-        self.slot = slot
-        self.generation = generation
-        self.redis_label = redis_label
-        self.state = LeaseState.FREE
-        self.lease: Lease | None = None
-        self.why = ""  # what ended the last lease early (revocation text)
-        self.retry_until = 0.0  # after a lost lease: when redis-py's retries must stop waiting
-        self.watch_reset()
+        self._hold_init(slot, generation, redis_label)
         # A socket object made from an fd assumes blocking mode whatever the
         # shared description says (DESIGN fact 9): give it its own mode now.
         sock.settimeout(self.socket_timeout)
         self._sock = sock  # type: ignore[assignment]  # redis-py declares it None-typed
         self._parser.on_connect(self)
-
-    def repr_pieces(self) -> list[tuple[str, Any]]:
-        lease = self.lease.id if self.lease is not None else None
-        return [
-            ("slot", self.slot), ("generation", self.generation), ("lease", lease),
-            ("state", self.state.value), ("redis", self.redis_label),
-        ]
-
-    def _host_error(self) -> str:
-        return f"{self.redis_label} (sharedpool slot {self.slot})"
 
     # ----- lease lifecycle (called by the pool) ----------------------------
 
@@ -174,33 +147,10 @@ class LeasedConnection(SessionWatch, Connection):
             # (One holder in blocking mode followed by one with a timeout can
             # make a send larger than the socket buffer wait past the timeout.)
             current.settimeout(self.socket_timeout)
-        self.state = LeaseState.IN_USE
-        self.lease = lease
-        self.why = ""
-        self.watch_reset()
+        self._begin_lease(lease)
 
-    def end(self) -> Lease | None:
-        """The lease is over for this object (given back, lost or revoked)."""
-        lease, self.lease = self.lease, None
-        if self.state is LeaseState.IN_USE:
-            self.state = LeaseState.FREE
-        return lease
-
-    def lose(self) -> Lease | None:
-        """The connection failed mid-lease: the caller gives the lease back broken."""
-        lease, self.lease = self.lease, None
-        self.state = LeaseState.LOST
-        return lease
-
-    def revoked(self, why: str) -> None:
-        self.lease = None
-        self.state = LeaseState.REVOKED
-        self.why = why
-
-    def settle(self) -> None:
-        """redis-py is done with this object after a lost or revoked lease."""
-        if self.state in (LeaseState.LOST, LeaseState.REVOKED):
-            self.state = LeaseState.FREE
+    def drop(self) -> None:
+        self.disconnect()
 
     def _transport_gone(self) -> bool:
         return self._sock is None

@@ -132,6 +132,36 @@ class Lease:
 # ----- taking ------------------------------------------------------------------
 
 
+def call_bounds(
+    att: Attachment, started: float, manager_timeout: float, acquire_timeout: float, budget: float
+) -> tuple[float, float]:
+    """(final, deadline) of a call begun at ``started``: when it must be done in all, and when waiting
+    for a lease must end. ``WorkerLimit`` when this process holds ``max_leases_per_worker`` already."""
+    final = started + manager_timeout + acquire_timeout
+    deadline = started + acquire_timeout
+    if budget:
+        # redis-py's retries re-enter after each failure: together they get
+        # no more than one call's worth of time (the budget).
+        final, deadline = min(final, budget), min(deadline, budget)
+    limit = att.lease_limit
+    if limit and att.held >= limit:
+        raise errors.WorkerLimit(
+            f"pid {att.pid} already holds {limit} leases of pool {att.pool_name!r} (max_leases_per_worker={limit})"
+        )
+    return final, deadline
+
+
+def skip_stale(taker: Taker, lease: Lease, deadline: float, acquire_timeout: float) -> None:
+    """The manager refused an fd for ``lease``'s row, READY for a generation it has not opened
+    (scribbled): ``taker`` skips that row until the manager repairs it. ``PoolTimeout`` past ``deadline``."""
+    taker.avoid.add((lease.slot, lease.generation))
+    if time.monotonic() >= deadline:
+        raise errors.PoolTimeout(
+            f"no lease from pool {lease.attachment.pool_name!r} within {acquire_timeout:.2f} s ({pressure(lease.attachment)})"
+        ) from None
+
+
+
 def take_spinning(att: Attachment, taker: Taker, site: int, started: float, db: int) -> Taken | None:
     """Take a READY slot now, yielding the CPU up to ``SPINS`` times; None: queue.
 

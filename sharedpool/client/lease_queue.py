@@ -10,6 +10,9 @@
   asyncio pool uses ``loop.add_reader`` on the same fd.
 
 Call ``next_step()`` again after each, and ``leave()`` always, at the end.
+A driver that sends through the attachment's channel calls ``next_wait()``
+instead: it sends the ``Notify`` frames itself (``notify`` waits on no
+reply, on either client's channel), leaving the driver the steps that block.
 """
 
 from __future__ import annotations
@@ -159,6 +162,15 @@ class QueueWait:
             )
         self._phase = self._LOOK
         return Sleep(self._wake.fileno(), min(remaining, RESCAN_S))
+
+    def next_wait(self) -> Taken | Demand | Sleep:
+        """``next_step()``, with the frames of each ``Notify`` sent on the way."""
+        while True:
+            step = self.next_step()
+            if not isinstance(step, Notify):
+                return step
+            for frame in step.frames:
+                self.att.channel.notify(frame)
 
     def on_wake(self) -> None:
         """The wake socket was readable: take one datagram (others make the next wait return at once)."""

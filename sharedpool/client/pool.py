@@ -26,13 +26,14 @@ from typing import Any
 import redis
 
 from sharedpool import errors, protocol
-from sharedpool.client import clone, lease_core, lease_queue, process
-from sharedpool.client.attaching import LIVENESS_S, Attaching, ThreadState
-from sharedpool.client.attachment import Attachment
+from sharedpool.client import clone, lease_core, lease_queue, lease_state, process
+from sharedpool.client.attaching import Attaching, ThreadState
+from sharedpool.client.attachment import LIVENESS_S, Attachment
 from sharedpool.client.binding import bind, end_lost_lease, give_back_reporting
 from sharedpool.client.callsite import caller
-from sharedpool.client.connection import LeasedConnection, LeaseState
-from sharedpool.client.lease_core import Lease, Taken, give_back
+from sharedpool.client.connection import LeasedConnection
+from sharedpool.client.lease_core import Lease, Taken
+from sharedpool.client.lease_state import LeaseState
 from sharedpool.config import client_config
 from sharedpool.protocol import FrameType
 from sharedpool.table import Outcome
@@ -156,17 +157,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         if att is None or att.detached or started - att.checked_at >= LIVENESS_S:
             att = self._attach(min(started + manager_timeout, budget or float("inf")))
         acquire_timeout = self.config.acquire_timeout or att.acquire_timeout
-        final = started + manager_timeout + acquire_timeout
-        deadline = started + acquire_timeout
-        if budget:
-            # redis-py's retries re-enter here after each failure: together
-            # they get no more than one call's worth of time.
-            final, deadline = min(final, budget), min(deadline, budget)
-        limit = att.lease_limit
-        if limit and att.held >= limit:
-            raise errors.WorkerLimit(
-                f"pid {att.pid} already holds {limit} leases of pool {att.pool_name!r} (max_leases_per_worker={limit})"
-            )
+        final, deadline = lease_core.call_bounds(att, started, manager_timeout, acquire_timeout, budget)
         state = getattr(self._local, "state", None)
         if state is None or state.attachment is not att or state.lock_fd < 0:
             state = self._thread_state(att)
@@ -193,14 +184,8 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
             try:
                 return bind(self, att, lease, conn, final, started)
             except errors.StaleSlot:
-                # A row that says READY for a generation the manager has not
-                # opened (scribbled): skip it until the manager repairs it.
                 give_back_reporting(lease, Outcome.CLEAN, used=False)
-                state.avoid.add((slot, generation))
-                if time.monotonic() >= deadline:
-                    raise errors.PoolTimeout(
-                        f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s ({lease_core.pressure(att)})"
-                    ) from None
+                lease_core.skip_stale(state, lease, deadline, acquire_timeout)
                 continue
             except BaseException:
                 give_back_reporting(lease, Outcome.CLEAN, used=False)
@@ -212,17 +197,14 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         poller = state.poller
         try:
             while True:
-                step = wait.next_step()
-                if isinstance(step, tuple):
-                    return step
+                step = wait.next_wait()
                 if isinstance(step, lease_queue.Sleep):
                     if poller.poll(step.seconds * 1000):
                         wait.on_wake()
                 elif isinstance(step, lease_queue.Demand):
                     self._demand(att, step.deadline, step.db)
                 else:
-                    for frame in step.frames:
-                        att.channel.notify(frame)
+                    return step
         finally:
             wait.leave()
 
@@ -242,34 +224,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
     # ----- giving it back -------------------------------------------------------------
 
     def release(self, connection: Any) -> None:
-        if not isinstance(connection, LeasedConnection) or connection.shared_pool is not self:
-            if isinstance(connection, LeasedConnection) and connection.pid != os.getpid():
-                return  # inherited across fork: the parent's, not ours to return
-            if isinstance(connection, LeasedConnection) and connection.shared_pool is None:
-                connection.settle()
-                return  # detached from a manager that is gone
-            raise errors.LeaseError(f"{connection!r} does not belong to {self!r}")
-        if connection.pid != os.getpid():
-            return
-        if connection.state is not LeaseState.IN_USE:
-            if connection.state in (LeaseState.LOST, LeaseState.REVOKED):
-                connection.settle()  # already given back while redis-py retried
-                return
-            raise errors.LeaseError(f"{connection!r} is not leased: released twice?")
-        lease = connection.lease
-        assert lease is not None
-        outcome = Outcome.BROKEN
-        try:
-            outcome = connection.outcome()
-            if outcome is Outcome.BROKEN:
-                connection.disconnect()
-        finally:
-            # Whatever interrupts the above (a signal handler raising), the
-            # lease ends and its lock is given back: broken if we could not tell.
-            connection.end()
-            report = give_back(lease, outcome)
-            if report:
-                lease.attachment.channel.notify(report)
+        lease_state.release(self, connection, LeasedConnection, give_back_reporting)
 
     # ----- redis-py's retry after a lost connection ---------------------------------
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import redis
 
-from sharedpool import errors
 from sharedpool.client import clone
 from sharedpool.client.connection import LeasedConnection
+from sharedpool.client.pinning import PinnedPool, pinned_client
 from sharedpool.client.pool import SharedConnectionPool
 
 # What redis.Redis retries with when not told otherwise, read from the
@@ -21,25 +20,12 @@ from sharedpool.client.pool import SharedConnectionPool
 _REDIS_DEFAULT_RETRY = inspect.signature(redis.Redis.__init__).parameters["retry"].default
 
 
-class _PinnedPool:
-    """Hands out one already-leased connection, for ``SharedRedis.lease()``."""
-
-    def __init__(self, pool: SharedConnectionPool, connection: LeasedConnection) -> None:
-        self._pool = pool
-        self._connection: LeasedConnection | None = connection
-
+class _PinnedPool(PinnedPool[LeasedConnection]):
     def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> LeasedConnection:
-        if self._connection is None:
-            raise errors.LeaseError("this lease() block has ended; use the client it came from")
-        if self._connection.pid != os.getpid():
-            raise errors.LeaseLost("a lease() block's connection was inherited across fork: use the client in this process")
-        return self._connection
+        return self.pinned()
 
     def release(self, connection: Any) -> None:
         pass  # the lease ends with the block, not with each command
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pool, name)
 
 
 class SharedRedis(redis.Redis):
@@ -94,18 +80,8 @@ class SharedRedis(redis.Redis):
         """
         pool = self.connection_pool
         conn = pool.get_connection()
-        pinned = _PinnedPool(pool, conn)
-        client = object.__new__(type(self))
-        client.__dict__.update(self.__dict__)
-        client.connection_pool = pinned  # type: ignore[assignment]
-        client.connection = None
-        client._single_connection_client = False
-        client.auto_close_connection_pool = False
-        try:
-            yield client
-        finally:
-            pinned._connection = None
-            pool.release(conn)
+        with _PinnedPool(pool, conn, pool.release) as pinned:
+            yield pinned_client(self, pinned, "_single_connection_client")
 
 
 def Redis(

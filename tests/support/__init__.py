@@ -4,7 +4,8 @@
 * ``cli``: ``run_cli``, the ``sharedpool`` command line as a subprocess;
 * ``redis_view``: ``manager_clients``, a manager's connections as Redis lists them;
 * ``mix``: ``checked_round_trip``, the request mix whose every read is checked;
-* ``servers``: gunicorn and uWSGI masters started, asked and stopped (``Server``).
+* ``workers``: ``run_watching_the_cap``, worker processes run while Redis is watched for the cap;
+* ``servers``: gunicorn and uWSGI masters started, asked and stopped (``Server``, ``wait_ready`` on any path).
 
 (``hostile_peers`` beside this package holds the misbehaving control-socket peers.)
 """

@@ -110,18 +110,20 @@ class Server:
         except ValueError:
             return response.status, data.decode(errors="replace")
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 30.0, path: str = "/incr") -> None:
+        """Wait until ``path`` answers 200; fail at once, with the log, if the server exited."""
+
         def answers() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                status, _ = self.get("/incr", timeout=5.0)
+                status, _ = self.get(path, timeout=5.0)
             except OSError:
                 return False
             return status == 200
 
-        wait_for(answers, timeout, f"{self.name} to answer /incr")
+        wait_for(answers, timeout, f"{self.name} to answer {path}")
 
     def descendants(self) -> list[psutil.Process]:
         try:
