@@ -11,10 +11,10 @@ import multiprocess
 import pytest
 import redis
 import redis.asyncio
-from support.async_mix import many_tasks
+from support.async_mix import many_tasks, report_from_async_worker
 from support.redis_view import manager_clients
 from support.waiting import wait_for
-from support.workers import run_watching_the_cap
+from support.workers import fleet_holds_the_cap
 
 import sharedpool.asyncio as spa
 from sharedpool import errors
@@ -108,27 +108,11 @@ def test_many_tasks_on_two_connections_every_reply_checked(start_manager, admin:
 
 
 def _worker_tasks(socket_path: str, worker: int, out: Any) -> None:
-    async def main() -> list[str]:
-        r = spa.Redis(socket_path=socket_path, decode_responses=True, acquire_timeout=60)
-        try:
-            return await many_tasks(r, tasks=64, rounds=10, tag=f"w{worker}")
-        finally:
-            await r.aclose()
-
-    try:
-        out.put(asyncio.run(main()))
-    except Exception as exc:
-        out.put([repr(exc)])
+    report_from_async_worker(out, socket_path, lambda r: many_tasks(r, tasks=64, rounds=10, tag=f"w{worker}"))
 
 
 def test_worker_processes_x_64_tasks_cap_holds(start_manager, admin: redis.Redis) -> None:
-    manager = start_manager(max_connections=2, min_idle=1, acquire_timeout=60)
-    out = ctx.Queue()
-    workers = [ctx.Process(target=_worker_tasks, args=(manager.socket_path, w, out)) for w in range(4)]
-    failures, peak = run_watching_the_cap(workers, out, admin, manager.pool_name, within=200)
-    assert failures == []
-    assert 1 <= peak <= 2
-    assert wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="every lease back")
+    fleet_holds_the_cap(start_manager(max_connections=2, min_idle=1, acquire_timeout=60), admin, _worker_tasks)
 
 
 def test_acquire_timeout_bounds_the_wait(start_manager) -> None:

@@ -14,8 +14,10 @@ import pytest
 import redis
 import redis.asyncio
 from redis.exceptions import ResponseError
+from support.async_mix import report_from_async_worker
 from support.redis_view import manager_clients
 from support.waiting import wait_for
+from support.workers import fleet_holds_the_cap
 
 import sharedpool.asyncio as spa
 from sharedpool import errors
@@ -252,40 +254,13 @@ def test_connection_killed_under_batches(start_manager, admin: redis.Redis) -> N
 
 
 def _worker(socket_path: str, worker: int, out: Any) -> None:
-    async def main() -> list[str]:
-        r = spa.Redis(socket_path=socket_path, decode_responses=True, acquire_timeout=60, autopipeline=True)
-        try:
-            return await checked_mix(r, tasks=64, rounds=5, tag=f"w{worker}")
-        finally:
-            await r.aclose()
-
-    try:
-        out.put(asyncio.run(main()))
-    except Exception as exc:
-        out.put([repr(exc)])
+    report_from_async_worker(
+        out, socket_path, lambda r: checked_mix(r, tasks=64, rounds=5, tag=f"w{worker}"), autopipeline=True
+    )
 
 
 def test_worker_processes_x_64_tasks_batched_cap_holds(start_manager, admin: redis.Redis) -> None:
-    manager = start_manager(max_connections=2, min_idle=1, acquire_timeout=60)
-    out = ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(manager.socket_path, w, out)) for w in range(4)]
-    for worker in workers:
-        worker.start()
-    reports: list[list[str]] = []
-    peak = 0
-    deadline = time.monotonic() + 200
-    while len(reports) < len(workers):
-        peak = max(peak, len(manager_clients(admin, manager.pool_name)))
-        try:
-            reports.append(out.get(timeout=0.05))
-        except Exception:
-            assert time.monotonic() < deadline, "workers did not finish"
-    for worker in workers:
-        worker.join(30)
-        assert worker.exitcode == 0
-    assert [f for report in reports for f in report] == []
-    assert 1 <= peak <= 2
-    assert wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="every lease back")
+    fleet_holds_the_cap(start_manager(max_connections=2, min_idle=1, acquire_timeout=60), admin, _worker)
 
 
 def test_batches_are_capped(manager) -> None:

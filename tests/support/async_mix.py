@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -39,3 +40,22 @@ async def many_tasks(r: Any, tasks: int, rounds: int, tag: str) -> list[str]:
 
     results = await asyncio.gather(*(body(t) for t in range(tasks)))
     return [f for failures in results for f in failures]
+
+
+def report_from_async_worker(
+    out: Any, socket_path: str, check: Callable[[Any], Awaitable[list[str]]], **client_options: Any
+) -> None:
+    """In a worker process: run ``check`` on a fresh ``sharedpool.asyncio.Redis`` and put its failures on ``out``."""
+    import sharedpool.asyncio as spa
+
+    async def main() -> list[str]:
+        r = spa.Redis(socket_path=socket_path, decode_responses=True, acquire_timeout=60, **client_options)
+        try:
+            return await check(r)
+        finally:
+            await r.aclose()
+
+    try:
+        out.put(asyncio.run(main()))
+    except Exception as exc:
+        out.put([repr(exc)])
