@@ -22,7 +22,7 @@ from redis.connection import Connection
 from redis.retry import Retry
 
 from sharedpool import errors
-from sharedpool.client.lease_state import LeaseHolder
+from sharedpool.client.lease_state import LeaseHolder, LeaseState
 from sharedpool.errors import LeaseLost
 
 if TYPE_CHECKING:
@@ -147,7 +147,12 @@ class LeasedConnection(LeaseHolder, Connection):
             # (One holder in blocking mode followed by one with a timeout can
             # make a send larger than the socket buffer wait past the timeout.)
             current.settimeout(self.socket_timeout)
-        self._begin_lease(lease)
+        # _begin_lease and watch_reset, inlined: this runs once per lease.
+        self.state = LeaseState.IN_USE
+        self.lease = lease
+        self.why = ""
+        self._session_changed = self._in_multi = self._watching = self._broken = False
+        self._pending_replies = 0
 
     def drop(self) -> None:
         self.disconnect()

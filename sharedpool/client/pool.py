@@ -175,7 +175,10 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
                     continue
                 raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
             if not flags:
-                taken = lease_core.take_spinning(att, state, site, started, att.db)
+                # A free slot at the first look is the common case: no spin loop's call for it.
+                taken = lease_core.try_slots(att, state, site, started, att.db) or lease_core.take_spinning(
+                    att, state, site, started, att.db
+                )
             if taken is None:
                 taken = self._wait(att, state, site, started, deadline)
             slot, generation, seq = taken
