@@ -119,6 +119,12 @@ def test_stats_show_each_database(start_manager) -> None:
 
     table = format_stats(stats)
     assert "served 0-1,5" in table and "subscribers" in table
+    from sharedpool.metrics import render_prometheus
+
+    metrics = render_prometheus(stats)
+    for db in ("1", "5"):
+        line = f'sharedpool_database_connections{{pool="{manager.pool_name}",db="{db}",state="held"}} 1'
+        assert line in metrics, metrics
     for db, conn in held.items():
         pools[db].release(conn)
         pools[db].disconnect()
