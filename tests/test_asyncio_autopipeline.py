@@ -30,6 +30,11 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 180))
 
 
+def both_idle_connections_open(manager: Any) -> int:
+    """Wait until the manager has opened its two ``min_idle`` connections; counting earlier would catch it between them."""
+    return int(wait_for(lambda: manager.stats()["counters"]["connections_opened"] >= 2 and 2, what="the two idle connections"))
+
+
 def batcher_of(r: spa.SharedRedis) -> AutoPipeline:
     assert r.autopipeline is not None
     return r.autopipeline
@@ -155,7 +160,7 @@ def test_cancelled_before_sending_is_never_sent_and_the_bound_holds(start_manage
 
 def test_cancellation_storm_then_every_reply_right(start_manager, admin: redis.Redis) -> None:
     manager = start_manager(max_connections=2, min_idle=2, acquire_timeout=30)
-    opened_before = wait_for(lambda: manager.stats()["counters"]["connections_opened"], what="the idle connections")
+    opened_before = both_idle_connections_open(manager)
 
     async def main() -> tuple[list[str], int, list[str], dict[str, Any]]:
         r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
@@ -195,7 +200,7 @@ def test_cancellation_storm_then_every_reply_right(start_manager, admin: redis.R
 
 def test_connection_killed_under_batches(start_manager, admin: redis.Redis) -> None:
     manager = start_manager(max_connections=2, min_idle=2, acquire_timeout=30)
-    opened_before = wait_for(lambda: manager.stats()["counters"]["connections_opened"], what="the idle connections")
+    opened_before = both_idle_connections_open(manager)
     stop = threading.Event()
     kills = 0
 
