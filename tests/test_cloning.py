@@ -85,7 +85,7 @@ def test_a_clone_in_the_same_process_uses_the_shared_pool_and_database(
     finally:
         clone.close()
         clone.connection_pool.disconnect()  # a pool given to redis.Redis is the caller's to close
-    assert strangers(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager) == []
 
 
 def _clone_in_child(how: str, original: sharedpool.SharedRedis, results: Any) -> None:
@@ -114,7 +114,7 @@ def test_a_clone_in_a_forked_child_uses_the_shared_pool_and_database(
     assert outcome == "ok", key
     assert pool_class == "SharedConnectionPool"
     assert db_view.get(key) == how
-    assert strangers(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager) == []
 
 
 def _clone_in_spawned_child(how: str, client: sharedpool.SharedRedis, key: str) -> str:
@@ -138,7 +138,7 @@ def test_a_clone_in_a_spawned_process_uses_the_shared_pool_and_database(
         pool_class = pool.apply(_clone_in_spawned_child, (how, original, key))
     assert pool_class == "SharedConnectionPool"
     assert db_view.get(key) == how
-    assert strangers(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager) == []
 
 
 def test_a_plain_client_around_a_plain_pool_of_leased_connections_says_what_to_do(
@@ -149,7 +149,7 @@ def test_a_plain_client_around_a_plain_pool_of_leased_connections_says_what_to_d
     with pytest.raises(sharedpool.Misconfigured, match=r"type\(pool\)\(\*\*pool.connection_kwargs\)") as caught:
         plain.ping()
     assert not isinstance(caught.value, redis.ConnectionError)  # a retry loop must not spin on it
-    assert strangers(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager) == []
 
 
 def test_from_url_takes_the_database_and_options_and_drops_the_password(
@@ -172,7 +172,7 @@ def test_from_url_takes_the_database_and_options_and_drops_the_password(
         round_trip(via_client, db_view, "SharedRedis.from_url")
     finally:
         via_client.close()
-    assert strangers(db_view, manager.pool_name) == []
+    assert strangers(db_view, manager) == []
 
 
 def test_from_url_naming_another_redis_is_refused_not_redirected(manager: ManagerProcess, redis_server: Any) -> None:

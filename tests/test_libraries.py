@@ -32,7 +32,7 @@ def manager(start_manager: Any) -> ManagerProcess:
 
 
 def run_watching_redis(
-    command: list[str], env: dict[str, str], admin: redis.Redis, pool_name: str, log: Any, timeout: float = 90
+    command: list[str], env: dict[str, str], admin: redis.Redis, manager: ManagerProcess, log: Any, timeout: float = 90
 ) -> tuple[int, str, list[str]]:
     """Run ``command`` (output to the file ``log``); meanwhile list every connection in Redis
     that is neither the manager's nor ``admin``. Returns exit code, output, strangers."""
@@ -49,7 +49,7 @@ def run_watching_redis(
             while process.poll() is None:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{command[:3]} did not finish within {timeout} s")
-                seen.update(strangers(admin, pool_name))
+                seen.update(strangers(admin, manager))
                 time.sleep(0.02)  # pacing of the CLIENT LIST poll, not a wait for a condition
         finally:
             if process.poll() is None:
@@ -110,7 +110,7 @@ def test_django_redis_connection_pool_class_on_two_databases(
     script.write_text(DJANGO_APP)
     env = {"SHAREDPOOL_SOCKET_PATH": manager.socket_path, "TEST_REDIS_PORT": str(redis_server.port)}
     code, output, others = run_watching_redis(
-        [sys.executable, str(script)], env, admin, manager.pool_name, tmp_path / "django.log"
+        [sys.executable, str(script)], env, admin, manager, tmp_path / "django.log"
     )
     assert code == 0, output
     assert "pool SharedConnectionPool 1" in output
@@ -163,7 +163,7 @@ def test_an_rq_worker_with_its_scheduler_on_the_shared_pool(
             "--url", f"redis://127.0.0.1:{redis_server.port}/2", queue.name,
         ]
         env = {"SHAREDPOOL_SOCKET_PATH": manager.socket_path, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-        code, output, others = run_watching_redis(command, env, admin, manager.pool_name, tmp_path / "rq.log")
+        code, output, others = run_watching_redis(command, env, admin, manager, tmp_path / "rq.log")
         assert code == 0, output
         assert others == []
         for job, result in ((now_job, 5), (scheduled, 11)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,6 +14,8 @@ from sharedpool.asyncio.autopipeline import AutoPipeline
 from sharedpool.asyncio.connection import AsyncLeasedConnection
 from sharedpool.asyncio.pool import SharedConnectionPool
 from sharedpool.client.pinning import PinnedPool, pinned_client
+
+_REDIS_DEFAULT_RETRY = inspect.signature(redis.asyncio.Redis.__init__).parameters["retry"].default
 
 
 class _PinnedPool(PinnedPool[AsyncLeasedConnection]):
@@ -63,8 +67,11 @@ def Redis(
     Keyword arguments are those of ``redis.asyncio.Redis`` that concern the
     client (``decode_responses``, ``socket_timeout``, ``retry``, ``protocol``, ``db``...).
     ``autopipeline=True``: concurrent tasks' simple commands share leases
-    and round trips (``sharedpool.asyncio.autopipeline``).
+    and round trips (``sharedpool.asyncio.autopipeline``). Unless given,
+    ``retry`` is redis-py's own default for ``redis.asyncio.Redis``.
     """
+    if "retry" not in redis_kwargs:
+        redis_kwargs["retry"] = copy.deepcopy(_REDIS_DEFAULT_RETRY)
     pool = SharedConnectionPool(socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, **redis_kwargs)
     client = SharedRedis(connection_pool=pool, single_connection_client=single_connection_client)
     client.auto_close_connection_pool = True

@@ -22,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
 
 from sharedpool.client.lease_state import LeaseHolder, LeaseState
+from sharedpool.client.retry_budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
 from sharedpool.errors import LeaseLost
 
 if TYPE_CHECKING:
@@ -36,9 +39,33 @@ if TYPE_CHECKING:
 # StreamReader's buffer limit: a reply larger than this is still read, in pieces.
 _STREAM_LIMIT = 2**20
 
+T = TypeVar("T")
+
+
+class _BoundedRetry(Retry):
+    """The caller's ``redis.asyncio`` retry policy, stopped when one call's time budget is spent (``client.retry_budget``)."""
+
+    def __init__(self, policy: Retry, conn: AsyncLeasedConnection) -> None:
+        super().__init__(SpentBudgetBackoff(policy._backoff, conn), policy._retries, tuple(policy._supported_errors))
+        self.policy = policy
+        self._budget = CallBudget(conn)
+
+    async def call_with_retry(
+        self, do: Callable[[], Awaitable[T]], fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None, with_failure_count: bool = False,
+    ) -> T:
+        budget = self._budget
+        budget.enter()
+        try:
+            return await super().call_with_retry(do, fail, budget.judge(is_retryable), with_failure_count)
+        finally:
+            budget.leave()
+
 
 class AsyncLeasedConnection(LeaseHolder, Connection):
     """One slot's connection as seen by a task; reused across leases of that slot in this loop."""
+
+    retry = BoundedRetryAttribute(_BoundedRetry)
 
     def __init__(
         self, *, shared_pool: SharedConnectionPool, slot: int, generation: int, redis_label: str = "", **kwargs: Any

@@ -29,8 +29,6 @@ import time
 from typing import Any, cast
 
 import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
 from sharedpool import errors, protocol
 from sharedpool.asyncio import process
@@ -38,7 +36,7 @@ from sharedpool.asyncio.channel import AsyncControlChannel
 from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
 from sharedpool.asyncio.handoff import LocalLine
 from sharedpool.asyncio.waiting import Seats, wait_in_queue
-from sharedpool.client import clone, lease_core, lease_state
+from sharedpool.client import clone, lease_core, lease_state, retry_budget
 from sharedpool.client.attachment import LIVENESS_S, Attachment, check_welcome
 from sharedpool.client.callsite import caller
 from sharedpool.client.channel import ControlChannel
@@ -85,7 +83,6 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         self._requested_protocol = connection_kwargs.get("protocol")
         db = connection_kwargs.pop("db", None)
         self.db: int | None = clone.database(db)
-        connection_kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries=3))
         super().__init__(connection_class=AsyncLeasedConnection, **connection_kwargs)
         self._start_afresh()
         process.register(self)
@@ -173,6 +170,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     def _acquire_timeout(self, att: Attachment) -> float:
         return self.config.acquire_timeout or att.acquire_timeout
+
+    def call_bound(self) -> float:
+        """Seconds one call may spend on the pool in all, retries included: manager_timeout + acquire_timeout."""
+        return retry_budget.call_bound(self.config, self._attachment)
 
     # ----- taking a lease ---------------------------------------------------------
 
@@ -397,10 +398,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     async def replace_lost_lease(self, conn: AsyncLeasedConnection) -> None:
         """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""
-        lease = conn.lease
-        # A fresh budget at each loss: redis.asyncio's retry knows of none.
-        budget_s = self.config.manager_timeout + self._acquire_timeout(lease.attachment) if lease is not None else 0.0
-        lease_state.end_lost_lease(conn, self._give_back, budget_s, keep_budget=False)
+        lease_state.end_lost_lease(conn, self._give_back, self.call_bound())
         await self._lease(caller(), conn, budget=conn.retry_until)
 
     # ----- redis-py pool interface, the rest ------------------------------------------

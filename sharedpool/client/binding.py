@@ -90,4 +90,4 @@ def end_lost_lease(pool: SharedConnectionPool, conn: LeasedConnection) -> None:
     """``conn`` lost its connection mid-lease: give the lease back broken, so that
     redis-py's retry may take a fresh one within the budget ``_BoundedRetry`` set at
     the command's first failure (or one call's bound from now)."""
-    lease_state.end_lost_lease(conn, give_back_reporting, pool.call_bound(), keep_budget=True)
+    lease_state.end_lost_lease(conn, give_back_reporting, pool.call_bound())

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from redis.backoff import AbstractBackoff
 from redis.connection import Connection
 from redis.retry import Retry
 
 from sharedpool import errors
 from sharedpool.client.lease_state import LeaseHolder, LeaseState
+from sharedpool.client.retry_budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
 from sharedpool.errors import LeaseLost
 
 if TYPE_CHECKING:
@@ -30,75 +29,30 @@ if TYPE_CHECKING:
     from sharedpool.client.pool import SharedConnectionPool
 
 
-class _SpentBudgetBackoff(AbstractBackoff):
-    """The caller's backoff, cut short so that no sleep ends past a lost lease's budget."""
-
-    def __init__(self, inner: AbstractBackoff, conn: LeasedConnection) -> None:
-        self._inner = inner
-        self._conn = conn
-
-    def reset(self) -> None:
-        self._inner.reset()
-
-    def compute(self, failures: int) -> float:
-        wanted = float(self._inner.compute(failures))
-        until = self._conn.retry_until
-        return min(wanted, max(0.0, until - time.monotonic())) if until else wanted
-
-
 class _BoundedRetry(Retry):
-    """The caller's retry policy, stopped when a lost lease's time budget is spent.
-
-    After a lost lease each of redis-py's attempts re-enters the pool, and
-    its backoff sleeps in between: together they must not outlast one
-    call's bound (``manager_timeout + acquire_timeout``), whatever the
-    policy's count and cap.
-    """
+    """The caller's retry policy, stopped when one call's time budget is spent (``client.retry_budget``)."""
 
     def __init__(self, policy: Retry, conn: LeasedConnection) -> None:
-        super().__init__(_SpentBudgetBackoff(policy._backoff, conn), policy._retries, tuple(policy._supported_errors))
+        super().__init__(SpentBudgetBackoff(policy._backoff, conn), policy._retries, tuple(policy._supported_errors))
         self.policy = policy
-        self._conn = conn
-        self._depth = 0
+        self._budget = CallBudget(conn)
 
     def call_with_retry(
         self, do: Callable[[], Any], fail: Callable[..., Any],
         is_retryable: Callable[[Exception], bool] | None = None, with_failure_count: bool = False,
     ) -> Any:
-        conn = self._conn
-        outermost = not self._depth  # redis-py's connect() runs its own retry inside a command's
-        if outermost:
-            conn.retry_until = 0.0  # one command's attempts share one budget, set at its first loss
-
-        def within_budget(error: Exception) -> bool:
-            now = time.monotonic()
-            if not conn.retry_until:
-                # The budget starts at the first failure: the backoff sleeps
-                # count, but not the time Redis took over the first attempt.
-                pool = conn.shared_pool
-                conn.retry_until = now + (pool.call_bound() if pool is not None else 0.0)
-            elif now >= conn.retry_until:
-                return False
-            return is_retryable(error) if is_retryable is not None else True
-
-        self._depth += 1
+        budget = self._budget
+        budget.enter()
         try:
-            return super().call_with_retry(do, fail, within_budget, with_failure_count)
+            return super().call_with_retry(do, fail, budget.judge(is_retryable), with_failure_count)
         finally:
-            self._depth -= 1
+            budget.leave()
 
 
 class LeasedConnection(LeaseHolder, Connection):
     """One slot's connection as seen by a worker; reused across leases of that slot."""
 
-    @property
-    def retry(self) -> Retry:
-        return self._retry
-
-    @retry.setter
-    def retry(self, policy: Retry) -> None:
-        # redis-py sets it in __init__ and again through pool.set_retry().
-        self._retry = policy if isinstance(policy, _BoundedRetry) else _BoundedRetry(policy, self)
+    retry = BoundedRetryAttribute(_BoundedRetry)
 
     def __init__(
         self,

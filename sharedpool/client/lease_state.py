@@ -135,10 +135,10 @@ def release(pool: object, connection: Any, kind: type[LeaseHolder], give_back: G
         give_back(lease, outcome)
 
 
-def end_lost_lease(conn: LeaseHolder, give_back: GiveBack, budget_s: float, keep_budget: bool) -> None:
+def end_lost_lease(conn: LeaseHolder, give_back: GiveBack, budget_s: float) -> None:
     """``conn`` lost its connection mid-lease: give the lease back broken, so that
-    redis-py's retry may take a fresh one within ``budget_s`` from now (from the
-    first loss with ``keep_budget``). Raises ``LeaseLost`` when no retry may: the
+    redis-py's retry may take a fresh one within the call's budget (set by the
+    bounded retry at the call's first failure, else ``budget_s`` from now). Raises ``LeaseLost`` when no retry may: the
     manager revoked the lease, or ``conn`` holds none."""
     if conn.state is LeaseState.REVOKED:
         raise errors.LeaseLost(conn.why)
@@ -161,7 +161,7 @@ def end_lost_lease(conn: LeaseHolder, give_back: GiveBack, budget_s: float, keep
             give_back(lease, Outcome.BROKEN)
             raise errors.LeaseLost(why)
         conn.lose()
-        if not (keep_budget and conn.retry_until):
+        if not conn.retry_until:
             conn.retry_until = time.monotonic() + budget_s
         give_back(lease, Outcome.BROKEN)
     elif conn.state is not LeaseState.LOST:

@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from sharedpool import errors, protocol
-from sharedpool.client import clone, lease_core, lease_queue, lease_state, process
+from sharedpool.client import clone, lease_core, lease_queue, lease_state, process, retry_budget
 from sharedpool.client.attaching import Attaching, ThreadState
 from sharedpool.client.attachment import LIVENESS_S, Attachment
 from sharedpool.client.binding import bind, end_lost_lease, give_back_reporting
@@ -134,9 +134,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
 
     def call_bound(self) -> float:
         """Seconds one call may spend on the pool in all, retries included: manager_timeout + acquire_timeout."""
-        att = self._attachment
-        acquire_timeout = self.config.acquire_timeout or (att.acquire_timeout if att is not None else 0.0)
-        return self.config.manager_timeout + acquire_timeout
+        return retry_budget.call_bound(self.config, self._attachment)
 
     # ----- taking a lease ------------------------------------------------------
 

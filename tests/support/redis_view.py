@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import psutil
 import redis
+
+from sharedpool.dev.launch import ManagerProcess
 
 
 def manager_clients(admin: redis.Redis, pool_name: str) -> list[dict[str, Any]]:
@@ -19,14 +22,32 @@ def manager_clients(admin: redis.Redis, pool_name: str) -> list[dict[str, Any]]:
 _HANDSHAKE = frozenset({"hello", "auth", "client|setname", "client|setinfo", "select", "NULL"})
 
 
-def strangers(admin: redis.Redis, pool_name: str) -> list[str]:
-    """Connections in Redis that are neither the manager's nor ``admin`` itself."""
+def strangers(admin: redis.Redis, manager: ManagerProcess) -> list[str]:
+    """Connections in Redis that are neither the manager's nor ``admin`` itself.
+
+    A manager's connection is known by its name, or else by its address:
+    a lease may rename it for a while (rq names its connection after the
+    worker; the manager resets it after the lease).
+    """
     own = admin.client_id()
-    prefix = f"sharedpool:{pool_name}:"
+    prefix = f"sharedpool:{manager.pool_name}:"
+    before = _local_addresses(manager.pid)
+    clients = admin.client_list()
+    managers = before | _local_addresses(manager.pid)
     return [
         f"{c.get('name')!r} from {c.get('addr')} on db {c.get('db')} (cmd {c.get('cmd')})"
-        for c in admin.client_list()
+        for c in clients
         if int(c["id"]) != own
         and not c.get("name", "").startswith(prefix)
+        and c.get("addr") not in managers
         and not (not c.get("name") and c.get("cmd") in _HANDSHAKE)
     ]
+
+
+def _local_addresses(pid: int) -> set[str]:
+    """``ip:port`` of every TCP socket of process ``pid``: what Redis shows as those clients' ``addr``."""
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return set()
+    return {f"{c.laddr.ip}:{c.laddr.port}" for c in connections if c.laddr}
