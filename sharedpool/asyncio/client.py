@@ -13,6 +13,7 @@ import redis.asyncio
 from sharedpool.asyncio.autopipeline import AutoPipeline
 from sharedpool.asyncio.connection import AsyncLeasedConnection
 from sharedpool.asyncio.pool import SharedConnectionPool
+from sharedpool.client import clone
 from sharedpool.client.pinning import PinnedPool, pinned_client
 
 _REDIS_DEFAULT_RETRY = inspect.signature(redis.asyncio.Redis.__init__).parameters["retry"].default
@@ -31,6 +32,26 @@ class SharedRedis(redis.asyncio.Redis):
 
     connection_pool: SharedConnectionPool
     autopipeline: AutoPipeline | None = None  # see sharedpool.asyncio.autopipeline
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Made like Redis() (SharedRedis(socket_path=..., db=...)): the pool is built from the options.
+        if kwargs.get("connection_pool") is None and not args:
+            kwargs.pop("connection_pool", None)
+            single = bool(kwargs.pop("single_connection_client", False))
+            super().__init__(connection_pool=SharedConnectionPool(**kwargs), single_connection_client=single)
+            self.auto_close_connection_pool = True
+            return
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> SharedRedis:  # type: ignore[override]
+        """A client for the database and options of a ``redis://`` or ``unix://`` URL
+        (``SharedConnectionPool.from_url``: the manager owns where Redis is and the password)."""
+        client: SharedRedis = clone.client_from_url(cls, SharedConnectionPool, url, kwargs)
+        return client
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return clone.reduce_client(self, self.single_connection_client)
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         batcher = self.autopipeline

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 
+from sharedpool import errors
 from sharedpool.client.lease_state import LeaseHolder, LeaseState
 from sharedpool.client.retry_budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
 from sharedpool.errors import LeaseLost
@@ -68,8 +69,15 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
     retry = BoundedRetryAttribute(_BoundedRetry)
 
     def __init__(
-        self, *, shared_pool: SharedConnectionPool, slot: int, generation: int, redis_label: str = "", **kwargs: Any
+        self, *, shared_pool: SharedConnectionPool | None = None, slot: int = -1, generation: int = 0, redis_label: str = "",
+        **kwargs: Any,
     ) -> None:
+        if shared_pool is None:
+            # A plain redis.asyncio.ConnectionPool given our class: it would open nothing we could share.
+            raise errors.Misconfigured(
+                "an AsyncLeasedConnection is made only by sharedpool.asyncio.SharedConnectionPool, not by another pool: "
+                "rebuild the pool as type(pool)(**pool.connection_kwargs), or use sharedpool.asyncio.Redis(...)"
+            )
         super().__init__(**kwargs)
         self.shared_pool: SharedConnectionPool | None = shared_pool
         self._raw: socket.socket | None = None  # our dup of the slot's fd, inside the transport

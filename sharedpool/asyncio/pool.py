@@ -77,15 +77,30 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         manager_timeout: float | None = None,
         **connection_kwargs: Any,
     ) -> None:
+        redis_location = clone.pool_options(connection_kwargs)
         refuse_manager_owned(connection_kwargs)
-        connection_kwargs.pop("max_connections", None)
         self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
         self._requested_protocol = connection_kwargs.get("protocol")
-        db = connection_kwargs.pop("db", None)
-        self.db: int | None = clone.database(db)
+        self.db: int | None = clone.database(connection_kwargs.pop("db", None))
+        # Where a URL given to from_url said Redis is: checked against the manager's at attach.
+        self.redis_location: str | None = redis_location
         super().__init__(connection_class=AsyncLeasedConnection, **connection_kwargs)
+        clone.record_for_clones(
+            self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
+        )
         self._start_afresh()
         process.register(self)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> SharedConnectionPool:  # type: ignore[override]
+        """A pool for the database and client options of a ``redis://`` or ``unix://`` URL,
+        by the sync ``SharedConnectionPool.from_url``'s rules (the manager owns where Redis is)."""
+        options, location = clone.parse_redis_url(url)
+        return cls(**{**kwargs, **options, "redis_location": location})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A spawned process rebuilds the pool from its options; fds, table and channel stay here.
+        return (_rebuild_pool, (type(self), clone.clone_kwargs(self.connection_kwargs)))
 
     def _start_afresh(self) -> None:
         self.pid = os.getpid()
@@ -147,7 +162,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                 return att
             channel = await open_channel(self.config.socket_path, deadline)
             try:
-                db = check_welcome(channel.welcome, self._requested_protocol, self.db)
+                db = check_welcome(channel.welcome, self._requested_protocol, self.db, self.redis_location)
                 # The attachment uses only the channel's sync surface (notify,
                 # ping, close, abandon, welcome, table_fd, closed), which the
                 # asyncio channel has too.
@@ -316,7 +331,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         return fd
 
     def _make(self, att: Attachment, slot: int, generation: int) -> AsyncLeasedConnection:
-        kwargs = dict(self.connection_kwargs)
+        kwargs = {key: value for key, value in self.connection_kwargs.items() if key not in clone.NOT_FOR_CONNECTIONS}
         kwargs["protocol"] = int(att.welcome.get("protocol", 3))
         kwargs["db"] = att.db
         return AsyncLeasedConnection(
@@ -468,3 +483,7 @@ async def open_channel(socket_path: str, deadline: float) -> AsyncControlChannel
                 raise errors.ManagerUnavailable(f"{exc} (waited {waited:.2f} s)") from None
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.25)
+
+
+def _rebuild_pool(cls: type[SharedConnectionPool], kwargs: dict[str, Any]) -> SharedConnectionPool:
+    return cls(**kwargs)

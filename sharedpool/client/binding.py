@@ -27,9 +27,6 @@ from sharedpool.table import Outcome
 if TYPE_CHECKING:
     from sharedpool.client.pool import SharedConnectionPool
 
-# The pool's own options: not redis-py connection options.
-_NOT_FOR_CONNECTIONS = frozenset(clone.POOL_KEYS) | {"redis_location"}
-
 
 def bind(
     pool: SharedConnectionPool, att: Attachment, lease: Lease, conn: LeasedConnection | None, final: float, started: float
@@ -70,7 +67,7 @@ def _fetch_fd(att: Attachment, lease: Lease, final: float, started: float) -> in
 
 
 def _connection(pool: SharedConnectionPool, att: Attachment, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:
-    kwargs = {key: value for key, value in pool.connection_kwargs.items() if key not in _NOT_FOR_CONNECTIONS}
+    kwargs = {key: value for key, value in pool.connection_kwargs.items() if key not in clone.NOT_FOR_CONNECTIONS}
     kwargs["protocol"] = int(att.welcome.get("protocol", 3))
     kwargs["db"] = att.db
     return LeasedConnection(

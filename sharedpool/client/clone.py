@@ -30,6 +30,9 @@ RUNTIME_KEYS = frozenset({
 # The pool's own keyword arguments, kept in connection_kwargs for clones and
 # never passed on to a connection.
 POOL_KEYS = ("socket_path", "acquire_timeout", "manager_timeout", "db")
+# What a pool keeps in connection_kwargs and never passes to a connection:
+# its own options, and where a URL said Redis is (checked at attach).
+NOT_FOR_CONNECTIONS = frozenset(POOL_KEYS) | {"redis_location"}
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -107,6 +110,47 @@ def _without_password(url: str) -> str:
     return url
 
 
+def pool_options(connection_kwargs: dict[str, Any]) -> str | None:
+    """Take out of ``connection_kwargs`` (in place) what a pool does not accept as options:
+    another pool's running state and its cap. Returns where a URL said Redis is."""
+    for key in RUNTIME_KEYS:
+        connection_kwargs.pop(key, None)  # a copied pool's running state, not an option
+    # redis-py's per-pool cap: here the manager's max_connections is the cap.
+    connection_kwargs.pop("max_connections", None)
+    location = connection_kwargs.pop("redis_location", None)
+    return None if location is None else str(location)
+
+
+def record_for_clones(
+    connection_kwargs: dict[str, Any], socket_path: str, acquire_timeout: float | None, manager_timeout: float | None,
+    db: int | None, redis_location: str | None,
+) -> None:
+    """Keep in a pool's ``connection_kwargs`` what a copy needs to reach the same shared pool and database."""
+    connection_kwargs.update(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, db=db)
+    if redis_location is not None:
+        connection_kwargs["redis_location"] = redis_location
+
+
 def clone_kwargs(connection_kwargs: dict[str, Any]) -> dict[str, Any]:
     """connection_kwargs without another pool's running state: what a copy is made from."""
     return {key: value for key, value in connection_kwargs.items() if key not in RUNTIME_KEYS}
+
+
+
+def client_from_url(cls: Any, pool_class: Any, url: str, kwargs: dict[str, Any]) -> Any:
+    """``cls.from_url`` of the sync and asyncio ``SharedRedis``: a client of its own pool made by ``pool_class.from_url``."""
+    single = bool(kwargs.pop("single_connection_client", False))
+    client = cls(connection_pool=pool_class.from_url(url, **kwargs), single_connection_client=single)
+    client.auto_close_connection_pool = True
+    return client
+
+
+def reduce_client(client: Any, single_connection_client: bool) -> tuple[Any, ...]:
+    """``__reduce__`` of the sync and asyncio ``SharedRedis``: for a spawned process only the
+    options travel, and it attaches afresh."""
+    pool_kwargs = clone_kwargs(client.connection_pool.connection_kwargs)
+    return (_rebuild_client, (type(client), pool_kwargs, single_connection_client))
+
+
+def _rebuild_client(cls: Any, pool_kwargs: dict[str, Any], single_connection_client: bool) -> Any:
+    return cls(single_connection_client=single_connection_client, **pool_kwargs)

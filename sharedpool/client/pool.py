@@ -80,11 +80,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         manager_timeout: float | None = None,
         **connection_kwargs: Any,
     ) -> None:
-        for key in clone.RUNTIME_KEYS:
-            connection_kwargs.pop(key, None)  # a copied pool's running state, not an option
-        # redis-py's per-pool cap: here the manager's max_connections is the cap.
-        connection_kwargs.pop("max_connections", None)
-        redis_location = connection_kwargs.pop("redis_location", None)
+        redis_location = clone.pool_options(connection_kwargs)
         refuse_manager_owned(connection_kwargs)
         self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
         self.db: int | None = clone.database(connection_kwargs.pop("db", None))
@@ -92,13 +88,9 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         # Where a URL given to from_url said Redis is: checked against the manager's at attach.
         self.redis_location: str | None = redis_location
         super().__init__(connection_class=LeasedConnection, **connection_kwargs)
-        # What a copy needs to reach this same shared pool and database.
-        self.connection_kwargs.update(
-            socket_path=self.config.socket_path, acquire_timeout=acquire_timeout,
-            manager_timeout=manager_timeout, db=self.db,
+        clone.record_for_clones(
+            self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
         )
-        if redis_location is not None:
-            self.connection_kwargs["redis_location"] = redis_location
         process.register(self)
 
     @classmethod

@@ -62,15 +62,11 @@ class SharedRedis(redis.Redis):
     def from_url(cls, url: str, **kwargs: Any) -> SharedRedis:  # type: ignore[override]
         """A client for the database and options of a ``redis://`` or ``unix://`` URL (see
         ``SharedConnectionPool.from_url``: the manager owns where Redis is and the password)."""
-        single = bool(kwargs.pop("single_connection_client", False))
-        client = cls(connection_pool=SharedConnectionPool.from_url(url, **kwargs), single_connection_client=single)
-        client.auto_close_connection_pool = True
+        client: SharedRedis = clone.client_from_url(cls, SharedConnectionPool, url, kwargs)
         return client
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # For a spawned process: only the options travel; it attaches afresh.
-        pool = self.connection_pool
-        return (_rebuild_client, (type(self), clone.clone_kwargs(pool.connection_kwargs), self._single_connection_client))
+        return clone.reduce_client(self, self._single_connection_client)
 
     @contextmanager
     def lease(self) -> Iterator[redis.Redis]:
@@ -106,6 +102,3 @@ def Redis(
         single_connection_client=single_connection_client, **redis_kwargs,
     )
 
-
-def _rebuild_client(cls: type[SharedRedis], pool_kwargs: dict[str, Any], single_connection_client: bool) -> SharedRedis:
-    return cls(single_connection_client=single_connection_client, **pool_kwargs)
