@@ -63,11 +63,21 @@ class Reaper:
         for slot in self.pool.in_state(SlotState.SHARED):
             index, generation = slot.index, slot.generation
             try:
-                row = table.row(index)
+                settled = table.row_settled(index)
             except tbl.RowError:
                 if not only_pid:
                     views.append(RowView(index, None, generation))
                 continue
+            if settled is None and not keeper.holds(index, generation) and keeper.try_lock(index, generation):
+                try:
+                    settled = table.row(index)  # whole: a holder writes its row only under the lock
+                except tbl.RowError:
+                    pass
+                finally:
+                    keeper.unlock(index)
+            if settled is None:
+                continue  # a holder is writing it right now: the next sweep sees it whole
+            row = settled
             if only_pid and (row.state is not RowState.HELD or row.holder_pid != only_pid):
                 continue
             lock_free = False

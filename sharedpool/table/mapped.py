@@ -1,13 +1,16 @@
 """``Table``: one process's mapping of the lease table, and the row and queue moves on it.
 
 Reads never raise on garbage except ``row``; the hot path's moves
-(``take_in_place``, ``give_back_in_place``) write only the bytes they change.
+(``take_in_place``, ``give_back_in_place``) write only the bytes they change,
+and every write goes through ``Table._put`` (no byte passes through 0 on the way).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import struct
+from typing import Any
 
 from sharedpool.table.layout import (
     DB_AT,
@@ -94,34 +97,45 @@ class Table:
         except OSError:
             pass
 
+    def _put(self, fmt: struct.Struct, at: int, *values: Any) -> None:
+        """Write packed ``values`` at ``at`` with one copy of the finished bytes.
+
+        Never ``Struct.pack_into``: it zeroes its whole span before writing
+        the fields, so a process reading without the lock (the manager's
+        sweep, a taker's first look, ``hot()``) would see, for an instant,
+        CLOSED rows, generation 0 and no waiters that nobody wrote. A byte
+        written here goes from its old value to its new one, never through 0.
+        """
+        self.map[at : at + fmt.size] = fmt.pack(*values)
+
     # header
     @property
     def flags(self) -> Flag:
         return Flag(FLAGS.unpack_from(self.map, FLAGS_AT)[0] & 7)
 
     def set_flags(self, flags: Flag) -> None:
-        FLAGS.pack_into(self.map, FLAGS_AT, int(flags))
+        self._put(FLAGS, FLAGS_AT, int(flags))
 
     @property
     def slots_in_use(self) -> int:
         return min(self.capacity, int(U32.unpack_from(self.map, SLOTS_IN_USE_AT)[0]))
 
     def set_slots_in_use(self, count: int) -> None:
-        U32.pack_into(self.map, SLOTS_IN_USE_AT, min(count, self.capacity))
+        self._put(U32, SLOTS_IN_USE_AT, min(count, self.capacity))
 
     @property
     def max_waiting(self) -> int:
         return min(self.waiter_capacity, int(U32.unpack_from(self.map, MAX_WAITING_AT)[0]))
 
     def set_max_waiting(self, count: int) -> None:
-        U32.pack_into(self.map, MAX_WAITING_AT, min(count, self.waiter_capacity))
+        self._put(U32, MAX_WAITING_AT, min(count, self.waiter_capacity))
 
     @property
     def failed_connects(self) -> int:
         return int(U32.unpack_from(self.map, FAILED_CONNECTS_AT)[0])
 
     def set_failed_connects(self, count: int) -> None:
-        U32.pack_into(self.map, FAILED_CONNECTS_AT, count & 0xFFFFFFFF)
+        self._put(U32, FAILED_CONNECTS_AT, count & 0xFFFFFFFF)
 
     def outage(self) -> tuple[float, str]:
         """(down since, last error) as the manager last wrote them."""
@@ -130,7 +144,7 @@ class Table:
         return float(since), raw.decode("utf-8", "replace")
 
     def set_outage(self, since: float, error: str) -> None:
-        F64.pack_into(self.map, DOWN_SINCE_AT, since)
+        self._put(F64, DOWN_SINCE_AT, since)
         data = error.encode("utf-8")[: LAST_ERROR_SIZE - 1]
         self.map[LAST_ERROR_AT : LAST_ERROR_AT + LAST_ERROR_SIZE] = data.ljust(LAST_ERROR_SIZE, b"\0")
 
@@ -139,7 +153,7 @@ class Table:
         return int(I32.unpack_from(self.map, WAITERS_AT)[0])
 
     def _set_waiters(self, count: int) -> None:
-        I32.pack_into(self.map, WAITERS_AT, count)
+        self._put(I32, WAITERS_AT, count)
 
     def hot(self) -> tuple[int, int]:
         """(flags, waiters) in one read: what a taker looks at before anything else."""
@@ -162,8 +176,13 @@ class Table:
         return int(U16.unpack_from(self.map, ROWS_AT + slot * ROW_SIZE + DB_AT)[0])
 
     def row(self, slot: int) -> Row:
+        """The row as read now; consistent only for a reader holding the slot's lock (else ``row_settled``)."""
+        return self._parse_row(slot, self.map, self._row_at(slot))
+
+    @staticmethod
+    def _parse_row(slot: int, data: Any, at: int = 0) -> Row:
         (state_byte, db, flags, generation, holder_pid, call_site, lease_seq, holder_start, acquired_at,
-         revoked_generation, revoked_seq, expires_at) = ROW.unpack_from(self.map, self._row_at(slot))
+         revoked_generation, revoked_seq, expires_at) = ROW.unpack_from(data, at)
         state = ROW_STATES.get(state_byte)
         if state is None:
             raise RowError(f"slot {slot}: state byte {state_byte} is no state")
@@ -172,9 +191,30 @@ class Table:
             revoked_generation, revoked_seq, expires_at, db, flags,
         )
 
+    def row_settled(self, slot: int, tries: int = 4) -> Row | None:
+        """The row as of a moment no holder was writing it, read without its lock; None: in flux.
+
+        A holder writes its row with one copy, but a copy is not atomic: a
+        reader can see the state of the new lease with the acquired-at of
+        none (0.0), which would read as a lease held for decades. Two equal
+        reads, and a HELD row whole (holder and acquired-at written), or
+        None after ``tries``: the caller looks again at its next sweep.
+        ``RowError`` as ``row``.
+        """
+        at = self._row_at(slot)
+        end = at + ROW.size
+        for _ in range(tries):
+            first = self.map[at:end]
+            if first == self.map[at:end]:
+                row = self._parse_row(slot, first)
+                if row.state is not RowState.HELD or (row.holder_pid and row.acquired_at):
+                    return row
+            os.sched_yield()  # the writer is most likely mid-copy on the other core
+        return None
+
     def write_row(self, slot: int, row: Row) -> None:
-        ROW.pack_into(
-            self.map, self._row_at(slot), row.state, row.db, row.flags, row.generation, row.holder_pid,
+        self._put(
+            ROW, self._row_at(slot), row.state, row.db, row.flags, row.generation, row.holder_pid,
             row.call_site, row.lease_seq, row.holder_start, row.acquired_at, row.revoked_generation,
             row.revoked_seq, row.expires_at,
         )
@@ -190,7 +230,7 @@ class Table:
         if state != RowState.READY or row_generation != generation or row_db != db:
             return 0
         seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1  # a scribbled maximum wraps, never raises
-        TAKE_WRITE.pack_into(self.map, at, RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
+        self._put(TAKE_WRITE, at, RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
         return int(seq)
 
     def give_back_in_place(self, slot: int, generation: int, seq: int, outcome: Outcome, now: float) -> Outcome | None:
@@ -202,7 +242,7 @@ class Table:
             return None
         if outcome is Outcome.CLEAN and expires_at and now >= expires_at:
             outcome = Outcome.BROKEN
-        TAKE_WRITE.pack_into(self.map, at, STATE_AFTER[outcome], row_db, 0, row_generation, 0, 0, seq, 0.0, 0.0)
+        self._put(TAKE_WRITE, at, STATE_AFTER[outcome], row_db, 0, row_generation, 0, 0, seq, 0.0, 0.0)
         return outcome
 
     def hand_over_in_place(
@@ -223,7 +263,7 @@ class Table:
         if expires_at and now >= expires_at:
             return 0
         seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1
-        TAKE_WRITE.pack_into(self.map, at, RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
+        self._put(TAKE_WRITE, at, RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
         return int(seq)
 
     def oldest_waiter_since(self, db: int, other_than: int) -> float | None:
@@ -250,14 +290,14 @@ class Table:
 
     def set_expiry(self, slot: int, expires_at: float) -> None:
         """The manager's: when the connection in this row is to be replaced."""
-        F64.pack_into(self.map, self._row_at(slot) + EXPIRES_AT, expires_at)
+        self._put(F64, self._row_at(slot) + EXPIRES_AT, expires_at)
 
     def count(self, slot: int, histogram_at: int, seconds: float) -> None:
         """Add one sample to a row's histogram. Only by the slot's lock holder: no lost counts."""
         index = int(seconds * 1e5).bit_length() if seconds >= 10e-6 else 0
         at = ROWS_AT + slot * ROW_SIZE + histogram_at + 8 * (index if index < HISTOGRAM_BUCKETS else HISTOGRAM_BUCKETS - 1)
         (count,) = U64.unpack_from(self.map, at)
-        U64.pack_into(self.map, at, (count + 1) & 0xFFFFFFFFFFFFFFFF)
+        self._put(U64, at, (count + 1) & 0xFFFFFFFFFFFFFFFF)
 
     def count_wait(self, slot: int, seconds: float) -> None:
         self.count(slot, WAIT_HIST_AT, seconds)
@@ -293,13 +333,13 @@ class Table:
             return -1
         ticket = U64.unpack_from(self.map, TICKET_AT)[0]
         # Wraps rather than overflows: the counter is shared bytes a scribbler may have set to the top.
-        U64.pack_into(self.map, TICKET_AT, (ticket + 1) & 0xFFFF_FFFF_FFFF_FFFF)
+        self._put(U64, TICKET_AT, (ticket + 1) & 0xFFFF_FFFF_FFFF_FFFF)
         hwm = self.hwm()
         for index in range(self.waiter_capacity):
             if self.map[self._waiter_at(index)] == WaiterState.FREE:
-                WAITER.pack_into(self.map, self._waiter_at(index), WaiterState.WAITING, db, pid, token, ticket, now)
+                self._put(WAITER, self._waiter_at(index), WaiterState.WAITING, db, pid, token, ticket, now)
                 if index >= hwm:
-                    I32.pack_into(self.map, HWM_AT, index + 1)
+                    self._put(I32, HWM_AT, index + 1)
                 self._set_waiters(max(0, self.waiters) + 1)
                 return index
         return -1
@@ -365,7 +405,7 @@ class Table:
         for index in range(self.waiter_capacity):
             if self.map[self._waiter_at(index)] not in (WaiterState.FREE, WaiterState.WAITING, WaiterState.WOKEN):
                 self.map[self._waiter_at(index)] = WaiterState.FREE
-        I32.pack_into(self.map, HWM_AT, self.waiter_capacity)
+        self._put(I32, HWM_AT, self.waiter_capacity)
         self._shrink_hwm()
         self._set_waiters(self._live_waiters())
 
@@ -376,5 +416,5 @@ class Table:
         hwm = self.hwm()
         while hwm and self.map[self._waiter_at(hwm - 1)] == WaiterState.FREE:
             hwm -= 1
-        I32.pack_into(self.map, HWM_AT, hwm)
+        self._put(I32, HWM_AT, hwm)
 
