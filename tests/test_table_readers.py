@@ -36,6 +36,7 @@ def busy_row() -> Iterator[tbl.Table]:
         try:
             while True:
                 seq = table.take_in_place(0, GENERATION, 4242, 17.0, time.monotonic(), 9, 3)
+                table.count_hold(0, 0.001)
                 table.give_back_in_place(0, GENERATION, seq, Outcome.CLEAN, time.monotonic())
         finally:
             os._exit(0)
@@ -79,6 +80,20 @@ def test_a_settled_read_of_a_held_row_is_whole(busy_row: tbl.Table) -> None:
             # An idle row's holder fields are not judged: only that nobody holds it.
             assert row.state is RowState.READY and row.holder_pid == 0, row
     assert settled > 1000
+
+
+def test_histogram_counts_read_by_the_manager_never_go_back(busy_row: tbl.Table) -> None:
+    """Each lease counts its hold time into the row's histogram; exported as Prometheus
+    counters, a count that dips for an instant would read as a counter reset."""
+    last = 0
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        for _ in range(1000):
+            _waits, holds = busy_row.histograms(1)
+            total = sum(holds)
+            assert total >= last, f"hold count went from {last} to {total}"
+            last = total
+    assert last > 1000
 
 
 def _ping_hard(socket_path: str, seconds: float) -> str:

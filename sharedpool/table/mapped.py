@@ -60,6 +60,8 @@ from sharedpool.table.layout import (
     table_size,
 )
 
+TAKE_SIZE = TAKE_WRITE.size
+
 
 class Table:
     """A mapping of the lease table. Reads never raise on garbage except ``row``
@@ -74,6 +76,9 @@ class Table:
         if os.fstat(memfd).st_size < self.size:
             raise RowError(f"lease table of {os.fstat(memfd).st_size} bytes, expected {self.size}")
         self.map = mmap.mmap(memfd, self.size)
+        # The table as 8-byte words: a histogram count is one aligned store,
+        # never a moment at 0 for the manager's stats to read.
+        self._words = memoryview(self.map).cast("Q")
 
     @classmethod
     def create(cls, capacity: int, waiter_capacity: int, max_waiting: int, epoch: bytes) -> Table:
@@ -89,6 +94,7 @@ class Table:
 
     def close(self) -> None:
         try:
+            self._words.release()
             self.map.close()
         except (BufferError, ValueError):
             pass  # a view still exported: the mapping goes with the object
@@ -230,7 +236,8 @@ class Table:
         if state != RowState.READY or row_generation != generation or row_db != db:
             return 0
         seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1  # a scribbled maximum wraps, never raises
-        self._put(TAKE_WRITE, at, RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
+        # Table._put, inlined: the hot path.
+        self.map[at : at + TAKE_SIZE] = TAKE_WRITE.pack(RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
         return int(seq)
 
     def give_back_in_place(self, slot: int, generation: int, seq: int, outcome: Outcome, now: float) -> Outcome | None:
@@ -242,7 +249,7 @@ class Table:
             return None
         if outcome is Outcome.CLEAN and expires_at and now >= expires_at:
             outcome = Outcome.BROKEN
-        self._put(TAKE_WRITE, at, STATE_AFTER[outcome], row_db, 0, row_generation, 0, 0, seq, 0.0, 0.0)
+        self.map[at : at + TAKE_SIZE] = TAKE_WRITE.pack(STATE_AFTER[outcome], row_db, 0, row_generation, 0, 0, seq, 0.0, 0.0)
         return outcome
 
     def hand_over_in_place(
@@ -263,7 +270,8 @@ class Table:
         if expires_at and now >= expires_at:
             return 0
         seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1
-        self._put(TAKE_WRITE, at, RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
+        # Table._put, inlined: the hot path.
+        self.map[at : at + TAKE_SIZE] = TAKE_WRITE.pack(RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
         return int(seq)
 
     def oldest_waiter_since(self, db: int, other_than: int) -> float | None:
@@ -296,8 +304,8 @@ class Table:
         """Add one sample to a row's histogram. Only by the slot's lock holder: no lost counts."""
         index = int(seconds * 1e5).bit_length() if seconds >= 10e-6 else 0
         at = ROWS_AT + slot * ROW_SIZE + histogram_at + 8 * (index if index < HISTOGRAM_BUCKETS else HISTOGRAM_BUCKETS - 1)
-        (count,) = U64.unpack_from(self.map, at)
-        self._put(U64, at, (count + 1) & 0xFFFFFFFFFFFFFFFF)
+        words = self._words
+        words[at >> 3] = (words[at >> 3] + 1) & 0xFFFFFFFFFFFFFFFF
 
     def count_wait(self, slot: int, seconds: float) -> None:
         self.count(slot, WAIT_HIST_AT, seconds)
