@@ -1,3 +1,5 @@
+"""``python -m sharedpool``: the same command line as ``sharedpool``."""
+
 import sys
 
 from sharedpool.cli import main
