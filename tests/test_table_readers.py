@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import multiprocess
 import pytest
 import redis
 from support.waiting import wait_for
@@ -118,8 +119,6 @@ def _ping_hard(socket_path: str, seconds: float) -> str:
 def test_many_holders_on_few_connections_never_lose_one_to_the_manager(start_manager: Any) -> None:
     """Eight processes take, use and give back two connections as fast as they can: the
     manager must never judge a live lease abandoned, nor replace a connection."""
-    import multiprocess
-
     manager = start_manager(max_connections=2, min_idle=2, reap_interval=0.05)
     wait_for(lambda: manager.stats()["counters"]["connections_opened"] >= 2, what="both connections open")
     with multiprocess.get_context("fork").Pool(8) as workers:

@@ -93,9 +93,10 @@ def Redis(
     """
     if "retry" not in redis_kwargs:
         redis_kwargs["retry"] = copy.deepcopy(_REDIS_DEFAULT_RETRY)
-    pool = SharedConnectionPool(socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout, **redis_kwargs)
-    client = SharedRedis(connection_pool=pool, single_connection_client=single_connection_client)
-    client.auto_close_connection_pool = True
+    client = SharedRedis(
+        socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout,
+        single_connection_client=single_connection_client, **redis_kwargs,
+    )
     if autopipeline:
         client.autopipeline = AutoPipeline()
     return client

@@ -68,20 +68,27 @@ class Reaper:
                 if not only_pid:
                     views.append(RowView(index, None, generation))
                 continue
-            if settled is None and not keeper.holds(index, generation) and keeper.try_lock(index, generation):
-                try:
-                    settled = table.row(index)  # whole: a holder writes its row only under the lock
-                except tbl.RowError:
-                    pass
-                finally:
-                    keeper.unlock(index)
+            lock_free = False
             if settled is None:
-                continue  # a holder is writing it right now: the next sweep sees it whole
+                # In flux: a holder is writing it right now, or it reads HELD
+                # half-written. Under its lock (a holder writes only under
+                # it) the row is whole; held by someone, the next sweep looks.
+                if not keeper.try_lock(index, generation):
+                    continue
+                lock_free = True
+                try:
+                    settled = table.row(index)
+                except tbl.RowError:
+                    keeper.unlock(index)
+                    if not only_pid:
+                        views.append(RowView(index, None, generation))
+                    continue
             row = settled
             if only_pid and (row.state is not RowState.HELD or row.holder_pid != only_pid):
+                if lock_free:
+                    keeper.unlock(index)
                 continue
-            lock_free = False
-            if row.generation == generation and row.state in _LOCKABLE:
+            if not lock_free and row.generation == generation and row.state in _LOCKABLE:
                 lock_free = keeper.try_lock(index, generation)
                 if lock_free:
                     # Read again under the lock: a holder may have given it back

@@ -1,8 +1,9 @@
 """``Table``: one process's mapping of the lease table, and the row and queue moves on it.
 
 Reads never raise on garbage except ``row``; the hot path's moves
-(``take_in_place``, ``give_back_in_place``) write only the bytes they change,
-and every write goes through ``Table._put`` (no byte passes through 0 on the way).
+(``take_in_place``, ``give_back_in_place``) write only a row's first fields.
+Every write is one copy of the finished bytes (``Table._put``): a reader
+without the lock never sees a byte pass through 0 on its way.
 """
 
 from __future__ import annotations
@@ -209,13 +210,14 @@ class Table:
         """
         at = self._row_at(slot)
         end = at + ROW.size
-        for _ in range(tries):
+        for attempt in range(tries):
+            if attempt:
+                os.sched_yield()  # the writer is most likely mid-copy on the other core
             first = self.map[at:end]
             if first == self.map[at:end]:
                 row = self._parse_row(slot, first)
                 if row.state is not RowState.HELD or (row.holder_pid and row.acquired_at):
                     return row
-            os.sched_yield()  # the writer is most likely mid-copy on the other core
         return None
 
     def write_row(self, slot: int, row: Row) -> None:
