@@ -217,8 +217,8 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                     # whose description holds the slot's lock.
                     lease = got
                 else:
-                    slot, generation, seq = got
-                    lease = Lease(att, slot, generation, seq, taker.lock_fd, time.monotonic(), att.db, taker)
+                    slot, generation, seq, taken_at = got
+                    lease = Lease(att, slot, generation, seq, taker.lock_fd, taken_at, att.db, taker)
                     att.held += 1
                 try:
                     bound = await self._bind(att, lease, conn, final, started)

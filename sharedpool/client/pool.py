@@ -171,8 +171,8 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
                 )
             if taken is None:
                 taken = self._wait(att, state, site, started, deadline)
-            slot, generation, seq = taken
-            lease = Lease(att, slot, generation, seq, state.lock_fd, time.monotonic(), att.db, state)
+            slot, generation, seq, taken_at = taken
+            lease = Lease(att, slot, generation, seq, state.lock_fd, taken_at, att.db, state)
             att.held += 1
             try:
                 return bind(self, att, lease, conn, final, started)

@@ -13,6 +13,7 @@ import os
 import struct
 from typing import Any
 
+from sharedpool.table.core import new_core
 from sharedpool.table.layout import (
     DB_AT,
     DOWN_SINCE_AT,
@@ -80,6 +81,8 @@ class Table:
         # The table as 8-byte words: a histogram count is one aligned store,
         # never a moment at 0 for the manager's stats to read.
         self._words = memoryview(self.map).cast("Q")
+        # A lease's take and give-back, one call each (C, or its Python twin).
+        self.core = new_core(self.map, capacity)
 
     @classmethod
     def create(cls, capacity: int, waiter_capacity: int, max_waiting: int, epoch: bytes) -> Table:
@@ -95,6 +98,7 @@ class Table:
 
     def close(self) -> None:
         try:
+            self.core.close()
             self._words.release()
             self.map.close()
         except (BufferError, ValueError):
