@@ -13,6 +13,7 @@ from sharedpool import table as tbl
 from sharedpool.config import format_databases
 from sharedpool.manager.pool import SlotState
 from sharedpool.table import RowFlag, RowState
+from sharedpool.table import core as table_core
 from sharedpool.version import __version__
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
         "epoch": manager.epoch,
         "manager_pid": os.getpid(),
         "version": __version__,
+        keys.TABLE_CORE: table_core.PATH,
         "uptime_s": round(now - manager.started_at, 3),
         "redis": manager.target.label,
         "redis_down_for_s": round(now - pool.redis_down_since, 3) if pool.redis_down_since is not None else None,

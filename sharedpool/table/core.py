@@ -254,7 +254,7 @@ def _choose() -> tuple[Any, str, str]:
         return PyTableCore, "python", f"no C accelerator: {exc}"
     if getattr(_speedups, "LAYOUT", None) != EXPECTED_LAYOUT:
         return PyTableCore, "python", f"the C accelerator at {_speedups.__file__} was built for another table layout"
-    return _speedups.Core, "c", f"C accelerator {_speedups.__file__}"
+    return _speedups.Core, "c", f"the C accelerator, {os.path.basename(_speedups.__file__)}"
 
 
 CORE, PATH, WHY = _choose()
