@@ -21,6 +21,12 @@
 #include <string.h>
 #include <time.h>
 
+/* Older C libraries (manylinux2014's glibc 2.17) lack the names, not the
+ * kernel's support: locks.py falls back to the same numbers. */
+#ifndef F_OFD_SETLK
+#define F_OFD_SETLK 37
+#endif
+
 /* table/layout.py */
 #define ROWS_AT 256
 #define ROW_SIZE 512

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib
 import mmap
 import os
 import time
@@ -249,12 +250,14 @@ def _choose() -> tuple[Any, str, str]:
     if os.environ.get("SHAREDPOOL_PURE_PYTHON", "") not in ("", "0"):
         return PyTableCore, "python", "forced by SHAREDPOOL_PURE_PYTHON"
     try:
-        from sharedpool import _speedups  # type: ignore[attr-defined]
+        _speedups = importlib.import_module("sharedpool._speedups")
+    except ModuleNotFoundError:
+        return PyTableCore, "python", "no C accelerator built (pip found no C compiler or Python headers)"
     except ImportError as exc:
-        return PyTableCore, "python", f"no C accelerator: {exc}"
+        return PyTableCore, "python", f"the C accelerator does not load: {exc}"
     if getattr(_speedups, "LAYOUT", None) != EXPECTED_LAYOUT:
         return PyTableCore, "python", f"the C accelerator at {_speedups.__file__} was built for another table layout"
-    return _speedups.Core, "c", f"the C accelerator, {os.path.basename(_speedups.__file__)}"
+    return _speedups.Core, "c", f"the C accelerator, {os.path.basename(_speedups.__file__ or '?')}"
 
 
 CORE, PATH, WHY = _choose()
