@@ -299,3 +299,35 @@ def test_both_cores_count_a_duration_in_the_same_bucket_as_the_manager_reads_it(
         expected[tbl.bucket(seconds)] = 1
         assert waits == holds == expected
     assert bytes(twins[0].table.map) == bytes(twins[1].table.map)
+
+
+@pytest.mark.parametrize("make_core", ["c", "python"])
+def test_no_move_reaches_past_the_rows_whatever_the_table_says(make_core: str) -> None:
+    """A core over heap memory of exactly its rows (so that the sanitizer CI step sees any stray
+    byte): slots in use scribbled past the capacity, cached slots and a last slot out of range,
+    a give-back of a slot that is none. Takes stay within the rows; the give-back is refused."""
+    capacity = 2
+    memory = bytearray(ROWS_AT + capacity * ROW_SIZE)
+    twin = _accelerator().Core(memory, capacity) if make_core == "c" else core.PyTableCore(memory, capacity)  # type: ignore[arg-type]
+    holder = tbl.Table.create(capacity=1, waiter_capacity=1, max_waiting=1, epoch=b"locks")  # only its fd, for the locks
+    fd = tbl.own_description(holder.fd)
+    try:
+        memory[SLOTS_IN_USE_AT : SLOTS_IN_USE_AT + 4] = (2**32 - 1).to_bytes(4, sys.byteorder)
+        for slot in range(capacity):
+            memory[ROWS_AT + slot * ROW_SIZE] = tbl.RowState.READY
+        cached = dict.fromkeys([-1, capacity, 2**40, "1", 0.5])
+        taken = [twin.take(fd, last, cached, set(), 0, 1, 1.0, 0, 0.0, 1.0) for last in (capacity, 2**40, -5)]
+        assert [t[0] for t in taken if t] == [0, 1] and taken[2] is None  # both rows, and nothing beyond
+        for slot in (capacity, -1, 2**40):
+            with pytest.raises((ValueError, OverflowError)):
+                twin.give_back(fd, slot, 0, 1, 0, 0.0, True, 1.0)
+        with pytest.raises(ValueError):
+            twin.give_back(fd, 0, 0, 1, 7, 0.0, True, 1.0)  # an outcome that is none
+        assert twin.give_back(fd, 1, 0, 1, 0, 0.0, True, 1.0) == (0, False)
+    finally:
+        twin.close()
+        os.close(fd)
+        holder.close()
+    assert len(memory) == ROWS_AT + capacity * ROW_SIZE
+    with pytest.raises(ValueError):
+        (_accelerator().Core if make_core == "c" else core.PyTableCore)(bytearray(ROWS_AT + ROW_SIZE), 2)  # too short for 2 rows
