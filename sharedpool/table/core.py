@@ -272,3 +272,10 @@ def new_core(map: mmap.mmap, capacity: int) -> TableCore:
 def describe() -> str:
     """One line for ``check``, ``stats`` and ``--version``: which path this process uses."""
     return f"table core: {PATH} ({WHY})"
+
+
+def use_pure_python(why: str) -> None:
+    """Map tables from now on with the pure-Python core, in this process only (the bench's
+    rounds of that path in a forked worker; ``SHAREDPOOL_PURE_PYTHON=1`` does it at start)."""
+    global CORE, PATH, WHY
+    CORE, PATH, WHY = PyTableCore, "python", why
