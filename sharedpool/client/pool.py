@@ -165,10 +165,16 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
                     continue
                 raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
             if not flags:
-                # A free slot at the first look is the common case: no spin loop's call for it.
-                taken = lease_core.try_slots(att, state, site, started, att.db) or lease_core.take_spinning(
-                    att, state, site, started, att.db
+                # A free slot at the first look is the common case: the table
+                # core's one call (lease_core.try_slots, inlined), no spin loop.
+                taken = att.table.core.take(
+                    state.lock_fd, state.last_slot, att.conns, state.avoid, att.db, att.pid, att.start, site, started
                 )
+                if taken is not None:
+                    state.held.add(taken[0])
+                    state.last_slot = taken[0]
+                else:
+                    taken = lease_core.take_spinning(att, state, site, started, att.db)
             if taken is None:
                 taken = self._wait(att, state, site, started, deadline)
             slot, generation, seq, taken_at = taken
