@@ -32,7 +32,9 @@ are the workers' moves; the rest are the manager's)::
     HELD, lock free (holder vanished) --found_abandoned--> BROKEN
     RESET, BROKEN --manager repairs--> MANAGER --> READY | CLOSED (new generation)
 
-``mapped.Table`` is one process's mapping of the file and the moves made on it.
+``mapped.Table`` is one process's mapping of the file and the moves made on it;
+a lease's own take and give-back are its ``core`` (``core.py``: the C
+accelerator or its pure-Python twin, one call each).
 """
 
 from sharedpool.table.layout import (
