@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.cli import run_cli
 from support.waiting import wait_for
 
 from sharedpool import table as tbl
@@ -331,3 +332,15 @@ def test_no_move_reaches_past_the_rows_whatever_the_table_says(make_core: str) -
     assert len(memory) == ROWS_AT + capacity * ROW_SIZE
     with pytest.raises(ValueError):
         (_accelerator().Core if make_core == "c" else core.PyTableCore)(bytearray(ROWS_AT + ROW_SIZE), 2)  # too short for 2 rows
+
+
+def test_check_and_stats_say_which_table_core_runs(manager: Any) -> None:
+    """An operator asks the command line which path runs: this process's, and the manager's."""
+    _accelerator()
+    env = {k: v for k, v in os.environ.items() if k != "SHAREDPOOL_PURE_PYTHON"}
+    checked = run_cli("check", "--socket-path", manager.socket_path, env={**env, "SHAREDPOOL_PURE_PYTHON": "1"})
+    assert checked.returncode == 0, checked.stderr
+    assert "table core: python (forced by SHAREDPOOL_PURE_PYTHON); the manager's: " + core.PATH in checked.stdout
+    stats = run_cli("stats", "--socket-path", manager.socket_path, env=env)
+    assert stats.returncode == 0, stats.stderr
+    assert f"table core   manager {core.PATH}  this process c" in stats.stdout
