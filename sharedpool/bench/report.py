@@ -29,11 +29,11 @@ PLAIN = "plain"
 SHARED = "shared"
 TWEMPROXY = "twemproxy"
 
-# Targets of the lease-table issue; every ratio is against plain redis-py (or
-# twemproxy) measured in the same run.
-S1A_MAX_RATIO = 1.0  # one lease per command, GET p50
+# Targets of the C-accelerator issue (the lease table's before it); every
+# ratio is against plain redis-py (or twemproxy) measured in the same run.
+S1A_MAX_RATIO = 0.95  # one lease per command, GET p50
 S2_MIN_RATIO = 1.0  # W=8, C=2, 5 ms other I/O
-S2X_MIN_RATIO = {2: 0.70, 4: 0.95}  # Redis-bound, by C
+S2X_MIN_RATIO = {2: 0.85, 4: 1.0}  # Redis-bound, by C
 VS_TWEMPROXY_MIN_RATIO = 1.0
 VS_TWEMPROXY_FROM_C = 4  # S4 holds from this many connections up
 S5A_MIN_LEASES = 250_000.0  # get_connection + release pairs per second, one process, on the accelerator
@@ -41,7 +41,7 @@ S5A_MIN_LEASES = 250_000.0  # get_connection + release pairs per second, one pro
 # get_connection + release took 88.1k instructions then (callgrind; README).
 PURE_MAX_INSTRUCTIONS = 88_100.0
 E2E_SIZES = (4, 2)
-E2E_MIN_RATIO = {4: 0.95, 2: 0.80}  # gunicorn + wrk requests/s, by C
+E2E_MIN_RATIO = {4: 1.0, 2: 0.90}  # gunicorn + wrk requests/s, by C
 
 WAIT_NOTE = ("lease wait = the manager's wait-time histogram (what stats()['wait_time'] summarises), "
              "this window's part; a figure is the upper bound of its bucket (10 us x 2^i)")
