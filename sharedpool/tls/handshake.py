@@ -21,6 +21,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from sharedpool.errors import TLSRecordError, TLSRefused
 from sharedpool.tls.keys import Handover, direction_keys, secrets_from_keylog
@@ -77,17 +78,17 @@ class TLSOptions:
             if name == "ssl_cert_reqs":
                 text = _CERT_REQS_NAMES.get(value, str(value).lower())
                 if text not in CERT_REQS:
-                    raise ValueError(f"ssl_cert_reqs={value!r}: expected one of required, optional, none")
+                    raise ValueError(f"ssl_cert_reqs={value}: expected one of required, optional, none")
                 kwargs["cert_reqs"] = text
             elif name == "ssl_check_hostname":
                 try:
                     kwargs["check_hostname"] = value if isinstance(value, bool) else parse_bool(value)
                 except ValueError:
-                    raise ValueError(f"ssl_check_hostname={value!r}: expected true or false") from None
+                    raise ValueError(f"ssl_check_hostname={value}: expected true or false") from None
             elif name == "ssl_min_version":
                 key = str(int(value)) if isinstance(value, int) else str(value).lower().removeprefix("tlsversion.")
                 if key not in _MIN_VERSIONS:
-                    raise ValueError(f"ssl_min_version={value!r}: expected TLSv1_2 or TLSv1_3")
+                    raise ValueError(f"ssl_min_version={value}: expected TLSv1_2 or TLSv1_3")
                 kwargs["min_version"] = _MIN_VERSIONS[key].name
             elif name in OPTION_NAMES:
                 kwargs[short] = str(value)
@@ -108,6 +109,20 @@ class TLSOptions:
         if self.certfile:
             ctx.load_cert_chain(self.certfile, self.keyfile or None, self.password or None)
         return ctx
+
+
+def options_from(url: str, settings: dict[str, Any]) -> TLSOptions:
+    """A rediss:// URL's query parameters, overridden by the ``ssl_*`` settings that are set."""
+    values: dict[str, Any] = {name: value for name, value in parse_qsl(urlsplit(url).query) if name in OPTION_NAMES}
+    values.update({name: value for name, value in settings.items() if value not in ("", None)})
+    return TLSOptions.build(urlsplit(url).hostname or "", values)
+
+
+def without_options(url: str) -> str:
+    """The URL without the query parameters we act on (redis-py would parse some as numbers)."""
+    parts = urlsplit(url)
+    kept = [(k, v) for k, v in parse_qsl(parts.query) if k not in OPTION_NAMES]
+    return urlunsplit(parts._replace(query="&".join(f"{k}={v}" for k, v in kept)))
 
 
 def handshake(raw: socket.socket, options: TLSOptions, label: str, timeout: float) -> tuple[TLSSocket, Handover]:
@@ -176,7 +191,7 @@ def describe_verify_failure(exc: ssl.SSLCertVerificationError, options: TLSOptio
         return f"the server's certificate has expired ({message})"
     if code == 9:  # X509_V_ERR_CERT_NOT_YET_VALID
         return f"the server's certificate is not yet valid ({message})"
-    if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+    if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
         return (f"the server's certificate does not name host {options.server_hostname!r} "
                 f"(hostname check failed; ssl_check_hostname=false turns it off)")
     return f"the server's certificate is not trusted ({message}; check ssl_ca_certs / ssl_ca_path / ssl_ca_data)"

@@ -11,9 +11,12 @@ buffered and is finished by the next read, as with a plain socket.
 
 from __future__ import annotations
 
+import mmap
+import os
 import socket
 from typing import Any
 
+from sharedpool.tls.keys import Handover
 from sharedpool.tls.records import RecordLayer
 from sharedpool.tls.row import RowSeqs
 
@@ -21,12 +24,25 @@ _READ_SIZE = 65536
 
 
 class TLSSocket:
-    __slots__ = ("raw", "layer", "seqs")
+    __slots__ = ("raw", "layer", "seqs", "handover")
 
-    def __init__(self, raw: socket.socket, layer: RecordLayer, seqs: RowSeqs | None = None) -> None:
+    def __init__(self, raw: socket.socket, layer: RecordLayer, seqs: RowSeqs | None = None,
+                 handover: Handover | None = None) -> None:
         self.raw = raw
         self.layer = layer
         self.seqs = seqs
+        self.handover = handover
+
+    @classmethod
+    def handed_over(cls, raw: socket.socket, handover: bytes, table_map: mmap.mmap, slot: int) -> TLSSocket:
+        """A worker's transport on the fd and hand-over of an FD frame; its sequence numbers from the row."""
+        keys = Handover.decode(handover)
+        return cls(raw, keys.layer(), RowSeqs(table_map, slot), keys)
+
+    def dup_for_lease(self) -> TLSSocket:
+        """Another object on a dup of the fd, with the same keys and its own record state."""
+        assert self.handover is not None and self.seqs is not None
+        return TLSSocket(socket.socket(fileno=os.dup(self.raw.fileno())), self.handover.layer(), self.seqs, self.handover)
 
     def __repr__(self) -> str:
         return f"<TLSSocket fd={self.fileno()} {self.layer!r}>"
@@ -49,7 +65,21 @@ class TLSSocket:
     # ----- what redis-py calls ---------------------------------------------
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        self.raw.sendall(self.layer.seal(data))
+        try:
+            self.raw.sendall(self.layer.seal(data))
+        except (ConnectionResetError, BrokenPipeError):
+            self._explain_reset()
+            raise
+
+    def _explain_reset(self) -> None:
+        """A server that refuses us (a client certificate missing) sends an alert, then resets:
+        the alert may still be readable, and says why better than the reset does."""
+        try:
+            pending = self.raw.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        if pending:
+            self.layer.feed(pending)  # raises TLSRecordError naming the alert
 
     def send(self, data: Any, flags: int = 0) -> int:
         self.sendall(data)

@@ -142,6 +142,7 @@ class TLSRedis:
         self.password = password
         self.auth_clients = auth_clients
         self.protocols = protocols
+        self.ciphersuites = ""
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -161,6 +162,8 @@ class TLSRedis:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.ciphersuites:
+            args += ["--tls-ciphersuites", self.ciphersuites]
         log = self.directory / "redis.log"
         with open(log, "ab") as out:
             self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
