@@ -490,3 +490,83 @@ def test_rediss_without_cryptography_names_the_extra(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.sock")], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "pip install 'sharedpool[tls]'" in result.stderr
+
+
+# ----- asyncio ---------------------------------------------------------------------
+
+
+def _async_fleet_worker(socket_path: str, index: int, rounds: int, autopipeline: bool, out: Any) -> None:
+    import asyncio
+
+    import sharedpool.asyncio as spa
+
+    async def main() -> tuple[int, int]:
+        r = spa.Redis(socket_path=socket_path, autopipeline=autopipeline)
+        wrong = errors = 0
+
+        async def task(t: int) -> None:
+            nonlocal wrong, errors
+            for i in range(rounds):
+                key, value = f"a{index}:{t}:{i % 10}", f"{index}:{t}:{i}:" + "z" * (i * 37 % 20_000)
+                try:
+                    await r.set(key, value)
+                    if await r.get(key) != value.encode():
+                        wrong += 1
+                    async with r.pipeline(transaction=True) as pipe:
+                        if await pipe.incr(key + ":n").get(key).execute() != [i // 10 + 1, value.encode()]:
+                            wrong += 1
+                except redis.ConnectionError:
+                    errors += 1
+
+        await asyncio.gather(*(task(t) for t in range(5)))
+        await r.aclose()
+        return wrong, errors
+
+    out.put((index, *asyncio.run(main())))
+
+
+@pytest.mark.parametrize("autopipeline", [False, True], ids=["plain", "autopipeline"])
+def test_an_asyncio_fleet_on_two_connections_gets_every_reply_right(tls: Servers, autopipeline: bool) -> None:
+    server = tls.redis_server(password=PASSWORD)
+    manager = tls.manager(server.url(), max_connections=2)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=_async_fleet_worker, args=(manager.socket_path, i, 60, autopipeline, out)) for i in range(3)]
+    for worker in workers:
+        worker.start()
+    results = [out.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(30)
+    assert sorted((wrong, errors) for _, wrong, errors in results) == [(0, 0)] * 3
+    assert counters(manager)["connections_opened"] == 2
+
+
+def test_asyncio_pubsub_and_blocking_over_tls(tls: Servers) -> None:
+    import asyncio
+
+    import sharedpool.asyncio as spa
+
+    server = tls.redis_server()
+    manager = tls.manager(server.url(), max_connections=2)
+    outside = server.client()
+
+    async def main() -> None:
+        r = spa.Redis(socket_path=manager.socket_path)
+        big = os.urandom(70_000)
+        await r.set("big", big)
+        assert await r.get("big") == big
+        assert await r.blpop(["nothing"], timeout=0.2) is None
+        pubsub = r.pubsub()
+        await pubsub.subscribe("ch")
+        assert (await pubsub.get_message(timeout=2))["type"] == "subscribe"
+        outside.publish("ch", "over tls")
+        message = None
+        for _ in range(20):
+            message = await pubsub.get_message(timeout=0.5)
+            if message:
+                break
+        assert message is not None and message["data"] == b"over tls"
+        await pubsub.aclose()
+        await r.aclose()
+
+    asyncio.run(main())

@@ -172,7 +172,9 @@ class TLSRedis:
             if self.process.poll() is not None:
                 text = log.read_text(errors="replace")
                 self.process = None
-                if "TLS" in text and ("not supported" in text.lower() or "bad directive" in text.lower()):
+                lowered = text.lower()
+                signs = ("not supported", "bad directive", "finding tls support")
+                if "tls" in lowered and any(sign in lowered for sign in signs):
                     no_tls_server(f"{self.binary} is built without TLS")
                 raise RuntimeError(f"TLS redis-server did not start: {text[-500:]}")
             try:
