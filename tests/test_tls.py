@@ -179,6 +179,29 @@ def test_mutual_tls(tls: Servers) -> None:
     assert r.set("m", "tls") and r.get("m") == b"tls"
 
 
+def test_mutual_tls_with_an_encrypted_key_keeps_its_password_out_of_logs_and_stats(tls: Servers) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    certs = tls.certs
+    key_password = "key-pass-91c2"
+    key = serialization.load_pem_private_key(certs.client_key.read_bytes(), None)
+    encrypted = tls.tmp_path / "client-encrypted.key"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(key_password.encode()),
+    ))
+    server = tls.redis_server(auth_clients=True, password=PASSWORD)
+    # The key's password as a setting, the client certificate in the URL, as an operator may split them.
+    manager = tls.manager(server.url(ssl_certfile=str(certs.client_cert), ssl_keyfile=str(encrypted)), ssl_password=key_password)
+    r = client(manager)
+    assert r.set("m", "encrypted key") and r.get("m") == b"encrypted key"
+    shown = log_text(manager) + repr(manager.stats()) + run_cli("stats", "--socket", manager.socket_path).stdout
+    assert key_password not in shown and PASSWORD not in shown
+    assert key_password not in Path(f"/proc/{manager.pid}/cmdline").read_text()  # it went by environment
+    wrong = _refused(tls, server.url(ssl_certfile=str(certs.client_cert), ssl_keyfile=str(encrypted)), ssl_password="nope")
+    assert "cannot load the certificates" in wrong and "nope" not in wrong
+
+
 def _refused(tls: Servers, url: str, **settings: Any) -> str:
     """Start a manager that must stop on its own; its log's error line."""
     manager = tls.manager_process(url, **settings)
@@ -570,3 +593,41 @@ def test_asyncio_pubsub_and_blocking_over_tls(tls: Servers) -> None:
         await r.aclose()
 
     asyncio.run(main())
+
+
+def test_from_url_with_the_managers_rediss_url_and_a_plain_one_refused(tls: Servers) -> None:
+    server = tls.redis_server()
+    manager = tls.manager(server.url(), max_connections=2)
+    r = sharedpool.SharedRedis.from_url(server.url().replace("/0?", "/4?"), socket_path=manager.socket_path)
+    try:
+        r.set("from-url", "yes")
+        assert server.client(db=4).get("from-url") == b"yes"
+    finally:
+        r.close()
+    plain = sharedpool.SharedRedis.from_url(f"redis://localhost:{server.port}/0", socket_path=manager.socket_path)
+    try:
+        with pytest.raises(sharedpool.Misconfigured, match=r"connects to localhost:\d+ \(TLS\)"):
+            plain.ping()
+    finally:
+        plain.close()
+
+
+def test_a_forked_child_drops_the_inherited_tls_connection_and_takes_its_own(tls: Servers) -> None:
+    server = tls.redis_server()
+    manager = tls.manager(server.url(), max_connections=2)
+    r = client(manager)
+    r.set("parent", "1")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            # The inherited client: its cached connection (and record state) is the parent's; it must not be used.
+            r.set("child", "ok")
+            code = 0 if r.get("child") == b"ok" and r.get("parent") == b"1" else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    for i in range(50):
+        r.set("parent", i)
+        assert r.get("parent") == str(i).encode()

@@ -65,6 +65,7 @@ class RedisTarget:
             kwargs["socket_keepalive"] = True
         if tls is not None:
             kwargs["tls"] = tls
+            label += " (TLS)"  # client.clone.TLS_MARK: a worker's redis:// URL for it is refused, not mixed
         return cls(kwargs, unix, label, db, config.protocol, config.client_name, tls)
 
     def connection_class(self) -> Any:
