@@ -546,8 +546,10 @@ def _async_fleet_worker(socket_path: str, index: int, rounds: int, autopipeline:
                     await r.set(key, value)
                     if await r.get(key) != value.encode():
                         wrong += 1
+                    # Idempotent only: a command redis-py retries after a kill must not read as a wrong reply.
                     async with r.pipeline(transaction=True) as pipe:
-                        if await pipe.incr(key + ":n").get(key).execute() != [i // 10 + 1, value.encode()]:
+                        replies = await pipe.set(key + ":p", i).get(key + ":p").get(key).execute()
+                        if replies != [True, str(i).encode(), value.encode()]:
                             wrong += 1
                 except redis.ConnectionError:
                     errors += 1
@@ -573,6 +575,39 @@ def test_an_asyncio_fleet_on_two_connections_gets_every_reply_right(tls: Servers
         worker.join(30)
     assert sorted((wrong, errors) for _, wrong, errors in results) == [(0, 0)] * 3
     assert counters(manager)["connections_opened"] == 2
+
+
+def test_an_asyncio_fleet_under_a_client_kill_storm_never_gets_a_wrong_reply(tls: Servers) -> None:
+    server = tls.redis_server()
+    manager = tls.manager(server.url(), max_connections=2)
+    outside = server.client()
+    stop = threading.Event()
+    kills = [0]
+
+    def storm() -> None:
+        while not stop.is_set():
+            try:
+                kills[0] += int(outside.client_kill_filter(_type="normal", skipme=True) or 0)
+            except redis.RedisError:
+                pass
+            stop.wait(0.05)
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=_async_fleet_worker, args=(manager.socket_path, i, 60, i % 2 == 1, out)) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    killer = threading.Thread(target=storm)
+    killer.start()
+    try:
+        results = [out.get(timeout=120) for _ in workers]
+    finally:
+        stop.set()
+        killer.join()
+        for worker in workers:
+            worker.join(30)
+    assert all(wrong == 0 for _, wrong, _ in results), results
+    assert kills[0] > 0
 
 
 def test_asyncio_pubsub_and_blocking_over_tls(tls: Servers) -> None:
