@@ -268,7 +268,7 @@ def test_sharedpool_check_names_the_certificate_failure_after_redis_comes_back_w
     assert "expired" in (result.stdout + result.stderr)
     # And back with a new, valid certificate: the manager's connections are replaced and work.
     server.stop()
-    server.cert = tls.certs.server_cert
+    server.cert = tls.certs.renewed_cert
     server.start()
     assert run_cli("check", "--socket", manager.socket_path, "--timeout", "3").returncode == 0
 

@@ -67,6 +67,7 @@ class Certs:
     server_cert: Path
     server_key: Path
     expired_cert: Path
+    renewed_cert: Path  # another valid one for localhost: a certificate rotated on restart
     wrong_host_cert: Path
     client_cert: Path
     client_key: Path
@@ -121,6 +122,7 @@ class Certs:
             server_cert=pem(directory / "server.pem", leaf(["localhost", "127.0.0.1"], now - day, now + 30 * day)),
             server_key=directory / "server.key",
             expired_cert=pem(directory / "expired.pem", leaf(["localhost", "127.0.0.1"], now - 30 * day, now - day)),
+            renewed_cert=pem(directory / "renewed.pem", leaf(["localhost", "127.0.0.1"], now - day, now + 60 * day)),
             wrong_host_cert=pem(directory / "wrong-host.pem", leaf(["redis.example.com"], now - day, now + 30 * day)),
             client_cert=pem(directory / "client.pem", leaf(["sharedpool client"], now - day, now + 30 * day, client=True)),
             client_key=directory / "client.key",
