@@ -242,7 +242,7 @@ def test_verification_failures_stop_the_manager_with_one_clear_line(tls: Servers
     url = server.url()
     if case == "wrong_ca":
         url = server.url(ssl_ca_certs=str(certs.other_ca))
-    line = _refused(tls, url)
+    line = _refused(tls, url, min_idle=3)  # three slots opening at once still make one line
     assert expected in line, line
     assert f"127.0.0.1:{server.port}" in line or f"localhost:{server.port}" in line
 

@@ -383,8 +383,9 @@ class Manager:
             try:
                 backend, databases = future.result()
             except Exception as exc:  # any failure to connect is reported, never raised
-                if isinstance(exc, TLSRefused) and not self._connected_once:
-                    # Verification or protocol: no retry can fix it, so say it once and stop.
+                if isinstance(exc, TLSRefused) and not self._connected_once and not self.exit_code:
+                    # Verification or protocol: no retry can fix it, so say it once (whichever
+                    # slot was first) and stop.
                     log.error("%s", exc)
                     self.exit_code = 2
                     self.stop()
