@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from sharedpool.errors import ConfigError
+from sharedpool.errors import ConfigError, mask_secrets
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -327,14 +327,8 @@ def socket_gid(group: str) -> int:
 
 
 def mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` with its password masked (``errors.mask_secrets``: any scheme, even a malformed URL)."""
+    return mask_secrets(url)
 
 
 def env_name(field_name: str) -> str:

@@ -78,7 +78,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         **connection_kwargs: Any,
     ) -> None:
         redis_location = clone.pool_options(connection_kwargs)
-        refuse_manager_owned(connection_kwargs)
+        redis_location = refuse_manager_owned(connection_kwargs, AsyncLeasedConnection) or redis_location
         self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
         self._requested_protocol = connection_kwargs.get("protocol")
         self.db: int | None = clone.database(connection_kwargs.pop("db", None))

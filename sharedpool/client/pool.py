@@ -15,6 +15,7 @@ The manager hears of a lease only when it has work to do: a first fd for a
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import threading
@@ -46,17 +47,60 @@ _MANAGER_OWNED = frozenset({
     "socket_keepalive_options", "socket_connect_timeout", "redis_connect_func", "connection_class",
     "cache", "cache_config", "maint_notifications_config",
 })
+# What the manager's handshake tells Redis about the client (CLIENT SETINFO).
+# Libraries pass their own (Celery's driver_info and lib_name): labels only,
+# so they are dropped whatever they say.
+_LABELS = frozenset({"lib_name", "lib_version", "driver_info"})
 
 
-def refuse_manager_owned(connection_kwargs: dict[str, Any]) -> None:
-    """Refuse connection options a worker cannot set per lease (the asyncio pool's check too)."""
-    refused = sorted(set(connection_kwargs) & _MANAGER_OWNED)
-    if refused:
-        raise errors.ConfigError(
-            refused[0], connection_kwargs[refused[0]],
-            "not settable in a worker: the sharedpool manager owns the Redis connections "
-            "(set it on 'sharedpool serve', e.g. in --redis-url)",
-        )
+def _redis_py_defaults() -> dict[str, tuple[Any, ...]]:
+    """The values redis-py itself gives the manager-owned options, read from the installed
+    redis-py: libraries that build a pool from a full set of options pass them (Celery's
+    result backend does), and a default asks nothing of the manager."""
+    found: dict[str, list[Any]] = {name: [None] for name in _MANAGER_OWNED}
+    for call in (redis.Redis.__init__, redis.Connection.__init__, redis.SSLConnection.__init__,
+                 redis.connection.AbstractConnection.__init__):
+        for name, parameter in inspect.signature(call).parameters.items():
+            if name in found and parameter.default is not inspect.Parameter.empty:
+                found[name].append(parameter.default)
+    found["ssl"].append(False)
+    found["connection_class"].append(redis.Connection)
+    return {name: tuple(values) for name, values in found.items()}
+
+
+_DEFAULTS = _redis_py_defaults()
+
+
+def refuse_manager_owned(connection_kwargs: dict[str, Any], own_class: type | None = None) -> str | None:
+    """Drop from ``connection_kwargs`` (in place) the manager-owned options a worker gave
+    redis-py's default values (the asyncio pool's check too), and refuse the others.
+
+    ``host`` and ``port`` (or a socket path) say where the caller thinks Redis is:
+    returned as a location, which the pool checks against the manager's Redis at
+    attach. ``own_class`` is the pool's connection class, accepted as
+    ``connection_class``.
+    """
+    location = None
+    host, port = connection_kwargs.pop("host", None), connection_kwargs.pop("port", None)
+    path = connection_kwargs.pop("unix_socket_path", None) or connection_kwargs.pop("path", None)
+    connection_kwargs.pop("path", None)
+    if path:
+        location = str(path)
+    elif host is not None or port is not None:
+        location = f"{host or 'localhost'}:{port or 6379}"
+    for name in sorted(set(connection_kwargs) & _MANAGER_OWNED):
+        value = connection_kwargs[name]
+        if name in _LABELS or any(value is d or (type(value) is type(d) and value == d) for d in _DEFAULTS[name]):
+            del connection_kwargs[name]
+        elif name == "connection_class" and own_class is not None and isinstance(value, type) and issubclass(value, own_class):
+            del connection_kwargs[name]
+        else:
+            raise errors.ConfigError(
+                name, "***" if name in ("password", "credential_provider") else value,
+                "not settable in a worker: the sharedpool manager owns the Redis connections "
+                "(set it on 'sharedpool serve', e.g. in --redis-url)",
+            )
+    return location
 
 
 class SharedConnectionPool(Attaching, redis.ConnectionPool):
@@ -81,7 +125,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         **connection_kwargs: Any,
     ) -> None:
         redis_location = clone.pool_options(connection_kwargs)
-        refuse_manager_owned(connection_kwargs)
+        redis_location = refuse_manager_owned(connection_kwargs, LeasedConnection) or redis_location
         self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
         self.db: int | None = clone.database(connection_kwargs.pop("db", None))
         self._requested_protocol = connection_kwargs.get("protocol")
@@ -241,7 +285,15 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         return isinstance(connection, LeasedConnection) and connection.shared_pool is self and connection.pid == self.pid
 
     def disconnect(self, inuse_connections: bool = True) -> None:
-        """Drop this process's cached fds (never the manager's connections) and its channel."""
+        """As redis-py's: drop this process's cached fds (never the manager's connections)
+        and its channel; with ``inuse_connections`` (the default) also end the leases in use.
+
+        An ended lease goes back broken at once, so the manager shuts its connection
+        down (which wakes a holder blocked reading from it) and replaces it; the
+        holder's next command takes a fresh lease, as plain redis-py reconnects.
+        A holder that never uses its connection again (kombu's, after an error)
+        leaves nothing held. ``False`` leaves leases in use as they are.
+        """
         self._checkpid()
         att = self._attachment
         if att is None:
@@ -253,6 +305,11 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
                     del att.conns[conn.slot]
                     conn.disconnect()
             return
+        for conn in busy:
+            lease = conn.lose()
+            conn.disconnect()
+            if lease is not None:
+                give_back_reporting(lease, Outcome.BROKEN)
         self._detach(att)
 
     def close(self) -> None:
