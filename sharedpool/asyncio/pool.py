@@ -84,6 +84,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         self.db: int | None = clone.database(connection_kwargs.pop("db", None))
         # Where a URL given to from_url said Redis is: checked against the manager's at attach.
         self.redis_location: str | None = redis_location
+        connection_kwargs.pop("connection_class", None)  # its own class or a subclass: connections are made by the pool
         super().__init__(connection_class=AsyncLeasedConnection, **connection_kwargs)
         clone.record_for_clones(
             self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location

@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 from sharedpool import errors, protocol
+from sharedpool import table as tbl
 from sharedpool.client import clone, lease_core, lease_queue, lease_state, process, retry_budget
 from sharedpool.client.attaching import Attaching, ThreadState
 from sharedpool.client.attachment import LIVENESS_S, Attachment
@@ -37,7 +38,7 @@ from sharedpool.client.lease_core import Lease, Taken
 from sharedpool.client.lease_state import LeaseState
 from sharedpool.config import client_config
 from sharedpool.protocol import FrameType
-from sharedpool.table import Outcome
+from sharedpool.table import Outcome, RowFlag, RowState
 
 # Settings that belong to the manager: a worker cannot change them per lease.
 _MANAGER_OWNED = frozenset({
@@ -93,7 +94,7 @@ def refuse_manager_owned(connection_kwargs: dict[str, Any], own_class: type | No
         if name in _LABELS or any(value is d or (type(value) is type(d) and value == d) for d in _DEFAULTS[name]):
             del connection_kwargs[name]
         elif name == "connection_class" and own_class is not None and isinstance(value, type) and issubclass(value, own_class):
-            del connection_kwargs[name]
+            pass  # a subclass of the pool's own (kombu's, which tells its event loop of a disconnect): kept
         else:
             raise errors.ConfigError(
                 name, "***" if name in ("password", "credential_provider") else value,
@@ -131,7 +132,8 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         self._requested_protocol = connection_kwargs.get("protocol")
         # Where a URL given to from_url said Redis is: checked against the manager's at attach.
         self.redis_location: str | None = redis_location
-        super().__init__(connection_class=LeasedConnection, **connection_kwargs)
+        connection_class = connection_kwargs.pop("connection_class", LeasedConnection)
+        super().__init__(connection_class=connection_class, **connection_kwargs)
         clone.record_for_clones(
             self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
         )
@@ -319,6 +321,36 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         return []
 
     # ----- sharedpool extras -------------------------------------------------
+
+    def mark_long_lived(self, connection: LeasedConnection, flag: RowFlag = RowFlag.BLOCKING, limit: int | None = None) -> bool:
+        """Mark ``connection``'s lease long-lived (``flag``: BLOCKING for a connection pinned for
+        blocking polls, SUBSCRIBER as pub/sub marks itself): the manager then neither warns about
+        it as a leak nor revokes it, and stats count it. ``limit`` bounds the long-lived leases
+        of the whole host (default: all but one of the manager's connections); False, and
+        nothing marked, when this lease would pass it. Counted without a lock, so two
+        processes marking at the same instant may pass it by one."""
+        lease = connection.lease
+        if connection.shared_pool is not self or lease is None:
+            raise errors.LeaseError(f"{connection!r} is not leased from {self!r}")
+        att = lease.attachment
+        if limit is None:
+            limit = max(1, int(att.welcome.get("max_connections", att.table.capacity)) - 1)
+        table = att.table
+        long_lived = 0
+        for slot in range(table.capacity):
+            if slot == lease.slot:
+                continue
+            try:
+                row = table.row(slot)
+            except tbl.RowError:
+                continue
+            if row.state is RowState.HELD and row.flags & (RowFlag.SUBSCRIBER | RowFlag.BLOCKING):
+                long_lived += 1
+        current = table.row(lease.slot)
+        if not current.flags & (RowFlag.SUBSCRIBER | RowFlag.BLOCKING) and long_lived >= limit:
+            return False
+        table.mark_subscriber(lease.slot, lease.generation, lease.seq, flag)
+        return True
 
     @contextmanager
     def leased(self) -> Iterator[LeasedConnection]:

@@ -104,7 +104,8 @@ class Reaper:
                 alive = self._alive(row.holder_pid, row.holder_start)
             views.append(RowView(
                 index, row.state, row.generation, row.lease_seq, row.holder_pid,
-                row.acquired_at, row.call_site, lock_free, alive, row.db, bool(row.flags & RowFlag.SUBSCRIBER),
+                row.acquired_at, row.call_site, lock_free, alive, row.db,
+                bool(row.flags & (RowFlag.SUBSCRIBER | RowFlag.BLOCKING)),
             ))
         if only_pid:
             idle = keeper.idle_by_db(self.pool)

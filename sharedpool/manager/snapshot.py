@@ -25,7 +25,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
     pool, table, config = manager.pool, manager.keeper.table, manager.config
     now = time.monotonic()
     held_by: dict[int, int] = {}
-    idle = held = granted = subscribers = 0
+    idle = held = granted = subscribers = blocking = 0
     databases = {db: dict.fromkeys(keys.DATABASE_KEYS, 0) for db in pool.limits.warm_databases}
     for db, count in table.waiters_by_db().items():
         if pool.serves(db):
@@ -52,6 +52,8 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
             if row.flags & RowFlag.SUBSCRIBER:
                 subscribers += 1
                 per_db[keys.DB_SUBSCRIBERS] += 1
+            if row.flags & RowFlag.BLOCKING:
+                blocking += 1
     channels = manager.control.channels_by_pid()
     workers = [
         {"pid": pid, "leases_held": held_by.get(pid, 0), "control_connections": channels.get(pid, 0)}
@@ -81,6 +83,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
         },
         "leases": {"held": held, "waiting": max(0, table.waiters)},
         keys.SUBSCRIBERS: subscribers,
+        keys.BLOCKING: blocking,
         "default_db": pool.limits.default_db,
         "databases_served": format_databases(pool.limits.databases),
         # Keyed by the database's number as text (JSON keys are strings).

@@ -288,14 +288,14 @@ class Table:
                 oldest = at
         return oldest
 
-    def mark_subscriber(self, slot: int, generation: int, seq: int) -> bool:
-        """The holder's lease entered subscribed mode (it holds the slot's lock).
-        False if the row is no longer its lease (revoked or repaired)."""
+    def mark_subscriber(self, slot: int, generation: int, seq: int, flag: RowFlag = RowFlag.SUBSCRIBER) -> bool:
+        """The holder's lease entered subscribed mode, or another long-lived one (``flag``;
+        it holds the slot's lock). False if the row is no longer its lease (revoked or repaired)."""
         at = ROWS_AT + slot * ROW_SIZE
         state, _db, row_generation, _pid, _site, row_seq = TAKE_READ.unpack_from(self.map, at)
         if state != RowState.HELD or row_generation != generation or row_seq != seq:
             return False
-        self.map[at + FLAGS_OF_ROW_AT] = self.map[at + FLAGS_OF_ROW_AT] | RowFlag.SUBSCRIBER
+        self.map[at + FLAGS_OF_ROW_AT] = self.map[at + FLAGS_OF_ROW_AT] | flag
         return True
 
     def set_expiry(self, slot: int, expires_at: float) -> None:
