@@ -322,35 +322,53 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
 
     # ----- sharedpool extras -------------------------------------------------
 
-    def mark_long_lived(self, connection: LeasedConnection, flag: RowFlag = RowFlag.BLOCKING, limit: int | None = None) -> bool:
+    def mark_long_lived(self, connection: LeasedConnection, flag: RowFlag = RowFlag.BLOCKING, limit: int | None = None) -> None:
         """Mark ``connection``'s lease long-lived (``flag``: BLOCKING for a connection pinned for
         blocking polls, SUBSCRIBER as pub/sub marks itself): the manager then neither warns about
-        it as a leak nor revokes it, and stats count it. ``limit`` bounds the long-lived leases
-        of the whole host (default: all but one of the manager's connections); False, and
-        nothing marked, when this lease would pass it. Counted without a lock, so two
-        processes marking at the same instant may pass it by one."""
+        it as a leak nor revokes it, and stats count it.
+
+        ``limit``, when given, bounds the long-lived leases of the whole host: ``PoolFull``,
+        and nothing marked, when this lease would pass it after waiting up to the acquire
+        timeout for others to end. Counted without a lock, so two processes marking at the
+        same instant may pass it by one."""
         lease = connection.lease
         if connection.shared_pool is not self or lease is None:
             raise errors.LeaseError(f"{connection!r} is not leased from {self!r}")
         att = lease.attachment
-        if limit is None:
-            limit = max(1, int(att.welcome.get("max_connections", att.table.capacity)) - 1)
         table = att.table
-        long_lived = 0
+        if limit is None:
+            table.mark_subscriber(lease.slot, lease.generation, lease.seq, flag)
+            return
+        # Long-lived leases a reconnecting consumer left behind end when their old
+        # channel closes, just after the new one asks: wait for that, within the
+        # acquire timeout, rather than fail a reconnect that would then succeed.
+        deadline = time.monotonic() + self._acquire_timeout(att)
+        while True:
+            holders = self._long_lived_holders(table, lease.slot)
+            already = table.row(lease.slot).flags & (RowFlag.SUBSCRIBER | RowFlag.BLOCKING)
+            if already or len(holders) < limit:
+                break
+            if time.monotonic() >= deadline:
+                raise errors.PoolFull(
+                    f"pool {att.pool_name!r} has {len(holders)} long-lived leases (bound {limit}; held by pids "
+                    f"{', '.join(str(pid) for pid in sorted(holders))}): no more may pin a connection"
+                )
+            time.sleep(0.02)
+        table.mark_subscriber(lease.slot, lease.generation, lease.seq, flag)
+
+    @staticmethod
+    def _long_lived_holders(table: tbl.Table, other_than: int) -> list[int]:
+        holders: list[int] = []
         for slot in range(table.capacity):
-            if slot == lease.slot:
+            if slot == other_than:
                 continue
             try:
                 row = table.row(slot)
             except tbl.RowError:
                 continue
             if row.state is RowState.HELD and row.flags & (RowFlag.SUBSCRIBER | RowFlag.BLOCKING):
-                long_lived += 1
-        current = table.row(lease.slot)
-        if not current.flags & (RowFlag.SUBSCRIBER | RowFlag.BLOCKING) and long_lived >= limit:
-            return False
-        table.mark_subscriber(lease.slot, lease.generation, lease.seq, flag)
-        return True
+                holders.append(row.holder_pid)
+        return holders
 
     @contextmanager
     def leased(self) -> Iterator[LeasedConnection]:

@@ -24,15 +24,21 @@ long-lived in the table (the BRPOP one ``blocking``, the PSUBSCRIBE one
 ``subscriber``): the manager neither warns about them as leaks nor revokes
 them at ``max_lease_time``, and stats count them. Since each one holds a
 connection for as long as the worker runs, ``sharedpool_max_long_lived``
-(a transport option; default: all but one of the manager's
-``max_connections``) bounds how many of the host's connections they may
-hold at once: a consumer that would pass it fails with ``PoolFull``, which
-kombu treats as a connection error (it retries), rather than leaving
-nothing for the children.
+(a transport option) bounds how many of the host's connections long-lived
+leases may hold at once: a consumer that would pass it waits up to the
+acquire timeout, then fails with ``PoolFull``, which kombu treats as a
+connection error (it reconnects), rather than leaving nothing for the
+children. No bound by default: while kombu reconnects (after a ``CLIENT
+KILL``, a Redis restart) a worker holds its old pinned leases and asks for
+new ones before the old channel is gone, so a bound set to exactly what
+the fleet needs refuses those reconnects until the old leases end; set it
+with room for one worker's reconnect (its pinned connections: 2 with
+gossip off, 3 with it on).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery.backends.redis import RedisBackend
@@ -40,10 +46,13 @@ from kombu.transport import redis as kombu_redis
 
 from sharedpool import errors
 from sharedpool.client.connection import LeasedConnection
+from sharedpool.client.lease_state import LeaseState
 from sharedpool.client.pool import SharedConnectionPool
 from sharedpool.table import RowFlag
 
 __all__ = ["Backend", "Channel", "Transport"]
+
+log = logging.getLogger("sharedpool.client")
 
 SOCKET_SETTING = "sharedpool_socket_path"
 MAX_LONG_LIVED_SETTING = "sharedpool_max_long_lived"
@@ -71,6 +80,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
     sharedpool_socket_path: str | None = None
     sharedpool_max_long_lived: int | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._ending: set[int] = set()
+        super().__init__(*args, **kwargs)
+
     def _get_pool(self, asynchronous: bool = False) -> SharedConnectionPool:
         params = self._connparams(asynchronous=asynchronous)
         self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
@@ -89,21 +102,55 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
         self._mark_long_lived(self.subclient.connection, RowFlag.SUBSCRIBER)
         super()._subscribe()
 
+    def _on_connection_disconnect(self, connection: Any) -> None:
+        super()._on_connection_disconnect(connection)
+        # A pinned connection that failed (kombu disconnects it on a connection
+        # error) ends its lease now, broken: kombu's reconnect may never close
+        # this channel, and the lease would stay held until garbage collection.
+        # The client forgets it, so that kombu's next poll takes a fresh lease.
+        if not isinstance(connection, LeasedConnection) or connection.state is not LeaseState.IN_USE:
+            return
+        if id(connection) in self._ending:
+            return  # the release below disconnects it again
+        pool = connection.shared_pool
+        if pool is None:
+            return
+        for client in (self.__dict__.get("client"), self.__dict__.get("subclient")):
+            if client is not None and getattr(client, "connection", None) is connection:
+                client.connection = None
+        self._ending.add(id(connection))
+        try:
+            pool.release(connection)
+        finally:
+            self._ending.discard(id(connection))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            # kombu's close first reads a BRPOP reply still due, and on a dead
+            # connection that raises before it disconnects its pools: their
+            # leases would then stay held until garbage collection, pinned
+            # connections included, and the reconnected consumer would find the
+            # long-lived bound taken by its own dead leases.
+            self._disconnect_pools()
+
     def _mark_long_lived(self, connection: Any, flag: RowFlag) -> None:
         pool = self.async_pool
         if not isinstance(connection, LeasedConnection) or connection.lease is None:
             return
         limit = self.sharedpool_max_long_lived
-        if not pool.mark_long_lived(connection, flag, None if limit is None else int(limit)):
-            # Give the lease back now: kombu drops this connection on the
-            # error and reconnects later, and nothing stays held meanwhile.
-            pool.release(connection)
+        try:
+            pool.mark_long_lived(connection, flag, None if limit is None else int(limit))
+        except errors.PoolFull as exc:
+            # Give the lease back now: kombu drops this connection on the error
+            # and reconnects later, and nothing stays held meanwhile.
             which = "BRPOP" if flag is RowFlag.BLOCKING else "PSUBSCRIBE"
-            bound = limit if limit is not None else "max_connections - 1"
-            raise errors.PoolFull(
-                f"no long-lived lease for kombu's {which} connection: the host's long-lived leases are at "
-                f"their bound ({MAX_LONG_LIVED_SETTING}={bound})"
-            )
+            pool.release(connection)
+            refused = errors.PoolFull(f"{exc} (kombu's {which} connection; {MAX_LONG_LIVED_SETTING} sets the bound)")
+            # Celery logs only the error's class when the consumer reconnects: say it here.
+            log.warning("%s", refused)
+            raise refused from None
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
