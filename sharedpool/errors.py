@@ -94,7 +94,7 @@ class ConfigError(ValueError):
 # scheme://netloc: the netloc ends where a path, query or fragment starts
 # (and where a quoted URL in a message ends).
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<netloc>[^/?#\s'\"]*)")
-_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&;](?:password|passwd|pass|pwd|auth|token)=)[^&#\s'\"]*")
+_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&;](?:ssl_password|password|passwd|pass|pwd|auth|token)=)[^&#\s'\"]*")
 
 
 def _mask_netloc(match: re.Match[str]) -> str:
@@ -111,3 +111,11 @@ def mask_secrets(text: str) -> str:
     ``?password=``) replaced by ``***``; whatever the scheme, and even when the
     URL is otherwise malformed (a port that is not a number)."""
     return _QUERY_SECRET.sub(lambda m: m.group("key") + "***", _URL.sub(_mask_netloc, text))
+
+
+class TLSRecordError(SharedPoolError, redis.exceptions.ConnectionError):
+    """A TLS record could not be trusted (tag, alert, KeyUpdate): the connection is broken and replaced."""
+
+
+class TLSRefused(SharedPoolError, redis.exceptions.ConnectionError):
+    """The TLS handshake with Redis failed verification or protocol (one line says which); retrying cannot help."""
