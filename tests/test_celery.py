@@ -167,6 +167,6 @@ def test_client_kill_of_every_connection_mid_run(fleet: Fleet, admin: redis.Redi
             found.append(meta.get("result") if meta.get("status") == "SUCCESS" else None)
         return found
 
-    wait_for(lambda: stored(later) == [i + 100 for i in range(50)], timeout=60, what="every later task's result", interval=0.2)
-    wait_for(lambda: stored(first) == list(range(50)), timeout=60, what="no task sent before the kill lost", interval=0.2)
+    wait_for(lambda: stored(later) == [i + 100 for i in range(50)], timeout=30, what="every later task's result", interval=0.2)
+    wait_for(lambda: stored(first) == list(range(50)), timeout=30, what="no task sent before the kill lost", interval=0.2)
     assert fleet.process.poll() is None

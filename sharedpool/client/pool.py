@@ -308,11 +308,19 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
                     conn.disconnect()
             return
         for conn in busy:
-            lease = conn.lose()
-            conn.disconnect()
-            if lease is not None:
-                give_back_reporting(lease, Outcome.BROKEN)
+            self.end_in_use(conn)
         self._detach(att)
+
+    def end_in_use(self, conn: LeasedConnection) -> None:
+        """End ``conn``'s lease now, broken (the manager replaces the connection), wherever its
+        holder is; the holder's next command on it takes a fresh lease, as plain redis-py
+        reconnects a connection it was told to disconnect."""
+        if conn.shared_pool is not self or conn.state is not LeaseState.IN_USE:
+            return
+        lease = conn.lose()
+        conn.disconnect()
+        if lease is not None:
+            give_back_reporting(lease, Outcome.BROKEN)
 
     def close(self) -> None:
         self.disconnect()

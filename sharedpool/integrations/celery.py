@@ -46,7 +46,6 @@ from kombu.transport import redis as kombu_redis
 
 from sharedpool import errors
 from sharedpool.client.connection import LeasedConnection
-from sharedpool.client.lease_state import LeaseState
 from sharedpool.client.pool import SharedConnectionPool
 from sharedpool.table import RowFlag
 
@@ -80,10 +79,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
     sharedpool_socket_path: str | None = None
     sharedpool_max_long_lived: int | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._ending: set[int] = set()
-        super().__init__(*args, **kwargs)
-
     def _get_pool(self, asynchronous: bool = False) -> SharedConnectionPool:
         params = self._connparams(asynchronous=asynchronous)
         self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
@@ -104,25 +99,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
 
     def _on_connection_disconnect(self, connection: Any) -> None:
         super()._on_connection_disconnect(connection)
-        # A pinned connection that failed (kombu disconnects it on a connection
-        # error) ends its lease now, broken: kombu's reconnect may never close
-        # this channel, and the lease would stay held until garbage collection.
-        # The client forgets it, so that kombu's next poll takes a fresh lease.
-        if not isinstance(connection, LeasedConnection) or connection.state is not LeaseState.IN_USE:
-            return
-        if id(connection) in self._ending:
-            return  # the release below disconnects it again
-        pool = connection.shared_pool
-        if pool is None:
-            return
-        for client in (self.__dict__.get("client"), self.__dict__.get("subclient")):
-            if client is not None and getattr(client, "connection", None) is connection:
-                client.connection = None
-        self._ending.add(id(connection))
-        try:
-            pool.release(connection)
-        finally:
-            self._ending.discard(id(connection))
+        # A pinned connection kombu disconnects (on a connection error) ends its
+        # lease now, broken: kombu's reconnect may never close this channel, and
+        # the lease would stay held until garbage collection. kombu's next poll
+        # on the same object takes a fresh lease, as plain redis-py reconnects.
+        if isinstance(connection, LeasedConnection) and connection.shared_pool is not None:
+            connection.shared_pool.end_in_use(connection)
 
     def close(self) -> None:
         try:
