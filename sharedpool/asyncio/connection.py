@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
+from redis.exceptions import ResponseError
 
 from sharedpool import errors
 from sharedpool.client.lease_state import LeaseHolder, LeaseState
@@ -176,6 +177,11 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         self, nowait: bool = False, error: Exception | None = None, failure_count: int | None = None,
         health_check_failed: bool = False,
     ) -> None:
+        if not (error or health_check_failed) and self.state is LeaseState.IN_USE:
+            # A failed command sets _broken (below) whichever way redis-py
+            # disconnects; PubSub.aclose() comes with nothing in flight
+            # (nowait=True): NEEDS_RESET then.
+            self.closing_clean()
         self.drop()
 
     async def send_command(self, *args: Any, **kwargs: Any) -> None:
@@ -191,11 +197,30 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         self.watch_commands(commands)
         return super().pack_commands(commands)
 
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except BaseException:
+            self._lease_failed()
+            raise
+
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
+        except ResponseError:
+            raise  # Redis's answer: the connection is fine
+        except BaseException:
+            self._lease_failed()
+            raise
         finally:
             self._pending_replies -= 1
+
+    def _lease_failed(self) -> None:
+        """As the sync connection's: broken from now on, and ``LeaseLost`` now if the manager revoked the lease."""
+        self._broken = True
+        pool = self.shared_pool
+        if pool is not None and self.state is LeaseState.IN_USE:
+            pool.raise_if_revoked(self)
 
 
 class SlotEntry:

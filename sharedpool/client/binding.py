@@ -56,7 +56,7 @@ def bind(
 
 
 def _fetch_fd(att: Attachment, lease: Lease, final: float, started: float) -> int:
-    body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+    body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
     try:
         timeout = max(0.05, final - time.monotonic())
         _body, fd = att.channel.call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.connection import Connection
+from redis.exceptions import ResponseError
 from redis.retry import Retry
 
 from sharedpool import errors
@@ -106,6 +107,7 @@ class LeasedConnection(LeaseHolder, Connection):
         self.lease = lease
         self.why = ""
         self._session_changed = self._in_multi = self._watching = self._broken = False
+        self._subscribed = self._closed_clean = False
         self._pending_replies = 0
 
     def drop(self) -> None:
@@ -139,6 +141,11 @@ class LeasedConnection(LeaseHolder, Connection):
         self._parser.on_connect(self)
 
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        if not args and not kwargs and self.state is LeaseState.IN_USE:
+            # redis-py's own error paths disconnect after _broken is set
+            # (send_packed_command, read_response below); PubSub.reset() does
+            # with nothing in flight, and its lease can then end NEEDS_RESET.
+            self.closing_clean()
         self._parser.on_disconnect()
         sock, self._sock = self._sock, None
         self.reset_should_reconnect()
@@ -153,6 +160,21 @@ class LeasedConnection(LeaseHolder, Connection):
         pool = self.shared_pool
         if pool is not None and self.pid == os.getpid():
             pool.connection_lost(self)
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            super().send_packed_command(command, check_health)
+        except BaseException:
+            self._lease_failed()
+            raise
+
+    def _lease_failed(self) -> None:
+        """A command failed mid-lease: nothing of this lease is clean any more, and a lease
+        the manager revoked says so now (``LeaseLost``) rather than after redis-py's retries."""
+        self._broken = True
+        pool = self.shared_pool
+        if pool is not None and self.state is LeaseState.IN_USE:
+            pool.raise_if_revoked(self)
 
     def send_command(self, *args: Any, **kwargs: Any) -> None:
         if self._sock is None:
@@ -172,5 +194,10 @@ class LeasedConnection(LeaseHolder, Connection):
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)
+        except ResponseError:
+            raise  # Redis's answer: the connection is fine
+        except BaseException:
+            self._lease_failed()
+            raise
         finally:
             self._pending_replies -= 1

@@ -37,7 +37,7 @@ from sharedpool.manager.snapshot import snapshot
 from sharedpool.manager.socket_path import ManagerAlreadyRunning, SocketPath
 from sharedpool.manager.table_keeper import TableKeeper
 from sharedpool.metrics import MetricsServer
-from sharedpool.table import RowState
+from sharedpool.table import RowError, RowState
 
 log = logging.getLogger("sharedpool.manager")
 
@@ -330,6 +330,18 @@ class Manager:
                 self._open(action)
             elif isinstance(action, act.ResetConnection):
                 self._reset(action)
+            elif isinstance(action, act.RequestRevoke):
+                # The request and the read that checks it are one step: a lease
+                # that ended since the sweep's read is never shut down.
+                try:
+                    still_held = keeper.table.request_revoke(action.slot, action.generation, action.seq)
+                except RowError:
+                    still_held = False
+                if still_held and action.backend is not None:
+                    action.backend.shut_down()
+            elif isinstance(action, act.ShutDown):
+                if action.backend is not None:
+                    action.backend.shut_down()
             elif isinstance(action, act.CloseConnection):
                 log.debug("closing slot %s: %s", getattr(action.backend, "slot", "?"), action.reason)
                 fd = getattr(action.backend, "fileno", -1)
@@ -399,6 +411,8 @@ class Manager:
                 future.result()
             except Exception as exc:
                 return self.pool.reset_done(action.slot, action.generation, False, now, describe_error(exc))
+            if backend.fileno in self._peer_watch:
+                self._peer_watch[backend.fileno] = (action.slot, action.generation)  # a rebind's new generation
             return self.pool.reset_done(action.slot, action.generation, True, now)
 
         self.submit(lambda: backend.reset(action.db), done)
