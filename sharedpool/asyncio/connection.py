@@ -43,6 +43,9 @@ _STREAM_LIMIT = 2**20
 
 T = TypeVar("T")
 
+# How long a closing subscriber waits for the rest of a pushed message already begun.
+_DRAIN_S = 0.05
+
 
 class _BoundedRetry(Retry):
     """The caller's ``redis.asyncio`` retry policy, stopped when one call's time budget is spent (``client.retry_budget``)."""
@@ -177,10 +180,17 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         self, nowait: bool = False, error: Exception | None = None, failure_count: int | None = None,
         health_check_failed: bool = False,
     ) -> None:
-        if not (error or health_check_failed) and self.state is LeaseState.IN_USE:
+        if not (error or health_check_failed) and self.state is LeaseState.IN_USE and self.may_close_clean():
             # A failed command sets _broken (below) whichever way redis-py
             # disconnects; PubSub.aclose() comes with nothing in flight
-            # (nowait=True): NEEDS_RESET then.
+            # (nowait=True): NEEDS_RESET then, once the messages already in
+            # our buffer are read to their end (as the sync connection does).
+            try:
+                while self._reader is not None and self._has_unread_bytes():
+                    await self.read_response(disable_decoding=True, timeout=_DRAIN_S, disconnect_on_error=False,
+                                             push_request=True)
+            except Exception:
+                self._broken = True
             self.closing_clean()
         self.drop()
 

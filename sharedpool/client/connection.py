@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from sharedpool.client.pool import SharedConnectionPool
 
 
+# How long a closing subscriber waits for the rest of a pushed message already begun.
+_DRAIN_S = 0.05
+
+
 class _BoundedRetry(Retry):
     """The caller's retry policy, stopped when one call's time budget is spent (``client.retry_budget``)."""
 
@@ -141,10 +145,18 @@ class LeasedConnection(LeaseHolder, Connection):
         self._parser.on_connect(self)
 
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
-        if not args and not kwargs and self.state is LeaseState.IN_USE:
-            # redis-py's own error paths disconnect after _broken is set
-            # (send_packed_command, read_response below); PubSub.reset() does
-            # with nothing in flight, and its lease can then end NEEDS_RESET.
+        if not args and not kwargs and self.state is LeaseState.IN_USE and self.may_close_clean():
+            # PubSub.reset(): nothing in flight, and its lease can end
+            # NEEDS_RESET. Messages already read into our buffer are read
+            # to their end first, so that what Redis still has to send
+            # starts at a message's first byte, which the manager's RESET
+            # reads past; a message that does not end within
+            # _DRAIN_S leaves it BROKEN.
+            try:
+                while self._sock is not None and self._has_unread_bytes():
+                    self.read_response(disable_decoding=True, timeout=_DRAIN_S, disconnect_on_error=False, push_request=True)
+            except Exception:
+                self._broken = True
             self.closing_clean()
         self._parser.on_disconnect()
         sock, self._sock = self._sock, None

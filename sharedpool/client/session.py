@@ -62,6 +62,10 @@ class SessionWatch:
         self._subscribed = self._closed_clean = False
         self._pending_replies = 0
 
+    def may_close_clean(self) -> bool:
+        """Whether a ``disconnect()`` now could end the lease NEEDS_RESET: subscribed, nothing failed."""
+        return self._subscribed and not self._broken
+
     def closing_clean(self) -> bool:
         """``disconnect()`` with no error, on a subscribed lease with no byte of a reply half read:
         the lease can end NEEDS_RESET (the manager's RESET drains the pushed messages)."""

@@ -33,7 +33,7 @@ from sharedpool.manager.backend import Backend, RedisTarget, describe_error, ope
 from sharedpool.manager.control import ControlServer
 from sharedpool.manager.pool import Pool
 from sharedpool.manager.reaper import Reaper
-from sharedpool.manager.snapshot import snapshot
+from sharedpool.manager.snapshot import LeaseTally, snapshot
 from sharedpool.manager.socket_path import ManagerAlreadyRunning, SocketPath
 from sharedpool.manager.table_keeper import TableKeeper
 from sharedpool.metrics import MetricsServer
@@ -66,6 +66,7 @@ class Manager:
         self.socket_path = SocketPath(config)
         self.state = State.STARTING
         self.started_at = time.monotonic()
+        self.lease_tally = LeaseTally(self.started_at)
         # epoll directly, fd -> handler: the selectors layer costs more per
         # wake-up than the rest of the loop's work.
         self._epoll = select.epoll()

@@ -19,13 +19,43 @@ if TYPE_CHECKING:
     from sharedpool.manager.loop import Manager
 
 
+# More leases than one slot's row can take in a second (a lease costs microseconds):
+# a lease number that moved faster than this was written by a scribbler.
+_MAX_LEASES_PER_S = 2_000_000
+_SLACK = 1000
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class LeaseTally:
+    """Leases taken in this epoch, from the rows' lease numbers, read as untrusted input.
+
+    Any worker can write any lease number. A row's number counts only by the
+    steps a worker could have made since we last read it, forward; a jump
+    (2**64 - 1, or back) is not counted, and counting goes on from there. So
+    ``leases_granted`` never goes back and never shows a total no worker
+    could have made.
+    """
+
+    def __init__(self, started_at: float) -> None:
+        self.total = 0
+        self._started_at = started_at
+        self._seen: dict[int, tuple[int, float]] = {}  # slot -> (lease number, when read)
+
+    def read(self, slot: int, seq: int, now: float) -> None:
+        last, at = self._seen.get(slot, (0, self._started_at))
+        step = (seq - last) & _U64
+        if step <= _SLACK + (now - at) * _MAX_LEASES_PER_S:
+            self.total += step
+        self._seen[slot] = (seq, now)
+
+
 def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]:
     """The stats. ``max_workers`` caps the per-worker rows (busiest first) so a
     host with thousands of workers still fits one frame."""
     pool, table, config = manager.pool, manager.keeper.table, manager.config
     now = time.monotonic()
     held_by: dict[int, int] = {}
-    idle = held = granted = subscribers = 0
+    idle = held = subscribers = 0
     databases = {db: dict.fromkeys(keys.DATABASE_KEYS, 0) for db in pool.limits.warm_databases}
     for db, count in table.waiters_by_db().items():
         if pool.serves(db):
@@ -35,7 +65,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
             row = table.row(slot.index)
         except tbl.RowError:
             continue
-        granted += row.lease_seq
+        manager.lease_tally.read(slot.index, row.lease_seq, now)
         if slot.state is SlotState.EMPTY:
             continue
         per_db = databases.setdefault(slot.db, dict.fromkeys(keys.DATABASE_KEYS, 0))
@@ -59,6 +89,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
     ]
     waits, holds = table.histograms(len(pool.slots))
     counters = dict(pool.counters)
+    granted = manager.lease_tally.total
     counters[keys.GRANTED] = granted
     counters[keys.RELEASED] = max(0, granted - held)
     return {
