@@ -442,3 +442,34 @@ def test_a_scribbled_database_byte_sends_no_reply_of_another_database(start_mana
     r = sharedpool.Redis(socket_path=manager.socket_path, db=1, decode_responses=True)
     assert wait_for(lambda: r.get("whoami") == "1", what="db 1 served after the scribbling")
     r.close()
+
+
+# ----- the table's contract with the manager (the C accelerator keeps it too) ----------------
+
+
+def test_the_hot_moves_honour_a_revoke_request() -> None:
+    table = tbl.Table.create(capacity=2, waiter_capacity=1, max_waiting=1, epoch=b"contract")
+    try:
+        table.write_row(0, tbl.Row(tbl.RowState.READY, 3, lease_seq=9, db=1))
+        first = table.take_in_place(0, 3, 42, 1.0, 10.0, 0, 1)
+        assert first == 10
+        before = bytes(table.map[layout.ROWS_AT : layout.ROWS_AT + 40])
+        # The request writes only bytes no holder writes, and says whether the lease is still held.
+        assert table.request_revoke(0, 3, first) is True
+        assert bytes(table.map[layout.ROWS_AT : layout.ROWS_AT + 40]) == before
+        assert table.revoke_asked(0, 3, first) and not table.revoke_asked(0, 3, first + 1)
+        # A hand-over refuses it; the give-back writes BROKEN and says REVOKED.
+        assert table.hand_over_in_place(0, 3, first, 42, 1.0, 11.0, 0) == 0
+        assert table.give_back_in_place(0, 3, first, tbl.Outcome.CLEAN, 11.0) is tbl.Outcome.REVOKED
+        assert table.row(0).state is tbl.RowState.BROKEN and table.row(0).holder_pid == 0
+        # Given back READY by a holder that read before the request: no taker takes it.
+        table.write_row(0, tbl.Row(tbl.RowState.READY, 3, lease_seq=first, revoked_generation=3, revoked_seq=first, db=1))
+        assert table.take_in_place(0, 3, 43, 1.0, 12.0, 0, 1) == 0
+        # A request naming a lease that has ended touches nothing a taker reads as its own.
+        table.write_row(1, tbl.Row(tbl.RowState.READY, 5, lease_seq=1, db=1))
+        second = table.take_in_place(1, 5, 44, 1.0, 13.0, 0, 1)
+        assert table.request_revoke(1, 5, second - 1) is False
+        assert table.give_back_in_place(1, 5, second, tbl.Outcome.CLEAN, 14.0) is tbl.Outcome.CLEAN
+        assert table.take_in_place(1, 5, 44, 1.0, 15.0, 0, 1) == second + 1
+    finally:
+        table.close()

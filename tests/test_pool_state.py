@@ -637,6 +637,17 @@ def test_a_revoked_lease_given_back_ready_is_replaced_under_the_lock(make_pool: 
     assert actions[:2] == [CloseConnection(backend(0, 0), "revoked lease given back"), Publish(0, 1, CLOSED)]
 
 
+def test_a_revocation_that_missed_its_lease_leaves_the_next_one_alone(make_pool: MakePool) -> None:
+    # The request reached the row after lease 5 ended (the loop's re-read said so):
+    # nothing was shut down, and lease 6 is judged on its own, from its own start.
+    pool = make_pool(max_lease_time=2.0)
+    (a,) = open_slots(pool, 1)
+    assert pool.sweep([held(a, acquired_at=0.0, lease_seq=5)], 5.0, {}) == [RequestRevoke(0, 0, 5, backend(0, 0))]
+    pool.revoke_missed(0, 0)
+    assert pool.sweep([held(a, acquired_at=4.5, lease_seq=6)], 5.0, {}) == []
+    assert pool.sweep([held(a, acquired_at=4.5, lease_seq=6)], 7.0, {}) == [RequestRevoke(0, 0, 6, backend(0, 0))]
+
+
 def test_a_revoked_holder_whose_lock_is_freed_is_reaped(make_pool: MakePool) -> None:
     pool = make_pool(max_lease_time=2.0)
     (a,) = open_slots(pool, 1)

@@ -338,7 +338,9 @@ class Manager:
                     still_held = keeper.table.request_revoke(action.slot, action.generation, action.seq)
                 except RowError:
                     still_held = False
-                if still_held and action.backend is not None:
+                if not still_held:
+                    self.pool.revoke_missed(action.slot, action.generation)
+                elif action.backend is not None:
                     action.backend.shut_down()
             elif isinstance(action, act.ShutDown):
                 if action.backend is not None:

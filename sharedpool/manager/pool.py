@@ -392,6 +392,13 @@ class Pool:
             self.counters[counter] += 1
         return [RequestRevoke(index, generation, seq, slot.backend)]
 
+    def revoke_missed(self, index: int, generation: int) -> None:
+        """The lease asked back had ended before the request reached the row: the
+        connection was not shut down and serves on (the next lease is no one's to revoke)."""
+        slot = self.slot(index, generation)
+        if slot is not None:
+            slot.shut = False
+
     def _discard(self, slot: Slot, reason: str, now: float, counter: str | None = None) -> list[Action]:
         """End the slot's connection; ``counter``: the count of why it ended, beside ``connections_closed``."""
         backend = slot.backend
