@@ -251,8 +251,12 @@ import os, time
 if os.environ.get("SHAREDPOOL_TEST_SLOW_PSUTIL"):
     from sharedpool.manager import reaper
     _alive = reaper.alive_by_psutil
+    slow = float(os.environ["SHAREDPOOL_TEST_SLOW_PSUTIL"])
+    mark = os.environ["SHAREDPOOL_TEST_SLOW_PSUTIL_MARK"]
     def alive_by_psutil(pid, create_time, _alive=_alive):
-        time.sleep(float(os.environ["SHAREDPOOL_TEST_SLOW_PSUTIL"]))
+        time.sleep(slow)
+        with open(mark, "a") as seen:
+            seen.write(".")
         return _alive(pid, create_time)
     reaper.alive_by_psutil = alive_by_psutil
 """
@@ -281,7 +285,9 @@ def test_a_slow_sweep_never_revokes_the_next_lease(start_manager, tmp_path: Path
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(textwrap.dedent(_SLOW_PSUTIL))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hooks), *sys.path]))
+    mark = tmp_path / "slow-psutil-calls"
     monkeypatch.setenv("SHAREDPOOL_TEST_SLOW_PSUTIL", "0.03")
+    monkeypatch.setenv("SHAREDPOOL_TEST_SLOW_PSUTIL_MARK", str(mark))
     manager = start_manager(max_connections=1, min_idle=1, max_lease_time=0.2, reap_interval=0.02)
     monkeypatch.delenv("SHAREDPOOL_TEST_SLOW_PSUTIL")
     stop = ctx.Event()
@@ -296,8 +302,9 @@ def test_a_slow_sweep_never_revokes_the_next_lease(start_manager, tmp_path: Path
     _name, done, errors = out.get(timeout=30)
     longer.join(10)
     innocent.join(10)
-    assert rounds == 25 and lost >= 1  # revocations did happen, around the short leases
     assert done > 0 and errors == [], f"{len(errors)} of {done} short leases failed: {errors[:5]}"
+    assert rounds == 25 and lost >= 1  # revocations did happen, around the short leases
+    assert len(mark.read_text()) >= 25  # the manager's sweep did ask the slow psutil
 
 
 # ----- finding 4: pub/sub churn keeps its connections ---------------------------------------
