@@ -266,11 +266,13 @@ def _long_holder(socket_path: str, hold: float, rounds: int, out: Any) -> None:
     r = sharedpool.Redis(socket_path=socket_path, decode_responses=True, acquire_timeout=20)
     rng = random.Random(os.getpid())
     lost = 0
-    for _ in range(rounds):
+    for round_ in range(rounds):
+        # Most end around the sweep's decision; every fifth is held well past it, so some are revoked.
+        held_for = hold * 2.5 if round_ % 5 == 4 else hold + rng.random() * 0.06
         try:
             with r.lease() as pinned:
                 pinned.ping()
-                time.sleep(hold + rng.random() * 0.06)  # ends around the sweep's decision
+                time.sleep(held_for)
         except sharedpool.LeaseLost:
             lost += 1
     out.put(("long", rounds, lost))

@@ -142,10 +142,16 @@ def release(pool: object, connection: Any, kind: type[LeaseHolder], give_back: G
 
 def revoked_text(lease: Lease) -> str:
     att = lease.attachment
+    age = time.monotonic() - lease.taken_at
+    if att.max_lease_time and age >= att.max_lease_time:
+        return (
+            f"lease {lease.id} of pool {att.pool_name!r} was revoked after {age:.1f} s "
+            f"(max_lease_time={att.max_lease_time:g} s); its connection was closed"
+        )
+    # Asked back before the limit: this process gave its leases up (a server's worker_abort).
     return (
-        f"lease {lease.id} of pool {att.pool_name!r} was revoked after "
-        f"{time.monotonic() - lease.taken_at:.1f} s (max_lease_time={att.max_lease_time:g} s); "
-        f"its connection was closed"
+        f"lease {lease.id} of pool {att.pool_name!r} was taken back by the manager after {age:.1f} s, "
+        f"as this process gave up its leases; its connection was closed"
     )
 
 
