@@ -210,8 +210,8 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:
             await super().send_packed_command(command, check_health)
-        except BaseException:
-            self._lease_failed()
+        except BaseException as exc:
+            self._lease_failed(exc)
             raise
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
@@ -219,17 +219,18 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
             return await super().read_response(*args, **kwargs)
         except ResponseError:
             raise  # Redis's answer: the connection is fine
-        except BaseException:
-            self._lease_failed()
+        except BaseException as exc:
+            self._lease_failed(exc)
             raise
         finally:
             self._pending_replies -= 1
 
-    def _lease_failed(self) -> None:
+    def _lease_failed(self, exc: BaseException) -> None:
         """As the sync connection's: broken from now on, and ``LeaseLost`` now if the manager revoked the lease."""
         self._broken = True
         pool = self.shared_pool
-        if pool is not None and self.state is LeaseState.IN_USE:
+        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
+        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
             pool.raise_if_revoked(self)
 
 

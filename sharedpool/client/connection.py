@@ -176,16 +176,17 @@ class LeasedConnection(LeaseHolder, Connection):
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:
             super().send_packed_command(command, check_health)
-        except BaseException:
-            self._lease_failed()
+        except BaseException as exc:
+            self._lease_failed(exc)
             raise
 
-    def _lease_failed(self) -> None:
+    def _lease_failed(self, exc: BaseException) -> None:
         """A command failed mid-lease: nothing of this lease is clean any more, and a lease
         the manager revoked says so now (``LeaseLost``) rather than after redis-py's retries."""
         self._broken = True
         pool = self.shared_pool
-        if pool is not None and self.state is LeaseState.IN_USE:
+        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
+        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
             pool.raise_if_revoked(self)
 
     def send_command(self, *args: Any, **kwargs: Any) -> None:
@@ -208,8 +209,8 @@ class LeasedConnection(LeaseHolder, Connection):
             return super().read_response(*args, **kwargs)
         except ResponseError:
             raise  # Redis's answer: the connection is fine
-        except BaseException:
-            self._lease_failed()
+        except BaseException as exc:
+            self._lease_failed(exc)
             raise
         finally:
             self._pending_replies -= 1

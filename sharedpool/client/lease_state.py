@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -133,10 +134,11 @@ def release(pool: object, connection: Any, kind: type[LeaseHolder], give_back: G
         # lease ends and its lock is given back: broken if we could not tell.
         connection.end()
         give_back(lease, outcome)
-    if lease.revoked:
+    if lease.revoked and sys.exc_info()[1] is None:
         # The manager took it back while the holder was between its last
         # command and this release: the holder is told, as it would be at
-        # its next command.
+        # its next command. An exception already on its way (a release in
+        # redis-py's ``finally``) is not replaced.
         raise errors.LeaseLost(revoked_text(lease))
 
 
