@@ -27,26 +27,41 @@ _U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class LeaseTally:
-    """Leases taken in this epoch, from the rows' lease numbers, read as untrusted input.
+    """Counts workers keep in the table (leases taken, the wait and hold histograms), read as untrusted input.
 
-    Any worker can write any lease number. A row's number counts only by the
+    Any worker can write any byte there. A slot's count is taken only by the
     steps a worker could have made since we last read it, forward; a jump
     (2**64 - 1, or back) is not counted, and counting goes on from there. So
-    ``leases_granted`` never goes back and never shows a total no worker
-    could have made.
+    a published total never goes back within an epoch and never shows a
+    count no worker could have made.
     """
 
     def __init__(self, started_at: float) -> None:
-        self.total = 0
         self._started_at = started_at
-        self._seen: dict[int, tuple[int, float]] = {}  # slot -> (lease number, when read)
+        self._totals: dict[object, int] = {}
+        self._seen: dict[tuple[object, int], tuple[int, float]] = {}  # (series, slot) -> (value, when read)
 
-    def read(self, slot: int, seq: int, now: float) -> None:
-        last, at = self._seen.get(slot, (0, self._started_at))
-        step = (seq - last) & _U64
-        if step <= _SLACK + (now - at) * _MAX_LEASES_PER_S:
-            self.total += step
-        self._seen[slot] = (seq, now)
+    def read(self, series: object, slot: int, value: int, now: float) -> None:
+        last, at = self._seen.get((series, slot), (0, self._started_at))
+        step = (value - last) & _U64
+        if step and step <= _SLACK + (now - at) * _MAX_LEASES_PER_S:
+            self._totals[series] = self._totals.get(series, 0) + step
+        self._seen[(series, slot)] = (value, now)
+
+    def total(self, series: object) -> int:
+        return self._totals.get(series, 0)
+
+    def histograms(self, table: tbl.Table, slots: int, now: float) -> tuple[list[int], list[int]]:
+        """The wait and hold histograms of ``slots`` rows, each bucket tallied as above."""
+        for slot in range(min(slots, table.capacity)):
+            waits, holds = table.row_histograms(slot)
+            for index in range(tbl.HISTOGRAM_BUCKETS):
+                self.read(("wait", index), slot, waits[index], now)
+                self.read(("hold", index), slot, holds[index], now)
+        return (
+            [self.total(("wait", index)) for index in range(tbl.HISTOGRAM_BUCKETS)],
+            [self.total(("hold", index)) for index in range(tbl.HISTOGRAM_BUCKETS)],
+        )
 
 
 def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]:
@@ -65,7 +80,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
             row = table.row(slot.index)
         except tbl.RowError:
             continue
-        manager.lease_tally.read(slot.index, row.lease_seq, now)
+        manager.lease_tally.read(keys.GRANTED, slot.index, row.lease_seq, now)
         if slot.state is SlotState.EMPTY:
             continue
         per_db = databases.setdefault(slot.db, dict.fromkeys(keys.DATABASE_KEYS, 0))
@@ -87,9 +102,9 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
         {"pid": pid, "leases_held": held_by.get(pid, 0), "control_connections": channels.get(pid, 0)}
         for pid in sorted(set(held_by) | set(channels))
     ]
-    waits, holds = table.histograms(len(pool.slots))
+    waits, holds = manager.lease_tally.histograms(table, len(pool.slots), now)
     counters = dict(pool.counters)
-    granted = manager.lease_tally.total
+    granted = manager.lease_tally.total(keys.GRANTED)
     counters[keys.GRANTED] = granted
     counters[keys.RELEASED] = max(0, granted - held)
     return {

@@ -355,6 +355,11 @@ class Table:
     def count_hold(self, slot: int, seconds: float) -> None:
         self.count(slot, HOLD_HIST_AT, seconds)
 
+    def row_histograms(self, slot: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One row's (wait, hold) histogram counts, raw."""
+        at = self._row_at(slot)
+        return HIST.unpack_from(self.map, at + WAIT_HIST_AT), HIST.unpack_from(self.map, at + HOLD_HIST_AT)
+
     def histograms(self, slots: int) -> tuple[list[int], list[int]]:
         waits = [0] * HISTOGRAM_BUCKETS
         holds = [0] * HISTOGRAM_BUCKETS
