@@ -491,3 +491,65 @@ def test_the_hot_moves_honour_a_revoke_request() -> None:
         assert table.take_in_place(1, 5, 44, 1.0, 15.0, 0, 1) == second + 1
     finally:
         table.close()
+
+
+_PSUTIL_BARRIER = """
+import os, time
+if os.environ.get("SHAREDPOOL_TEST_PSUTIL_BARRIER"):
+    from sharedpool.manager import reaper
+    _alive = reaper.alive_by_psutil
+    where = os.environ["SHAREDPOOL_TEST_PSUTIL_BARRIER"]
+    def alive_by_psutil(pid, create_time, _alive=_alive):
+        # Armed: the sweep has read the row and stops here until told to go on.
+        try:
+            os.unlink(os.path.join(where, "arm"))
+        except FileNotFoundError:
+            return _alive(pid, create_time)
+        open(os.path.join(where, "entered"), "w").close()
+        deadline = time.monotonic() + 5
+        while not os.path.exists(os.path.join(where, "go")) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return _alive(pid, create_time)
+    reaper.alive_by_psutil = alive_by_psutil
+"""
+
+
+def test_a_revocation_decided_from_an_old_read_spares_the_lease_begun_since(
+    start_manager, tmp_path: Path, monkeypatch
+) -> None:
+    # The sweep reads a row past max_lease_time, then waits in psutil (held
+    # at a barrier here); meanwhile that lease ends and another begins. When
+    # the sweep acts, the new lease must not be shut down.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(textwrap.dedent(_PSUTIL_BARRIER))
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hooks), *sys.path]))
+    monkeypatch.setenv("SHAREDPOOL_TEST_PSUTIL_BARRIER", str(barrier))
+    manager = start_manager(max_connections=1, min_idle=1, max_lease_time=2.0, reap_interval=0.05)
+    monkeypatch.delenv("SHAREDPOOL_TEST_PSUTIL_BARRIER")
+    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, retry=None)
+    with r.lease() as first:
+        first.ping()
+        # Its holder dates its own row back: the next sweep's read decides to
+        # revoke it, whenever that sweep runs (no race with the sweep's clock).
+        table = r.connection_pool._attachment.table
+        (slot,) = [s for s in range(table.slots_in_use) if table.row(s).holder_pid == os.getpid()]
+        acquired_at = layout.ROWS_AT + slot * layout.ROW_SIZE + 32
+        table.map[acquired_at : acquired_at + 8] = struct.pack("=d", time.monotonic() - 10)
+        (barrier / "arm").touch()
+        wait_for((barrier / "entered").exists, what="the sweep inside psutil, after its read")
+    # The lease the sweep read has ended; the slot's next lease begins now.
+    with r.lease() as second:
+        second.set("spared", "0")
+        (barrier / "go").touch()
+        deadline = time.monotonic() + 0.15  # well within max_lease_time
+        count = 0
+        while time.monotonic() < deadline:
+            count += 1
+            second.set("spared", str(count))
+            assert second.get("spared") == str(count)
+    assert r.get("spared") == str(count)
+    assert manager.stats()["counters"]["reaped_revoked"] <= 1
+    r.close()
