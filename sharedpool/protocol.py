@@ -50,7 +50,10 @@ code   name         dir    body
                            (STALE) when the slot serves another database
                            (``!II``, without the db, is still accepted).
 4      FD           s->c   ``!II`` slot, generation, with one fd (a dup of
-                           the slot's Redis socket).
+                           the slot's Redis socket); for rediss:// then the
+                           TLS hand-over (``tls.keys.Handover``: suite and
+                           traffic keys). A plain FD is as before: no
+                           version change.
 5      REPORT       c->s   ``!IIQBB`` slot, generation, lease number, outcome
                            (``Outcome``), cause (0 given back, 1 found its
                            holder gone, 2 its holder's process gives it up
@@ -115,6 +118,7 @@ MAX_SITE = 512
 
 HEADER = struct.Struct("!BBHI")
 _SLOT_GEN = struct.Struct("!II")
+SLOT_BODY_SIZE = _SLOT_GEN.size  # an FD body longer than this carries a TLS hand-over
 _REPORT = struct.Struct("!IIQBB")
 _ERROR = struct.Struct("!HQ")
 _SITE = struct.Struct("!I")

@@ -37,6 +37,7 @@ from sharedpool.errors import LeaseLost
 if TYPE_CHECKING:
     from sharedpool.asyncio.pool import SharedConnectionPool
     from sharedpool.client.lease_core import Lease
+    from sharedpool.tls.aio import TLSState
 
 # StreamReader's buffer limit: a reply larger than this is still read, in pieces.
 _STREAM_LIMIT = 2**20
@@ -87,18 +88,26 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         self._raw: socket.socket | None = None  # our dup of the slot's fd, inside the transport
         self._transport: asyncio.Transport | None = None
         self._stream_loop: asyncio.AbstractEventLoop | None = None
+        self.tls: TLSState | None = None  # rediss://: keys, record layer, row
         self._hold_init(slot, generation, redis_label)
 
     # ----- the stream over the lent fd -------------------------------------------
 
-    async def open_stream(self, sock: socket.socket, slot: int, generation: int) -> None:
-        """Wrap ``sock`` (our dup of a slot's fd) in this loop's stream; we hold the slot's lease."""
+    async def open_stream(self, sock: socket.socket, slot: int, generation: int, tls: TLSState | None = None) -> None:
+        """Wrap ``sock`` (our dup of a slot's fd) in this loop's stream; we hold the slot's lease.
+        ``tls`` (rediss://): the record layer goes under the stream."""
         self.drop()
         try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+            if tls is None:
+                reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+            else:
+                from sharedpool.tls.aio import open_stream
+
+                reader, writer = await open_stream(sock, tls, _STREAM_LIMIT)
         except BaseException:
             sock.close()
             raise
+        self.tls = tls
         self._raw = sock
         self._reader, self._writer = reader, writer
         self._transport = cast(asyncio.Transport, writer.transport)
@@ -142,6 +151,8 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         raw, transport = self._raw, self._transport
         assert raw is not None and transport is not None
         os.set_blocking(raw.fileno(), False)
+        if self.tls is not None:
+            self.tls.take_up()  # rediss://: the row's record sequence numbers
         transport.resume_reading()
         self._begin_lease(lease)
 
@@ -149,6 +160,8 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         """The lease is over for this object: stop reading before the lock is given back."""
         if self._transport is not None:
             self._transport.pause_reading()
+        if self.tls is not None and self._transport is not None:
+            self.tls.write_back()  # rediss://: in its own step, before the give-back
         return super().end()
 
     def _transport_gone(self) -> bool:
@@ -158,6 +171,8 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         reader, transport = self._reader, self._transport
         if transport is not None and transport.get_write_buffer_size():
             return True  # part of a command never went out
+        if self.tls is not None and self.tls.layer.pending():
+            return True  # rediss://: record bytes no reply has taken
         # StreamReader has no public peek; redis-py's own parser reads this too.
         return reader is not None and bool(getattr(reader, "_buffer", b""))
 

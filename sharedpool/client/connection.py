@@ -97,6 +97,8 @@ class LeasedConnection(LeaseHolder, Connection):
             self._parser.on_connect(self)
         current = self._sock
         assert current is not None
+        if type(current) is not socket.socket:
+            current.take_up()  # type: ignore[attr-defined]  # rediss://: the row's record sequence numbers
         if sock is not None or self.socket_timeout is None:
             # Another holder may have left the shared file description
             # non-blocking (DESIGN fact 9), and a socket object in blocking
@@ -117,10 +119,19 @@ class LeasedConnection(LeaseHolder, Connection):
     def drop(self) -> None:
         self.disconnect()
 
+    def end(self) -> Lease | None:
+        sock = self._sock
+        if sock is not None and type(sock) is not socket.socket:
+            sock.write_back()  # type: ignore[attr-defined]  # rediss://: before the lock goes, in its own step
+        return super().end()
+
     def _transport_gone(self) -> bool:
         return self._sock is None
 
     def _has_unread_bytes(self) -> bool:
+        sock = self._sock
+        if sock is not None and type(sock) is not socket.socket and sock.pending():  # type: ignore[attr-defined]
+            return True  # rediss://: records received that no reply has taken
         buffer = getattr(self._parser, "_buffer", None)
         if buffer is not None:
             return bool(buffer.unread_bytes())

@@ -87,6 +87,8 @@ def on_fetch_fd(manager: Manager, client: Peer, request_id: int, body: bytes) ->
             ErrorCode.STALE, f"slot {index} generation {generation} serves db {slot.db}, not db {db}", request_id))
         return
     frame = protocol.encode_slot(FrameType.FD, index, generation, request_id)
+    if slot.backend.handover is not None:
+        frame += slot.backend.handover.encode()  # rediss://: the keys, only here and only to an admitted peer
     try:
         client.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [slot.backend.fileno]))])
         manager.counters[keys.FDS_SENT] += 1

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from sharedpool.config import ManagerConfig, mask_url
+from sharedpool.errors import TLSRefused
 from sharedpool.manager import actions as act
 from sharedpool.manager import handlers
 from sharedpool.manager.actions import Action, Limits
@@ -86,6 +87,8 @@ class Manager:
         self._snapshot_cache: dict[str, Any] = {}
         self._next_snapshot = 0.0
         self._metrics: MetricsServer | None = None
+        self._connected_once = False
+        self.exit_code = 0
 
     def __repr__(self) -> str:
         return f"<Manager {self.config.pool_name!r} {self.state.value} {self.pool!r}>"
@@ -101,7 +104,7 @@ class Manager:
                 self.step()
         finally:
             self.close()
-        return 0
+        return self.exit_code
 
     def start(self) -> None:
         _raise_fd_limit()
@@ -395,7 +398,15 @@ class Manager:
             try:
                 backend, databases = future.result()
             except Exception as exc:  # any failure to connect is reported, never raised
+                if isinstance(exc, TLSRefused) and not self._connected_once and not self.exit_code:
+                    # Verification or protocol: no retry can fix it, so say it once (whichever
+                    # slot was first) and stop.
+                    log.error("%s", exc)
+                    self.exit_code = 2
+                    self.stop()
                 return self.pool.connect_failed(action.slot, action.generation, describe_error(exc), now)
+            self._connected_once = True
+            backend.publish_tls(self.keeper.table.map)
             if databases is not None and self.pool.redis_databases is None:
                 self.pool.limit_databases(databases)
             log.info("connected slot %d (generation %d, db %d) to %s", action.slot, action.generation, db, self.target.label)
