@@ -324,7 +324,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         return conn
 
     async def _fetch_fd(self, att: Attachment, lease: Lease, final: float, started: float) -> tuple[int, Any]:
-        body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+        body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
         try:
             timeout = max(0.05, final - time.monotonic())
             reply, fd = await self._channel_of(att).call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
@@ -424,6 +424,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         entry = cast("SlotEntry | None", att.conns.get(conn.slot)) if att is not None else None
         if att is not None and entry is not None and entry.conn is conn:
             del att.conns[conn.slot]
+
+    def raise_if_revoked(self, conn: AsyncLeasedConnection) -> None:
+        """A command of ``conn`` failed: ``LeaseLost`` now if the manager revoked its lease."""
+        lease_state.raise_if_revoked(conn, self._give_back)
 
     async def replace_lost_lease(self, conn: AsyncLeasedConnection) -> None:
         """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""

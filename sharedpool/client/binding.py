@@ -55,7 +55,7 @@ def bind(
 
 
 def _fetch_fd(att: Attachment, lease: Lease, final: float, started: float) -> socket.socket:
-    body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+    body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
     try:
         timeout = max(0.05, final - time.monotonic())
         reply, fd = att.channel.call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
