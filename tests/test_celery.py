@@ -145,7 +145,7 @@ def test_a_child_killed_mid_task_is_redelivered(fleet: Fleet) -> None:
 @pytest.mark.xfail(strict=False, reason=(
     "not yet reliable: in some runs the worker's consumer reconnects and runs every later task, in others "
     "Celery's main process dies on an ack for a channel closed by the reconnect "
-    "(AttributeError 'NoneType' object has no attribute 'client' in basic_ack); not yet compared with plain redis-py"
+    "(AttributeError 'NoneType' object has no attribute 'client' in basic_ack), which 3 runs on plain redis-py did not show"
 ))
 def test_client_kill_of_every_connection_mid_run(fleet: Fleet, admin: redis.Redis) -> None:
     first = [fleet.send("add", i, 0) for i in range(50)]
