@@ -41,6 +41,8 @@
 #define SEQ_AT 16
 #define START_AT 24
 #define ACQUIRED_AT 32
+#define REVOKED_GENERATION_AT 40
+#define REVOKED_SEQ_AT 48
 #define EXPIRES_AT 56
 #define WAIT_HIST_AT 64
 #define HOLD_HIST_AT (WAIT_HIST_AT + 8 * HISTOGRAM_BUCKETS)
@@ -188,11 +190,15 @@ take_slot(Core *self, Py_ssize_t slot, int fd, PyObject *avoid, unsigned db, int
      * to another database, or replaces its connection, only holding it. */
     uint16_t row_db;
     memcpy(&row_db, row + DB_AT, 2);
-    if (LOAD(uint8_t, row) != READY || LOAD(uint32_t, row + GENERATION_AT) != generation || row_db != db) {
+    uint64_t last_seq = LOAD(uint64_t, row + SEQ_AT);
+    if (LOAD(uint8_t, row) != READY || LOAD(uint32_t, row + GENERATION_AT) != generation || row_db != db ||
+        /* The row's last lease was asked back: its connection is being shut down. */
+        (last_seq != 0 && LOAD(uint64_t, row + REVOKED_SEQ_AT) == last_seq &&
+         LOAD(uint32_t, row + REVOKED_GENERATION_AT) == generation)) {
         unlock(fd, offset);
         return 0;
     }
-    uint64_t seq = LOAD(uint64_t, row + SEQ_AT) + 1;
+    uint64_t seq = last_seq + 1;
     if (seq == 0)
         seq = 1; /* a scribbled maximum wraps, never to 0 (no lease) */
     double now = now_given >= 0 ? now_given : monotonic();
@@ -370,7 +376,9 @@ Core_give_back(Core *self, PyObject *const *args, Py_ssize_t nargs)
         LOAD(uint64_t, row + SEQ_AT) == seq) {
         double expires_at = load_f64(row + EXPIRES_AT);
         written = outcome;
-        if (outcome == CLEAN && expires_at != 0.0 && now >= expires_at)
+        if (LOAD(uint64_t, row + REVOKED_SEQ_AT) == seq && LOAD(uint32_t, row + REVOKED_GENERATION_AT) == generation)
+            written = 3; /* Outcome.REVOKED: the manager asked for it back; the row says BROKEN */
+        else if (outcome == CLEAN && expires_at != 0.0 && now >= expires_at)
             written = 2; /* Outcome.BROKEN: an expired connection goes back to be replaced */
         STORE(uint32_t, row + PID_AT, 0);
         STORE(uint32_t, row + SITE_AT, 0);
@@ -476,6 +484,7 @@ PyInit__speedups(void)
     } constants[] = {
         {"ROWS_AT", ROWS_AT}, {"ROW_SIZE", ROW_SIZE}, {"FLAGS_AT", FLAGS_AT}, {"SLOTS_IN_USE_AT", SLOTS_IN_USE_AT},
         {"WAITERS_AT", WAITERS_AT}, {"DB_AT", DB_AT}, {"FLAGS_OF_ROW_AT", ROW_FLAGS_AT}, {"EXPIRES_AT", EXPIRES_AT},
+        {"REVOKE_AT", REVOKED_GENERATION_AT},
         {"WAIT_HIST_AT", WAIT_HIST_AT}, {"HOLD_HIST_AT", HOLD_HIST_AT}, {"HISTOGRAM_BUCKETS", HISTOGRAM_BUCKETS},
         {"LAYOUT_VERSION", 2}, {"SLOT_LOCK_0_0", SLOT_LOCKS_AT}, {"SLOT_LOCK_1_0", SLOT_LOCKS_AT + GENERATIONS_PER_SLOT},
     };

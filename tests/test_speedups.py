@@ -90,6 +90,12 @@ class Twin:
                 slot, generation = args
                 tbl.unlock(self.foreign, tbl.slot_lock(slot, generation))
                 return None
+            if kind == "revoke":
+                slot, current, generation, seq = args
+                if current:  # the lease the row names now, as the manager's sweep would ask
+                    row = self.table.row(slot)
+                    generation, seq = row.generation, row.lease_seq
+                return self.table.request_revoke(slot, generation, seq)
             if kind == "take":
                 last, cached, avoid, db, pid, start, site, started, now = args
                 return self.core.take(self.ours, last, dict.fromkeys(cached), set(avoid), db, pid, start, site, started, now)
@@ -125,6 +131,8 @@ moves = st.one_of(
     st.tuples(st.just("header"), st.sampled_from((SLOTS_IN_USE_AT, WAITERS_AT)), st.integers(-3, CAPACITY + 3)),
     st.tuples(st.just("lock"), slots, generations),
     st.tuples(st.just("unlock"), slots, generations),
+    # The manager's revoke request (bytes 40..55), of the lease the row names or of any other.
+    st.tuples(st.just("revoke"), slots, st.booleans(), generations, seqs),
     takes, takes, gives, gives,
 )
 
@@ -189,6 +197,25 @@ def test_a_give_back_over_a_newer_lease_writes_nothing(twins: tuple[Twin, Twin])
         twin.table.write_row(slot, newer)
         assert twin.core.give_back(twin.ours, slot, generation, seq, tbl.Outcome.CLEAN, now, True, 2.0)[0] == -1
         assert twin.table.row(slot) == newer
+
+
+def test_a_revoked_lease_goes_back_broken_and_its_row_is_not_taken_again(twins: tuple[Twin, Twin]) -> None:
+    """Issue 25's contract, on both cores: the manager asks a live holder's lease back
+    (writing only the request); the give-back writes BROKEN and answers REVOKED, and a
+    READY row whose last lease was asked back (a holder that wrote READY just before
+    the request landed) is left for the manager to replace."""
+    for twin in twins:
+        slot, generation, seq, now = twin.core.take(twin.ours, -1, {}, set(), 0, 1, 1.0, 0, 1.0, 1.0)
+        assert twin.table.request_revoke(slot, generation, seq)
+        assert twin.core.give_back(twin.ours, slot, generation, seq, tbl.Outcome.CLEAN, now, True, 2.0)[0] == tbl.Outcome.REVOKED
+        assert twin.table.row(slot).state is tbl.RowState.BROKEN
+        twin.reset()
+        slot, generation, seq, now = twin.core.take(twin.ours, -1, {}, set(), 0, 1, 1.0, 0, 1.0, 1.0)
+        assert twin.core.give_back(twin.ours, slot, generation, seq, tbl.Outcome.CLEAN, now, True, 2.0)[0] == tbl.Outcome.CLEAN
+        twin.table.request_revoke(slot, generation, seq)  # too late to reach the holder: the row says READY
+        taken = twin.core.take(twin.ours, slot, {slot: None}, set(), 0, 1, 1.0, 0, 1.0, 1.0)
+        assert taken is None or taken[0] != slot
+        assert twin.table.row(slot).state is tbl.RowState.READY and twin.table.row(slot).lease_seq == seq
 
 
 def test_a_closed_core_refuses_every_move_and_the_table_still_closes(twins: tuple[Twin, Twin]) -> None:

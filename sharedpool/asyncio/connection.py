@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
+from redis.exceptions import ResponseError
 
 from sharedpool import errors
 from sharedpool.client.lease_state import LeaseHolder, LeaseState
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 _STREAM_LIMIT = 2**20
 
 T = TypeVar("T")
+
+# How long a closing subscriber waits for the rest of a pushed message already begun.
+_DRAIN_S = 0.05
 
 
 class _BoundedRetry(Retry):
@@ -191,6 +195,18 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         self, nowait: bool = False, error: Exception | None = None, failure_count: int | None = None,
         health_check_failed: bool = False,
     ) -> None:
+        if not (error or health_check_failed) and self.state is LeaseState.IN_USE and self.may_close_clean():
+            # A failed command sets _broken (below) whichever way redis-py
+            # disconnects; PubSub.aclose() comes with nothing in flight
+            # (nowait=True): NEEDS_RESET then, once the messages already in
+            # our buffer are read to their end (as the sync connection does).
+            try:
+                while self._reader is not None and self._has_unread_bytes():
+                    await self.read_response(disable_decoding=True, timeout=_DRAIN_S, disconnect_on_error=False,
+                                             push_request=True)
+            except Exception:
+                self._broken = True
+            self.closing_clean()
         self.drop()
 
     async def send_command(self, *args: Any, **kwargs: Any) -> None:
@@ -206,11 +222,31 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         self.watch_commands(commands)
         return super().pack_commands(commands)
 
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except BaseException as exc:
+            self._lease_failed(exc)
+            raise
+
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
+        except ResponseError:
+            raise  # Redis's answer: the connection is fine
+        except BaseException as exc:
+            self._lease_failed(exc)
+            raise
         finally:
             self._pending_replies -= 1
+
+    def _lease_failed(self, exc: BaseException) -> None:
+        """As the sync connection's: broken from now on, and ``LeaseLost`` now if the manager revoked the lease."""
+        self._broken = True
+        pool = self.shared_pool
+        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
+        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
+            pool.raise_if_revoked(self)
 
 
 class SlotEntry:

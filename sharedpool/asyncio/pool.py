@@ -78,12 +78,13 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         **connection_kwargs: Any,
     ) -> None:
         redis_location = clone.pool_options(connection_kwargs)
-        refuse_manager_owned(connection_kwargs)
+        redis_location = refuse_manager_owned(connection_kwargs, AsyncLeasedConnection) or redis_location
         self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
         self._requested_protocol = connection_kwargs.get("protocol")
         self.db: int | None = clone.database(connection_kwargs.pop("db", None))
         # Where a URL given to from_url said Redis is: checked against the manager's at attach.
         self.redis_location: str | None = redis_location
+        connection_kwargs.pop("connection_class", None)  # its own class or a subclass: connections are made by the pool
         super().__init__(connection_class=AsyncLeasedConnection, **connection_kwargs)
         clone.record_for_clones(
             self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
@@ -323,7 +324,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         return conn
 
     async def _fetch_fd(self, att: Attachment, lease: Lease, final: float, started: float) -> tuple[int, Any]:
-        body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+        body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
         try:
             timeout = max(0.05, final - time.monotonic())
             reply, fd = await self._channel_of(att).call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
@@ -423,6 +424,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         entry = cast("SlotEntry | None", att.conns.get(conn.slot)) if att is not None else None
         if att is not None and entry is not None and entry.conn is conn:
             del att.conns[conn.slot]
+
+    def raise_if_revoked(self, conn: AsyncLeasedConnection) -> None:
+        """A command of ``conn`` failed: ``LeaseLost`` now if the manager revoked its lease."""
+        lease_state.raise_if_revoked(conn, self._give_back)
 
     async def replace_lost_lease(self, conn: AsyncLeasedConnection) -> None:
         """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""

@@ -55,7 +55,7 @@ def bind(
 
 
 def _fetch_fd(att: Attachment, lease: Lease, final: float, started: float) -> socket.socket:
-    body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+    body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
     try:
         timeout = max(0.05, final - time.monotonic())
         reply, fd = att.channel.call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
@@ -86,7 +86,8 @@ def _connection(pool: SharedConnectionPool, att: Attachment, slot: int, generati
     kwargs = {key: value for key, value in pool.connection_kwargs.items() if key not in clone.NOT_FOR_CONNECTIONS}
     kwargs["protocol"] = int(att.welcome.get("protocol", 3))
     kwargs["db"] = att.db
-    return LeasedConnection(
+    connection_class: type[LeasedConnection] = pool.connection_class
+    return connection_class(
         shared_pool=pool, slot=slot, generation=generation, sock=sock,
         redis_label=str(att.welcome.get("redis", "")), **kwargs,
     )

@@ -122,6 +122,7 @@ class Lease:
     taken_at: float
     db: int  # the database the row said when it was taken
     taker: Taker | None = None
+    revoked: bool = False  # set by give_back: the manager had asked for it back
 
     @property
     def id(self) -> int:
@@ -241,7 +242,10 @@ def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> bytes:
     """Write how the lease ended and unlock; wake the oldest waiter of a clean slot.
 
     Returns the report the manager must get (a reset, a broken or expired
-    connection), or b"".
+    connection), or b"". A lease the manager had asked back (max_lease_time)
+    goes back BROKEN, and ``lease.revoked`` says so; a holder that was
+    paused between its read of the row and its write finds the request
+    right after its write.
     """
     att = lease.attachment
     att.held -= 1
@@ -250,6 +254,16 @@ def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> bytes:
         written, waiting = att.table.core.give_back(
             lease.lock_fd, slot, lease.generation, lease.seq, outcome, lease.taken_at, used
         )
+        if written >= 0 and (
+            written == Outcome.REVOKED
+            # A holder paused between the core's read and its write finds a request
+            # written in between right after. Only a lease older than max_lease_time
+            # can have been asked back: no extra read for the others.
+            or (att.max_lease_time and time.monotonic() - lease.taken_at >= att.max_lease_time
+                and att.table.revoke_asked(slot, lease.generation, lease.seq))
+        ):
+            lease.revoked = True
+            written = Outcome.BROKEN
     except ValueError:
         # The table was unmapped under us (the manager is gone): only the lock is left to give back.
         written, waiting = -1, False
@@ -261,7 +275,7 @@ def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> bytes:
         if lease.taker is not None:
             lease.taker.held.discard(slot)
     if written > 0 and written != outcome:
-        # Expired (max_lifetime, reconnect): the manager replaces it.
+        # Expired (max_lifetime, reconnect) or revoked: the manager replaces it.
         outcome = Outcome.BROKEN
         conn = att.conns.pop(slot, None)
         if conn is not None:

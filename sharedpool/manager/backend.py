@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -151,6 +152,16 @@ class Backend:
             return not self._poller.poll(0)  # EOF, error or stray data all show as events
         except OSError:
             return False
+
+    def shut_down(self) -> None:
+        """End the TCP connection for every process holding its fd, keeping ours open:
+        a holder blocked on it wakes, and its next command fails at once."""
+        sock = self.connection._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by Redis
 
     def close(self) -> None:
         try:

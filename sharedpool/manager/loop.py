@@ -34,11 +34,11 @@ from sharedpool.manager.backend import Backend, RedisTarget, describe_error, ope
 from sharedpool.manager.control import ControlServer
 from sharedpool.manager.pool import Pool
 from sharedpool.manager.reaper import Reaper
-from sharedpool.manager.snapshot import snapshot
+from sharedpool.manager.snapshot import LeaseTally, snapshot
 from sharedpool.manager.socket_path import ManagerAlreadyRunning, SocketPath
 from sharedpool.manager.table_keeper import TableKeeper
 from sharedpool.metrics import MetricsServer
-from sharedpool.table import RowState
+from sharedpool.table import RowError, RowState
 
 log = logging.getLogger("sharedpool.manager")
 
@@ -67,6 +67,7 @@ class Manager:
         self.socket_path = SocketPath(config)
         self.state = State.STARTING
         self.started_at = time.monotonic()
+        self.lease_tally = LeaseTally(self.started_at)
         # epoll directly, fd -> handler: the selectors layer costs more per
         # wake-up than the rest of the loop's work.
         self._epoll = select.epoll()
@@ -333,6 +334,20 @@ class Manager:
                 self._open(action)
             elif isinstance(action, act.ResetConnection):
                 self._reset(action)
+            elif isinstance(action, act.RequestRevoke):
+                # The request and the read that checks it are one step: a lease
+                # that ended since the sweep's read is never shut down.
+                try:
+                    still_held = keeper.table.request_revoke(action.slot, action.generation, action.seq)
+                except RowError:
+                    still_held = False
+                if not still_held:
+                    self.pool.revoke_missed(action.slot, action.generation)
+                elif action.backend is not None:
+                    action.backend.shut_down()
+            elif isinstance(action, act.ShutDown):
+                if action.backend is not None:
+                    action.backend.shut_down()
             elif isinstance(action, act.CloseConnection):
                 log.debug("closing slot %s: %s", getattr(action.backend, "slot", "?"), action.reason)
                 fd = getattr(action.backend, "fileno", -1)
@@ -410,6 +425,8 @@ class Manager:
                 future.result()
             except Exception as exc:
                 return self.pool.reset_done(action.slot, action.generation, False, now, describe_error(exc))
+            if backend.fileno in self._peer_watch:
+                self._peer_watch[backend.fileno] = (action.slot, action.generation)  # a rebind's new generation
             return self.pool.reset_done(action.slot, action.generation, True, now)
 
         self.submit(lambda: backend.reset(action.db), done)

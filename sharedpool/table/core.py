@@ -34,6 +34,7 @@ from sharedpool.table.layout import (
     HOLD_HIST_AT,
     I32,
     LAYOUT_VERSION,
+    REVOKE_AT,
     ROW_SIZE,
     ROWS_AT,
     SLOTS_IN_USE_AT,
@@ -51,8 +52,9 @@ Taken = tuple[int, int, int, float]
 
 _READY = 1
 _HELD = 2
-_STATE_AFTER = (1, 3, 4)  # Outcome CLEAN, NEEDS_RESET, BROKEN -> READY, RESET, BROKEN
+_STATE_AFTER = (1, 3, 4, 4)  # Outcome CLEAN, NEEDS_RESET, BROKEN, REVOKED -> READY, RESET, BROKEN, BROKEN
 _BROKEN = 2  # Outcome.BROKEN
+_REVOKED = 3  # Outcome.REVOKED: never the holder's choice, only the answer
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 _LAST_BUCKET_AT = float(1 << (HISTOGRAM_BUCKETS - 1))  # seconds * 1e5 from here on: the last bucket
 
@@ -83,13 +85,15 @@ class PyTableCore:
     (slot, generation) pairs never to take. The row is written HELD with
     ``pid``, ``start``, the next lease number, the acquired-at (``now``, or
     the monotonic clock when negative) and ``site``, and the wait since
-    ``started`` is counted. Returns (slot, generation, seq, acquired at), or
+    ``started`` is counted. A READY row whose last lease the manager asked
+    back is not taken (its connection is being shut down). Returns (slot, generation, seq, acquired at), or
     None with no lock held.
 
     ``give_back(lock_fd, slot, generation, seq, outcome, taken_at, used, now=-1.0)``:
     count the hold since ``taken_at`` when ``used``; if the row is still this
     lease, write the outcome (a CLEAN lease of an expired connection goes back
-    BROKEN); unlock. Returns (the outcome written, or -1 when the row is no
+    BROKEN; a lease the manager asked back, its revoke request in the row,
+    goes back BROKEN and is answered REVOKED); unlock. Returns (the outcome written, or -1 when the row is no
     longer this lease; whether anyone waits).
 
     Both raise ``ValueError`` once closed, and for a slot or outcome that is none.
@@ -152,8 +156,11 @@ class PyTableCore:
         try:
             # Under the lock, the row is ours to judge: the manager rebinds a
             # slot to another database, or replaces its connection, only holding it.
-            state, row_db, row_generation, _pid, _site, seq = TAKE_READ.unpack_from(data, at)
-            if state != _READY or row_generation != generation or row_db != db:
+            state, row_db, row_generation, _pid, _site, seq, revoked_generation, revoked_seq = TAKE_READ.unpack_from(data, at)
+            if state != _READY or row_generation != generation or row_db != db or (
+                # The row's last lease was asked back: its connection is being shut down.
+                seq and revoked_seq == seq and revoked_generation == generation
+            ):
                 _unlock(lock_fd, offset)
                 return None
             seq = (seq + 1) & _MASK64 or 1  # a scribbled maximum wraps, never to 0 (no lease)
@@ -189,10 +196,13 @@ class PyTableCore:
                 self._count(at + HOLD_HIST_AT, now - taken_at)
             # The one compare before the give-back's write: a row no longer this
             # lease (revoked, repaired, a newer generation) is not ours to write.
-            state, row_db, row_generation, _pid, _site, row_seq, expires_at = GIVE_READ.unpack_from(data, at)
+            (state, row_db, row_generation, _pid, _site, row_seq, revoked_generation, revoked_seq,
+             expires_at) = GIVE_READ.unpack_from(data, at)
             if state == _HELD and row_generation == generation and row_seq == seq:
                 written = outcome
-                if outcome == 0 and expires_at and now >= expires_at:
+                if revoked_seq == seq and revoked_generation == generation:
+                    written = _REVOKED  # the manager asked for it back: written BROKEN, answered REVOKED
+                elif outcome == 0 and expires_at and now >= expires_at:
                     written = _BROKEN  # an expired connection goes back to be replaced
                 data[at : at + TAKE_WRITE.size] = TAKE_WRITE.pack(
                     _STATE_AFTER[written], row_db, 0, row_generation, 0, 0, row_seq, 0.0, 0.0
@@ -239,7 +249,7 @@ def _unlock(fd: int, offset: int) -> None:
 # What the C module must agree on before this process trusts it with the shared table.
 EXPECTED_LAYOUT = {
     "ROWS_AT": ROWS_AT, "ROW_SIZE": ROW_SIZE, "FLAGS_AT": FLAGS_AT, "SLOTS_IN_USE_AT": SLOTS_IN_USE_AT,
-    "WAITERS_AT": WAITERS_AT, "DB_AT": DB_AT, "FLAGS_OF_ROW_AT": FLAGS_OF_ROW_AT, "EXPIRES_AT": EXPIRES_AT,
+    "WAITERS_AT": WAITERS_AT, "DB_AT": DB_AT, "FLAGS_OF_ROW_AT": FLAGS_OF_ROW_AT, "EXPIRES_AT": EXPIRES_AT, "REVOKE_AT": REVOKE_AT,
     "WAIT_HIST_AT": WAIT_HIST_AT, "HOLD_HIST_AT": HOLD_HIST_AT, "HISTOGRAM_BUCKETS": HISTOGRAM_BUCKETS,
     "LAYOUT_VERSION": LAYOUT_VERSION, "SLOT_LOCK_0_0": slot_lock(0, 0), "SLOT_LOCK_1_0": slot_lock(1, 0),
 }
