@@ -249,7 +249,8 @@ def _unlock(fd: int, offset: int) -> None:
 # What the C module must agree on before this process trusts it with the shared table.
 EXPECTED_LAYOUT = {
     "ROWS_AT": ROWS_AT, "ROW_SIZE": ROW_SIZE, "FLAGS_AT": FLAGS_AT, "SLOTS_IN_USE_AT": SLOTS_IN_USE_AT,
-    "WAITERS_AT": WAITERS_AT, "DB_AT": DB_AT, "FLAGS_OF_ROW_AT": FLAGS_OF_ROW_AT, "EXPIRES_AT": EXPIRES_AT, "REVOKE_AT": REVOKE_AT,
+    "WAITERS_AT": WAITERS_AT, "DB_AT": DB_AT, "FLAGS_OF_ROW_AT": FLAGS_OF_ROW_AT, "EXPIRES_AT": EXPIRES_AT,
+    "REVOKE_AT": REVOKE_AT,
     "WAIT_HIST_AT": WAIT_HIST_AT, "HOLD_HIST_AT": HOLD_HIST_AT, "HISTOGRAM_BUCKETS": HISTOGRAM_BUCKETS,
     "LAYOUT_VERSION": LAYOUT_VERSION, "SLOT_LOCK_0_0": slot_lock(0, 0), "SLOT_LOCK_1_0": slot_lock(1, 0),
 }
