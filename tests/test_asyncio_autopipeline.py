@@ -15,6 +15,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import ResponseError
 from support.async_mix import report_from_async_worker
+from support.proxy import HoldingProxy
 from support.redis_view import manager_clients
 from support.waiting import wait_for
 from support.workers import fleet_holds_the_cap
@@ -304,3 +305,52 @@ def test_pinned_and_single_connection_clients_do_not_batch(manager) -> None:
 
     run(main())
     assert wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="every lease back")
+
+
+def test_a_cancelled_write_is_never_resent_over_a_newer_one(start_manager, redis_server, admin: redis.Redis) -> None:
+    """Issue 25, finding 1: SET k v1 sent, its task cancelled; SET k v2 answered; v1's connection lost: k stays v2.
+
+    The relay holds v1 away from Redis until the cut, so the order is exact
+    in every round: v1 is never answered, v2 is, then v1's batch loses its
+    connection and retries what is still awaited, which v1 is not.
+    """
+    proxy = HoldingProxy(redis_server.port)
+    manager = start_manager(redis_url=proxy.url, max_connections=2, min_idle=2, acquire_timeout=30)
+
+    def two_open() -> bool:
+        return bool(manager.stats()["connections"]["idle"] == 2)
+
+    async def main() -> list[str]:
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        wrong: list[str] = []
+        try:
+            for round_ in range(20):
+                await asyncio.get_running_loop().run_in_executor(None, lambda: wait_for(two_open, what="two idle connections"))
+                k = f"ap:replay:{round_}:{uuid.uuid4().hex}"
+                proxy.hold_all()
+                first = asyncio.ensure_future(r.set(k, "v1"))
+                deadline = time.monotonic() + 10
+                while (link := proxy.holding(k.encode())) is None:
+                    assert time.monotonic() < deadline, "SET k v1 never reached the relay"
+                    await asyncio.sleep(0.001)
+                first.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await first
+                proxy.release_all(but=link)
+                assert await r.set(k, "v2") is True  # the other connection: v1's batch still holds its own
+                link.cut()
+                deadline = time.monotonic() + 10
+                while batcher_of(r)._running:
+                    assert time.monotonic() < deadline, "v1's batch never ended"
+                    await asyncio.sleep(0.001)
+                got = admin.get(k)
+                if got != "v2":
+                    wrong.append(f"round {round_}: {k} = {got!r}")
+            return wrong
+        finally:
+            await r.aclose()
+
+    try:
+        assert run(main()) == []
+    finally:
+        proxy.close()
