@@ -354,3 +354,40 @@ def test_a_cancelled_write_is_never_resent_over_a_newer_one(start_manager, redis
         assert run(main()) == []
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("retry", ["default", "none"])
+def test_a_revoked_batch_fails_its_commands_with_lease_lost_at_once(start_manager, redis_server, admin: redis.Redis,
+                                                                   retry: str) -> None:
+    """Issue 25, finding 2, for batches: a batch whose lease is revoked mid-flight raises LeaseLost in every
+    task at once, with no retry, and sends nothing again."""
+    proxy = HoldingProxy(redis_server.port)
+    manager = start_manager(redis_url=proxy.url, max_connections=2, min_idle=2, max_lease_time=0.5, reap_interval=0.05)
+
+    async def main() -> None:
+        options: dict[str, Any] = {} if retry == "default" else {"retry": None}
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True, **options)
+        try:
+            await r.ping()
+            k = f"ap:revoked:{uuid.uuid4().hex}"
+            proxy.hold_all()  # the batch's INCRs never reach Redis: it waits past max_lease_time, and is revoked
+            results = await asyncio.gather(*(r.incr(k) for _ in range(5)), return_exceptions=True)
+            failed_at = time.monotonic()
+            link = proxy.holding(b"INCR")
+            assert link is None  # the manager's shutdown cut the relayed connection, held INCRs and all
+            cut = [lk for lk in proxy.links if lk.cut_done]
+            assert len(cut) == 1
+            assert all(isinstance(e, errors.LeaseLost) for e in results), results
+            assert "max_lease_time" in str(results[0])
+            assert failed_at - cut[0].cut_at < 0.1
+            proxy.release_all()
+            # Nothing went out again on another lease.
+            assert admin.get(k) is None
+            assert await r.incr(k) == 1
+        finally:
+            await r.aclose()
+
+    try:
+        run(main())
+    finally:
+        proxy.close()

@@ -30,7 +30,9 @@ What each task sees is what it would see with the command issued alone:
   in their order, on a fresh lease under the connection's ``retry``, as
   redis-py would resend a lone command; a command is thus never sent
   again once answered, nor once its task was cancelled (its write would
-  land over whatever was written since). When the
+  land over whatever was written since). A lease the manager revoked
+  (``max_lease_time``) fails every command still awaited with ``LeaseLost``
+  at once, with nothing sent again. When the
   retries run out, or on an error the retry does not cover, every
   unanswered command of the batch gets that error;
 * bounds: the batch's lease is taken with the pool's own bounds
@@ -46,6 +48,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
+
+from sharedpool import table as tbl
 
 if TYPE_CHECKING:
     from sharedpool.asyncio.client import SharedRedis
@@ -195,5 +199,23 @@ class AutoPipeline:
 
         async def failed(error: Exception) -> None:
             await conn.disconnect(error=error)
+            if _revoked(conn):
+                # The manager took the lease back (max_lease_time): every
+                # command still awaited hears LeaseLost now, with no retry
+                # and nothing sent again (issue 25, finding 2). Ending the
+                # lost lease raises it, and gives the lease back broken.
+                await client.connection_pool.replace_lost_lease(conn)
 
         await conn.retry.call_with_retry(attempt, failed)
+
+
+def _revoked(conn: AsyncLeasedConnection) -> bool:
+    """Whether the table says the manager revoked the lease ``conn`` holds."""
+    lease = conn.lease
+    if lease is None:
+        return False
+    try:
+        row = lease.attachment.table.row(lease.slot)
+    except ValueError:
+        return False  # scribbled, or unmapped with the manager gone: the ordinary retry decides
+    return tbl.was_revoked(row, lease.generation, lease.seq)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class Link:
@@ -21,6 +22,7 @@ class Link:
         self.held = bytearray()  # requests kept from Redis while holding
         self.holding = False
         self.cut_done = False
+        self.cut_at = 0.0  # time.monotonic() of the first cut, whoever made it
         self._lock = threading.Lock()
         self._pumps_left = 2
 
@@ -50,6 +52,8 @@ class Link:
     def cut(self) -> None:
         """Lose the connection: its held requests never reach Redis, and the manager's side reads EOF."""
         with self._lock:
+            if not self.cut_done:
+                self.cut_at = time.monotonic()
             self.cut_done = True
             self.held = bytearray()
         for sock in (self.downstream, self.upstream):
