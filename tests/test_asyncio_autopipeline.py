@@ -1,4 +1,4 @@
-"""Autopipelining (``Redis(autopipeline=True)``): many tasks' commands in shared batches, every reply its asker's."""
+"""Autopipelining, on by default: many tasks' commands in shared batches, every reply its asker's."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_many_tasks_share_batches_every_reply_their_own(start_manager, admin: re
     manager = start_manager(max_connections=2, min_idle=1, acquire_timeout=30)
 
     async def main() -> tuple[list[str], AutoPipeline, dict[str, Any]]:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         try:
             wrong = await checked_mix(r, tasks=150, rounds=12, tag="mix")
             return wrong, batcher_of(r), await r.connection_pool.stats()
@@ -106,7 +106,7 @@ def test_many_tasks_share_batches_every_reply_their_own(start_manager, admin: re
 
 def test_an_error_reply_goes_to_its_own_task_only(manager) -> None:
     async def main() -> None:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         try:
             keys = [f"ap:err:{uuid.uuid4().hex}" for _ in range(60)]
             await asyncio.gather(*(r.set(k, k) for k in keys))
@@ -132,7 +132,7 @@ def test_cancelled_before_sending_is_never_sent_and_the_bound_holds(start_manage
     manager = start_manager(max_connections=1, min_idle=1)
 
     async def main() -> None:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True, acquire_timeout=0.5)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=0.5)
         try:
             k = f"ap:never:{uuid.uuid4().hex}"
             async with r.lease() as pinned:  # the only connection: the batch waits for it, open
@@ -164,7 +164,7 @@ def test_cancellation_storm_then_every_reply_right(start_manager, admin: redis.R
     opened_before = both_idle_connections_open(manager)
 
     async def main() -> tuple[list[str], int, list[str], dict[str, Any]]:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         rng = random.Random(7)
         wrong: list[str] = []
         cancelled = 0
@@ -215,7 +215,7 @@ def test_connection_killed_under_batches(start_manager, admin: redis.Redis) -> N
             stop.wait(0.005)
 
     async def main() -> tuple[list[str], int, int]:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         wrong: list[str] = []
         right = failed = 0
 
@@ -261,7 +261,7 @@ def test_connection_killed_under_batches(start_manager, admin: redis.Redis) -> N
 
 def _worker(socket_path: str, worker: int, out: Any) -> None:
     report_from_async_worker(
-        out, socket_path, lambda r: checked_mix(r, tasks=64, rounds=5, tag=f"w{worker}"), autopipeline=True
+        out, socket_path, lambda r: checked_mix(r, tasks=64, rounds=5, tag=f"w{worker}")
     )
 
 
@@ -271,7 +271,7 @@ def test_worker_processes_x_64_tasks_batched_cap_holds(start_manager, admin: red
 
 def test_batches_are_capped(manager) -> None:
     async def main() -> None:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         r.autopipeline = AutoPipeline(max_batch=10)
         try:
             keys = [f"ap:cap:{uuid.uuid4().hex}" for _ in range(95)]
@@ -288,9 +288,9 @@ def test_batches_are_capped(manager) -> None:
 
 def test_pinned_and_single_connection_clients_do_not_batch(manager) -> None:
     async def main() -> None:
-        single = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True,
+        single = spa.Redis(socket_path=manager.socket_path, decode_responses=True,
                            single_connection_client=True)
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         try:
             k = f"ap:single:{uuid.uuid4().hex}"
             assert await single.set(k, "1") is True and await single.get(k) == "1"
@@ -321,7 +321,7 @@ def test_a_cancelled_write_is_never_resent_over_a_newer_one(start_manager, redis
         return bool(manager.stats()["connections"]["idle"] == 2)
 
     async def main() -> list[str]:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         wrong: list[str] = []
         try:
             for round_ in range(20):
@@ -366,7 +366,7 @@ def test_a_revoked_batch_fails_its_commands_with_lease_lost_at_once(start_manage
 
     async def main() -> None:
         options: dict[str, Any] = {} if retry == "default" else {"retry": None}
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True, **options)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, **options)
         try:
             await r.ping()
             k = f"ap:revoked:{uuid.uuid4().hex}"

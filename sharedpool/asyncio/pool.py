@@ -66,7 +66,9 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     The sync ``SharedConnectionPool``'s arguments and bounds: no call waits
     longer than ``manager_timeout + acquire_timeout`` in all. ``db`` is the
-    database asked for (None: the manager's).
+    database asked for (None: the manager's). ``autopipeline``: whether a
+    ``SharedRedis`` over this pool batches its simple commands (a plain
+    ``redis.asyncio.Redis`` over it never does).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         *,
         acquire_timeout: float | None = None,
         manager_timeout: float | None = None,
+        autopipeline: bool = True,
         **connection_kwargs: Any,
     ) -> None:
         redis_location = clone.pool_options(connection_kwargs)
@@ -88,6 +91,11 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         clone.record_for_clones(
             self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
         )
+        self.autopipeline = bool(autopipeline)
+        if not self.autopipeline:
+            # Kept for copies only when it differs from the default, so that a
+            # default pool's options stay those a sync pool takes too.
+            self.connection_kwargs["autopipeline"] = False
         self._start_afresh()
         process.register(self)
 
@@ -331,7 +339,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         return fd
 
     def _make(self, att: Attachment, slot: int, generation: int) -> AsyncLeasedConnection:
-        kwargs = {key: value for key, value in self.connection_kwargs.items() if key not in clone.NOT_FOR_CONNECTIONS}
+        kwargs = {
+            key: value for key, value in self.connection_kwargs.items()
+            if key not in clone.NOT_FOR_CONNECTIONS and key != "autopipeline"
+        }
         kwargs["protocol"] = int(att.welcome.get("protocol", 3))
         kwargs["db"] = att.db
         return AsyncLeasedConnection(

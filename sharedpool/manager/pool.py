@@ -378,12 +378,14 @@ class Pool:
         self.counters[keys.CLOSED] += 1
         if counter is not None:
             self.counters[counter] += 1
-        actions: list[Action] = [CloseConnection(backend, reason)] if backend is not None else []
-        actions.append(Publish(
+        closing: list[Action] = [CloseConnection(backend, reason)] if backend is not None else []
+        publish = Publish(
             slot.index, slot.generation, RowState.CLOSED,
             revoked_generation=old_generation if revoked_seq else 0, revoked_seq=revoked_seq, db=slot.db,
-        ))
-        return actions
+        )
+        # A revoked holder learns why from the row as soon as the shutdown
+        # wakes it: the row must say so first, or it reads a plain lost connection.
+        return [publish, *closing] if revoked_seq else [*closing, publish]
 
     def health_check_failed(self, index: int, generation: int, now: float) -> list[Action]:
         """An idle connection was found closed by Redis or dirty; the loop holds its lock."""
