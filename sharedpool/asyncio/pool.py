@@ -251,7 +251,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         if flags & lease_core.STOPPING:
             raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
         assert self._seats is not None
-        if self._seats.waiting:
+        if self._seats.anyone_waiting():
             # Tasks of this process are in line already: first come, first
             # served, and no scan of locks the line will get first anyway.
             taken, spins = None, 0

@@ -132,6 +132,13 @@ class Seats:
     def waiting(self) -> int:
         return sum(1 for future in self._line if not future.done())
 
+    def anyone_waiting(self) -> bool:
+        """``waiting > 0``, asked on every lease: drops the settled futures at the head instead of counting them all."""
+        line = self._line
+        while line and line[0].done():
+            line.popleft()
+        return bool(line)
+
     @asynccontextmanager
     async def seat(self, att: Attachment, deadline: float, acquire_timeout: float, handoff: Handoff) -> AsyncIterator[bool]:
         """Yields True with a seat; False when a lease was handed over (``handoff.lease``) first."""
