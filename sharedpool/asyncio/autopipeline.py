@@ -3,8 +3,9 @@
 A lease is exclusive, so without this Redis sees at most C commands in
 flight for the whole host, each a full round trip through one worker's
 loop. With autopipelining (``sharedpool.asyncio.Redis()``'s default;
-``autopipeline=False`` opts out), a command on the allowlist (``BATCHABLE``) issued by any task of this process joins the
-*open batch*; the batch runs in its own task, which takes one lease, sends
+``autopipeline=False`` opts out), a command on the allowlist
+(``BATCHABLE``) issued by any task of this process joins the *open
+batch*; the batch runs in its own task, which takes one lease, sends
 all its commands in one write, reads every reply in order, gives the lease
 back and settles each task's future with its own reply (ioredis's
 ``enableAutoPipelining``).
