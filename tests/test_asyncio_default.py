@@ -304,26 +304,42 @@ def test_exclusive_paths_beside_batches(manager) -> None:
     assert wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="every lease back")
 
 
-def _checked_writer(socket_path: str, count: Any) -> None:
-    """Tasks write values no one else writes and read them back, batched; a wrong reply ends the process."""
+def _checked_writer(socket_path: str, count: Any, storm: bool = False) -> None:
+    """Tasks write values no one else writes and read them back, batched; a wrong reply ends the process.
+
+    ``storm``: a third of the commands run under a timeout of 0-3 ms, so
+    many are cancelled before they are sent, once sent, or as they are
+    answered; a fresh key each round tells which outcomes may be seen.
+    """
+    import random
 
     async def main() -> None:
         r = spa.Redis(socket_path=socket_path, decode_responses=True, acquire_timeout=60)
         assert r.autopipeline is not None
+        rng = random.Random(os.getpid())
+
+        async def maybe_cut(call: Any) -> Any:
+            if storm and rng.random() < 0.33:
+                return await asyncio.wait_for(call, rng.uniform(0, 0.003))
+            return await call
 
         async def body(task: int) -> None:
-            key = f"fleet:{os.getpid()}:{task}"
             i = 0
             while True:
                 i += 1
+                key = f"fleet:{os.getpid()}:{task}:{i}"
                 value = f"{os.getpid()}:{task}:{i}:" + "z" * (100_000 if i % 50 == 0 else 8)
+                written = False
                 try:
-                    assert await r.set(key, value) is True
-                    got = await r.get(key)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    continue  # an outage (the manager restarting): the next round checks again
-                if got != value:
-                    os._exit(3)  # a reply that was not this task's
+                    written = await maybe_cut(r.set(key, value)) is True
+                except (asyncio.TimeoutError, redis.ConnectionError, redis.TimeoutError):
+                    pass  # cancelled, or an outage: the write happened or not
+                try:
+                    got = await maybe_cut(r.get(key))
+                except (asyncio.TimeoutError, redis.ConnectionError, redis.TimeoutError):
+                    continue
+                if got != value and (written or got is not None):
+                    os._exit(3)  # a reply that was not this task's, or a write that was lost or came back
                 count.value += 1
 
         await asyncio.gather(*(body(t) for t in range(32)))
@@ -331,9 +347,9 @@ def _checked_writer(socket_path: str, count: Any) -> None:
     asyncio.run(main())
 
 
-def _start_writers(socket_path: str, n: int) -> tuple[list[Any], list[Any]]:
+def _start_writers(socket_path: str, n: int, storm: bool = False) -> tuple[list[Any], list[Any]]:
     counters = [ctx.Value("i", 0) for _ in range(n)]
-    writers = [ctx.Process(target=_checked_writer, args=(socket_path, c)) for c in counters]
+    writers = [ctx.Process(target=_checked_writer, args=(socket_path, c, storm)) for c in counters]
     for writer in writers:
         writer.start()
     return writers, counters
@@ -379,3 +395,26 @@ def test_fleet_at_the_default_through_a_manager_restart(start_manager, admin: re
         assert len(manager_clients(admin, manager.pool_name)) <= 2
     finally:
         _stop(writers)
+
+
+def test_fleet_at_the_default_through_cancellation_storms_and_client_kills(start_manager, admin: redis.Redis) -> None:
+    manager = start_manager(max_connections=2, min_idle=2, acquire_timeout=60)
+    wait_for(lambda: manager.stats()["connections"]["idle"] == 2, what="the two idle connections")
+    opened = manager.stats()["counters"]["connections_opened"]
+    writers, counters = _start_writers(manager.socket_path, 3, storm=True)
+    kills = 0
+    try:
+        wait_for(lambda: all(c.value > 300 for c in counters), timeout=60, what="all writers busy")
+        for _ in range(8):
+            before = [c.value for c in counters]
+            for client in manager_clients(admin, manager.pool_name):
+                if client.get("cmd") not in ("hello", "reset", "client|setname"):
+                    kills += admin.client_kill_filter(_id=client["id"])
+            wait_for(lambda b=before: all(c.value > v + 50 for c, v in zip(counters, b, strict=True)), timeout=60,
+                     what="every writer to go on after the kill")
+        assert all(writer.is_alive() for writer in writers)  # no wrong reply, no lost or late write
+        assert kills > 0 and manager.stats()["counters"]["connections_opened"] > opened
+        assert len(manager_clients(admin, manager.pool_name)) <= 2
+    finally:
+        _stop(writers)
+    assert wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="the writers' leases back")
