@@ -383,7 +383,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                 since = table.oldest_waiter_since(att.db, att.pid)
                 if since is not None and time.monotonic() - since >= HAND_OVER_FAIRNESS_S:
                     return False
-            handoff = self._line.next_taker()
+            handoff = self._line.next_taker(time.monotonic(), HAND_OVER_FAIRNESS_S)
             if handoff is None:
                 return False
             now = time.monotonic()

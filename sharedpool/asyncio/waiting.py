@@ -47,6 +47,7 @@ async def wait_in_queue(
     """
     wait = lease_queue.QueueWait(att, taker, handoff.site, handoff.started, deadline, acquire_timeout, att.db)
     line.in_table += 1
+    handoff.in_table = True
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -67,6 +68,7 @@ async def wait_in_queue(
         # Cancelled too: our entry leaves the queue and a wake meant for us
         # goes to the next waiter.
         line.in_table -= 1
+        handoff.in_table = False
         wait.leave()
 
 
