@@ -50,8 +50,6 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
-from sharedpool import table as tbl
-
 if TYPE_CHECKING:
     from sharedpool.asyncio.client import SharedRedis
     from sharedpool.asyncio.connection import AsyncLeasedConnection
@@ -200,23 +198,11 @@ class AutoPipeline:
 
         async def failed(error: Exception) -> None:
             await conn.disconnect(error=error)
-            if _revoked(conn):
-                # The manager took the lease back (max_lease_time): every
-                # command still awaited hears LeaseLost now, with no retry
-                # and nothing sent again (issue 25, finding 2). Ending the
-                # lost lease raises it, and gives the lease back broken.
-                await client.connection_pool.replace_lost_lease(conn)
+            # The manager took the lease back (max_lease_time): every command
+            # still awaited hears LeaseLost now, with no retry and nothing
+            # sent again (issue 25, finding 2). The failed read says so
+            # already; a failed write, or a revocation seen only now, here.
+            client.connection_pool.raise_if_revoked(conn)
 
         await conn.retry.call_with_retry(attempt, failed)
 
-
-def _revoked(conn: AsyncLeasedConnection) -> bool:
-    """Whether the table says the manager revoked the lease ``conn`` holds."""
-    lease = conn.lease
-    if lease is None:
-        return False
-    try:
-        row = lease.attachment.table.row(lease.slot)
-    except ValueError:
-        return False  # scribbled, or unmapped with the manager gone: the ordinary retry decides
-    return tbl.was_revoked(row, lease.generation, lease.seq)
