@@ -1,4 +1,4 @@
-"""Autopipelining (``Redis(autopipeline=True)``): many tasks' commands in shared batches, every reply its asker's."""
+"""Autopipelining, on by default: many tasks' commands in shared batches, every reply its asker's."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import ResponseError
 from support.async_mix import report_from_async_worker
+from support.proxy import HoldingProxy
 from support.redis_view import manager_clients
 from support.waiting import wait_for
 from support.workers import fleet_holds_the_cap
@@ -87,7 +88,7 @@ def test_many_tasks_share_batches_every_reply_their_own(start_manager, admin: re
     manager = start_manager(max_connections=2, min_idle=1, acquire_timeout=30)
 
     async def main() -> tuple[list[str], AutoPipeline, dict[str, Any]]:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         try:
             wrong = await checked_mix(r, tasks=150, rounds=12, tag="mix")
             return wrong, batcher_of(r), await r.connection_pool.stats()
@@ -105,7 +106,7 @@ def test_many_tasks_share_batches_every_reply_their_own(start_manager, admin: re
 
 def test_an_error_reply_goes_to_its_own_task_only(manager) -> None:
     async def main() -> None:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         try:
             keys = [f"ap:err:{uuid.uuid4().hex}" for _ in range(60)]
             await asyncio.gather(*(r.set(k, k) for k in keys))
@@ -131,7 +132,7 @@ def test_cancelled_before_sending_is_never_sent_and_the_bound_holds(start_manage
     manager = start_manager(max_connections=1, min_idle=1)
 
     async def main() -> None:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True, acquire_timeout=0.5)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=0.5)
         try:
             k = f"ap:never:{uuid.uuid4().hex}"
             async with r.lease() as pinned:  # the only connection: the batch waits for it, open
@@ -163,7 +164,7 @@ def test_cancellation_storm_then_every_reply_right(start_manager, admin: redis.R
     opened_before = both_idle_connections_open(manager)
 
     async def main() -> tuple[list[str], int, list[str], dict[str, Any]]:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         rng = random.Random(7)
         wrong: list[str] = []
         cancelled = 0
@@ -214,7 +215,7 @@ def test_connection_killed_under_batches(start_manager, admin: redis.Redis) -> N
             stop.wait(0.005)
 
     async def main() -> tuple[list[str], int, int]:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         wrong: list[str] = []
         right = failed = 0
 
@@ -260,7 +261,7 @@ def test_connection_killed_under_batches(start_manager, admin: redis.Redis) -> N
 
 def _worker(socket_path: str, worker: int, out: Any) -> None:
     report_from_async_worker(
-        out, socket_path, lambda r: checked_mix(r, tasks=64, rounds=5, tag=f"w{worker}"), autopipeline=True
+        out, socket_path, lambda r: checked_mix(r, tasks=64, rounds=5, tag=f"w{worker}")
     )
 
 
@@ -270,7 +271,7 @@ def test_worker_processes_x_64_tasks_batched_cap_holds(start_manager, admin: red
 
 def test_batches_are_capped(manager) -> None:
     async def main() -> None:
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         r.autopipeline = AutoPipeline(max_batch=10)
         try:
             keys = [f"ap:cap:{uuid.uuid4().hex}" for _ in range(95)]
@@ -287,9 +288,9 @@ def test_batches_are_capped(manager) -> None:
 
 def test_pinned_and_single_connection_clients_do_not_batch(manager) -> None:
     async def main() -> None:
-        single = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True,
+        single = spa.Redis(socket_path=manager.socket_path, decode_responses=True,
                            single_connection_client=True)
-        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, autopipeline=True)
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
         try:
             k = f"ap:single:{uuid.uuid4().hex}"
             assert await single.set(k, "1") is True and await single.get(k) == "1"
@@ -304,3 +305,92 @@ def test_pinned_and_single_connection_clients_do_not_batch(manager) -> None:
 
     run(main())
     assert wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="every lease back")
+
+
+def test_a_cancelled_write_is_never_resent_over_a_newer_one(start_manager, redis_server, admin: redis.Redis) -> None:
+    """Issue 25, finding 1: SET k v1 sent, its task cancelled; SET k v2 answered; v1's connection lost: k stays v2.
+
+    The relay holds v1 away from Redis until the cut, so the order is exact
+    in every round: v1 is never answered, v2 is, then v1's batch loses its
+    connection and retries what is still awaited, which v1 is not.
+    """
+    proxy = HoldingProxy(redis_server.port)
+    manager = start_manager(redis_url=proxy.url, max_connections=2, min_idle=2, acquire_timeout=30)
+
+    def two_open() -> bool:
+        return bool(manager.stats()["connections"]["idle"] == 2)
+
+    async def main() -> list[str]:
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True)
+        wrong: list[str] = []
+        try:
+            for round_ in range(20):
+                await asyncio.get_running_loop().run_in_executor(None, lambda: wait_for(two_open, what="two idle connections"))
+                k = f"ap:replay:{round_}:{uuid.uuid4().hex}"
+                proxy.hold_all()
+                first = asyncio.ensure_future(r.set(k, "v1"))
+                deadline = time.monotonic() + 10
+                while (link := proxy.holding(k.encode())) is None:
+                    assert time.monotonic() < deadline, "SET k v1 never reached the relay"
+                    await asyncio.sleep(0.001)
+                first.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await first
+                proxy.release_all(but=link)
+                assert await r.set(k, "v2") is True  # the other connection: v1's batch still holds its own
+                link.cut()
+                deadline = time.monotonic() + 10
+                while batcher_of(r)._running:
+                    assert time.monotonic() < deadline, "v1's batch never ended"
+                    await asyncio.sleep(0.001)
+                got = admin.get(k)
+                if got != "v2":
+                    wrong.append(f"round {round_}: {k} = {got!r}")
+            return wrong
+        finally:
+            await r.aclose()
+
+    try:
+        assert run(main()) == []
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("retry", ["default", "none"])
+def test_a_revoked_batch_fails_its_commands_with_lease_lost_at_once(start_manager, redis_server, admin: redis.Redis,
+                                                                   retry: str) -> None:
+    """Issue 25, finding 2, for batches: a batch whose lease is revoked mid-flight raises LeaseLost in every
+    task at once, with no retry, and sends nothing again."""
+    proxy = HoldingProxy(redis_server.port)
+    manager = start_manager(redis_url=proxy.url, max_connections=2, min_idle=2, max_lease_time=0.5, reap_interval=0.05)
+
+    async def main() -> None:
+        options: dict[str, Any] = {} if retry == "default" else {"retry": None}
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, **options)
+        try:
+            await r.ping()
+            k = f"ap:revoked:{uuid.uuid4().hex}"
+            proxy.hold_all()  # the batch's INCRs never reach Redis: it waits past max_lease_time, and is revoked
+            results = await asyncio.gather(*(r.incr(k) for _ in range(5)), return_exceptions=True)
+            failed_at = time.monotonic()
+            # The relay's thread sees the manager's shutdown a little after
+            # the holder does (this process's loop holds the GIL meanwhile).
+            deadline = time.monotonic() + 10
+            while not (cut := [lk for lk in proxy.links if lk.cut_done]):
+                assert time.monotonic() < deadline, "the revocation never cut the relayed connection"
+                await asyncio.sleep(0.001)
+            assert len(cut) == 1 and proxy.holding(b"INCR") is None  # held INCRs and all: none reached Redis
+            assert all(isinstance(e, errors.LeaseLost) for e in results), results
+            assert "max_lease_time" in str(results[0])
+            assert failed_at - cut[0].cut_at < 0.1
+            proxy.release_all()
+            # Nothing went out again on another lease.
+            assert admin.get(k) is None
+            assert await r.incr(k) == 1
+        finally:
+            await r.aclose()
+
+    try:
+        run(main())
+    finally:
+        proxy.close()

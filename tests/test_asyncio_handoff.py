@@ -44,7 +44,8 @@ async def _until_in_line(pool: spa.SharedConnectionPool, tasks: int) -> None:
 
 
 def _client(manager: Any) -> spa.SharedRedis:
-    return spa.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=30)
+    # The exclusive path: every command its own lease, handed over between tasks.
+    return spa.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=30, autopipeline=False)
 
 
 def _rows(pool: spa.SharedConnectionPool) -> list[tbl.Row]:

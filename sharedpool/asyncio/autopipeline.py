@@ -2,9 +2,10 @@
 
 A lease is exclusive, so without this Redis sees at most C commands in
 flight for the whole host, each a full round trip through one worker's
-loop. With ``sharedpool.asyncio.Redis(autopipeline=True)``, a command on the
-allowlist (``BATCHABLE``) issued by any task of this process joins the
-*open batch*; the batch runs in its own task, which takes one lease, sends
+loop. With autopipelining (``sharedpool.asyncio.Redis()``'s default;
+``autopipeline=False`` opts out), a command on the allowlist
+(``BATCHABLE``) issued by any task of this process joins the *open
+batch*; the batch runs in its own task, which takes one lease, sends
 all its commands in one write, reads every reply in order, gives the lease
 back and settles each task's future with its own reply (ioredis's
 ``enableAutoPipelining``).
@@ -26,9 +27,13 @@ What each task sees is what it would see with the command issued alone:
   is never sent); cancelled once sent, it just stops waiting: the batch
   still reads its reply, so the lease comes back clean;
 * a connection lost mid-batch (ConnectionError, TimeoutError) settles the
-  commands whose replies were read, and sends the rest again on a fresh
-  lease under the connection's ``retry``, as redis-py would resend a lone
-  command; a command is thus never sent again once answered. When the
+  commands whose replies were read, and sends those still awaited again,
+  in their order, on a fresh lease under the connection's ``retry``, as
+  redis-py would resend a lone command; a command is thus never sent
+  again once answered, nor once its task was cancelled (its write would
+  land over whatever was written since). A lease the manager revoked
+  (``max_lease_time``) fails every command still awaited with ``LeaseLost``
+  at once, with nothing sent again. When the
   retries run out, or on an error the retry does not cover, every
   unanswered command of the batch gets that error;
 * bounds: the batch's lease is taken with the pool's own bounds
@@ -167,15 +172,18 @@ class AutoPipeline:
                 await pool.release(conn)
 
     async def _send(self, client: SharedRedis, conn: AsyncLeasedConnection, calls: list[_Call]) -> None:
-        answered = 0
-
         async def attempt() -> None:
-            nonlocal answered
+            # Only what is still awaited goes out again, in its order: a call
+            # answered must not run twice, and one whose task was cancelled
+            # after it was sent must not land later over what that task (or
+            # any other) wrote since (issue 25, finding 1).
+            rest = [call for call in calls if not call.future.done()]
+            if not rest:
+                return
             if not conn.is_connected:
                 # Bind the fresh lease before packing: packing counts the
                 # replies due on this lease, and binding starts the count afresh.
                 await conn.connect_check_health(check_health=False)
-            rest = calls[answered:]
             await conn.send_packed_command(conn.pack_commands([call.args for call in rest]), check_health=False)
             for call in rest:
                 try:
@@ -186,10 +194,15 @@ class AutoPipeline:
                     if not conn.is_connected:
                         raise  # the read failed: redis-py closed the connection, and the batch's retry decides
                     reply = exc  # read, then its response callback failed: this command's error alone
-                answered += 1
                 call.settle(reply)
 
         async def failed(error: Exception) -> None:
             await conn.disconnect(error=error)
+            # The manager took the lease back (max_lease_time): every command
+            # still awaited hears LeaseLost now, with no retry and nothing
+            # sent again (issue 25, finding 2). The failed read says so
+            # already; a failed write, or a revocation seen only now, here.
+            client.connection_pool.raise_if_revoked(conn)
 
         await conn.retry.call_with_retry(attempt, failed)
+

@@ -33,15 +33,22 @@ class SharedRedis(redis.asyncio.Redis):
     connection_pool: SharedConnectionPool
     autopipeline: AutoPipeline | None = None  # see sharedpool.asyncio.autopipeline
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, autopipeline: bool | None = None, **kwargs: Any) -> None:
+        """As ``redis.asyncio.Redis``; ``autopipeline``: batch this client's simple commands
+        (None: as its pool says, which is on unless made with ``autopipeline=False``)."""
         # Made like Redis() (SharedRedis(socket_path=..., db=...)): the pool is built from the options.
         if kwargs.get("connection_pool") is None and not args:
             kwargs.pop("connection_pool", None)
             single = bool(kwargs.pop("single_connection_client", False))
+            if autopipeline is not None:
+                kwargs["autopipeline"] = autopipeline
             super().__init__(connection_pool=SharedConnectionPool(**kwargs), single_connection_client=single)
             self.auto_close_connection_pool = True
-            return
-        super().__init__(*args, **kwargs)
+        else:
+            super().__init__(*args, **kwargs)
+        if autopipeline is None:
+            autopipeline = getattr(self.connection_pool, "autopipeline", False)
+        self.autopipeline = AutoPipeline() if autopipeline else None
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SharedRedis:  # type: ignore[override]
@@ -58,6 +65,22 @@ class SharedRedis(redis.asyncio.Redis):
         if batcher is not None and not self.single_connection_client and batcher.takes(args[0]):
             return await batcher.execute(self, args, options)
         return await super().execute_command(*args, **options)
+
+    def lock(self, *args: Any, **kwargs: Any) -> Any:
+        """``redis.asyncio.Redis.lock``, its commands each on a lease of its own as in
+        redis.asyncio, never batched: a lock's SET NX is timed against its own
+        timeouts and must not wait behind other tasks' replies in a batch."""
+        lock = super().lock(*args, **kwargs)
+        lock.redis = self._unbatched()
+        return lock
+
+    def _unbatched(self) -> SharedRedis:
+        """This client, sharing everything but its batcher."""
+        twin: SharedRedis = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.autopipeline = None
+        twin.auto_close_connection_pool = False
+        return twin
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[redis.asyncio.Redis]:
@@ -80,23 +103,21 @@ def Redis(
     acquire_timeout: float | None = None,
     manager_timeout: float | None = None,
     single_connection_client: bool = False,
-    autopipeline: bool = False,
+    autopipeline: bool = True,
     **redis_kwargs: Any,
 ) -> SharedRedis:
     """A ``redis.asyncio.Redis`` whose connections are leased from the sharedpool manager.
 
     Keyword arguments are those of ``redis.asyncio.Redis`` that concern the
     client (``decode_responses``, ``socket_timeout``, ``retry``, ``protocol``, ``db``...).
-    ``autopipeline=True``: concurrent tasks' simple commands share leases
-    and round trips (``sharedpool.asyncio.autopipeline``). Unless given,
-    ``retry`` is redis-py's own default for ``redis.asyncio.Redis``.
+    Concurrent tasks' simple commands share leases and round trips
+    (``sharedpool.asyncio.autopipeline``); ``autopipeline=False`` gives
+    every command a lease of its own. Unless given, ``retry`` is redis-py's
+    own default for ``redis.asyncio.Redis``.
     """
     if "retry" not in redis_kwargs:
         redis_kwargs["retry"] = copy.deepcopy(_REDIS_DEFAULT_RETRY)
-    client = SharedRedis(
+    return SharedRedis(
         socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout,
-        single_connection_client=single_connection_client, **redis_kwargs,
+        single_connection_client=single_connection_client, autopipeline=autopipeline, **redis_kwargs,
     )
-    if autopipeline:
-        client.autopipeline = AutoPipeline()
-    return client

@@ -29,13 +29,14 @@ from sharedpool.client.lease_core import Lease
 class Handoff:
     """One waiting task's place in ``LocalLine``."""
 
-    __slots__ = ("future", "lease", "site", "started")
+    __slots__ = ("future", "in_table", "lease", "site", "started")
 
     def __init__(self, site: int, started: float) -> None:
         self.future: asyncio.Future[Any] | None = None
         self.lease: Lease | None = None
         self.site = site
         self.started = started
+        self.in_table = False  # queued in the table too (it holds one of the process's seats)
 
     def claim(self) -> Lease | None:
         lease, self.lease = self.lease, None
@@ -65,18 +66,33 @@ class LocalLine:
             pass  # handed a lease: already out
         return handoff.claim()
 
-    def next_taker(self) -> Handoff | None:
-        """The oldest task in line not yet handed a lease.
+    def next_taker(self, now: float, patience: float) -> Handoff | None:
+        """The task in line to hand a lease to: the oldest not yet handed one, unless it is
+        queued in the table and has waited less than ``patience``: then the oldest not queued there.
 
-        Whether it is awaiting right now does not matter: a task whose
+        A task queued in the table that is handed a lease leaves the queue,
+        and the next one in line joins it: a queue entry written and removed
+        under the table's header lock, a wake socket added to the selector and
+        removed, per command. Passing over it for a while keeps the process's
+        few entries in the queue (they stand for it there), and bounds how
+        long a younger task may go first.
+
+        Whether a task is awaiting right now does not matter: a task whose
         timer just fired (its future done, the task not yet resumed), or
         one between two steps of its wait, looks at ``lease`` before it
         waits again. Only a task that is awaiting is woken by the hand-over.
         """
+        oldest: Handoff | None = None
         for handoff in self._line:
-            if handoff.lease is None:
+            if handoff.lease is not None:
+                continue
+            if oldest is None:
+                oldest = handoff
+                if not handoff.in_table or now - handoff.started >= patience:
+                    return handoff
+            elif not handoff.in_table:
                 return handoff
-        return None
+        return oldest
 
     def hand(self, handoff: Handoff, lease: Lease) -> None:
         self._line.remove(handoff)

@@ -66,7 +66,9 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     The sync ``SharedConnectionPool``'s arguments and bounds: no call waits
     longer than ``manager_timeout + acquire_timeout`` in all. ``db`` is the
-    database asked for (None: the manager's).
+    database asked for (None: the manager's). ``autopipeline``: whether a
+    ``SharedRedis`` over this pool batches its simple commands (a plain
+    ``redis.asyncio.Redis`` over it never does).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         *,
         acquire_timeout: float | None = None,
         manager_timeout: float | None = None,
+        autopipeline: bool = True,
         **connection_kwargs: Any,
     ) -> None:
         redis_location = clone.pool_options(connection_kwargs)
@@ -89,6 +92,11 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         clone.record_for_clones(
             self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
         )
+        self.autopipeline = bool(autopipeline)
+        if not self.autopipeline:
+            # Kept for copies only when it differs from the default, so that a
+            # default pool's options stay those a sync pool takes too.
+            self.connection_kwargs["autopipeline"] = False
         self._start_afresh()
         process.register(self)
 
@@ -244,7 +252,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         if flags & lease_core.STOPPING:
             raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
         assert self._seats is not None
-        if self._seats.waiting:
+        if self._seats.anyone_waiting():
             # Tasks of this process are in line already: first come, first
             # served, and no scan of locks the line will get first anyway.
             taken, spins = None, 0
@@ -345,7 +353,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
             raise
 
     def _make(self, att: Attachment, slot: int, generation: int) -> AsyncLeasedConnection:
-        kwargs = {key: value for key, value in self.connection_kwargs.items() if key not in clone.NOT_FOR_CONNECTIONS}
+        kwargs = {
+            key: value for key, value in self.connection_kwargs.items()
+            if key not in clone.NOT_FOR_CONNECTIONS and key != "autopipeline"
+        }
         kwargs["protocol"] = int(att.welcome.get("protocol", 3))
         kwargs["db"] = att.db
         return AsyncLeasedConnection(
@@ -386,7 +397,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                 since = table.oldest_waiter_since(att.db, att.pid)
                 if since is not None and time.monotonic() - since >= HAND_OVER_FAIRNESS_S:
                     return False
-            handoff = self._line.next_taker()
+            handoff = self._line.next_taker(time.monotonic(), HAND_OVER_FAIRNESS_S)
             if handoff is None:
                 return False
             now = time.monotonic()

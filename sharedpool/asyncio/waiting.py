@@ -47,6 +47,7 @@ async def wait_in_queue(
     """
     wait = lease_queue.QueueWait(att, taker, handoff.site, handoff.started, deadline, acquire_timeout, att.db)
     line.in_table += 1
+    handoff.in_table = True
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -67,6 +68,7 @@ async def wait_in_queue(
         # Cancelled too: our entry leaves the queue and a wake meant for us
         # goes to the next waiter.
         line.in_table -= 1
+        handoff.in_table = False
         wait.leave()
 
 
@@ -131,6 +133,13 @@ class Seats:
     @property
     def waiting(self) -> int:
         return sum(1 for future in self._line if not future.done())
+
+    def anyone_waiting(self) -> bool:
+        """``waiting > 0``, asked on every lease: drops the settled futures at the head instead of counting them all."""
+        line = self._line
+        while line and line[0].done():
+            line.popleft()
+        return bool(line)
 
     @asynccontextmanager
     async def seat(self, att: Attachment, deadline: float, acquire_timeout: float, handoff: Handoff) -> AsyncIterator[bool]:

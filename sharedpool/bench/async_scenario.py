@@ -3,14 +3,16 @@
 W=4 worker processes x 64 concurrent tasks; a request is k commands
 (GET/SET of its own key) and a wait on other I/O (``asyncio.sleep``).
 Plain: one ``redis.asyncio`` pool per worker (up to 64 connections each).
-Shared: ``sharedpool.asyncio`` over a manager with C connections, one lease
-per command (what a ``redis.asyncio`` user's code does unchanged). Shared,
-lease per request: the same request inside ``async with r.lease()``, the
-API the README offers for a block of commands. Shared, autopipelined:
-unchanged code over ``Redis(autopipeline=True)``, tasks' commands batched
-on shared leases. All run in the same rounds,
-in alternating order; peak Redis connections are counted by Redis itself
-(``CONNECTED_CLIENTS`` polled during the window).
+Shared: ``sharedpool.asyncio.Redis()`` at its defaults over a manager with
+C connections (code written for ``redis.asyncio``, unchanged: its simple
+commands autopipelined). Opt-out: ``Redis(autopipeline=False)``, one lease
+per command. Lease per request: the same request inside ``async with
+r.lease()``, the API the README offers for a block of commands. Slow:
+plain and the default again, with task 0 of each worker reading a 1 MB
+value in place of its small GET; the p99 counted is that of the other
+tasks' requests, which may wait behind it (head of line). All run in the
+same rounds, in alternating order; peak Redis connections are counted by
+Redis itself (``CONNECTED_CLIENTS`` polled during the window).
 """
 
 from __future__ import annotations
@@ -30,46 +32,56 @@ from sharedpool.bench.rig import Rig
 WORKERS = 4
 TASKS = 64
 CONNECTIONS = 4
-TARGET = 0.95  # x plain requests/s at C=4
+SHARED_OPT_OUT = "shared_optout"  # sharedpool, Redis(autopipeline=False): a lease per command
 SHARED_LEASE = "shared_lease"  # sharedpool, one lease() block per request
-SHARED_AUTOPIPE = "shared_autopipe"  # sharedpool, Redis(autopipeline=True), code unchanged
+PLAIN_SLOW = "plain_slow"  # plain, with one task per worker reading a 1 MB value
+SHARED_SLOW = "shared_slow"  # the default, the same
+BIG_VALUE = 2**20
 
 
 def _worker(system: str, address: str, commands: int, io_s: float, duration: float, ready: Any, go: Any, out: Any) -> None:
     async def main() -> tuple[int, bytes, float, float]:
-        if system == PLAIN:
+        if system in (PLAIN, PLAIN_SLOW):
             import redis.asyncio
 
             r: Any = redis.asyncio.Redis.from_url(address, max_connections=TASKS)
         else:
             import sharedpool.asyncio
 
-            r = sharedpool.asyncio.Redis(socket_path=address, acquire_timeout=30, autopipeline=system == SHARED_AUTOPIPE)
+            r = sharedpool.asyncio.Redis(socket_path=address, acquire_timeout=30, autopipeline=system != SHARED_OPT_OUT)
         latencies = array("d")
         stop_at = 0.0
+        slow = system in (PLAIN_SLOW, SHARED_SLOW)
+        big_key = f"bench-async:big:{os.getpid()}"
+        if slow:
+            await r.set(big_key, b"b" * BIG_VALUE)
 
-        async def commands_on(client: Any, key: str, value: str) -> None:
+        async def commands_on(client: Any, key: str, value: str, big: bool) -> None:
             for i in range(commands):
                 if i % 2:
-                    if await client.get(key) != value.encode():
+                    if big and i == 1:
+                        if len(await client.get(big_key)) != BIG_VALUE:
+                            raise AssertionError(f"{big_key}: wrong reply")
+                    elif await client.get(key) != value.encode():
                         raise AssertionError(f"{key}: wrong reply")
                 else:
                     await client.set(key, value)
 
-        async def request(key: str, value: str) -> None:
+        async def request(key: str, value: str, big: bool) -> None:
             if system == SHARED_LEASE:
                 async with r.lease() as pinned:
-                    await commands_on(pinned, key, value)
+                    await commands_on(pinned, key, value, big)
             else:
-                await commands_on(r, key, value)
+                await commands_on(r, key, value, big)
             await asyncio.sleep(io_s)
 
         async def task(n: int, record: bool) -> None:
             key = f"bench-async:{os.getpid()}:{n}"
+            big = slow and n == 0
             while time.monotonic() < stop_at:
                 started = time.monotonic()
-                await request(key, uuid.uuid4().hex)
-                if record:
+                await request(key, uuid.uuid4().hex, big)
+                if record and not big:
                     latencies.append(time.monotonic() - started)
 
         stop_at = time.monotonic() + min(0.5, duration)  # warm-up: connections opened, caches filled
@@ -97,7 +109,7 @@ def _run(rig: Rig, system: str, address: str) -> dict[str, float]:
     # Redis's own count: before the workers start, less the manager's
     # connections (already open: min_idle=C), so that both systems' peaks
     # are the connections they use.
-    baseline = _clients(rig) - (rig.manager_open(address) if system != PLAIN else 0)
+    baseline = _clients(rig) - (rig.manager_open(address) if system not in (PLAIN, PLAIN_SLOW) else 0)
     peak = 0
     procs = [ctx.Process(target=_worker, args=(system, address, s.commands, s.io_ms / 1e3, s.duration, ready, go, out))
              for ready in readies]
@@ -141,7 +153,10 @@ def scenario_async(rig: Rig, results: Results) -> None:
 
     size = rig.sizes([CONNECTIONS])[0]
     address = rig.manager(size)
-    systems = [(PLAIN, rig.redis_url), (SHARED, address), (SHARED_LEASE, address), (SHARED_AUTOPIPE, address)]
+    systems = [
+        (PLAIN, rig.redis_url), (SHARED, address), (SHARED_OPT_OUT, address), (SHARED_LEASE, address),
+        (PLAIN_SLOW, rig.redis_url), (SHARED_SLOW, address),
+    ]
 
     def measure(system: str, where: str) -> Any:
         def run(round_no: int) -> str:
