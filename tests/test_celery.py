@@ -82,7 +82,11 @@ class Fleet:
 
 @pytest.fixture
 def fleet(start_manager, redis_server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
-    manager = start_manager(max_connections=CAP, min_idle=1, leak_threshold=1)
+    # A short grace: the client's result listener keeps its PSUBSCRIBE lease past
+    # app.close(), and a manager still waiting for it when the fixture's stop gives
+    # up is SIGKILLed without shutting its connections down, which then stay open
+    # in this process and show up as strangers to the next test on this Redis.
+    manager = start_manager(max_connections=CAP, min_idle=1, leak_threshold=1, shutdown_grace=2)
     fleet = Fleet(manager, redis_server, tmp_path)
     try:
         yield fleet
