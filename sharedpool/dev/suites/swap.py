@@ -149,7 +149,7 @@ def install(mode: str, port: int, pool_options: Mapping[str, Any] | None = None)
 
 
 def _redirect_default_port(connection_class: type, port: int) -> None:
-    original = connection_class.__init__
+    original: Callable[..., None] = connection_class.__init__  # type: ignore[misc]
 
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
