@@ -213,3 +213,10 @@ def test_known_toml_entries_need_a_suite_a_test_and_a_reason(tmp_path: Path) -> 
     bad.write_text('[[regression]]\nsuite = "rq"\ntest = "tests/x.py::t"\n')
     with pytest.raises(ValueError, match="lacks reason"):
         runner.load_known(bad)
+
+
+def test_a_pool_option_the_pools_do_not_name_is_refused_before_any_suite_runs() -> None:
+    asyncio_suite = [runner.SUITES["redis-py-asyncio"]]
+    assert runner.check_pool_options({"acquire_timeout": 2}, asyncio_suite) is None
+    refused = runner.check_pool_options({"no_such_option": True}, asyncio_suite)
+    assert refused == "sharedpool.asyncio.pool.SharedConnectionPool has no 'no_such_option' argument"

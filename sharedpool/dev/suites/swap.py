@@ -149,15 +149,36 @@ def install(mode: str, port: int, pool_options: Mapping[str, Any] | None = None)
 
 
 def _redirect_default_port(connection_class: type, port: int) -> None:
-    original: Callable[..., None] = connection_class.__init__  # type: ignore[misc]
+    # Only the socket's connect is redirected: the connection object keeps
+    # the host and port it was given, which suites compare with what they
+    # configured (rq's worker clones its connection from them).
+    original: Callable[..., Any] = connection_class._connect  # type: ignore[attr-defined]
 
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        if self.port == DEFAULT_PORT and str(self.host).lower() in _LOOPBACK:
+    def redirected(self: Any) -> bool:
+        return bool(self.port == DEFAULT_PORT and str(self.host).lower() in _LOOPBACK)
+
+    if inspect.iscoroutinefunction(original):
+        async def _connect_async(self: Any) -> Any:
+            if not redirected(self):
+                return await original(self)
             self.port = port
+            try:
+                return await original(self)
+            finally:
+                self.port = DEFAULT_PORT
 
-    connection_class.__init__ = __init__  # type: ignore[misc]
+        connection_class._connect = functools.wraps(original)(_connect_async)  # type: ignore[attr-defined]
+    else:
+        def _connect(self: Any) -> Any:
+            if not redirected(self):
+                return original(self)
+            self.port = port
+            try:
+                return original(self)
+            finally:
+                self.port = DEFAULT_PORT
+
+        connection_class._connect = functools.wraps(original)(_connect)  # type: ignore[attr-defined]
 
 
 class SwappedPool(SharedConnectionPool):
