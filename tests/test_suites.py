@@ -220,3 +220,37 @@ def test_a_pool_option_the_pools_do_not_name_is_refused_before_any_suite_runs() 
     assert runner.check_pool_options({"acquire_timeout": 2}, asyncio_suite) is None
     refused = runner.check_pool_options({"no_such_option": True}, asyncio_suite)
     assert refused == "sharedpool.asyncio.pool.SharedConnectionPool has no 'no_such_option' argument"
+
+
+CLIENT_AUTOPIPELINE = textwrap.dedent(
+    """
+    import asyncio, sys
+    from sharedpool.dev.suites import swap
+    swap.install_from_env()
+    import redis.asyncio
+
+    async def main():
+        client = redis.asyncio.Redis(port=int(sys.argv[1]), db=4)
+        await asyncio.gather(*(client.set(f"k{i}", i) for i in range(64)))
+        replies = await asyncio.gather(*(client.get(f"k{i}") for i in range(64)))
+        assert replies == [str(i).encode() for i in range(64)], replies
+        batcher = client.__dict__["_suite_autopipeline"]
+        print("batches", batcher.batches, "commands", batcher.commands)
+        await client.aclose()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_client_autopipelining_batches_a_plain_asyncio_clients_commands(
+    manager: ManagerProcess, redis_server: Any, tmp_path: Path
+) -> None:
+    script = tmp_path / "autopipeline.py"
+    script.write_text(CLIENT_AUTOPIPELINE)
+    env = {**suite_env("shared", redis_server.port, manager.socket_path), swap.CLIENT_AUTOPIPELINE_ENV: "1"}
+    done = subprocess.run([sys.executable, str(script), str(redis_server.port)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    batches, commands = (int(word) for word in done.stdout.split()[1::2])
+    assert commands == 128 and batches < commands, done.stdout

@@ -230,7 +230,7 @@ def write_sitecustomize(workdir: Path) -> Path:
 
 def run_pytest(
     suite: Suite, mode: str, python: str, cwd: Path, site: Path, port: int, socket_path: str, log: Path,
-    pool_options: dict[str, Any], extra: Sequence[str],
+    pool_options: dict[str, Any], extra: Sequence[str], client_autopipeline: bool = False,
 ) -> Outcomes:
     results = log.with_suffix(".json")
     results.unlink(missing_ok=True)
@@ -241,6 +241,7 @@ def run_pytest(
         swap.MODE_ENV: mode,
         swap.REDIS_PORT_ENV: str(port),
         swap.POOL_OPTIONS_ENV: json.dumps(pool_options),
+        swap.CLIENT_AUTOPIPELINE_ENV: "1" if client_autopipeline else "",
         RESULTS_ENV: str(results),
         "SHAREDPOOL_SOCKET_PATH": socket_path,
         **dict(suite.env),
@@ -280,7 +281,7 @@ def check_pool_options(pool_options: dict[str, Any], suites: Sequence[Suite]) ->
 
 def run_suite(
     suite: Suite, workdir: Path, known: list[Known], pool_options: dict[str, Any], extra: Sequence[str],
-    manager_settings: dict[str, Any],
+    manager_settings: dict[str, Any], client_autopipeline: bool = False,
 ) -> Verdict:
     version = importlib.metadata.version(suite.distribution)
     source = workdir / f"{suite.distribution}-{version}"
@@ -309,7 +310,7 @@ def run_suite(
             started = time.monotonic()
             outcomes[mode] = run_pytest(
                 suite, mode, python, source, site, server.port, manager.socket_path, logs / f"{suite.name}-{mode}.log",
-                pool_options, extra,
+                pool_options, extra, client_autopipeline,
             )
             seconds[mode] = time.monotonic() - started
             print(f"   {suite.name} {mode}: {outcomes[mode].summary()} in {seconds[mode]:.0f} s "
@@ -326,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep the sdists, logs and results here (default: a temporary directory, removed)")
     parser.add_argument("--pool-option", action="append", default=[], metavar="NAME=JSON",
                         help="a keyword argument for every shared pool, e.g. autopipeline=true")
+    parser.add_argument("--client-autopipeline", action="store_true",
+                        help="redis.asyncio clients of a shared pool batch, as sharedpool.asyncio.Redis(autopipeline=True)")
     parser.add_argument("--manager-option", action="append", default=[], metavar="NAME=JSON",
                         help="a manager setting (ManagerConfig field), e.g. max_connections=8 (default: its defaults)")
     parser.add_argument("--json", help="write every suite's regressions and outcomes to this file")
@@ -347,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdicts = []
     try:
         for name in args.suites:
-            verdict = run_suite(SUITES[name], workdir, known, pool_options, extra, manager_settings)
+            verdict = run_suite(SUITES[name], workdir, known, pool_options, extra, manager_settings, args.client_autopipeline)
             verdicts.append(verdict)
             print(verdict.report(), flush=True)
             if not verdict.plain.passed():

@@ -44,6 +44,8 @@ from sharedpool.client.pool import SharedConnectionPool
 MODE_ENV = "SHAREDPOOL_SUITE_MODE"  # "plain" or "shared"; unset: nothing installed
 REDIS_PORT_ENV = "SHAREDPOOL_SUITE_REDIS_PORT"  # the suite's server, on 127.0.0.1
 POOL_OPTIONS_ENV = "SHAREDPOOL_SUITE_POOL_OPTIONS"  # JSON keyword arguments for every shared pool
+# "1": redis.asyncio clients of a shared pool autopipeline, as sharedpool.asyncio.Redis(autopipeline=True)
+CLIENT_AUTOPIPELINE_ENV = "SHAREDPOOL_SUITE_CLIENT_AUTOPIPELINE"
 MODES = ("plain", "shared")
 
 DEFAULT_PORT = 6379  # redis-py's default, where suites expect their server
@@ -129,6 +131,8 @@ def install_from_env(environ: Mapping[str, str] | None = None) -> str | None:
     port = int(environ[REDIS_PORT_ENV])
     options = json.loads(environ.get(POOL_OPTIONS_ENV) or "{}")
     install(mode, port, options)
+    if mode == "shared" and environ.get(CLIENT_AUTOPIPELINE_ENV) == "1":
+        autopipeline_clients()
     return mode
 
 
@@ -146,6 +150,30 @@ def install(mode: str, port: int, pool_options: Mapping[str, Any] | None = None)
         _pool_options.update(pool_options or {})
         _swap(redis.connection.ConnectionPool, redis.connection.Connection, SwappedPool, port)
         _swap(redis.asyncio.connection.ConnectionPool, redis.asyncio.connection.Connection, AsyncSwappedPool, port)
+
+
+def autopipeline_clients() -> None:
+    """Make every ``redis.asyncio.Redis`` of a shared pool batch as ``sharedpool.asyncio.Redis(autopipeline=True)``.
+
+    Today autopipelining is the client's (``SharedRedis``), and the suites
+    make plain ``redis.asyncio.Redis`` clients around the pool: this gives
+    each such client the batcher that client would have, to see what
+    autopipelining by default will show before the pool takes it.
+    """
+    from sharedpool.asyncio.autopipeline import AutoPipeline
+
+    original = redis.asyncio.Redis.execute_command
+
+    async def execute_command(self: Any, *args: Any, **options: Any) -> Any:
+        if isinstance(self.connection_pool, AsyncSharedConnectionPool) and not self.single_connection_client:
+            batcher = self.__dict__.get("_suite_autopipeline")
+            if batcher is None:
+                batcher = self.__dict__["_suite_autopipeline"] = AutoPipeline()
+            if batcher.takes(args[0]):
+                return await batcher.execute(self, args, options)
+        return await original(self, *args, **options)  # type: ignore[no-untyped-call]
+
+    redis.asyncio.Redis.execute_command = execute_command  # type: ignore[method-assign]
 
 
 def _redirect_default_port(connection_class: type, port: int) -> None:
