@@ -254,3 +254,19 @@ def test_client_autopipelining_batches_a_plain_asyncio_clients_commands(
     assert done.returncode == 0, done.stdout + done.stderr
     batches, commands = (int(word) for word in done.stdout.split()[1::2])
     assert commands == 128 and batches < commands, done.stdout
+
+
+def test_a_known_regression_with_a_failure_matches_only_that_failure(tmp_path: Path) -> None:
+    plain = runner.Outcomes({"t::a": "passed", "t::b": "passed", "t::c": "passed"})
+    shared = runner.Outcomes(
+        {"t::a": "failed", "t::b": "failed", "t::c": "failed"},
+        {"t::a": "sharedpool.errors.PoolTimeout: no lease from pool 'p' within 5.00 s", "t::b": "AssertionError: assert 1 == 2"},
+    )
+    known = [runner.Known("s", "t::*", "leaked leases", failure="PoolTimeout: no lease from pool")]
+    verdict = runner.Verdict("s", plain, shared, known, {})
+    assert verdict.unexpected == ["t::b", "t::c"]
+    assert verdict.reason("t::a") == "leaked leases"
+    (tmp_path / "k.toml").write_text(
+        '[[regression]]\nsuite = "s"\ntest = "t::*"\nfailure = "PoolTimeout"\nreason = "r"\n'
+    )
+    assert runner.load_known(tmp_path / "k.toml") == [runner.Known("s", "t::*", "r", "PoolTimeout")]
