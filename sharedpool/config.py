@@ -67,13 +67,11 @@ def _choice(*allowed: Any) -> Callable[[str, Any], str | None]:
 def _redis_url(name: str, value: str) -> str | None:
     scheme = urlsplit(value).scheme
     if scheme == "rediss":
-        return (
-            "redis:// or unix://; rediss:// (TLS) cannot be shared, because TLS "
-            "session state lives in the manager's memory and a passed socket fd "
-            "does not carry it"
-        )
+        from sharedpool import tls
+
+        return None if tls.available() else f"redis:// or unix:// ({tls.INSTALL_HINT})"
     if scheme not in ("redis", "unix"):
-        return "a redis://host:port/db or unix:///path/to/redis.sock URL"
+        return "a redis://host:port/db or unix:///path/to/redis.sock URL (rediss:// for TLS)"
     return None
 
 
@@ -136,10 +134,14 @@ def url_database(url: str) -> int:
     """The database a redis:// (``/N``) or unix:// (``?db=N``) URL names; 0 when it names none."""
     from redis.connection import parse_url
 
+    if urlsplit(url).scheme == "rediss":
+        from sharedpool.tls.handshake import without_options
+
+        url = without_options(url)  # redis-py would parse ssl_min_version as a number
     try:
         return int(parse_url(url).get("db", 0) or 0)  # type: ignore[no-untyped-call]
     except (ValueError, TypeError):
-        raise ConfigError("redis_url", url, "a URL whose database (/N or ?db=N) is an integer") from None
+        raise ConfigError("redis_url", mask_url(url), "a URL whose database (/N or ?db=N) is an integer") from None
 
 
 CLIENT_NAME_FIELDS = ("pool", "slot", "db")
@@ -253,6 +255,18 @@ class ManagerConfig:
     log_format: str = _spec("text", "text, or json (one object per line)", str.lower, _choice("text", "json"), "FORMAT")
     metrics_port: int = _spec(0, "serve Prometheus metrics on this TCP port (0: off)", int, _int_range(0, 65535), "PORT")
     metrics_host: str = _spec("127.0.0.1", "address the metrics endpoint listens on", str, None, "HOST")
+    # rediss:// only, redis-py's names; empty: the URL's query parameter, else the default in brackets.
+    ssl_cert_reqs: str = _spec("", "verify Redis's certificate: required, optional or none [required]", str, None, "REQS")
+    ssl_ca_certs: str = _spec("", "CA bundle that signs Redis's certificate [the system's]", str, None, "PATH")
+    ssl_ca_path: str = _spec("", "directory of CA certificates (c_rehash layout)", str, None, "DIR")
+    ssl_ca_data: str = _spec("", "CA certificates as PEM text", str, None, "PEM")
+    ssl_certfile: str = _spec("", "client certificate, for mutual TLS", str, None, "PATH")
+    ssl_keyfile: str = _spec("", "client certificate's private key", str, None, "PATH")
+    ssl_password: str = _spec("", "password of ssl_keyfile (never logged)", str, None, "PASSWORD")
+    ssl_check_hostname: str = _spec(
+        "", "check that the certificate names the URL's host: true or false [true]", str, None, "BOOL",
+    )
+    ssl_min_version: str = _spec("", "TLSv1_2 or TLSv1_3; TLS 1.3 is needed either way [TLSv1_3]", str, None, "VERSION")
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -263,6 +277,7 @@ class ManagerConfig:
             raise ConfigError(
                 "min_idle", self.min_idle, f"at most max_connections ({self.max_connections})"
             )
+        tls_options(self)  # refuses a bad ssl_* value, or one given for a plain URL, at start
         default_db = url_database(self.redis_url)
         if default_db not in self.served_databases:
             raise ConfigError(
@@ -290,6 +305,7 @@ class ManagerConfig:
         """The config as plain data with the Redis password masked."""
         values = dataclasses.asdict(self)
         values["redis_url"] = mask_url(self.redis_url)
+        values["ssl_password"] = "***" if self.ssl_password else ""
         values["socket_mode"] = f"{self.socket_mode:o}"
         values["allowed_uids"] = list(self.allowed_uids)
         values["databases"] = format_databases(self.served_databases)
@@ -326,8 +342,31 @@ def socket_gid(group: str) -> int:
         raise ConfigError("socket_group", group, "an existing group name or a numeric gid") from None
 
 
+def tls_options(config: ManagerConfig) -> Any:
+    """The ``TLSOptions`` of a rediss:// config (None for redis:// and unix://); refuses bad ``ssl_*`` values."""
+    given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name.startswith("ssl_")}
+    if urlsplit(config.redis_url).scheme != "rediss":
+        named = sorted(name for name, value in given.items() if value)
+        if named:
+            value = "***" if named[0] == "ssl_password" else given[named[0]]
+            raise ConfigError(named[0], value, "set only with a rediss:// redis_url")
+        return None
+    from sharedpool.tls.handshake import options_from
+
+    try:
+        return options_from(config.redis_url, given)
+    except ValueError as exc:
+        name = str(exc).partition("=")[0]
+        raise ConfigError(name, "***" if name == "ssl_password" else str(exc).partition("=")[2].partition(":")[0],
+                          str(exc).partition(": expected ")[2] or str(exc)) from None
+
+
 def mask_url(url: str) -> str:
     parts = urlsplit(url)
+    if "ssl_password=" in parts.query:
+        query = "&".join("ssl_password=***" if kv.startswith("ssl_password=") else kv for kv in parts.query.split("&"))
+        parts = parts._replace(query=query)
+        url = urlunsplit(parts)
     if parts.password is None:
         return url
     user = parts.username or ""

@@ -82,3 +82,11 @@ class ConfigError(ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
+
+
+class TLSRecordError(SharedPoolError, redis.exceptions.ConnectionError):
+    """A TLS record could not be trusted (tag, alert, KeyUpdate): the connection is broken and replaced."""
+
+
+class TLSRefused(SharedPoolError, redis.exceptions.ConnectionError):
+    """The TLS handshake with Redis failed verification or protocol (one line says which); retrying cannot help."""

@@ -45,10 +45,15 @@ code   name         dir    body
                            protocol, redis, manager_pid,
                            max_connections, the table's geometry, limits the
                            client applies), with the table's memfd attached.
-3      FETCH_FD     c->s   ``!II`` slot, generation: "I hold this slot's lock
-                           and have no fd of this generation".
+3      FETCH_FD     c->s   ``!IIH`` slot, generation, db: "I hold this slot's
+                           lock and have no fd of this generation"; refused
+                           (STALE) when the slot serves another database
+                           (``!II``, without the db, is still accepted).
 4      FD           s->c   ``!II`` slot, generation, with one fd (a dup of
-                           the slot's Redis socket).
+                           the slot's Redis socket); for rediss:// then the
+                           TLS hand-over (``tls.keys.Handover``: suite and
+                           traffic keys). A plain FD is as before: no
+                           version change.
 5      REPORT       c->s   ``!IIQBB`` slot, generation, lease number, outcome
                            (``Outcome``), cause (0 given back, 1 found its
                            holder gone, 2 its holder's process gives it up
@@ -113,6 +118,7 @@ MAX_SITE = 512
 
 HEADER = struct.Struct("!BBHI")
 _SLOT_GEN = struct.Struct("!II")
+SLOT_BODY_SIZE = _SLOT_GEN.size  # an FD body longer than this carries a TLS hand-over
 _REPORT = struct.Struct("!IIQBB")
 _ERROR = struct.Struct("!HQ")
 _SITE = struct.Struct("!I")
@@ -237,6 +243,21 @@ def encode_slot(frame_type: FrameType, slot: int, generation: int, request_id: i
     return header(frame_type, request_id) + _SLOT_GEN.pack(slot, generation)
 
 
+def encode_fetch_fd(slot: int, generation: int, db: int, request_id: int = 0) -> bytes:
+    """FETCH_FD naming the database the taker wants: the manager refuses a slot serving another."""
+    return header(FrameType.FETCH_FD, request_id) + _SLOT_GEN.pack(slot, generation) + _DEMAND.pack(db)
+
+
+def decode_fetch_fd(body: bytes) -> tuple[int, int, int | None]:
+    """(slot, generation, db); db None from a client that does not name one."""
+    if len(body) == _SLOT_GEN.size + _DEMAND.size:
+        slot, generation = _SLOT_GEN.unpack_from(body)
+        (db,) = _DEMAND.unpack_from(body, _SLOT_GEN.size)
+        return int(slot), int(generation), int(db)
+    slot, generation = decode_slot(body)
+    return slot, generation, None
+
+
 def decode_slot(body: bytes) -> tuple[int, int]:
     if len(body) != _SLOT_GEN.size:
         raise ProtocolError(f"slot body of {len(body)} bytes, expected {_SLOT_GEN.size}")
@@ -252,7 +273,7 @@ def decode_report(body: bytes) -> Report:
     if len(body) != _REPORT.size:
         raise ProtocolError(f"REPORT body of {len(body)} bytes, expected {_REPORT.size}")
     slot, generation, lease_seq, outcome, cause = _REPORT.unpack(body)
-    if outcome not in (0, 1, 2) or cause not in (0, 1, 2):
+    if outcome not in tuple(Outcome) or cause not in (0, 1, 2):
         raise ProtocolError(f"REPORT outcome {outcome} / cause {cause} out of range")
     return Report(slot, generation, lease_seq, Outcome(outcome), ReportCause(cause))
 

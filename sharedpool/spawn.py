@@ -26,6 +26,8 @@ _MANAGER_FIELDS = frozenset(f.name for f in dataclasses.fields(ManagerConfig))
 # Never on the command line: the URL may hold a password (argv is world-readable
 # in /proc), and the socket path has its own argument.
 _NOT_FLAGS = frozenset({"redis_url", "socket_path"})
+# Settings that are secrets go by environment too, for the same reason.
+_BY_ENVIRONMENT = frozenset({"ssl_password"})
 
 
 def flag_value(name: str, value: Any) -> str:
@@ -71,7 +73,7 @@ class ServeCommand:
         if self.config_file:
             args += ["--config", self.config_file]
         for name, value in self.settings.items():
-            if name not in _NOT_FLAGS:
+            if name not in _NOT_FLAGS and name not in _BY_ENVIRONMENT:
                 args += [_config.flag_name(name), flag_value(name, value)]
         return args
 
@@ -83,6 +85,8 @@ class ServeCommand:
         # An empty URL leaves it to the config file and the environment.
         if self.redis_url:
             env[_config.env_name("redis_url")] = self.redis_url
+        for name in _BY_ENVIRONMENT & set(self.settings):
+            env[_config.env_name(name)] = flag_value(name, self.settings[name])
         # The manager must import the same sharedpool as its starter, even one
         # found only through the starter's cwd or sys.path (gunicorn --chdir,
         # a source checkout). An installed copy needs nothing: putting

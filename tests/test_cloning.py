@@ -183,8 +183,13 @@ def test_from_url_naming_another_redis_is_refused_not_redirected(manager: Manage
             client.ping()
     finally:
         client.close()
-    with pytest.raises(sharedpool.ConfigError, match="rediss://"):
-        sharedpool.SharedConnectionPool.from_url(f"rediss://127.0.0.1:{redis_server.port}/0")
+    # The same host and port, but TLS, which this manager does not speak: another Redis, refused so.
+    tls_client = sharedpool.SharedRedis.from_url(f"rediss://127.0.0.1:{redis_server.port}/{DB}", socket_path=manager.socket_path)
+    try:
+        with pytest.raises(sharedpool.Misconfigured, match=r"\(TLS\).*connects to 127.0.0.1"):
+            tls_client.ping()
+    finally:
+        tls_client.close()
 
 
 def test_retry_timeout_and_health_check_defaults_are_redis_pys_own(manager: ManagerProcess) -> None:

@@ -103,13 +103,6 @@ def test_sigterm_grace_period_ends_held_leases(start_manager) -> None:
     pool.disconnect()
 
 
-def test_rediss_is_refused_at_start(tmp_path) -> None:
-    result = run_cli("serve", "--socket", str(tmp_path / "s.sock"), "--redis-url", "rediss://localhost:6380")
-    assert result.returncode == 2
-    assert "invalid redis_url='rediss://localhost:6380'" in result.stderr
-    assert "TLS" in result.stderr
-
-
 def test_socket_group_shares_socket_and_directory(start_manager, tmp_path) -> None:
     import grp
 

@@ -28,8 +28,10 @@ from sharedpool.manager.actions import (
     OpenConnection,
     Publish,
     Release,
+    RequestRevoke,
     ResetConnection,
     RowView,
+    ShutDown,
     Wake,
 )
 from sharedpool.manager.pool import _ALLOWED_MOVES, Pool, ReapCause, Slot, SlotState
@@ -93,14 +95,17 @@ def open_slots(pool: Pool, count: int, now: float = 0.0) -> list[Slot]:
     return sorted(shared, key=lambda s: s.index)
 
 
-def ready(slot: Slot, lock_free: bool = True, lease_seq: int = 0) -> RowView:
-    return RowView(slot.index, READY, slot.generation, lease_seq=lease_seq, lock_free=lock_free, db=slot.db)
+def ready(slot: Slot, lock_free: bool = True, lease_seq: int = 0, revoke_asked: bool = False) -> RowView:
+    return RowView(
+        slot.index, READY, slot.generation, lease_seq=lease_seq, lock_free=lock_free, db=slot.db, revoke_asked=revoke_asked
+    )
 
 
 def held(slot: Slot, acquired_at: float = 0.0, lease_seq: int = 1, pid: int = 4242, site: int = 0,
-         lock_free: bool = False, holder_alive: bool = True, subscriber: bool = False) -> RowView:
+         lock_free: bool = False, holder_alive: bool = True, subscriber: bool = False, revoke_asked: bool = False) -> RowView:
     return RowView(
-        slot.index, HELD, slot.generation, lease_seq, pid, acquired_at, site, lock_free, holder_alive, slot.db, subscriber
+        slot.index, HELD, slot.generation, lease_seq, pid, acquired_at, site, lock_free, holder_alive, slot.db, subscriber,
+        revoke_asked,
     )
 
 
@@ -609,18 +614,53 @@ def test_max_lease_time_revokes_the_lease(make_pool: MakePool, caplog: pytest.Lo
     (a,) = open_slots(pool, 1)
     assert pool.sweep([held(a, acquired_at=100.0, lease_seq=5)], 129.9, {}) == []  # warned only
     actions = pool.sweep([held(a, acquired_at=100.0, lease_seq=5)], 130.0, {})
-    assert actions == [
-        CloseConnection(backend(0, 0), "revoked: max_lease_time"),
-        Publish(0, 1, CLOSED, revoked_generation=0, revoked_seq=5),
-    ]
+    # Its holder has the lock: asked back, shut down, and no row written under it.
+    assert actions == [RequestRevoke(0, 0, 5, backend(0, 0))]
     assert pool.counters[keys.reaped_key("revoked")] == 1 and pool.counters[keys.LEAK_WARNINGS] == 1
     assert "revoked lease 5 of pid 4242 (slot 0) after 30.0 s: max_lease_time=30 s" in caplog.text
+    # Asked once: while its holder keeps the lock, later sweeps wait.
+    assert pool.sweep([held(a, acquired_at=100.0, lease_seq=5, revoke_asked=True)], 140.0, {}) == []
+    # The holder gives it back BROKEN (it honoured the request): replaced, counted once.
+    assert pool.given_back(0, 0, Outcome.BROKEN, 141.0) == [CloseConnection(backend(0, 0), "given back after it was shut down"),
+                                                             Publish(0, 1, CLOSED)]
+    assert pool.counters[keys.reaped_key("revoked")] == 1 and pool.counters[keys.reaped_key("broken")] == 0
+
+
+def test_a_revoked_lease_given_back_ready_is_replaced_under_the_lock(make_pool: MakePool) -> None:
+    # A holder that read its row before the request reached it writes READY:
+    # takers leave the row alone, and the sweep replaces it once it has the lock.
+    pool = make_pool(max_lease_time=2.0)
+    (a,) = open_slots(pool, 1)
+    pool.sweep([held(a, acquired_at=0.0, lease_seq=5)], 5.0, {})
+    assert pool.sweep([ready(a, lease_seq=5, lock_free=False, revoke_asked=True)], 6.0, {}) == []
+    actions = pool.sweep([ready(a, lease_seq=5, revoke_asked=True)], 6.0, {})
+    assert actions[:2] == [CloseConnection(backend(0, 0), "revoked lease given back"), Publish(0, 1, CLOSED)]
+
+
+def test_a_revocation_that_missed_its_lease_leaves_the_next_one_alone(make_pool: MakePool) -> None:
+    # The request reached the row after lease 5 ended (the loop's re-read said so):
+    # nothing was shut down, and lease 6 is judged on its own, from its own start.
+    pool = make_pool(max_lease_time=2.0)
+    (a,) = open_slots(pool, 1)
+    assert pool.sweep([held(a, acquired_at=0.0, lease_seq=5)], 5.0, {}) == [RequestRevoke(0, 0, 5, backend(0, 0))]
+    pool.revoke_missed(0, 0)
+    assert pool.sweep([held(a, acquired_at=4.5, lease_seq=6)], 5.0, {}) == []
+    assert pool.sweep([held(a, acquired_at=4.5, lease_seq=6)], 7.0, {}) == [RequestRevoke(0, 0, 6, backend(0, 0))]
+
+
+def test_a_revoked_holder_whose_lock_is_freed_is_reaped(make_pool: MakePool) -> None:
+    pool = make_pool(max_lease_time=2.0)
+    (a,) = open_slots(pool, 1)
+    pool.sweep([held(a, acquired_at=0.0, lease_seq=5)], 5.0, {})
+    # Killed while revoked (its lock went with it): the row is ours now.
+    actions = pool.sweep([held(a, acquired_at=0.0, lease_seq=5, revoke_asked=True, lock_free=True)], 6.0, {})
+    assert actions[:2] == [CloseConnection(backend(0, 0), "given back after it was shut down"), Publish(0, 1, CLOSED)]
 
 
 def test_revocation_wins_over_a_first_leak_warning(make_pool: MakePool) -> None:
     pool = make_pool(leak_threshold=1.0, max_lease_time=2.0)
     (a,) = open_slots(pool, 1)
-    assert of(CloseConnection, pool.sweep([held(a)], 5.0, {})) == [CloseConnection(backend(0, 0), "revoked: max_lease_time")]
+    assert of(RequestRevoke, pool.sweep([held(a)], 5.0, {})) == [RequestRevoke(0, 0, 1, backend(0, 0))]
     assert pool.counters[keys.LEAK_WARNINGS] == 0
 
 
@@ -701,8 +741,13 @@ def test_a_scribbled_row_is_repaired_by_replacing_the_connection(make_pool: Make
 def test_a_shared_row_in_a_managers_state_is_repaired(make_pool: MakePool, state: RowState) -> None:
     pool = make_pool()
     (a,) = open_slots(pool, 1)
+    # Its lock is held (a live holder's, maybe): shut down now, the row left alone.
     actions = pool.sweep([RowView(0, state, 0, lock_free=False)], 1.0, {})
-    assert actions == [CloseConnection(backend(0, 0), f"row says {state.name} in a shared slot"), Publish(0, 1, CLOSED)]
+    assert actions == [ShutDown(backend(0, 0), f"row says {state.name} in a shared slot")]
+    assert pool.sweep([RowView(0, state, 0, lock_free=False)], 1.5, {}) == []  # once
+    # The lock is free: the row is ours to write.
+    actions = pool.sweep([RowView(0, state, 0, lock_free=True)], 2.0, {})
+    assert actions[:2] == [CloseConnection(backend(0, 0), f"row says {state.name} in a shared slot"), Publish(0, 1, CLOSED)]
     assert pool.counters[keys.TABLE_REPAIRS] == 1
 
 
@@ -861,6 +906,7 @@ def test_every_end_of_a_connection_counts_closed_once_and_its_cause_once(make_po
     pool = make_pool(max_connections=4, max_lease_time=10.0, max_lifetime=100.0, idle_timeout=5.0)
     a, b, c, d = open_slots(pool, 4)
     pool.sweep([held(a, acquired_at=0.0, lease_seq=1)], 10.0, {})  # revoked
+    pool.given_back(a.index, a.generation, Outcome.BROKEN, 10.5)  # by its holder, honouring the request
     pool.given_back(b.index, b.generation, Outcome.BROKEN, 10.0)  # returned broken
     pool.health_check_failed(c.index, c.generation, 10.0)
     pool.sweep([ready(d, lease_seq=0)], 10.0, {})  # idle since 0: trimmed
@@ -936,14 +982,15 @@ def test_an_idle_slot_of_another_database_is_rebound_when_the_cap_is_reached(mak
     # db 2 waits, nothing can be opened: the sweep offers the idle slots.
     actions = pool.sweep([ready(s) for s in zero], 6.0, waiters={2: 1})
     assert actions == [
-        Publish(1, 0, MANAGER, db=2), ResetConnection(1, 0, backend(1, 0), 2),  # idle the longest
+        # A new generation for the new database: no fd cached for db 0 serves db 2.
+        Publish(1, 1, MANAGER, db=2), ResetConnection(1, 1, backend(1, 0), 2),  # idle the longest
         Release(0, 0), Release(2, 0),
     ]
     assert pool.slots[1].state is MANAGED and pool.slots[1].db == 2
     assert pool.in_db(0) == 2 and pool.in_db(2) == 1 and pool.counters[keys.REBOUND] == 1
     assert not pool.rebind_wanted
     # The RESET redid the handshake with SELECT 2: it is db 2's now.
-    assert pool.reset_done(1, 0, True, 6.1) == [Publish(1, 0, READY, db=2), Wake(1, 2)]
+    assert pool.reset_done(1, 1, True, 6.1) == [Publish(1, 1, READY, db=2), Wake(1, 2)]
     assert "db 2" in repr(pool.slots[1])
 
 
@@ -1033,7 +1080,7 @@ def test_a_subscriber_is_neither_warned_about_nor_revoked(make_pool: MakePool, c
         assert pool.sweep([held(a, acquired_at=0.0, subscriber=True)], 1000.0, waiters={}) == []
     assert pool.counters[keys.LEAK_WARNINGS] == 0 and "leak" not in caplog.text and a.state is SHARED
     # The same lease, once it is no longer subscribed, is an ordinary lease again.
-    assert of(CloseConnection, pool.sweep([held(a, acquired_at=0.0)], 1000.0, waiters={}))
+    assert of(RequestRevoke, pool.sweep([held(a, acquired_at=0.0)], 1000.0, waiters={}))
 
 
 def test_limits_from_config_name_the_databases() -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
+from redis.exceptions import ResponseError
 
 from sharedpool import errors
 from sharedpool.client.lease_state import LeaseHolder, LeaseState
@@ -36,11 +37,15 @@ from sharedpool.errors import LeaseLost
 if TYPE_CHECKING:
     from sharedpool.asyncio.pool import SharedConnectionPool
     from sharedpool.client.lease_core import Lease
+    from sharedpool.tls.aio import TLSState
 
 # StreamReader's buffer limit: a reply larger than this is still read, in pieces.
 _STREAM_LIMIT = 2**20
 
 T = TypeVar("T")
+
+# How long a closing subscriber waits for the rest of a pushed message already begun.
+_DRAIN_S = 0.05
 
 
 class _BoundedRetry(Retry):
@@ -83,18 +88,26 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         self._raw: socket.socket | None = None  # our dup of the slot's fd, inside the transport
         self._transport: asyncio.Transport | None = None
         self._stream_loop: asyncio.AbstractEventLoop | None = None
+        self.tls: TLSState | None = None  # rediss://: keys, record layer, row
         self._hold_init(slot, generation, redis_label)
 
     # ----- the stream over the lent fd -------------------------------------------
 
-    async def open_stream(self, sock: socket.socket, slot: int, generation: int) -> None:
-        """Wrap ``sock`` (our dup of a slot's fd) in this loop's stream; we hold the slot's lease."""
+    async def open_stream(self, sock: socket.socket, slot: int, generation: int, tls: TLSState | None = None) -> None:
+        """Wrap ``sock`` (our dup of a slot's fd) in this loop's stream; we hold the slot's lease.
+        ``tls`` (rediss://): the record layer goes under the stream."""
         self.drop()
         try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+            if tls is None:
+                reader, writer = await asyncio.open_connection(sock=sock, limit=_STREAM_LIMIT)
+            else:
+                from sharedpool.tls.aio import open_stream
+
+                reader, writer = await open_stream(sock, tls, _STREAM_LIMIT)
         except BaseException:
             sock.close()
             raise
+        self.tls = tls
         self._raw = sock
         self._reader, self._writer = reader, writer
         self._transport = cast(asyncio.Transport, writer.transport)
@@ -138,6 +151,8 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         raw, transport = self._raw, self._transport
         assert raw is not None and transport is not None
         os.set_blocking(raw.fileno(), False)
+        if self.tls is not None:
+            self.tls.take_up()  # rediss://: the row's record sequence numbers
         transport.resume_reading()
         self._begin_lease(lease)
 
@@ -145,6 +160,8 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         """The lease is over for this object: stop reading before the lock is given back."""
         if self._transport is not None:
             self._transport.pause_reading()
+        if self.tls is not None and self._transport is not None:
+            self.tls.write_back()  # rediss://: in its own step, before the give-back
         return super().end()
 
     def _transport_gone(self) -> bool:
@@ -154,6 +171,8 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         reader, transport = self._reader, self._transport
         if transport is not None and transport.get_write_buffer_size():
             return True  # part of a command never went out
+        if self.tls is not None and self.tls.layer.pending():
+            return True  # rediss://: record bytes no reply has taken
         # StreamReader has no public peek; redis-py's own parser reads this too.
         return reader is not None and bool(getattr(reader, "_buffer", b""))
 
@@ -176,6 +195,18 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         self, nowait: bool = False, error: Exception | None = None, failure_count: int | None = None,
         health_check_failed: bool = False,
     ) -> None:
+        if not (error or health_check_failed) and self.state is LeaseState.IN_USE and self.may_close_clean():
+            # A failed command sets _broken (below) whichever way redis-py
+            # disconnects; PubSub.aclose() comes with nothing in flight
+            # (nowait=True): NEEDS_RESET then, once the messages already in
+            # our buffer are read to their end (as the sync connection does).
+            try:
+                while self._reader is not None and self._has_unread_bytes():
+                    await self.read_response(disable_decoding=True, timeout=_DRAIN_S, disconnect_on_error=False,
+                                             push_request=True)
+            except Exception:
+                self._broken = True
+            self.closing_clean()
         self.drop()
 
     async def send_command(self, *args: Any, **kwargs: Any) -> None:
@@ -191,11 +222,31 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         self.watch_commands(commands)
         return super().pack_commands(commands)
 
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except BaseException as exc:
+            self._lease_failed(exc)
+            raise
+
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
+        except ResponseError:
+            raise  # Redis's answer: the connection is fine
+        except BaseException as exc:
+            self._lease_failed(exc)
+            raise
         finally:
             self._pending_replies -= 1
+
+    def _lease_failed(self, exc: BaseException) -> None:
+        """As the sync connection's: broken from now on, and ``LeaseLost`` now if the manager revoked the lease."""
+        self._broken = True
+        pool = self.shared_pool
+        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
+        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
+            pool.raise_if_revoked(self)
 
 
 class SlotEntry:

@@ -303,15 +303,17 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
             assert cached is not None
             cached.begin(lease)
             return cached
+        tls = None
         if usable:
             assert cached is not None and cached._raw is not None
             fd = os.dup(cached._raw.fileno())
+            tls = cached.tls.fresh() if cached.tls is not None else None
         else:
-            fd = await self._fetch_fd(att, lease, final, started)
+            fd, tls = await self._fetch_fd(att, lease, final, started)
         sock = socket.socket(fileno=fd)
         if conn is None:
             conn = self._make(att, lease.slot, lease.generation)
-        await conn.open_stream(sock, lease.slot, lease.generation)
+        await conn.open_stream(sock, lease.slot, lease.generation, tls)
         conn.begin(lease)
         stale = cached if cached is not conn else None
         att.conns[lease.slot] = cast(Any, SlotEntry(conn))
@@ -320,15 +322,26 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
             stale.drop()  # an older generation, or the copy we dup'd from: only our fd
         return conn
 
-    async def _fetch_fd(self, att: Attachment, lease: Lease, final: float, started: float) -> int:
-        body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+    async def _fetch_fd(self, att: Attachment, lease: Lease, final: float, started: float) -> tuple[int, Any]:
+        body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
         try:
             timeout = max(0.05, final - time.monotonic())
-            _body, fd = await self._channel_of(att).call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
+            reply, fd = await self._channel_of(att).call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
         except errors.ManagerUnavailable as exc:
             raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
         assert fd is not None
-        return fd
+        if len(reply) <= protocol.SLOT_BODY_SIZE:
+            return fd, None
+        # rediss://: the connection's traffic keys follow the slot and generation.
+        from sharedpool.tls.aio import TLSState
+        from sharedpool.tls.keys import Handover
+        from sharedpool.tls.row import RowSeqs
+
+        try:
+            return fd, TLSState(Handover.decode(reply[protocol.SLOT_BODY_SIZE :]), RowSeqs(att.table.map, lease.slot))
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _make(self, att: Attachment, slot: int, generation: int) -> AsyncLeasedConnection:
         kwargs = {key: value for key, value in self.connection_kwargs.items() if key not in clone.NOT_FOR_CONNECTIONS}
@@ -410,6 +423,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         entry = cast("SlotEntry | None", att.conns.get(conn.slot)) if att is not None else None
         if att is not None and entry is not None and entry.conn is conn:
             del att.conns[conn.slot]
+
+    def raise_if_revoked(self, conn: AsyncLeasedConnection) -> None:
+        """A command of ``conn`` failed: ``LeaseLost`` now if the manager revoked its lease."""
+        lease_state.raise_if_revoked(conn, self._give_back)
 
     async def replace_lost_lease(self, conn: AsyncLeasedConnection) -> None:
         """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""

@@ -209,12 +209,23 @@ def build_rows(results: Results, settings: dict[str, Any], cs: Sequence[int], tw
                     decimals=0))
     rows.append(Row("ASYNC", "peak Redis connections, autopipeline=True", m("async.plain.peak_clients"),
                     m("async.shared_autopipe.peak_clients"), decimals=0))
+    compare("TLS S1(a)", "GET p50 us/command over TLS, 1 lease per command", "tls.s1a.shared.p50", "tls.s1a.plain.p50",
+            target="<= 1.00x plain", passes=_at_most(1.0))
+    compare("TLS S1(a)", "GET p99 us/command over TLS", "tls.s1a.shared.p99", "tls.s1a.plain.p99")
+    compare("TLS S1(b)", "GET p50 us/command over TLS, 10 per lease()", "tls.s1b.shared.p50", "tls.s1b.plain.p50",
+            target="<= 1.00x plain", passes=_at_most(1.0))
+    for size in (c,):
+        compare("TLS E2E", f"requests/s over TLS ({http}), C={size}", f"tls.e2e.shared.c{size}.rps", "tls.e2e.plain.rps",
+                decimals=0, target=">= 1.00x plain", passes=_at_least(1.0))
+        compare("TLS E2E", f"p99 request latency ms over TLS, C={size}", f"tls.e2e.shared.c{size}.p99_ms",
+                "tls.e2e.plain.p99_ms", decimals=2)
     wanted = {name.lower() for name in settings["scenarios"]}
     return [row for row in rows if _scenario_id(row.scenario) in wanted]
 
 
 def _scenario_id(scenario: str) -> str:
-    return {"S1(a)": "s1", "S1(b)": "s1", "S2'": "s2x", "S5(a)": "s5", "S5(b)": "s5"}.get(scenario, scenario.lower())
+    return {"S1(a)": "s1", "S1(b)": "s1", "S2'": "s2x", "S5(a)": "s5", "S5(b)": "s5", "TLS S1(a)": "tls", "TLS S1(b)": "tls",
+            "TLS E2E": "tls"}.get(scenario, scenario.lower())
 
 
 def _number(value: float | None, decimals: int) -> str:

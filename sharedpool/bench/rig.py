@@ -140,7 +140,7 @@ class Rig:
         self.admin.set(KEY_PREFIX + "small", b"v" * 16)
         self.nutcracker = shutil.which("nutcracker") if "s4" in settings.scenarios and not args.no_twemproxy else None
         self.twemproxy_version = _version_of(self.nutcracker) if self.nutcracker else ""
-        self.wrk = shutil.which("wrk") if "e2e" in settings.scenarios else None
+        self.wrk = shutil.which("wrk") if {"e2e", "tls"} & set(settings.scenarios) else None
         self.has_gunicorn = importlib.util.find_spec("gunicorn") is not None
         self._gunicorns = 0
 

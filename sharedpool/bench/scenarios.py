@@ -245,8 +245,14 @@ def e2e_sizes(rig: Rig) -> list[int]:
 
 SCENARIO_RUNNERS: dict[str, Callable[[Rig, Results], None]] = {
     "s1": scenario_s1, "s2": scenario_s2, "s2x": scenario_s2x, "s3": scenario_s3, "s5": scenario_s5, "e2e": scenario_e2e,
-    "async": scenario_async,
+    "async": scenario_async, "tls": lambda rig, results: _tls(rig, results),
 }
+
+
+def _tls(rig: Rig, results: Results) -> None:
+    from sharedpool.bench.tls_scenario import scenario_tls  # imports this module's _rounds
+
+    scenario_tls(rig, results, _rounds)
 
 
 def say(text: str) -> None:

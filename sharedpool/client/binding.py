@@ -38,10 +38,9 @@ def bind(
         cached.begin(lease)
         return cached
     if conn is not None and cached is not None and cached.generation == lease.generation and cached._sock is not None:
-        fd = os.dup(cached._sock.fileno())
+        sock = _dup(cached._sock)
     else:
-        fd = _fetch_fd(att, lease, final, started)
-    sock = socket.socket(fileno=fd)
+        sock = _fetch_fd(att, lease, final, started)
     if conn is None:
         conn = _connection(pool, att, lease.slot, lease.generation, sock)
         conn.begin(lease)
@@ -55,15 +54,32 @@ def bind(
     return conn
 
 
-def _fetch_fd(att: Attachment, lease: Lease, final: float, started: float) -> int:
-    body = protocol.encode_slot(FrameType.FETCH_FD, lease.slot, lease.generation)[protocol.HEADER.size :]
+def _fetch_fd(att: Attachment, lease: Lease, final: float, started: float) -> socket.socket:
+    body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
     try:
         timeout = max(0.05, final - time.monotonic())
-        _body, fd = att.channel.call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
+        reply, fd = att.channel.call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
     except errors.ManagerUnavailable as exc:
         raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
     assert fd is not None
-    return fd
+    sock = socket.socket(fileno=fd)
+    if len(reply) > protocol.SLOT_BODY_SIZE:
+        # rediss://: the connection's traffic keys follow the slot and generation.
+        from sharedpool.tls.transport import TLSSocket
+
+        try:
+            tls = TLSSocket.handed_over(sock, reply[protocol.SLOT_BODY_SIZE :], att.table.map, lease.slot)
+            return tls  # type: ignore[return-value]  # socket-shaped: what redis-py calls of it
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
+def _dup(sock: socket.socket) -> socket.socket:
+    """Our own copy of a cached connection's socket (rediss://: with its own record state)."""
+    dup = getattr(sock, "dup_for_lease", None)
+    return dup() if dup is not None else socket.socket(fileno=os.dup(sock.fileno()))
 
 
 def _connection(pool: SharedConnectionPool, att: Attachment, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:

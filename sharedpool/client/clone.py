@@ -50,6 +50,9 @@ def database(value: Any, source: str = "db") -> int | None:
     return number
 
 
+TLS_MARK = " (TLS)"
+
+
 def parse_redis_url(url: str) -> tuple[dict[str, Any], str]:
     """The client options and database of a redis:// or unix:// URL, and where it says Redis is.
 
@@ -59,12 +62,12 @@ def parse_redis_url(url: str) -> tuple[dict[str, Any], str]:
     """
     scheme = urlsplit(url).scheme
     if scheme == "rediss":
-        raise errors.ConfigError(
-            "url", _without_password(url),
-            "rediss:// is not supported: TLS state cannot travel with a passed socket; use the manager's own URL",
-        )
-    if scheme not in ("redis", "unix"):
-        raise errors.ConfigError("url", _without_password(url), "a redis:// or unix:// URL")
+        from sharedpool.tls.handshake import without_options
+
+        # The manager verifies Redis and holds the TLS session: a worker's ssl_* options have no say.
+        url = without_options(url)
+    elif scheme not in ("redis", "unix"):
+        raise errors.ConfigError("url", _without_password(url), "a redis://, rediss:// or unix:// URL")
     try:
         parsed = dict(parse_url(url))
     except ValueError as exc:
@@ -76,6 +79,8 @@ def parse_redis_url(url: str) -> tuple[dict[str, Any], str]:
         location = str(parsed.pop("path", ""))
     else:
         location = f"{parsed.pop('host', 'localhost')}:{parsed.pop('port', 6379)}"
+        if scheme == "rediss":
+            location += TLS_MARK  # as the manager labels a TLS Redis: plain and TLS never match
     db = database(parsed.pop("db", None), "db in the URL")
     if db is not None:
         parsed["db"] = db

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.connection import Connection
+from redis.exceptions import ResponseError
 from redis.retry import Retry
 
 from sharedpool import errors
@@ -27,6 +28,10 @@ from sharedpool.errors import LeaseLost
 if TYPE_CHECKING:
     from sharedpool.client.lease_core import Lease
     from sharedpool.client.pool import SharedConnectionPool
+
+
+# How long a closing subscriber waits for the rest of a pushed message already begun.
+_DRAIN_S = 0.05
 
 
 class _BoundedRetry(Retry):
@@ -92,6 +97,8 @@ class LeasedConnection(LeaseHolder, Connection):
             self._parser.on_connect(self)
         current = self._sock
         assert current is not None
+        if type(current) is not socket.socket:
+            current.take_up()  # type: ignore[attr-defined]  # rediss://: the row's record sequence numbers
         if sock is not None or self.socket_timeout is None:
             # Another holder may have left the shared file description
             # non-blocking (DESIGN fact 9), and a socket object in blocking
@@ -106,15 +113,25 @@ class LeasedConnection(LeaseHolder, Connection):
         self.lease = lease
         self.why = ""
         self._session_changed = self._in_multi = self._watching = self._broken = False
+        self._subscribed = self._closed_clean = False
         self._pending_replies = 0
 
     def drop(self) -> None:
         self.disconnect()
 
+    def end(self) -> Lease | None:
+        sock = self._sock
+        if sock is not None and type(sock) is not socket.socket:
+            sock.write_back()  # type: ignore[attr-defined]  # rediss://: before the lock goes, in its own step
+        return super().end()
+
     def _transport_gone(self) -> bool:
         return self._sock is None
 
     def _has_unread_bytes(self) -> bool:
+        sock = self._sock
+        if sock is not None and type(sock) is not socket.socket and sock.pending():  # type: ignore[attr-defined]
+            return True  # rediss://: records received that no reply has taken
         buffer = getattr(self._parser, "_buffer", None)
         if buffer is not None:
             return bool(buffer.unread_bytes())
@@ -139,6 +156,19 @@ class LeasedConnection(LeaseHolder, Connection):
         self._parser.on_connect(self)
 
     def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        if not args and not kwargs and self.state is LeaseState.IN_USE and self.may_close_clean():
+            # PubSub.reset(): nothing in flight, and its lease can end
+            # NEEDS_RESET. Messages already read into our buffer are read
+            # to their end first, so that what Redis still has to send
+            # starts at a message's first byte, which the manager's RESET
+            # reads past; a message that does not end within
+            # _DRAIN_S leaves it BROKEN.
+            try:
+                while self._sock is not None and self._has_unread_bytes():
+                    self.read_response(disable_decoding=True, timeout=_DRAIN_S, disconnect_on_error=False, push_request=True)
+            except Exception:
+                self._broken = True
+            self.closing_clean()
         self._parser.on_disconnect()
         sock, self._sock = self._sock, None
         self.reset_should_reconnect()
@@ -153,6 +183,22 @@ class LeasedConnection(LeaseHolder, Connection):
         pool = self.shared_pool
         if pool is not None and self.pid == os.getpid():
             pool.connection_lost(self)
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            super().send_packed_command(command, check_health)
+        except BaseException as exc:
+            self._lease_failed(exc)
+            raise
+
+    def _lease_failed(self, exc: BaseException) -> None:
+        """A command failed mid-lease: nothing of this lease is clean any more, and a lease
+        the manager revoked says so now (``LeaseLost``) rather than after redis-py's retries."""
+        self._broken = True
+        pool = self.shared_pool
+        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
+        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
+            pool.raise_if_revoked(self)
 
     def send_command(self, *args: Any, **kwargs: Any) -> None:
         if self._sock is None:
@@ -172,5 +218,10 @@ class LeasedConnection(LeaseHolder, Connection):
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)
+        except ResponseError:
+            raise  # Redis's answer: the connection is fine
+        except BaseException as exc:
+            self._lease_failed(exc)
+            raise
         finally:
             self._pending_replies -= 1

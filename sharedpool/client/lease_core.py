@@ -123,6 +123,7 @@ class Lease:
     taken_at: float
     db: int  # the database the row said when it was taken
     taker: Taker | None = None
+    revoked: bool = False  # set by give_back: the manager had asked for it back
 
     @property
     def id(self) -> int:
@@ -282,7 +283,10 @@ def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> bytes:
     """Write how the lease ended and unlock; wake the oldest waiter of a clean slot.
 
     Returns the report the manager must get (a reset, a broken or expired
-    connection), or b"".
+    connection), or b"". A lease the manager had asked back (max_lease_time)
+    goes back BROKEN, and ``lease.revoked`` says so; a holder that was
+    paused between its read of the row and its write finds the request
+    right after its write.
     """
     att = lease.attachment
     table = att.table
@@ -294,10 +298,18 @@ def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> bytes:
         if used:
             table.count_hold(lease.slot, now - lease.taken_at)
         written = table.give_back_in_place(lease.slot, lease.generation, lease.seq, outcome, now)
+        if written is not None and (
+            written is Outcome.REVOKED
+            # Only a lease older than max_lease_time can have been asked back: no extra read for the others.
+            or (att.max_lease_time and time.monotonic() - lease.taken_at >= att.max_lease_time
+                and table.revoke_asked(lease.slot, lease.generation, lease.seq))
+        ):
+            lease.revoked = True
+            written = Outcome.BROKEN
         if written is not None and written is not Outcome.CLEAN:
             report = True
             if written is not outcome:
-                # Expired (max_lifetime, reconnect): the manager replaces it.
+                # Expired (max_lifetime, reconnect) or revoked: the manager replaces it.
                 outcome = written
                 conn = att.conns.pop(lease.slot, None)
                 if conn is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -133,6 +134,46 @@ def release(pool: object, connection: Any, kind: type[LeaseHolder], give_back: G
         # lease ends and its lock is given back: broken if we could not tell.
         connection.end()
         give_back(lease, outcome)
+    if lease.revoked and sys.exc_info()[1] is None:
+        # The manager took it back while the holder was between its last
+        # command and this release: the holder is told, as it would be at
+        # its next command. An exception already on its way (a release in
+        # redis-py's ``finally``) is not replaced.
+        raise errors.LeaseLost(revoked_text(lease))
+
+
+def revoked_text(lease: Lease) -> str:
+    att = lease.attachment
+    age = time.monotonic() - lease.taken_at
+    if att.max_lease_time and age >= att.max_lease_time:
+        return (
+            f"lease {lease.id} of pool {att.pool_name!r} was revoked after {age:.1f} s "
+            f"(max_lease_time={att.max_lease_time:g} s); its connection was closed"
+        )
+    # Asked back before the limit: this process gave its leases up (a server's worker_abort).
+    return (
+        f"lease {lease.id} of pool {att.pool_name!r} was taken back by the manager after {age:.1f} s, "
+        f"as this process gave up its leases; its connection was closed"
+    )
+
+
+def raise_if_revoked(conn: LeaseHolder, give_back: GiveBack) -> None:
+    """A command of ``conn`` failed: if the manager asked for its lease back, give the
+    lease back (BROKEN) and raise ``LeaseLost`` now. ``LeaseLost`` is never retried
+    (``retry_budget``), so the holder learns it at this very command."""
+    lease = conn.lease
+    if conn.state is not LeaseState.IN_USE or lease is None:
+        return
+    try:
+        asked = lease.attachment.table.revoke_asked(lease.slot, lease.generation, lease.seq)
+    except (tbl.RowError, ValueError):
+        return  # unmapped (the manager is gone): an ordinary lost connection
+    if asked:
+        why = revoked_text(lease)
+        conn.end()
+        conn.revoked(why)
+        give_back(lease, Outcome.BROKEN)
+        raise errors.LeaseLost(why)
 
 
 def end_lost_lease(conn: LeaseHolder, give_back: GiveBack, budget_s: float) -> None:
@@ -142,24 +183,9 @@ def end_lost_lease(conn: LeaseHolder, give_back: GiveBack, budget_s: float) -> N
     manager revoked the lease, or ``conn`` holds none."""
     if conn.state is LeaseState.REVOKED:
         raise errors.LeaseLost(conn.why)
+    raise_if_revoked(conn, give_back)
     lease = conn.lease
     if conn.state is LeaseState.IN_USE and lease is not None:
-        att = lease.attachment
-        row = None
-        try:
-            row = att.table.row(lease.slot)
-        except tbl.RowError:
-            pass
-        if row is not None and tbl.was_revoked(row, lease.generation, lease.seq):
-            why = (
-                f"lease {lease.id} of pool {att.pool_name!r} was revoked after "
-                f"{time.monotonic() - lease.taken_at:.1f} s (max_lease_time={att.max_lease_time:g} s); "
-                f"its connection was closed"
-            )
-            conn.end()
-            conn.revoked(why)
-            give_back(lease, Outcome.BROKEN)
-            raise errors.LeaseLost(why)
         conn.lose()
         if not conn.retry_until:
             conn.retry_until = time.monotonic() + budget_s

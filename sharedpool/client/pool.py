@@ -227,6 +227,10 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         if att is not None and att.conns.get(conn.slot) is conn:
             del att.conns[conn.slot]
 
+    def raise_if_revoked(self, conn: LeasedConnection) -> None:
+        """A command of ``conn`` failed: ``LeaseLost`` now if the manager revoked its lease."""
+        lease_state.raise_if_revoked(conn, give_back_reporting)
+
     def replace_lost_lease(self, conn: LeasedConnection) -> socket.socket:
         """Give a lost lease back broken and bind ``conn`` to a fresh one, for redis-py's retry."""
         end_lost_lease(self, conn)

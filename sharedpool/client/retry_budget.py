@@ -6,6 +6,12 @@ backoff sleeps in between: together they must not outlast one call's bound
 cap. The budget starts at the call's first failure: the backoff sleeps
 count, but not the time Redis took over the first attempt.
 
+``LeaseLost`` is never retried. It stays a ``redis.ConnectionError`` (what
+a caller's ``except`` or a library's outage handling expects of a
+connection taken away mid-command), but no retry can bring a revoked lease
+back, and each attempt would only spend the budget in backoff sleeps
+before the same answer: the holder must hear it at the command that met it.
+
 Each leased connection wraps the ``retry`` redis-py gives it in a bounded
 retry (``client.connection``, ``asyncio.connection``); this module holds
 what the two wrappers share.
@@ -18,6 +24,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redis.backoff import AbstractBackoff
+
+from sharedpool.errors import LeaseLost
 
 if TYPE_CHECKING:
     from sharedpool.client.attachment import Attachment
@@ -69,6 +77,8 @@ class CallBudget:
         conn = self.conn
 
         def within_budget(error: Exception) -> bool:
+            if isinstance(error, LeaseLost):
+                return False
             now = time.monotonic()
             if not conn.retry_until:
                 pool = conn.shared_pool

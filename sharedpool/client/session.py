@@ -52,10 +52,26 @@ class SessionWatch:
     _watching = False
     _broken = False
     _pending_replies = 0
+    _subscribed = False  # a (P/S)SUBSCRIBE went out on this lease
+    # Closed by its user with nothing in flight (PubSub.close()): what
+    # Redis still pushes, RESET reads past, so the connection is reset, not replaced.
+    _closed_clean = False
 
     def watch_reset(self) -> None:
         self._session_changed = self._in_multi = self._watching = self._broken = False
+        self._subscribed = self._closed_clean = False
         self._pending_replies = 0
+
+    def may_close_clean(self) -> bool:
+        """Whether a ``disconnect()`` now could end the lease NEEDS_RESET: subscribed, nothing failed."""
+        return self._subscribed and not self._broken
+
+    def closing_clean(self) -> bool:
+        """``disconnect()`` with no error, on a subscribed lease with no byte of a reply half read:
+        the lease can end NEEDS_RESET (the manager's RESET drains the pushed messages)."""
+        if self._subscribed and not self._broken and not self._has_unread_bytes():
+            self._closed_clean = True
+        return self._closed_clean
 
     def watch_commands(self, commands: Iterable[Any]) -> int:
         """Classify commands about to be sent (each a tuple of args); count their replies."""
@@ -73,7 +89,7 @@ class SessionWatch:
         self._pending_replies += 1
 
     def outcome(self) -> Outcome:
-        if self._broken or self._transport_gone():
+        if self._broken or (self._transport_gone() and not self._closed_clean):
             return Outcome.BROKEN
         if self._session_changed or self._in_multi or self._watching:
             # RESET also reads past any reply still in flight.
@@ -109,6 +125,7 @@ class SessionWatch:
             self._session_changed = True
             lease = getattr(self, "lease", None)
             if command in _SUBSCRIBE_COMMANDS and lease is not None:
+                self._subscribed = True
                 mark_subscriber(lease)
             return
         if command == "CLIENT":

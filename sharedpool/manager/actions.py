@@ -55,6 +55,7 @@ class RowView:
     holder_alive: bool = True
     db: int = 0
     subscriber: bool = False  # the holder says its lease is in subscribed mode
+    revoke_asked: bool = False  # the row's revoke request names its current lease (``Table.request_revoke``)
 
 
 # ----- actions: what the loop must do after a decision -----------------------------
@@ -84,6 +85,27 @@ class CloseConnection:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestRevoke:
+    """Ask lease ``seq`` of the slot back from its live holder (``Table.request_revoke``) and,
+    if the row still says that lease is held, shut the connection down. The row is not
+    written: its next generation comes once the lock is free or the holder dead."""
+
+    slot: int
+    generation: int
+    seq: int
+    backend: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ShutDown:
+    """End the TCP connection for every holder of its fd, keeping the slot (a live holder
+    has its lock): the slot's next generation comes once that lock is free."""
+
+    backend: Any
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Publish:
     """Write the slot's row as the manager's own (READY, CLOSED or MANAGER).
 
@@ -94,8 +116,6 @@ class Publish:
     slot: int
     generation: int
     state: RowState
-    revoked_generation: int = 0
-    revoked_seq: int = 0
     expires_at: float = 0.0
     db: int = 0
 
@@ -124,4 +144,4 @@ class Release:
     generation: int
 
 
-Action = OpenConnection | ResetConnection | CloseConnection | Publish | Expire | Wake | Release
+Action = OpenConnection | ResetConnection | CloseConnection | RequestRevoke | ShutDown | Publish | Expire | Wake | Release

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.connection import Connection, UnixDomainSocketConnection, parse_url
 
-from sharedpool.config import ManagerConfig
+from sharedpool.config import ManagerConfig, tls_options
 
 log = logging.getLogger("sharedpool.manager")
 
@@ -38,10 +39,17 @@ class RedisTarget:
     db: int
     protocol: int
     client_name: str  # the template: {pool}, {slot}, {db}; empty: no CLIENT SETNAME
+    tls: Any = None  # rediss://: the TLSOptions (sharedpool.tls)
 
     @classmethod
     def from_config(cls, config: ManagerConfig) -> RedisTarget:
-        kwargs = dict(parse_url(config.redis_url))
+        tls = tls_options(config)
+        url = config.redis_url
+        if tls is not None:
+            from sharedpool.tls.handshake import without_options
+
+            url = without_options(url)
+        kwargs = dict(parse_url(url))
         unix = urlsplit(config.redis_url).scheme == "unix"
         kwargs.pop("connection_class", None)
         db = int(kwargs.get("db", 0) or 0)
@@ -56,7 +64,17 @@ class RedisTarget:
         )
         if not unix:
             kwargs["socket_keepalive"] = True
-        return cls(kwargs, unix, label, db, config.protocol, config.client_name)
+        if tls is not None:
+            kwargs["tls"] = tls
+            label += " (TLS)"  # client.clone.TLS_MARK: a worker's redis:// URL for it is refused, not mixed
+        return cls(kwargs, unix, label, db, config.protocol, config.client_name, tls)
+
+    def connection_class(self) -> Any:
+        if self.tls is not None:
+            from sharedpool.tls.backend import ManagerTLSConnection
+
+            return ManagerTLSConnection
+        return UnixDomainSocketConnection if self.unix else Connection
 
     def name_of(self, pool_name: str, slot: int, db: int) -> str | None:
         return self.client_name.format(pool=pool_name, slot=slot, db=db) or None
@@ -67,8 +85,7 @@ class Backend:
 
     def __init__(self, target: RedisTarget, pool_name: str, slot: int, db: int) -> None:
         kwargs = dict(target.kwargs, client_name=target.name_of(pool_name, slot, db), db=db)
-        connection_class: Any = UnixDomainSocketConnection if target.unix else Connection
-        self.connection: Connection = connection_class(**kwargs)
+        self.connection: Connection = target.connection_class()(**kwargs)
         self._name = (target, pool_name)
         self.timeout = target.kwargs["socket_timeout"]
         self.slot = slot
@@ -100,6 +117,9 @@ class Backend:
         conn.db = db
         conn.client_name = target.name_of(pool_name, self.slot, db)
         sock.settimeout(self.timeout)
+        tls_take_up = getattr(sock, "take_up", None)
+        if tls_take_up is not None:
+            tls_take_up()  # where the last holder left the record sequence numbers
         conn.send_command("RESET", check_health=False)
         for _ in range(_MAX_STRAY_REPLIES):
             reply = conn.read_response(disable_decoding=True)
@@ -109,6 +129,22 @@ class Backend:
             raise redis.ConnectionError("no RESET reply among stray replies")
         # The RESP3 parser reads RESP2 too, so the handshake can run as is.
         conn.on_connect()
+        if tls_take_up is not None:
+            sock.write_back()  # type: ignore[union-attr]  # before the slot is granted again
+
+    @property
+    def handover(self) -> Any:
+        """rediss://: the suite and traffic keys a worker is sent with the fd (None for plain Redis)."""
+        return getattr(self.connection, "handover", None)
+
+    def publish_tls(self, table_map: Any) -> None:
+        """rediss://: put the record sequence numbers in the slot's row, before the slot is lent."""
+        sock = self.connection._sock
+        if self.handover is not None and sock is not None:
+            from sharedpool.tls.row import RowSeqs
+
+            sock.seqs = RowSeqs(table_map, self.slot)  # type: ignore[attr-defined]
+            sock.write_back()  # type: ignore[attr-defined]
 
     def is_quiet(self) -> bool:
         """True when nothing is readable: no EOF, no reply nobody asked for."""
@@ -116,6 +152,16 @@ class Backend:
             return not self._poller.poll(0)  # EOF, error or stray data all show as events
         except OSError:
             return False
+
+    def shut_down(self) -> None:
+        """End the TCP connection for every process holding its fd, keeping ours open:
+        a holder blocked on it wakes, and its next command fails at once."""
+        sock = self.connection._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by Redis
 
     def close(self) -> None:
         try:
@@ -147,8 +193,7 @@ def server_databases(backend: Backend) -> int | None:
 def probe(target: RedisTarget, timeout: float = 2.0) -> str:
     """One-shot PING for ``sharedpool check``; returns an error text or ''."""
     kwargs = dict(target.kwargs, socket_timeout=timeout, socket_connect_timeout=timeout)
-    connection_class: Any = UnixDomainSocketConnection if target.unix else Connection
-    conn = connection_class(**kwargs)
+    conn = target.connection_class()(**kwargs)
     started = time.monotonic()
     try:
         conn.connect()

@@ -73,14 +73,22 @@ def on_hello(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
 
 
 def on_fetch_fd(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
-    index, generation = protocol.decode_slot(body)
+    index, generation, db = protocol.decode_fetch_fd(body)
     slot = manager.pool.slot(index, generation)
     if slot is None or slot.state is not SlotState.SHARED or slot.backend is None:
         manager.counters[keys.STALE_FETCHES] += 1
         manager.control.send(client, protocol.encode_error(
             ErrorCode.STALE, f"slot {index} generation {generation} is not open (replaced or closed)", request_id))
         return
+    if db is not None and db != slot.db:
+        # The row's database byte said db (scribbled): this connection serves another.
+        manager.counters[keys.STALE_FETCHES] += 1
+        manager.control.send(client, protocol.encode_error(
+            ErrorCode.STALE, f"slot {index} generation {generation} serves db {slot.db}, not db {db}", request_id))
+        return
     frame = protocol.encode_slot(FrameType.FD, index, generation, request_id)
+    if slot.backend.handover is not None:
+        frame += slot.backend.handover.encode()  # rediss://: the keys, only here and only to an admitted peer
     try:
         client.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [slot.backend.fileno]))])
         manager.counters[keys.FDS_SENT] += 1
@@ -97,15 +105,16 @@ def on_report(manager: Manager, client: Peer, request_id: int, body: bytes) -> N
     now = time.monotonic()
     if report.cause is protocol.ReportCause.ABORTED:
         # Its holder still has the lock and may be blocked on the socket:
-        # shutting the connection down is what wakes it, and the new
-        # generation moves the lock byte (as for an orphan).
+        # shutting the connection down is what wakes it.
         try:
             row = table.row(report.slot)
         except tbl.RowError:
             return
         if row.state is RowState.HELD and row.holder_pid == client.pid and row.generation == report.generation:
-            manager.perform(pool.given_back(report.slot, report.generation, Outcome.BROKEN, now, ReapCause.HOLDER_CLOSED))
-            manager.redispatch(now)
+            # Its lock is held: asked back and shut down, replaced when the
+            # holder gives it back or its lock goes with the process.
+            counter = keys.reaped_key(ReapCause.HOLDER_CLOSED.value)
+            manager.perform(pool.revoke(report.slot, report.generation, row.lease_seq, counter))
         return
     if not keeper.try_lock(report.slot, report.generation):
         # Someone is on it right now (a taker checking it): look again soon.

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from sharedpool.config import ManagerConfig, mask_url
+from sharedpool.errors import TLSRefused
 from sharedpool.manager import actions as act
 from sharedpool.manager import handlers
 from sharedpool.manager.actions import Action, Limits
@@ -33,11 +34,11 @@ from sharedpool.manager.backend import Backend, RedisTarget, describe_error, ope
 from sharedpool.manager.control import ControlServer
 from sharedpool.manager.pool import Pool
 from sharedpool.manager.reaper import Reaper
-from sharedpool.manager.snapshot import snapshot
+from sharedpool.manager.snapshot import LeaseTally, snapshot
 from sharedpool.manager.socket_path import ManagerAlreadyRunning, SocketPath
 from sharedpool.manager.table_keeper import TableKeeper
 from sharedpool.metrics import MetricsServer
-from sharedpool.table import RowState
+from sharedpool.table import RowError, RowState
 
 log = logging.getLogger("sharedpool.manager")
 
@@ -66,6 +67,7 @@ class Manager:
         self.socket_path = SocketPath(config)
         self.state = State.STARTING
         self.started_at = time.monotonic()
+        self.lease_tally = LeaseTally(self.started_at)
         # epoll directly, fd -> handler: the selectors layer costs more per
         # wake-up than the rest of the loop's work.
         self._epoll = select.epoll()
@@ -85,6 +87,8 @@ class Manager:
         self._snapshot_cache: dict[str, Any] = {}
         self._next_snapshot = 0.0
         self._metrics: MetricsServer | None = None
+        self._connected_once = False
+        self.exit_code = 0
 
     def __repr__(self) -> str:
         return f"<Manager {self.config.pool_name!r} {self.state.value} {self.pool!r}>"
@@ -100,7 +104,7 @@ class Manager:
                 self.step()
         finally:
             self.close()
-        return 0
+        return self.exit_code
 
     def start(self) -> None:
         _raise_fd_limit()
@@ -330,6 +334,20 @@ class Manager:
                 self._open(action)
             elif isinstance(action, act.ResetConnection):
                 self._reset(action)
+            elif isinstance(action, act.RequestRevoke):
+                # The request and the read that checks it are one step: a lease
+                # that ended since the sweep's read is never shut down.
+                try:
+                    still_held = keeper.table.request_revoke(action.slot, action.generation, action.seq)
+                except RowError:
+                    still_held = False
+                if not still_held:
+                    self.pool.revoke_missed(action.slot, action.generation)
+                elif action.backend is not None:
+                    action.backend.shut_down()
+            elif isinstance(action, act.ShutDown):
+                if action.backend is not None:
+                    action.backend.shut_down()
             elif isinstance(action, act.CloseConnection):
                 log.debug("closing slot %s: %s", getattr(action.backend, "slot", "?"), action.reason)
                 fd = getattr(action.backend, "fileno", -1)
@@ -380,7 +398,15 @@ class Manager:
             try:
                 backend, databases = future.result()
             except Exception as exc:  # any failure to connect is reported, never raised
+                if isinstance(exc, TLSRefused) and not self._connected_once and not self.exit_code:
+                    # Verification or protocol: no retry can fix it, so say it once (whichever
+                    # slot was first) and stop.
+                    log.error("%s", exc)
+                    self.exit_code = 2
+                    self.stop()
                 return self.pool.connect_failed(action.slot, action.generation, describe_error(exc), now)
+            self._connected_once = True
+            backend.publish_tls(self.keeper.table.map)
             if databases is not None and self.pool.redis_databases is None:
                 self.pool.limit_databases(databases)
             log.info("connected slot %d (generation %d, db %d) to %s", action.slot, action.generation, db, self.target.label)
@@ -399,6 +425,8 @@ class Manager:
                 future.result()
             except Exception as exc:
                 return self.pool.reset_done(action.slot, action.generation, False, now, describe_error(exc))
+            if backend.fileno in self._peer_watch:
+                self._peer_watch[backend.fileno] = (action.slot, action.generation)  # a rebind's new generation
             return self.pool.reset_done(action.slot, action.generation, True, now)
 
         self.submit(lambda: backend.reset(action.db), done)

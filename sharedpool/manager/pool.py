@@ -33,12 +33,14 @@ from sharedpool.manager.actions import (
     OpenConnection,
     Publish,
     Release,
+    RequestRevoke,
     ResetConnection,
     RowView,
+    ShutDown,
     Wake,
 )
 from sharedpool.manager.slot import ReapCause, Slot, SlotState
-from sharedpool.manager.sweep import End, GiveBack, Note, judge
+from sharedpool.manager.sweep import End, GiveBack, Note, Revoke, Shut, judge
 from sharedpool.table import RETIRE_NOW, Outcome, RowState
 
 __all__ = ["Pool", "ReapCause", "Slot", "SlotState"]
@@ -194,6 +196,11 @@ class Pool:
                  slot.index, slot.db, db, self.limits.max_connections)
         del self._in_db[slot.db][slot.index]
         slot.db = db
+        # A generation serves one database: a worker's cached fd of the
+        # slot is then never taken for another database's (a scribbled
+        # row's database byte cannot lend it), and FETCH_FD checks the rest.
+        # The lock we hold stays at the old generation's byte until we publish.
+        slot.generation += 1
         self._in_db.setdefault(db, {})[slot.index] = slot
         self._move(slot, SlotState.MANAGED)
         self.counters[keys.REBOUND] += 1
@@ -270,6 +277,8 @@ class Pool:
         slot = self.slot(index, generation)
         if slot is None or slot.state is not SlotState.SHARED:
             return []
+        if slot.shut:
+            return self._discard(slot, "given back after it was shut down", now)  # counted when it was revoked
         if cause is not None:
             log.warning("reaped slot %d (%s): connection replaced", index, cause.value)
             return self._discard(slot, f"reaped: {cause.value}", now, keys.reaped_key(cause.value))
@@ -330,7 +339,12 @@ class Pool:
                 continue
             verdict = judge(slot, view, now, self.limits, idle.get(slot.db, 0), self.serves(slot.db))
             if isinstance(verdict, End):
-                actions += self._discard(slot, verdict.reason, now, verdict.counter, verdict.revoked_seq)
+                actions += self._discard(slot, verdict.reason, now, verdict.counter)
+            elif isinstance(verdict, Revoke):
+                actions += self.revoke(slot.index, slot.generation, verdict.seq, keys.reaped_key(ReapCause.REVOKED.value))
+            elif isinstance(verdict, Shut):
+                slot.shut = True
+                actions.append(ShutDown(slot.backend, verdict.reason))
             elif isinstance(verdict, GiveBack):
                 actions += self.given_back(slot.index, slot.generation, verdict.outcome, now, verdict.cause)
             elif verdict is Note.LEAK:
@@ -366,23 +380,38 @@ class Pool:
                 actions.append(Expire(slot.index, RETIRE_NOW))
         return actions
 
-    def _discard(self, slot: Slot, reason: str, now: float, counter: str | None = None, revoked_seq: int = 0) -> list[Action]:
+    def revoke(self, index: int, generation: int, seq: int, counter: str | None = None) -> list[Action]:
+        """Ask lease ``seq`` back from its live holder, whose lock we never write under:
+        the connection is shut down, and replaced when the holder gives it back
+        (BROKEN) or its lock is free (the sweep)."""
+        slot = self.slot(index, generation)
+        if slot is None or slot.state is not SlotState.SHARED or slot.shut:
+            return []
+        slot.shut = True
+        if counter is not None:
+            self.counters[counter] += 1
+        return [RequestRevoke(index, generation, seq, slot.backend)]
+
+    def revoke_missed(self, index: int, generation: int) -> None:
+        """The lease asked back had ended before the request reached the row: the
+        connection was not shut down and serves on (the next lease is no one's to revoke)."""
+        slot = self.slot(index, generation)
+        if slot is not None:
+            slot.shut = False
+
+    def _discard(self, slot: Slot, reason: str, now: float, counter: str | None = None) -> list[Action]:
         """End the slot's connection; ``counter``: the count of why it ended, beside ``connections_closed``."""
         backend = slot.backend
-        old_generation = slot.generation
         slot.backend = None
         slot.generation += 1
-        slot.retire = False
+        slot.retire = slot.shut = False
         slot.expires_at = float("inf")
         self._move(slot, SlotState.EMPTY)
         self.counters[keys.CLOSED] += 1
         if counter is not None:
             self.counters[counter] += 1
         actions: list[Action] = [CloseConnection(backend, reason)] if backend is not None else []
-        actions.append(Publish(
-            slot.index, slot.generation, RowState.CLOSED,
-            revoked_generation=old_generation if revoked_seq else 0, revoked_seq=revoked_seq, db=slot.db,
-        ))
+        actions.append(Publish(slot.index, slot.generation, RowState.CLOSED, db=slot.db))
         return actions
 
     def health_check_failed(self, index: int, generation: int, now: float) -> list[Action]:

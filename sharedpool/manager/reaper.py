@@ -23,8 +23,6 @@ from sharedpool.table import RowFlag, RowState
 
 log = logging.getLogger("sharedpool.manager")
 
-_LOCKABLE = frozenset({RowState.READY, RowState.HELD, RowState.RESET, RowState.BROKEN})
-
 
 class Reaper:
     def __init__(
@@ -66,7 +64,8 @@ class Reaper:
                 settled = table.row_settled(index)
             except tbl.RowError:
                 if not only_pid:
-                    views.append(RowView(index, None, generation))
+                    # Unreadable: ours to rewrite only under its lock (a live holder may have it).
+                    views.append(RowView(index, None, generation, lock_free=keeper.try_lock(index, generation)))
                 continue
             lock_free = False
             if settled is None:
@@ -79,16 +78,19 @@ class Reaper:
                 try:
                     settled = table.row(index)
                 except tbl.RowError:
-                    keeper.unlock(index)
                     if not only_pid:
-                        views.append(RowView(index, None, generation))
+                        views.append(RowView(index, None, generation, lock_free=True))
+                    else:
+                        keeper.unlock(index)
                     continue
             row = settled
             if only_pid and (row.state is not RowState.HELD or row.holder_pid != only_pid):
                 if lock_free:
                     keeper.unlock(index)
                 continue
-            if not lock_free and row.generation == generation and row.state in _LOCKABLE:
+            if not lock_free:
+                # Whatever the row says (a scribbled one too), the lock of the
+                # slot's real generation says whether a live holder has it.
                 lock_free = keeper.try_lock(index, generation)
                 if lock_free:
                     # Read again under the lock: a holder may have given it back
@@ -96,15 +98,23 @@ class Reaper:
                     try:
                         row = table.row(index)
                     except tbl.RowError:
-                        keeper.unlock(index)
-                        views.append(RowView(index, None, generation))
+                        views.append(RowView(index, None, generation, lock_free=True))
                         continue
             alive = True
             if row.state is RowState.HELD and not lock_free and row.generation == generation:
                 alive = self._alive(row.holder_pid, row.holder_start)
+                if not alive:
+                    # psutil took its time: act only if the row still names the
+                    # lease we asked about (a lease taken since is somebody else's).
+                    again = _settled_or_none(table, index)
+                    if again is None or (again.state, again.generation, again.lease_seq, again.holder_pid) != (
+                        row.state, row.generation, row.lease_seq, row.holder_pid
+                    ):
+                        continue
             views.append(RowView(
                 index, row.state, row.generation, row.lease_seq, row.holder_pid,
                 row.acquired_at, row.call_site, lock_free, alive, row.db, bool(row.flags & RowFlag.SUBSCRIBER),
+                tbl.was_revoked(row, row.generation, row.lease_seq),
             ))
         if only_pid:
             idle = keeper.idle_by_db(self.pool)
@@ -175,6 +185,13 @@ class Reaper:
         drop_channels(pid)
         self.sweep(now)
         return held - self.keeper.held_by(self.pool, pid)
+
+
+def _settled_or_none(table: tbl.Table, index: int) -> tbl.Row | None:
+    try:
+        return table.row_settled(index)
+    except tbl.RowError:
+        return None
 
 
 def alive_by_psutil(pid: int, create_time: float) -> bool:

@@ -47,6 +47,9 @@ class Slot:
     seen_seq: int = 0
     leak_warned_seq: int = 0
     db: int = 0  # the database its connection is SELECTed to (the last one, while EMPTY)
+    # Its connection was shut down (revoked, scribbled row) while a live
+    # holder had the lock: the slot's next generation waits for that lock.
+    shut: bool = False
 
     def __repr__(self) -> str:
         return f"<Slot {self.index} db {self.db} gen {self.generation} {self.state.value}>"

@@ -19,13 +19,58 @@ if TYPE_CHECKING:
     from sharedpool.manager.loop import Manager
 
 
+# More leases than one slot's row can take in a second (a lease costs microseconds):
+# a lease number that moved faster than this was written by a scribbler.
+_MAX_LEASES_PER_S = 2_000_000
+_SLACK = 1000
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class LeaseTally:
+    """Counts workers keep in the table (leases taken, the wait and hold histograms), read as untrusted input.
+
+    Any worker can write any byte there. A slot's count is taken only by the
+    steps a worker could have made since we last read it, forward; a jump
+    (2**64 - 1, or back) is not counted, and counting goes on from there. So
+    a published total never goes back within an epoch and never shows a
+    count no worker could have made.
+    """
+
+    def __init__(self, started_at: float) -> None:
+        self._started_at = started_at
+        self._totals: dict[object, int] = {}
+        self._seen: dict[tuple[object, int], tuple[int, float]] = {}  # (series, slot) -> (value, when read)
+
+    def read(self, series: object, slot: int, value: int, now: float) -> None:
+        last, at = self._seen.get((series, slot), (0, self._started_at))
+        step = (value - last) & _U64
+        if step and step <= _SLACK + (now - at) * _MAX_LEASES_PER_S:
+            self._totals[series] = self._totals.get(series, 0) + step
+        self._seen[(series, slot)] = (value, now)
+
+    def total(self, series: object) -> int:
+        return self._totals.get(series, 0)
+
+    def histograms(self, table: tbl.Table, slots: int, now: float) -> tuple[list[int], list[int]]:
+        """The wait and hold histograms of ``slots`` rows, each bucket tallied as above."""
+        for slot in range(min(slots, table.capacity)):
+            waits, holds = table.row_histograms(slot)
+            for index in range(tbl.HISTOGRAM_BUCKETS):
+                self.read(("wait", index), slot, waits[index], now)
+                self.read(("hold", index), slot, holds[index], now)
+        return (
+            [self.total(("wait", index)) for index in range(tbl.HISTOGRAM_BUCKETS)],
+            [self.total(("hold", index)) for index in range(tbl.HISTOGRAM_BUCKETS)],
+        )
+
+
 def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]:
     """The stats. ``max_workers`` caps the per-worker rows (busiest first) so a
     host with thousands of workers still fits one frame."""
     pool, table, config = manager.pool, manager.keeper.table, manager.config
     now = time.monotonic()
     held_by: dict[int, int] = {}
-    idle = held = granted = subscribers = 0
+    idle = held = subscribers = 0
     databases = {db: dict.fromkeys(keys.DATABASE_KEYS, 0) for db in pool.limits.warm_databases}
     for db, count in table.waiters_by_db().items():
         if pool.serves(db):
@@ -35,7 +80,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
             row = table.row(slot.index)
         except tbl.RowError:
             continue
-        granted += row.lease_seq
+        manager.lease_tally.read(keys.GRANTED, slot.index, row.lease_seq, now)
         if slot.state is SlotState.EMPTY:
             continue
         per_db = databases.setdefault(slot.db, dict.fromkeys(keys.DATABASE_KEYS, 0))
@@ -57,8 +102,9 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
         {"pid": pid, "leases_held": held_by.get(pid, 0), "control_connections": channels.get(pid, 0)}
         for pid in sorted(set(held_by) | set(channels))
     ]
-    waits, holds = table.histograms(len(pool.slots))
+    waits, holds = manager.lease_tally.histograms(table, len(pool.slots), now)
     counters = dict(pool.counters)
+    granted = manager.lease_tally.total(keys.GRANTED)
     counters[keys.GRANTED] = granted
     counters[keys.RELEASED] = max(0, granted - held)
     return {

@@ -32,7 +32,6 @@ class End:
 
     reason: str
     counter: str | None = None
-    revoked_seq: int = 0  # a revoked lease: its holder reads in the row why it ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +42,27 @@ class GiveBack:
     cause: ReapCause | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Ask the live holder of lease ``seq`` for it back and shut its connection down;
+    the connection ends when the holder gives it back or its lock is free."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Shut:
+    """Shut the connection down now (a live holder has the lock); end it once the lock is free."""
+
+    reason: str
+
+
 class Note(enum.Enum):
     IDLE = "idle"  # stays open and idle: counts towards min_idle, may be rebound
     LEAK = "leak"  # held past leak_threshold, not yet warned of
 
 
-Verdict = End | GiveBack | Note | None  # None: nothing to do
+Verdict = End | GiveBack | Revoke | Shut | Note | None  # None: nothing to do
 
 
 def judge(slot: Slot, view: RowView, now: float, limits: Limits, idle_in_db: int, served: bool) -> Verdict:
@@ -56,12 +70,18 @@ def judge(slot: Slot, view: RowView, now: float, limits: Limits, idle_in_db: int
     of its database kept so far; ``served``: whether its database still is."""
     if view.state is None or view.generation != slot.generation or view.db != slot.db:
         # Scribbled: nobody can say who uses this connection (or which
-        # database a taker would expect of it). Replace it.
+        # database a taker would expect of it). Replace it; a live holder
+        # of its lock first sees it shut down, and the row is ours to write
+        # once that lock is free.
+        if not view.lock_free:
+            return _shut(slot, "row unreadable or of another generation or database")
         log.warning("slot %d: row unreadable or of another generation: connection replaced", slot.index)
         return End("row scribbled", keys.TABLE_REPAIRS)
     if view.state is RowState.HELD:
         if view.lock_free:
             return GiveBack(Outcome.BROKEN, ReapCause.HOLDER_CLOSED)
+        if slot.shut and view.holder_alive:
+            return None  # asked back and shut down: its holder gives it back, or its lock goes with it
         if not view.holder_alive:
             # Its lock outlives it in an orphaned child (DESIGN fact 12):
             # a new generation leaves that lock behind.
@@ -76,7 +96,14 @@ def judge(slot: Slot, view: RowView, now: float, limits: Limits, idle_in_db: int
             return None
         return GiveBack(Outcome.BROKEN if view.state is RowState.BROKEN else Outcome.NEEDS_RESET)
     if view.state is not RowState.READY:
+        if not view.lock_free:
+            return _shut(slot, f"row says {view.state.name} in a shared slot")
         return End(f"row says {view.state.name} in a shared slot", keys.TABLE_REPAIRS)
+    if view.revoke_asked or slot.shut:
+        # Given back READY by a holder that read its row before our request
+        # reached it (takers leave such a row alone), or READY again after
+        # we shut it down: the connection is gone, replace it.
+        return End("revoked lease given back") if view.lock_free else None
     if view.lease_seq != slot.seen_seq:
         slot.seen_seq = view.lease_seq
         slot.idle_since = now
@@ -91,6 +118,13 @@ def judge(slot: Slot, view: RowView, now: float, limits: Limits, idle_in_db: int
     return Note.IDLE
 
 
+def _shut(slot: Slot, reason: str) -> Shut | None:
+    if slot.shut:
+        return None
+    log.warning("slot %d: %s, its lock held: connection shut down, replaced once the lock is free", slot.index, reason)
+    return Shut(reason)
+
+
 def _held(slot: Slot, view: RowView, now: float, limits: Limits) -> Verdict:
     if view.subscriber:
         # Subscribed mode lasts as long as its subscriber does: neither a
@@ -102,7 +136,7 @@ def _held(slot: Slot, view: RowView, now: float, limits: Limits) -> Verdict:
             "revoked lease %d of pid %d (slot %d) after %.1f s: max_lease_time=%g s",
             view.lease_seq, view.holder_pid, slot.index, age, limits.max_lease_time,
         )
-        return End("revoked: max_lease_time", keys.reaped_key(ReapCause.REVOKED.value), revoked_seq=view.lease_seq)
+        return Revoke(view.lease_seq)
     if limits.leak_threshold and age >= limits.leak_threshold and slot.leak_warned_seq != view.lease_seq:
         return Note.LEAK
     return None

@@ -99,7 +99,8 @@ class TableKeeper:
     # ----- writing ------------------------------------------------------------
 
     def publish(self, action: Publish, seen_seq: int) -> None:
-        """Write the row; ``seen_seq`` stands in for a lease number we cannot read back."""
+        """Write the row; ``seen_seq`` stands in for a lease number we cannot read back. The
+        revoke request is kept: a holder that gave back late still finds it there."""
         table = self.table
         index = action.slot
         try:
@@ -107,8 +108,6 @@ class TableKeeper:
             seq, revoked_generation, revoked_seq = old.lease_seq, old.revoked_generation, old.revoked_seq
         except tbl.RowError:
             seq, revoked_generation, revoked_seq = seen_seq, 0, 0
-        if action.revoked_seq:
-            revoked_generation, revoked_seq = action.revoked_generation, action.revoked_seq
         table.write_row(index, tbl.Row(
             action.state, action.generation, lease_seq=seq,
             revoked_generation=revoked_generation, revoked_seq=revoked_seq, expires_at=action.expires_at,

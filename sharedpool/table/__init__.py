@@ -31,6 +31,12 @@ are the workers' moves; the rest are the manager's)::
     CLOSED --manager opens--> READY --take--> HELD --give_back--> READY | RESET | BROKEN
     HELD, lock free (holder vanished) --found_abandoned--> BROKEN
     RESET, BROKEN --manager repairs--> MANAGER --> READY | CLOSED (new generation)
+    HELD, lock held --manager asks it back (revoke request)--> the holder gives it back BROKEN
+
+The manager never writes a row whose lock a live holder has: to take a
+lease back it writes only the revoke request (bytes the holders never
+write) and shuts the connection down; the next generation is written
+once the lock is free or the holder dead (``Table.take_in_place``).
 
 ``mapped.Table`` is one process's mapping of the file and the moves made on it.
 """

@@ -60,12 +60,17 @@ BUCKET_BOUNDS_S: tuple[float, ...] = tuple(10e-6 * 2.0**i for i in range(HISTOGR
 # reader that ignores them sees the rows it always saw.
 ROW = struct.Struct("=BHBIiIQddIxxxxQd")
 HIST = struct.Struct(f"={HISTOGRAM_BUCKETS}Q")
-# The first fields of a row, as the hot path reads and writes them.
-TAKE_READ = struct.Struct("=BHxIiIQ")
+# The first fields of a row, as the hot path reads and writes them. Reads
+# take the revoke request too (revoked generation and lease number, bytes
+# 40..55): the manager writes those while a holder has the lock, and no
+# holder ever writes them.
+TAKE_READ = struct.Struct("=BHxIiIQ16xI4xQ")
 # Taking and giving back rewrite the database as read and clear the flags:
 # a lease that ends is no longer a subscriber.
 TAKE_WRITE = struct.Struct("=BHBIiIQdd")
-GIVE_READ = struct.Struct("=BHxIiIQ32xd")
+GIVE_READ = struct.Struct("=BHxIiIQ16xI4xQd")
+REVOKE_AT = 40
+REVOKE = struct.Struct("=I4xQ")  # revoked generation, revoked lease number
 DB_AT = 1
 FLAGS_OF_ROW_AT = 3
 U16 = struct.Struct("=H")
@@ -137,9 +142,16 @@ class Outcome(enum.IntEnum):
     CLEAN = 0
     NEEDS_RESET = 1
     BROKEN = 2
+    # Never a holder's choice: what ``give_back_in_place`` answers when the
+    # manager asked for the lease back. The row is written BROKEN, and the
+    # report to the manager says BROKEN.
+    REVOKED = 3
 
 
-STATE_AFTER = {Outcome.CLEAN: RowState.READY, Outcome.NEEDS_RESET: RowState.RESET, Outcome.BROKEN: RowState.BROKEN}
+STATE_AFTER = {
+    Outcome.CLEAN: RowState.READY, Outcome.NEEDS_RESET: RowState.RESET, Outcome.BROKEN: RowState.BROKEN,
+    Outcome.REVOKED: RowState.BROKEN,
+}
 
 
 RETIRE_NOW = 1e-9  # an expiry every clock is past
@@ -169,6 +181,7 @@ def still_mine(row: Row, generation: int, lease_seq: int) -> bool:
 
 
 def was_revoked(row: Row, generation: int, lease_seq: int) -> bool:
+    """Whether the manager asked for lease ``lease_seq`` of ``generation`` back (max_lease_time, reaping)."""
     return row.revoked_generation == generation and row.revoked_seq == lease_seq and lease_seq != 0
 
 

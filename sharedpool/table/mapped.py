@@ -35,6 +35,8 @@ from sharedpool.table.layout import (
     LAYOUT_VERSION,
     MAGIC,
     MAX_WAITING_AT,
+    REVOKE,
+    REVOKE_AT,
     ROW,
     ROW_SIZE,
     ROW_STATES,
@@ -229,13 +231,28 @@ class Table:
 
     # The hot path's moves: ``take`` and ``give_back`` above, done in place
     # (tests hold the two to the same results).
+    #
+    # The contract with the manager (the C accelerator keeps it too): only a
+    # slot lock's holder writes a row's first 40 bytes while the row says
+    # HELD. The manager asks for a live holder's lease back by writing the
+    # revoke request (``request_revoke``: the lease's generation and number
+    # in bytes 40..55, which no holder writes) and shutting the connection
+    # down; it writes the slot's next generation only once the lock is free
+    # or the holder dead. Each move below reads the request with the row:
+    # a revoked lease is given back BROKEN (``Outcome.REVOKED``), never
+    # READY, and a READY row whose last lease was revoked is not taken.
     def take_in_place(self, slot: int, generation: int, pid: int, start: float, now: float, call_site: int, db: int) -> int:
-        """``take`` on a READY row of ``generation`` and ``db`` we hold the lock of; its lease number, or 0."""
+        """``take`` on a READY row of ``generation`` and ``db`` we hold the lock of; its lease number, or 0.
+
+        0 also when the row's last lease was revoked (its connection is being
+        shut down: the manager replaces it)."""
         at = ROWS_AT + slot * ROW_SIZE
-        state, row_db, row_generation, _pid, _site, seq = TAKE_READ.unpack_from(self.map, at)
+        state, row_db, row_generation, _pid, _site, seq, revoked_generation, revoked_seq = TAKE_READ.unpack_from(self.map, at)
         # The database is checked under the lock: the manager rebinds a slot
         # to another database only while it holds that lock.
         if state != RowState.READY or row_generation != generation or row_db != db:
+            return 0
+        if revoked_seq == seq and revoked_generation == generation and seq:
             return 0
         seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1  # a scribbled maximum wraps, never raises
         # Table._put, inlined: the hot path.
@@ -244,12 +261,16 @@ class Table:
 
     def give_back_in_place(self, slot: int, generation: int, seq: int, outcome: Outcome, now: float) -> Outcome | None:
         """``give_back`` if the row is still our lease: the outcome written (an expired
-        connection goes back BROKEN); None if it was revoked or repaired."""
+        connection goes back BROKEN; a revoked lease BROKEN, answered ``Outcome.REVOKED``);
+        None if the row is no longer our lease (repaired, scribbled): nothing is written."""
         at = ROWS_AT + slot * ROW_SIZE
-        state, row_db, row_generation, _pid, _site, row_seq, expires_at = GIVE_READ.unpack_from(self.map, at)
+        (state, row_db, row_generation, _pid, _site, row_seq, revoked_generation, revoked_seq,
+         expires_at) = GIVE_READ.unpack_from(self.map, at)
         if state != RowState.HELD or row_generation != generation or row_seq != seq:
             return None
-        if outcome is Outcome.CLEAN and expires_at and now >= expires_at:
+        if revoked_seq == seq and revoked_generation == generation:
+            outcome = Outcome.REVOKED
+        elif outcome is Outcome.CLEAN and expires_at and now >= expires_at:
             outcome = Outcome.BROKEN
         self.map[at : at + TAKE_SIZE] = TAKE_WRITE.pack(STATE_AFTER[outcome], row_db, 0, row_generation, 0, 0, seq, 0.0, 0.0)
         return outcome
@@ -266,15 +287,34 @@ class Table:
         of hand-overs is timed from its own start.
         """
         at = ROWS_AT + slot * ROW_SIZE
-        state, row_db, row_generation, _pid, _site, row_seq, expires_at = GIVE_READ.unpack_from(self.map, at)
+        (state, row_db, row_generation, _pid, _site, row_seq, revoked_generation, revoked_seq,
+         expires_at) = GIVE_READ.unpack_from(self.map, at)
         if state != RowState.HELD or row_generation != generation or row_seq != seq:
             return 0
-        if expires_at and now >= expires_at:
+        if (revoked_seq == seq and revoked_generation == generation) or (expires_at and now >= expires_at):
             return 0
         seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1
         # Table._put, inlined: the hot path.
         self.map[at : at + TAKE_SIZE] = TAKE_WRITE.pack(RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
         return int(seq)
+
+    def request_revoke(self, slot: int, generation: int, seq: int) -> bool:
+        """The manager's: ask for lease ``seq`` of ``generation`` back, writing only the
+        revoke request (bytes no holder writes). True if the row, read after the
+        request, still says that lease is held: only then may the caller shut the
+        connection down. From then on its holder gives it back BROKEN and no taker
+        takes the row READY, so a shutdown that follows cannot reach another lease.
+        """
+        at = self._row_at(slot)
+        self._put(REVOKE, at + REVOKE_AT, generation, seq)
+        state, _db, row_generation, _pid, _site, row_seq, _rg, _rs = TAKE_READ.unpack_from(self.map, at)
+        return bool(state == RowState.HELD and row_generation == generation and row_seq == seq)
+
+    def revoke_asked(self, slot: int, generation: int, seq: int) -> bool:
+        """Whether the manager asked for lease ``seq`` of ``generation`` back (read by its holder)."""
+        at = self._row_at(slot)
+        revoked_generation, revoked_seq = REVOKE.unpack_from(self.map, at + REVOKE_AT)
+        return bool(seq) and revoked_generation == generation and revoked_seq == seq
 
     def oldest_waiter_since(self, db: int, other_than: int) -> float | None:
         """When the oldest entry of ``db`` not of pid ``other_than`` queued (None: there is none).
@@ -292,7 +332,7 @@ class Table:
         """The holder's lease entered subscribed mode (it holds the slot's lock).
         False if the row is no longer its lease (revoked or repaired)."""
         at = ROWS_AT + slot * ROW_SIZE
-        state, _db, row_generation, _pid, _site, row_seq = TAKE_READ.unpack_from(self.map, at)
+        state, _db, row_generation, _pid, _site, row_seq, _rg, _rs = TAKE_READ.unpack_from(self.map, at)
         if state != RowState.HELD or row_generation != generation or row_seq != seq:
             return False
         self.map[at + FLAGS_OF_ROW_AT] = self.map[at + FLAGS_OF_ROW_AT] | RowFlag.SUBSCRIBER
@@ -314,6 +354,11 @@ class Table:
 
     def count_hold(self, slot: int, seconds: float) -> None:
         self.count(slot, HOLD_HIST_AT, seconds)
+
+    def row_histograms(self, slot: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One row's (wait, hold) histogram counts, raw."""
+        at = self._row_at(slot)
+        return HIST.unpack_from(self.map, at + WAIT_HIST_AT), HIST.unpack_from(self.map, at + HOLD_HIST_AT)
 
     def histograms(self, slots: int) -> tuple[list[int], list[int]]:
         waits = [0] * HISTOGRAM_BUCKETS
