@@ -12,6 +12,7 @@ from typing import Any
 from sharedpool import admin, config, errors
 from sharedpool import stats as keys
 from sharedpool.config import ManagerConfig
+from sharedpool.table import core as table_core
 from sharedpool.version import __version__
 
 log = logging.getLogger("sharedpool")
@@ -23,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         description="One Redis connection pool shared by all the worker processes of a host.",
         epilog="Run 'sharedpool COMMAND --help' for a command's options.",
     )
-    parser.add_argument("--version", action="version", version=f"sharedpool {__version__}")
+    parser.add_argument("--version", action="version", version=f"sharedpool {__version__} (table core: {table_core.PATH})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -188,6 +189,7 @@ def format_stats(snapshot: dict[str, Any]) -> str:
         f"leases       held {leases['held']}  waiting {leases['waiting']}  subscribers {snapshot.get(keys.SUBSCRIBERS, 0)}  "
         f"wait p50/p99 {snapshot['wait_time']['p50_ms']}/{snapshot['wait_time']['p99_ms']} ms  "
         f"hold p50/p99 {snapshot['hold_time']['p50_ms']}/{snapshot['hold_time']['p99_ms']} ms",
+        f"table core   manager {snapshot.get(keys.TABLE_CORE, '?')}  this process {table_core.PATH}",
     ]
     if snapshot.get("redis_down_for_s") is not None:
         lines.append(f"REDIS DOWN for {snapshot['redis_down_for_s']:.1f} s: {snapshot['last_redis_error']}")
@@ -223,4 +225,5 @@ def _check(args: argparse.Namespace) -> int:
         f"{f' ({opened})' if opened else ''}, serving db {answer.get('databases', '?')} (default "
         f"{answer.get('default_db', '?')}), PING answered in {float(answer.get('elapsed_s', 0)) * 1000:.1f} ms"
     )
+    print(f"{table_core.describe()}; the manager's: {answer.get('table_core', '?')}")
     return 0

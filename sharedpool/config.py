@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from sharedpool.errors import ConfigError
+from sharedpool.errors import ConfigError, mask_secrets
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -362,18 +362,8 @@ def tls_options(config: ManagerConfig) -> Any:
 
 
 def mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if "ssl_password=" in parts.query:
-        query = "&".join("ssl_password=***" if kv.startswith("ssl_password=") else kv for kv in parts.query.split("&"))
-        parts = parts._replace(query=query)
-        url = urlunsplit(parts)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``url`` with its password masked (``errors.mask_secrets``: any scheme, even a malformed URL)."""
+    return mask_secrets(url)
 
 
 def env_name(field_name: str) -> str:

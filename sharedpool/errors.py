@@ -14,6 +14,8 @@ values are ``ConfigError``, a ``ValueError``.
 
 from __future__ import annotations
 
+import re
+
 import redis.exceptions
 
 
@@ -78,10 +80,37 @@ class ConfigError(ValueError):
 
     def __init__(self, field: str, value: object, allowed: str, source: str = "") -> None:
         where = f" (from {source})" if source else ""
-        super().__init__(f"invalid {field}={value!r}{where}: {allowed}")
+        # A refused URL is shown as it was given, but never its password:
+        # this message goes to stderr, the journal and tracebacks.
+        if isinstance(value, str):
+            value = mask_secrets(value)
+        allowed = mask_secrets(allowed)
+        super().__init__(mask_secrets(f"invalid {field}={value!r}{where}: {allowed}"))
         self.field = field
         self.value = value
         self.allowed = allowed
+
+
+# scheme://netloc: the netloc ends where a path, query or fragment starts
+# (and where a quoted URL in a message ends).
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<netloc>[^/?#\s'\"]*)")
+_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&;](?:ssl_password|password|passwd|pass|pwd|auth|token)=)[^&#\s'\"]*")
+
+
+def _mask_netloc(match: re.Match[str]) -> str:
+    netloc = match.group("netloc")
+    credentials, at, host = netloc.rpartition("@")
+    if not at or ":" not in credentials:
+        return match.group(0)
+    user = credentials.partition(":")[0]
+    return f"{match.group('scheme')}{user}:***@{host}"
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it (``user:password@`` and
+    ``?password=``) replaced by ``***``; whatever the scheme, and even when the
+    URL is otherwise malformed (a port that is not a number)."""
+    return _QUERY_SECRET.sub(lambda m: m.group("key") + "***", _URL.sub(_mask_netloc, text))
 
 
 class TLSRecordError(SharedPoolError, redis.exceptions.ConnectionError):

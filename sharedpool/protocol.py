@@ -81,7 +81,7 @@ code   name         dir    body
 17     PROBE_REPLY  s->c   JSON ``{"ok": bool, "error": str, "elapsed_s":
                            float, "redis": str, "pool": str, "open": int,
                            "open_by_db": {"<db>": int}, "databases": str,
-                           "default_db": int}``.
+                           "default_db": int, "table_core": "c" | "python"}``.
 =====  ===========  =====  ====================================================
 
 Types 64-127 are frames the manager may send unprompted; a client ignores

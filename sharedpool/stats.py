@@ -37,6 +37,8 @@ DB_WAITING = "waiting"
 DB_SUBSCRIBERS = "subscribers"  # held leases in subscribed mode (exempt from leak warnings and max_lease_time)
 DATABASE_KEYS = (DB_OPEN, DB_IDLE, DB_HELD, DB_WAITING, DB_SUBSCRIBERS)
 SUBSCRIBERS = "subscribers"  # top level: held leases in subscribed mode, all databases together
+TABLE_CORE = "table_core"  # the manager's lease-table path: "c" (the accelerator) or "python" (table.core.PATH)
+BLOCKING = "blocking"  # top level: held leases pinned for blocking polls (kombu's BRPOP), as exempt as subscribers
 
 # Read from the lease table when a snapshot is taken (the workers count them):
 GRANTED = "leases_granted"

@@ -20,6 +20,7 @@ import redis
 # Re-exported: test modules of other branches import them from here.
 from sharedpool.dev.launch import ManagerProcess
 from sharedpool.dev.redis_server import RedisServer, find_redis_server
+from sharedpool.table import core as table_core
 
 _pool_names = itertools.count()
 
@@ -35,9 +36,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     found = find_redis_server()  # no server: fail here, before any test, with the ways to get one
-    return f"redis-server: {found.path} ({found.version()}; from {found.origin})"
+    return [f"redis-server: {found.path} ({found.version()}; from {found.origin})", table_core.describe()]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """On CI, a run on another table core than meant fails before any test.
+
+    CI means the accelerator unless SHAREDPOOL_PURE_PYTHON=1 (or
+    SHAREDPOOL_EXPECT_CORE names the path: a machine without a compiler).
+    """
+    if os.environ.get("CI"):
+        pure = os.environ.get("SHAREDPOOL_PURE_PYTHON", "") not in ("", "0")
+        expected = os.environ.get("SHAREDPOOL_EXPECT_CORE") or ("python" if pure else "c")
+        if table_core.PATH != expected:
+            raise pytest.UsageError(f"CI expects the {expected} table core, this run has {table_core.describe()}")
 
 
 @pytest.fixture(scope="session")

@@ -994,20 +994,48 @@ def test_an_idle_slot_of_another_database_is_rebound_when_the_cap_is_reached(mak
     assert "db 2" in repr(pool.slots[1])
 
 
-def test_rebinding_spares_min_idle_and_databases_with_waiters(make_pool: MakePool) -> None:
+def test_waiters_beat_idle_floors_but_spare_databases_with_waiters(make_pool: MakePool) -> None:
     pool = make_pool(capacity=4, max_connections=3, min_idle=1, databases=(0, 1, 2), warm_databases=(0, 1))
     connect(pool, pool.dispatch(0.0, idle={0: 1, 1: 1}, waiters={0: 1, 1: 2}))  # min_idle counted as met
     slots = {db: [s for s in pool.in_state(SHARED) if s.db == db] for db in (0, 1)}
     assert len(slots[0]) == 1 and len(slots[1]) == 2
     rows = [ready(s) for s in slots[0] + slots[1]]
-    # db 0's only idle one is its min_idle; db 1's are taken by its own waiters.
+    # db 1's are taken by its own waiters; db 0's only idle one is its min_idle, and
+    # db 2's waiter beats that floor: a floor is for later, a waiter's time runs out.
     actions = pool.sweep(rows, 1.0, waiters={2: 1, 1: 1})
-    assert of(ResetConnection, actions) == [] and len(of(Release, actions)) == 3
-    assert pool.rebind_wanted  # the loop knows a database starves
-    # db 1 waits no more: one of its two is spare (its min_idle keeps the other).
-    actions = pool.sweep(rows, 2.0, waiters={2: 2})
-    assert [a.db for a in of(ResetConnection, actions)] == [2]
-    assert pool.rebind_wanted  # db 2 wanted two
+    assert [(a.slot, a.db) for a in of(ResetConnection, actions)] == [(slots[0][0].index, 2)]
+    assert not pool.rebind_wanted
+    assert pool.in_db(0) == 0 and pool.in_db(2) == 1
+
+
+def test_a_donor_above_its_floor_is_taken_before_one_at_it(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=4, max_connections=3, min_idle=1, databases=(0, 1, 2), warm_databases=(0, 1))
+    connect(pool, pool.dispatch(0.0, idle={0: 1, 1: 1}, waiters={0: 1, 1: 2}))
+    zero, one = ([s for s in pool.in_state(SHARED) if s.db == db] for db in (0, 1))
+    zero[0].idle_since, one[0].idle_since, one[1].idle_since = 1.0, 5.0, 6.0  # db 0's idle the longest
+    actions = pool.sweep([ready(s) for s in zero + one], 7.0, waiters={2: 1})
+    # db 1 keeps one beyond its floor: that one goes, and db 0 keeps its only one.
+    assert [(a.slot, a.db) for a in of(ResetConnection, actions)] == [(one[0].index, 2)]
+
+
+def test_min_idle_refills_from_a_spare_once_nobody_waits(make_pool: MakePool) -> None:
+    pool = make_pool(capacity=3, max_connections=2, min_idle=1, databases=(0, 1), warm_databases=(0,))
+    zero = open_in(pool, {0: 2})[0]
+    # db 1 waits with the cap reached: it takes both, db 0's floor included.
+    actions = pool.sweep([ready(s) for s in zero], 1.0, waiters={1: 2})
+    assert [a.db for a in of(ResetConnection, actions)] == [1, 1]
+    for slot in zero:
+        pool.reset_done(slot.index, slot.generation, True, 1.1)
+    assert pool.in_db(0) == 0 and pool.in_db(1) == 2
+    # Still waited for: db 0's floor stays lent.
+    assert of(ResetConnection, pool.sweep([ready(s) for s in zero], 2.0, waiters={1: 1})) == []
+    # The pressure is gone: db 0 (warm) takes back one of db 1's (min_idle 0 there), not both.
+    actions = pool.sweep([ready(s) for s in zero], 3.0, waiters={})
+    assert [a.db for a in of(ResetConnection, actions)] == [0]
+    assert pool.in_db(0) == 1 and pool.in_db(1) == 1
+    (slot,) = [s for s in zero if s.db == 0]
+    pool.reset_done(slot.index, slot.generation, True, 3.1)
+    assert of(ResetConnection, pool.sweep([ready(s) for s in zero], 4.0, waiters={})) == []  # settled: no flapping
 
 
 def test_no_rebinding_past_the_per_database_cap_nor_while_room_is_left(make_pool: MakePool) -> None:

@@ -78,12 +78,13 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         **connection_kwargs: Any,
     ) -> None:
         redis_location = clone.pool_options(connection_kwargs)
-        refuse_manager_owned(connection_kwargs)
+        redis_location = refuse_manager_owned(connection_kwargs, AsyncLeasedConnection) or redis_location
         self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
         self._requested_protocol = connection_kwargs.get("protocol")
         self.db: int | None = clone.database(connection_kwargs.pop("db", None))
         # Where a URL given to from_url said Redis is: checked against the manager's at attach.
         self.redis_location: str | None = redis_location
+        connection_kwargs.pop("connection_class", None)  # its own class or a subclass: connections are made by the pool
         super().__init__(connection_class=AsyncLeasedConnection, **connection_kwargs)
         clone.record_for_clones(
             self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
@@ -217,8 +218,8 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                     # whose description holds the slot's lock.
                     lease = got
                 else:
-                    slot, generation, seq = got
-                    lease = Lease(att, slot, generation, seq, taker.lock_fd, time.monotonic(), att.db, taker)
+                    slot, generation, seq, taken_at = got
+                    lease = Lease(att, slot, generation, seq, taker.lock_fd, taken_at, att.db, taker)
                     att.held += 1
                 try:
                     bound = await self._bind(att, lease, conn, final, started)

@@ -30,6 +30,7 @@ class Job:
     io_ms: float = 0.0
     life: int = 0  # S3: requests before the worker exits to be replaced (0: run to the end)
     warm: bool = True  # False for an S3 replacement: its connection setup is what S3 measures
+    pure_python: bool = False  # S5(a): the worker maps the table with the pure-Python core
 
 
 class Systems(Protocol):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from array import array
 from collections.abc import Callable
 from dataclasses import replace
 
 from sharedpool import table as tbl
+from sharedpool.bench import instructions
 from sharedpool.bench.async_scenario import scenario_async
 from sharedpool.bench.e2e import run_wrk
 from sharedpool.bench.jobs import Job
@@ -171,12 +173,16 @@ def scenario_s5(rig: Rig, results: Results) -> None:
     address = rig.manager(size)
     alone, contended = Job("leases", SHARED, address, rig.protocol), Job("handoffs", SHARED, address, rig.protocol)
 
-    def uncontended(round_no: int) -> str:
-        run = run_workers(rig, alone, 1)
-        results.add("s5a.shared.leases_per_s", round_no, run.rate)
-        results.add("s5a.shared.us_per_lease", round_no, 1e6 / run.rate if run.rate else float("nan"))
-        results.add("s5a.shared.cpu_us", round_no, run.cpu_per(run.count) * 1e6)
-        return f"{run.rate:,.0f} get_connection+release pairs/s ({1e6 / max(run.rate, 1):.2f} us each)"
+    def uncontended_on(job: Job, prefix: str) -> Callable[[int], str]:
+        def measure(round_no: int) -> str:
+            run = run_workers(rig, job, 1)
+            results.add(f"{prefix}.leases_per_s", round_no, run.rate)
+            results.add(f"{prefix}.us_per_lease", round_no, 1e6 / run.rate if run.rate else float("nan"))
+            results.add(f"{prefix}.cpu_us", round_no, run.cpu_per(run.count) * 1e6)
+            return f"{run.rate:,.0f} get_connection+release pairs/s ({1e6 / max(run.rate, 1):.2f} us each)"
+        return measure
+
+    uncontended = uncontended_on(alone, "s5a.shared")
 
     def handoffs(round_no: int) -> str:
         run = run_workers(rig, contended, rig.settings.workers)
@@ -186,8 +192,28 @@ def scenario_s5(rig: Rig, results: Results) -> None:
         return (f"{run.rate:,.0f} hand-offs/s, get_connection p99 {_us(run, 0.99):.0f} us"
                 + _add_waits(results, "s5b.shared", round_no, run.waits))
 
-    _rounds(rig, results, "S5", [("(a) 1 process", uncontended),
+    # The same pairs on the pure-Python table core (the path without a
+    # compiler), in the same rounds: the accelerator's gain as a ratio.
+    pure = uncontended_on(replace(alone, pure_python=True), "s5a.pure")
+    _rounds(rig, results, "S5", [("(a) 1 process", uncontended), ("(a) 1 process, pure-Python core", pure),
                                  (f"(b) W={rig.settings.workers} on C={size}", handoffs)])
+    _count_instructions(rig, results, address)
+
+
+def _count_instructions(rig: Rig, results: Results, address: str) -> None:
+    """S5(a) by callgrind, once per core: instructions per lease, which the machine's load does not move."""
+    if instructions.available() is None:
+        results.notes.append("S5(a) instructions not counted: valgrind is not on PATH")
+        return
+    rig.check_time(runs=2, seconds=60.0)
+    for label, pure in (("shared", False), ("pure", True)):
+        try:
+            count, path = instructions.per_lease(address, rig.protocol, pure)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            results.errors.append(f"S5(a) callgrind, {label}: {exc}")
+            continue
+        results.add(f"s5a.{label}.instructions", 1, count)
+        say(f"S5(a) callgrind, table core {path}: {count:,.0f} instructions per get_connection+release")
 
 
 def scenario_e2e(rig: Rig, results: Results) -> None:

@@ -23,6 +23,7 @@ import redis
 import sharedpool
 from sharedpool.bench.jobs import KEY_PREFIX, Job, Systems
 from sharedpool.bench.report import SHARED, TWEMPROXY
+from sharedpool.table import core as table_core
 
 STARTUP_TIMEOUT = 20.0  # fork, import-free client setup and warm-up of all workers
 FINISH_GRACE = 10.0  # past the window's end, for the last request of each worker
@@ -166,6 +167,8 @@ S5A_BATCH = 100
 
 def _leases_body(job: Job, sync: Callable[[], float]) -> WorkerResult:
     """S5(a): get_connection + release pairs, one process, nobody to wait for."""
+    if job.pure_python:
+        table_core.use_pure_python("the bench's pure-Python rounds")
     pool = sharedpool.SharedConnectionPool(socket_path=job.address, protocol=job.protocol)
     get, release, clock = pool.get_connection, pool.release, time.perf_counter
     batch = range(S5A_BATCH)

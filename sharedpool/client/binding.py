@@ -86,7 +86,8 @@ def _connection(pool: SharedConnectionPool, att: Attachment, slot: int, generati
     kwargs = {key: value for key, value in pool.connection_kwargs.items() if key not in clone.NOT_FOR_CONNECTIONS}
     kwargs["protocol"] = int(att.welcome.get("protocol", 3))
     kwargs["db"] = att.db
-    return LeasedConnection(
+    connection_class: type[LeasedConnection] = pool.connection_class
+    return connection_class(
         shared_pool=pool, slot=slot, generation=generation, sock=sock,
         redis_label=str(att.welcome.get("redis", "")), **kwargs,
     )

@@ -67,11 +67,11 @@ def parse_redis_url(url: str) -> tuple[dict[str, Any], str]:
         # The manager verifies Redis and holds the TLS session: a worker's ssl_* options have no say.
         url = without_options(url)
     elif scheme not in ("redis", "unix"):
-        raise errors.ConfigError("url", _without_password(url), "a redis://, rediss:// or unix:// URL")
+        raise errors.ConfigError("url", url, "a redis://, rediss:// or unix:// URL")
     try:
         parsed = dict(parse_url(url))
     except ValueError as exc:
-        raise errors.ConfigError("url", _without_password(url), str(exc)) from None
+        raise errors.ConfigError("url", url, str(exc)) from None
     parsed.pop("connection_class", None)
     for credential in ("username", "password"):
         parsed.pop(credential, None)
@@ -106,13 +106,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
 
 
 def pool_options(connection_kwargs: dict[str, Any]) -> str | None:

@@ -132,10 +132,16 @@ class LeasedConnection(LeaseHolder, Connection):
         sock = self._sock
         if sock is not None and type(sock) is not socket.socket and sock.pending():  # type: ignore[attr-defined]
             return True  # rediss://: records received that no reply has taken
-        buffer = getattr(self._parser, "_buffer", None)
+        parser = self._parser
+        buffer = getattr(parser, "_buffer", None)
         if buffer is not None:
-            return bool(buffer.unread_bytes())
-        reader = getattr(self._parser, "_reader", None)  # hiredis
+            # SocketBuffer.unread_bytes() without its two Python frames and
+            # two seeks (once per lease): the read position against the end.
+            data = getattr(buffer, "_buffer", None)
+            if data is None or data.closed:
+                return True  # the parser let go of its buffer: nothing to trust in it
+            return bool(data.tell() != data.getbuffer().nbytes)
+        reader = getattr(parser, "_reader", None)  # hiredis
         if reader is not None and hasattr(reader, "has_data"):
             return bool(reader.has_data())
         return False

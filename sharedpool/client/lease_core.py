@@ -39,15 +39,14 @@ from sharedpool.table import Flag, Outcome, RowState
 if TYPE_CHECKING:
     from sharedpool.client.attachment import Attachment
 
-# (slot, generation, lease seq): a lease just taken, its lock held and its row written.
-Taken = tuple[int, int, int]
+# (slot, generation, lease seq, acquired at): a lease just taken, its lock held and its row written.
+Taken = tuple[int, int, int, float]
 
 # A waiter looks at the table this often even unwoken: a wake lost to a
 # waker that died between picking us and sending costs at most this much.
 RESCAN_S = 0.05
 # Header flags as plain ints: IntFlag arithmetic is Python code, and the hot path reads them.
 STOPPING = int(Flag.STOPPING)
-_READY = int(RowState.READY)
 # Yields before queueing when no slot is free. Measured with 8 Redis-bound
 # workers on 2 connections (2 cores): 0 spins 0.41x plain throughput, 4
 # 0.67x, 16 0.81x, 64 0.80x; the price is fairness (a spinning newcomer
@@ -184,60 +183,20 @@ def take_spinning(att: Attachment, taker: Taker, site: int, started: float, db: 
 
 
 def try_slots(att: Attachment, taker: Taker, site: int, started: float, db: int) -> Taken | None:
-    """One pass over the rows, taking the first READY slot of ``db`` whose lock is free."""
-    table = att.table
-    state_of = table.state_of
-    db_of = table.db_of
-    # The slot this taker had last first (like HikariCP's thread-local
-    # list): no collision with other takers' favourites, warm caches. Its
-    # database is checked under the lock, in take_in_place: no extra read.
-    last = taker.last_slot
-    if last >= 0 and last in att.conns and state_of(last) == _READY:
-        taken = try_slot(att, taker, last, site, started, db)
-        if taken is not None:
-            return taken
-    # Then slots whose fd we have: no frame, and the object redis-py
-    # parsed with last time. Rows of other databases are passed over
-    # before locking (a cached slot may have been rebound).
-    cached = tuple(att.conns)  # other threads may bind slots meanwhile
-    for slot in cached:
-        if state_of(slot) == _READY and db_of(slot) == db:
-            taken = try_slot(att, taker, slot, site, started, db)
-            if taken is not None:
-                return taken
-    for slot in range(table.slots_in_use):
-        if slot not in cached and state_of(slot) == _READY and db_of(slot) == db:
-            taken = try_slot(att, taker, slot, site, started, db)
-            if taken is not None:
-                return taken
-    return None
+    """One pass over the rows, taking the first READY slot of ``db`` whose lock is free.
 
-
-def try_slot(att: Attachment, taker: Taker, slot: int, site: int, started: float, db: int) -> Taken | None:
-    table = att.table
-    generation = table.generation_of(slot)
-    if taker.avoid and (slot, generation) in taker.avoid:
-        return None
-    offset = tbl.slot_lock(slot, generation)
-    if not tbl.try_lock(taker.lock_fd, offset):
-        return None
-    seq = 0
-    try:
-        now = time.monotonic()
-        seq = table.take_in_place(slot, generation, att.pid, att.start, now, site, db)
-        if not seq:
-            tbl.unlock(taker.lock_fd, offset)
-            return None
-        table.count_wait(slot, now - started)
-        taker.held.add(slot)
-        taker.last_slot = slot
-        return slot, generation, seq
-    except BaseException:
-        # Interrupted (a signal handler raised): leave the row as we found it.
-        if seq:
-            table.give_back_in_place(slot, generation, seq, Outcome.CLEAN, 0.0)
-        tbl.unlock(taker.lock_fd, offset)
-        raise
+    The slot this taker had last comes first (like HikariCP's thread-local
+    list: no collision with other takers' favourites, warm caches), then
+    slots whose fd we have (no frame, and the object redis-py parsed with
+    last time), then the rest: one call of the table core (``table.core``).
+    """
+    taken: Taken | None = att.table.core.take(
+        taker.lock_fd, taker.last_slot, att.conns, taker.avoid, db, att.pid, att.start, site, started
+    )
+    if taken is not None:
+        taker.held.add(taken[0])
+        taker.last_slot = taken[0]
+    return taken
 
 
 _WAKER: tuple[int, socket.socket] | None = None
@@ -289,48 +248,46 @@ def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> bytes:
     right after its write.
     """
     att = lease.attachment
-    table = att.table
-    offset = tbl.slot_lock(lease.slot, lease.generation)
-    report = False
+    att.held -= 1
+    slot = lease.slot
     try:
-        att.held -= 1
-        now = time.monotonic()
-        if used:
-            table.count_hold(lease.slot, now - lease.taken_at)
-        written = table.give_back_in_place(lease.slot, lease.generation, lease.seq, outcome, now)
-        if written is not None and (
-            written is Outcome.REVOKED
-            # Only a lease older than max_lease_time can have been asked back: no extra read for the others.
+        written, waiting = att.table.core.give_back(
+            lease.lock_fd, slot, lease.generation, lease.seq, outcome, lease.taken_at, used
+        )
+        if written >= 0 and (
+            written == Outcome.REVOKED
+            # A holder paused between the core's read and its write finds a request
+            # written in between right after. Only a lease older than max_lease_time
+            # can have been asked back: no extra read for the others.
             or (att.max_lease_time and time.monotonic() - lease.taken_at >= att.max_lease_time
-                and table.revoke_asked(lease.slot, lease.generation, lease.seq))
+                and att.table.revoke_asked(slot, lease.generation, lease.seq))
         ):
             lease.revoked = True
             written = Outcome.BROKEN
-        if written is not None and written is not Outcome.CLEAN:
-            report = True
-            if written is not outcome:
-                # Expired (max_lifetime, reconnect) or revoked: the manager replaces it.
-                outcome = written
-                conn = att.conns.pop(lease.slot, None)
-                if conn is not None:
-                    conn.disconnect()
     except ValueError:
-        pass  # the table was unmapped under us (the manager is gone)
-    finally:
+        # The table was unmapped under us (the manager is gone): only the lock is left to give back.
+        written, waiting = -1, False
         try:
-            tbl.unlock(lease.lock_fd, offset)
+            tbl.unlock(lease.lock_fd, tbl.slot_lock(slot, lease.generation))
         except OSError:
             pass  # the taker's description is gone (thread ended): so is the lock
+    finally:
         if lease.taker is not None:
-            lease.taker.held.discard(lease.slot)
+            lease.taker.held.discard(slot)
+    if written > 0 and written != outcome:
+        # Expired (max_lifetime, reconnect) or revoked: the manager replaces it.
+        outcome = Outcome.BROKEN
+        conn = att.conns.pop(slot, None)
+        if conn is not None:
+            conn.disconnect()
     if att.detached:
-        conn = att.conns.pop(lease.slot, None)
+        conn = att.conns.pop(slot, None)
         if conn is not None:
             conn.disconnect()
         return b""
-    if report:
-        return protocol.encode_report(lease.slot, lease.generation, lease.seq, outcome, ReportCause.GIVEN_BACK)
-    if table.hot()[1] > 0:
+    if written > 0:
+        return protocol.encode_report(slot, lease.generation, lease.seq, outcome, ReportCause.GIVEN_BACK)
+    if waiting:
         wake_one(att, lease.lock_fd, lease.db)
     return b""
 

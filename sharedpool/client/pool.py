@@ -15,6 +15,7 @@ The manager hears of a lease only when it has work to do: a first fd for a
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import threading
@@ -26,6 +27,7 @@ from typing import Any
 import redis
 
 from sharedpool import errors, protocol
+from sharedpool import table as tbl
 from sharedpool.client import clone, lease_core, lease_queue, lease_state, process, retry_budget
 from sharedpool.client.attaching import Attaching, ThreadState
 from sharedpool.client.attachment import LIVENESS_S, Attachment
@@ -36,7 +38,7 @@ from sharedpool.client.lease_core import Lease, Taken
 from sharedpool.client.lease_state import LeaseState
 from sharedpool.config import client_config
 from sharedpool.protocol import FrameType
-from sharedpool.table import Outcome
+from sharedpool.table import Outcome, RowFlag, RowState
 
 # Settings that belong to the manager: a worker cannot change them per lease.
 _MANAGER_OWNED = frozenset({
@@ -46,17 +48,60 @@ _MANAGER_OWNED = frozenset({
     "socket_keepalive_options", "socket_connect_timeout", "redis_connect_func", "connection_class",
     "cache", "cache_config", "maint_notifications_config",
 })
+# What the manager's handshake tells Redis about the client (CLIENT SETINFO).
+# Libraries pass their own (Celery's driver_info and lib_name): labels only,
+# so they are dropped whatever they say.
+_LABELS = frozenset({"lib_name", "lib_version", "driver_info"})
 
 
-def refuse_manager_owned(connection_kwargs: dict[str, Any]) -> None:
-    """Refuse connection options a worker cannot set per lease (the asyncio pool's check too)."""
-    refused = sorted(set(connection_kwargs) & _MANAGER_OWNED)
-    if refused:
-        raise errors.ConfigError(
-            refused[0], connection_kwargs[refused[0]],
-            "not settable in a worker: the sharedpool manager owns the Redis connections "
-            "(set it on 'sharedpool serve', e.g. in --redis-url)",
-        )
+def _redis_py_defaults() -> dict[str, tuple[Any, ...]]:
+    """The values redis-py itself gives the manager-owned options, read from the installed
+    redis-py: libraries that build a pool from a full set of options pass them (Celery's
+    result backend does), and a default asks nothing of the manager."""
+    found: dict[str, list[Any]] = {name: [None] for name in _MANAGER_OWNED}
+    for call in (redis.Redis.__init__, redis.Connection.__init__, redis.SSLConnection.__init__,
+                 redis.connection.AbstractConnection.__init__):
+        for name, parameter in inspect.signature(call).parameters.items():
+            if name in found and parameter.default is not inspect.Parameter.empty:
+                found[name].append(parameter.default)
+    found["ssl"].append(False)
+    found["connection_class"].append(redis.Connection)
+    return {name: tuple(values) for name, values in found.items()}
+
+
+_DEFAULTS = _redis_py_defaults()
+
+
+def refuse_manager_owned(connection_kwargs: dict[str, Any], own_class: type | None = None) -> str | None:
+    """Drop from ``connection_kwargs`` (in place) the manager-owned options a worker gave
+    redis-py's default values (the asyncio pool's check too), and refuse the others.
+
+    ``host`` and ``port`` (or a socket path) say where the caller thinks Redis is:
+    returned as a location, which the pool checks against the manager's Redis at
+    attach. ``own_class`` is the pool's connection class, accepted as
+    ``connection_class``.
+    """
+    location = None
+    host, port = connection_kwargs.pop("host", None), connection_kwargs.pop("port", None)
+    path = connection_kwargs.pop("unix_socket_path", None) or connection_kwargs.pop("path", None)
+    connection_kwargs.pop("path", None)
+    if path:
+        location = str(path)
+    elif host is not None or port is not None:
+        location = f"{host or 'localhost'}:{port or 6379}"
+    for name in sorted(set(connection_kwargs) & _MANAGER_OWNED):
+        value = connection_kwargs[name]
+        if name in _LABELS or any(value is d or (type(value) is type(d) and value == d) for d in _DEFAULTS[name]):
+            del connection_kwargs[name]
+        elif name == "connection_class" and own_class is not None and isinstance(value, type) and issubclass(value, own_class):
+            pass  # a subclass of the pool's own (kombu's, which tells its event loop of a disconnect): kept
+        else:
+            raise errors.ConfigError(
+                name, "***" if name in ("password", "credential_provider") else value,
+                "not settable in a worker: the sharedpool manager owns the Redis connections "
+                "(set it on 'sharedpool serve', e.g. in --redis-url)",
+            )
+    return location
 
 
 class SharedConnectionPool(Attaching, redis.ConnectionPool):
@@ -81,13 +126,14 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         **connection_kwargs: Any,
     ) -> None:
         redis_location = clone.pool_options(connection_kwargs)
-        refuse_manager_owned(connection_kwargs)
+        redis_location = refuse_manager_owned(connection_kwargs, LeasedConnection) or redis_location
         self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
         self.db: int | None = clone.database(connection_kwargs.pop("db", None))
         self._requested_protocol = connection_kwargs.get("protocol")
         # Where a URL given to from_url said Redis is: checked against the manager's at attach.
         self.redis_location: str | None = redis_location
-        super().__init__(connection_class=LeasedConnection, **connection_kwargs)
+        connection_class = connection_kwargs.pop("connection_class", LeasedConnection)
+        super().__init__(connection_class=connection_class, **connection_kwargs)
         clone.record_for_clones(
             self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
         )
@@ -165,14 +211,20 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
                     continue
                 raise errors.ShuttingDown(f"pool {att.pool_name!r} is shutting down")
             if not flags:
-                # A free slot at the first look is the common case: no spin loop's call for it.
-                taken = lease_core.try_slots(att, state, site, started, att.db) or lease_core.take_spinning(
-                    att, state, site, started, att.db
+                # A free slot at the first look is the common case: the table
+                # core's one call (lease_core.try_slots, inlined), no spin loop.
+                taken = att.table.core.take(
+                    state.lock_fd, state.last_slot, att.conns, state.avoid, att.db, att.pid, att.start, site, started
                 )
+                if taken is not None:
+                    state.held.add(taken[0])
+                    state.last_slot = taken[0]
+                else:
+                    taken = lease_core.take_spinning(att, state, site, started, att.db)
             if taken is None:
                 taken = self._wait(att, state, site, started, deadline)
-            slot, generation, seq = taken
-            lease = Lease(att, slot, generation, seq, state.lock_fd, time.monotonic(), att.db, state)
+            slot, generation, seq, taken_at = taken
+            lease = Lease(att, slot, generation, seq, state.lock_fd, taken_at, att.db, state)
             att.held += 1
             try:
                 return bind(self, att, lease, conn, final, started)
@@ -245,7 +297,15 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         return isinstance(connection, LeasedConnection) and connection.shared_pool is self and connection.pid == self.pid
 
     def disconnect(self, inuse_connections: bool = True) -> None:
-        """Drop this process's cached fds (never the manager's connections) and its channel."""
+        """As redis-py's: drop this process's cached fds (never the manager's connections)
+        and its channel; with ``inuse_connections`` (the default) also end the leases in use.
+
+        An ended lease goes back broken at once, so the manager shuts its connection
+        down (which wakes a holder blocked reading from it) and replaces it; the
+        holder's next command takes a fresh lease, as plain redis-py reconnects.
+        A holder that never uses its connection again (kombu's, after an error)
+        leaves nothing held. ``False`` leaves leases in use as they are.
+        """
         self._checkpid()
         att = self._attachment
         if att is None:
@@ -257,7 +317,20 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
                     del att.conns[conn.slot]
                     conn.disconnect()
             return
+        for conn in busy:
+            self.end_in_use(conn)
         self._detach(att)
+
+    def end_in_use(self, conn: LeasedConnection) -> None:
+        """End ``conn``'s lease now, broken (the manager replaces the connection), wherever its
+        holder is; the holder's next command on it takes a fresh lease, as plain redis-py
+        reconnects a connection it was told to disconnect."""
+        if conn.shared_pool is not self or conn.state is not LeaseState.IN_USE:
+            return
+        lease = conn.lose()
+        conn.disconnect()
+        if lease is not None:
+            give_back_reporting(lease, Outcome.BROKEN)
 
     def close(self) -> None:
         self.disconnect()
@@ -266,6 +339,54 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         return []
 
     # ----- sharedpool extras -------------------------------------------------
+
+    def mark_long_lived(self, connection: LeasedConnection, flag: RowFlag = RowFlag.BLOCKING, limit: int | None = None) -> None:
+        """Mark ``connection``'s lease long-lived (``flag``: BLOCKING for a connection pinned for
+        blocking polls, SUBSCRIBER as pub/sub marks itself): the manager then neither warns about
+        it as a leak nor revokes it, and stats count it.
+
+        ``limit``, when given, bounds the long-lived leases of the whole host: ``PoolFull``,
+        and nothing marked, when this lease would pass it after waiting up to the acquire
+        timeout for others to end. Counted without a lock, so two processes marking at the
+        same instant may pass it by one."""
+        lease = connection.lease
+        if connection.shared_pool is not self or lease is None:
+            raise errors.LeaseError(f"{connection!r} is not leased from {self!r}")
+        att = lease.attachment
+        table = att.table
+        if limit is None:
+            table.mark_subscriber(lease.slot, lease.generation, lease.seq, flag)
+            return
+        # Long-lived leases a reconnecting consumer left behind end when their old
+        # channel closes, just after the new one asks: wait for that, within the
+        # acquire timeout, rather than fail a reconnect that would then succeed.
+        deadline = time.monotonic() + self._acquire_timeout(att)
+        while True:
+            holders = self._long_lived_holders(table, lease.slot)
+            already = table.row(lease.slot).flags & (RowFlag.SUBSCRIBER | RowFlag.BLOCKING)
+            if already or len(holders) < limit:
+                break
+            if time.monotonic() >= deadline:
+                raise errors.PoolFull(
+                    f"pool {att.pool_name!r} has {len(holders)} long-lived leases (bound {limit}; held by pids "
+                    f"{', '.join(str(pid) for pid in sorted(holders))}): no more may pin a connection"
+                )
+            time.sleep(0.02)
+        table.mark_subscriber(lease.slot, lease.generation, lease.seq, flag)
+
+    @staticmethod
+    def _long_lived_holders(table: tbl.Table, other_than: int) -> list[int]:
+        holders: list[int] = []
+        for slot in range(table.capacity):
+            if slot == other_than:
+                continue
+            try:
+                row = table.row(slot)
+            except tbl.RowError:
+                continue
+            if row.state is RowState.HELD and row.flags & (RowFlag.SUBSCRIBER | RowFlag.BLOCKING):
+                holders.append(row.holder_pid)
+        return holders
 
     @contextmanager
     def leased(self) -> Iterator[LeasedConnection]:

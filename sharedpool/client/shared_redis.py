@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 
+from sharedpool import errors
 from sharedpool.client import clone
 from sharedpool.client.connection import LeasedConnection
 from sharedpool.client.pinning import PinnedPool, pinned_client
@@ -97,6 +98,15 @@ def Redis(
     """
     if "retry" not in redis_kwargs:
         redis_kwargs["retry"] = copy.deepcopy(_REDIS_DEFAULT_RETRY)
+    if redis_kwargs.get("connection_pool") is not None:
+        # As redis.Redis(connection_pool=...): the pool says where and how; the
+        # pool's own options here would reach redis.Redis, which knows none of them.
+        if socket_path is not None or acquire_timeout is not None or manager_timeout is not None:
+            raise errors.ConfigError(
+                "connection_pool", redis_kwargs["connection_pool"],
+                "a pool alone: socket_path, acquire_timeout and manager_timeout are the pool's, give them to it",
+            )
+        return SharedRedis(single_connection_client=single_connection_client, **redis_kwargs)
     return SharedRedis(
         socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout,
         single_connection_client=single_connection_client, **redis_kwargs,

@@ -54,7 +54,7 @@ class RowView:
     lock_free: bool = False  # the sweep could take the slot's lock (we now hold it)
     holder_alive: bool = True
     db: int = 0
-    subscriber: bool = False  # the holder says its lease is in subscribed mode
+    subscriber: bool = False  # the holder says its lease is long-lived: subscribed mode, or pinned for blocking polls
     revoke_asked: bool = False  # the row's revoke request names its current lease (``Table.request_revoke``)
 
 

@@ -10,9 +10,14 @@ the databases that need it (the default one first), what their waiters,
 DEMANDs and ``min_idle`` call for. When the global cap leaves nothing to
 open and a database still has waiters, an idle slot of another database is
 *rebound*: one the sweep holds the lock of, of a database with no waiters
-of its own and more idle connections than its ``min_idle``, idle the
-longest first. The slot is RESET and SELECTs the new database, then is
-published READY for it.
+of its own, idle the longest first; one its database keeps beyond its
+``min_idle`` is taken first, but waiters beat idle floors: a floor is kept
+for a database's own future use, while a waiter is a caller's wait that
+``acquire_timeout`` will end in a ``PoolTimeout``. Once no database waits, a
+warm database short of its ``min_idle`` takes back a connection another
+database keeps beyond its own floor, so the floor refills without waiting
+for ``idle_timeout``. The slot is RESET and SELECTs the new database, then
+is published READY for it.
 
 Arithmetic over counts only: the pool (``pool.py``) moves the slots and
 counts the rebinds.
@@ -72,8 +77,10 @@ def rebinds(
     whether a database is still short of connections with no donor left for it.
 
     A database is short by what its waiters ``asked`` less what is ``coming``
-    (opening, reset or rebound for it) and ``idle``. Only a database that
-    waits for nothing and keeps more than its ``min_idle`` idle lends one.
+    (opening, reset or rebound for it) and ``idle``. Any database that waits
+    for nothing lends an idle one to it, its ``min_idle`` or not (those above
+    the floor first). When nobody waits, a warm database below its
+    ``min_idle`` takes one only from what another keeps beyond its own floor.
     """
     spare = dict(idle)
     counts = dict(in_db)
@@ -81,21 +88,42 @@ def rebinds(
     used: set[int] = set()
     plan: list[tuple[Slot, int]] = []
     still_short = False
+
+    def lender(db: int, floor_kept: bool) -> Slot | None:
+        for beyond_floor in (True, False) if not floor_kept else (True,):
+            for slot in candidates:
+                if slot.index in used or slot.db == db or asked.get(slot.db):
+                    continue
+                keep = limits.min_idle_of(slot.db) if beyond_floor else 0
+                if spare.get(slot.db, 0) > keep:
+                    return slot
+        return None
+
+    def lend(donor: Slot, db: int) -> None:
+        used.add(donor.index)
+        spare[donor.db] -= 1
+        counts[donor.db] -= 1
+        counts[db] = counts.get(db, 0) + 1
+        plan.append((donor, db))
+
     for db in order:
         for _ in range(asked.get(db, 0) - coming.get(db, 0) - idle.get(db, 0)):
             if limits.max_per_database and counts.get(db, 0) >= limits.max_per_database:
                 break
-            donor = next((
-                slot for slot in candidates
-                if slot.index not in used and slot.db != db and not asked.get(slot.db)
-                and spare.get(slot.db, 0) > limits.min_idle_of(slot.db)
-            ), None)
+            donor = lender(db, floor_kept=False)
             if donor is None:
                 still_short = True
                 break
-            used.add(donor.index)
-            spare[donor.db] -= 1
-            counts[donor.db] -= 1
-            counts[db] = counts.get(db, 0) + 1
-            plan.append((donor, db))
+            lend(donor, db)
+    if any(asked.values()):
+        return plan, still_short
+    for db in limits.warm_databases:
+        for _ in range(limits.min_idle_of(db) - coming.get(db, 0) - spare.get(db, 0)):
+            if limits.max_per_database and counts.get(db, 0) >= limits.max_per_database:
+                break
+            donor = lender(db, floor_kept=True)
+            if donor is None:
+                break
+            lend(donor, db)
+            spare[db] = spare.get(db, 0) + 1
     return plan, still_short

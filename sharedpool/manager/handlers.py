@@ -26,6 +26,7 @@ from sharedpool.manager.control import Peer, PeerState
 from sharedpool.manager.pool import ReapCause, SlotState
 from sharedpool.protocol import ErrorCode, FrameType
 from sharedpool.table import Outcome, RowState
+from sharedpool.table import core as table_core
 from sharedpool.version import __version__
 
 if TYPE_CHECKING:
@@ -179,6 +180,7 @@ def on_probe(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
                 "redis": target.label, "pool": manager.config.pool_name, "open": manager.pool.open_connections,
                 "open_by_db": {str(db): count for db, count in manager.pool.open_by_db().items()},
                 "databases": format_databases(manager.pool.limits.databases), "default_db": manager.pool.limits.default_db,
+                "table_core": table_core.PATH,
             }, request_id))
         return []
 

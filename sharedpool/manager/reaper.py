@@ -113,7 +113,8 @@ class Reaper:
                         continue
             views.append(RowView(
                 index, row.state, row.generation, row.lease_seq, row.holder_pid,
-                row.acquired_at, row.call_site, lock_free, alive, row.db, bool(row.flags & RowFlag.SUBSCRIBER),
+                row.acquired_at, row.call_site, lock_free, alive, row.db,
+                bool(row.flags & (RowFlag.SUBSCRIBER | RowFlag.BLOCKING)),
                 tbl.was_revoked(row, row.generation, row.lease_seq),
             ))
         if only_pid:

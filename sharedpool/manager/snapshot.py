@@ -13,6 +13,7 @@ from sharedpool import table as tbl
 from sharedpool.config import format_databases
 from sharedpool.manager.pool import SlotState
 from sharedpool.table import RowFlag, RowState
+from sharedpool.table import core as table_core
 from sharedpool.version import __version__
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
     pool, table, config = manager.pool, manager.keeper.table, manager.config
     now = time.monotonic()
     held_by: dict[int, int] = {}
-    idle = held = subscribers = 0
+    idle = held = subscribers = blocking = 0
     databases = {db: dict.fromkeys(keys.DATABASE_KEYS, 0) for db in pool.limits.warm_databases}
     for db, count in table.waiters_by_db().items():
         if pool.serves(db):
@@ -97,6 +98,8 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
             if row.flags & RowFlag.SUBSCRIBER:
                 subscribers += 1
                 per_db[keys.DB_SUBSCRIBERS] += 1
+            if row.flags & RowFlag.BLOCKING:
+                blocking += 1
     channels = manager.control.channels_by_pid()
     workers = [
         {"pid": pid, "leases_held": held_by.get(pid, 0), "control_connections": channels.get(pid, 0)}
@@ -113,6 +116,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
         "epoch": manager.epoch,
         "manager_pid": os.getpid(),
         "version": __version__,
+        keys.TABLE_CORE: table_core.PATH,
         "uptime_s": round(now - manager.started_at, 3),
         "redis": manager.target.label,
         "redis_down_for_s": round(now - pool.redis_down_since, 3) if pool.redis_down_since is not None else None,
@@ -127,6 +131,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
         },
         "leases": {"held": held, "waiting": max(0, table.waiters)},
         keys.SUBSCRIBERS: subscribers,
+        keys.BLOCKING: blocking,
         "default_db": pool.limits.default_db,
         "databases_served": format_databases(pool.limits.databases),
         # Keyed by the database's number as text (JSON keys are strings).

@@ -38,7 +38,9 @@ lease back it writes only the revoke request (bytes the holders never
 write) and shuts the connection down; the next generation is written
 once the lock is free or the holder dead (``Table.take_in_place``).
 
-``mapped.Table`` is one process's mapping of the file and the moves made on it.
+``mapped.Table`` is one process's mapping of the file and the moves made on it;
+a lease's own take and give-back are its ``core`` (``core.py``: the C
+accelerator or its pure-Python twin, one call each).
 """
 
 from sharedpool.table.layout import (

@@ -85,6 +85,7 @@ assert HOLD_HIST_AT + HIST.size <= ROW_SIZE and ROW.size <= WAIT_HIST_AT
 
 class RowFlag(enum.IntFlag):
     SUBSCRIBER = 1  # the lease is in subscribed mode: long-lived by nature, not a leak
+    BLOCKING = 2  # pinned for blocking polls (kombu's BRPOP) for its holder's life: long-lived, not a leak
 
 
 class RowState(enum.IntEnum):

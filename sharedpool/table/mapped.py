@@ -13,6 +13,7 @@ import os
 import struct
 from typing import Any
 
+from sharedpool.table.core import new_core
 from sharedpool.table.layout import (
     DB_AT,
     DOWN_SINCE_AT,
@@ -82,6 +83,8 @@ class Table:
         # The table as 8-byte words: a histogram count is one aligned store,
         # never a moment at 0 for the manager's stats to read.
         self._words = memoryview(self.map).cast("Q")
+        # A lease's take and give-back, one call each (C, or its Python twin).
+        self.core = new_core(self.map, capacity)
 
     @classmethod
     def create(cls, capacity: int, waiter_capacity: int, max_waiting: int, epoch: bytes) -> Table:
@@ -97,6 +100,7 @@ class Table:
 
     def close(self) -> None:
         try:
+            self.core.close()
             self._words.release()
             self.map.close()
         except (BufferError, ValueError):
@@ -328,14 +332,14 @@ class Table:
                 oldest = at
         return oldest
 
-    def mark_subscriber(self, slot: int, generation: int, seq: int) -> bool:
-        """The holder's lease entered subscribed mode (it holds the slot's lock).
-        False if the row is no longer its lease (revoked or repaired)."""
+    def mark_subscriber(self, slot: int, generation: int, seq: int, flag: RowFlag = RowFlag.SUBSCRIBER) -> bool:
+        """The holder's lease entered subscribed mode, or another long-lived one (``flag``;
+        it holds the slot's lock). False if the row is no longer its lease (revoked or repaired)."""
         at = ROWS_AT + slot * ROW_SIZE
         state, _db, row_generation, _pid, _site, row_seq, _rg, _rs = TAKE_READ.unpack_from(self.map, at)
         if state != RowState.HELD or row_generation != generation or row_seq != seq:
             return False
-        self.map[at + FLAGS_OF_ROW_AT] = self.map[at + FLAGS_OF_ROW_AT] | RowFlag.SUBSCRIBER
+        self.map[at + FLAGS_OF_ROW_AT] = self.map[at + FLAGS_OF_ROW_AT] | flag
         return True
 
     def set_expiry(self, slot: int, expires_at: float) -> None:
