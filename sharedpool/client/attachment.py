@@ -55,7 +55,11 @@ class Attachment:
         self.welcome = welcome
         self.epoch = str(welcome.get("epoch", ""))
         self.pool_name = str(welcome.get("pool", "?"))
-        self.table = tbl.Table(channel.table_fd, int(geometry["capacity"]), int(geometry["waiter_capacity"]))
+        # The table takes the memfd over from the channel: a channel closed by a
+        # dead manager's EOF must not close the fd that the table, and every
+        # taker made from it (``own_description``), still names.
+        table_fd, channel.table_fd = channel.table_fd, -1
+        self.table = tbl.Table(table_fd, int(geometry["capacity"]), int(geometry["waiter_capacity"]))
         self.pid = os.getpid()
         self.start = process_start(self.pid)
         self.conns: dict[int, LeasedConnection] = {}

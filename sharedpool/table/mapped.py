@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import weakref
 from typing import Any
 
 from sharedpool.table.core import new_core
@@ -72,7 +73,12 @@ class Table:
     (``RowError``); callers that must survive scribbling catch it."""
 
     def __init__(self, memfd: int, capacity: int, waiter_capacity: int) -> None:
+        """Map the table in ``memfd``, which this object owns from now on: it is
+        closed once, by ``close()`` or when the object is collected. Nobody else
+        may close it: a number closed under us can be reused for any file, and
+        a taker's ``/proc/self/fd/N`` would then open that file."""
         self.fd = memfd
+        self._close_fd = weakref.finalize(self, _close_quietly, memfd)
         self.capacity = capacity
         self.waiter_capacity = waiter_capacity
         self.waiters_at = ROWS_AT + capacity * ROW_SIZE
@@ -105,10 +111,7 @@ class Table:
             self.map.close()
         except (BufferError, ValueError):
             pass  # a view still exported: the mapping goes with the object
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        self._close_fd()
 
     def _put(self, fmt: struct.Struct, at: int, *values: Any) -> None:
         """Write packed ``values`` at ``at`` with one copy of the finished bytes.
@@ -477,3 +480,9 @@ class Table:
             hwm -= 1
         self._put(I32, HWM_AT, hwm)
 
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
