@@ -7,6 +7,7 @@ checked: a wrong one would mean record state went out of step.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -361,10 +362,9 @@ def test_a_fleet_on_two_connections_gets_every_reply_right(tls: Servers) -> None
     assert counters(manager)["connections_opened"] == 2
 
 
-def test_client_kill_storms_never_give_a_wrong_reply(tls: Servers) -> None:
-    server = tls.redis_server()
-    manager = tls.manager(server.url(), max_connections=2)
-    outside = server.client()
+@contextlib.contextmanager
+def _client_kill_storm(outside: redis.Redis) -> Iterator[list[int]]:
+    """CLIENT KILL of every normal connection but ours, every 50 ms, while the block runs; yields the kill count."""
     stop = threading.Event()
     kills = [0]
 
@@ -379,10 +379,18 @@ def test_client_kill_storms_never_give_a_wrong_reply(tls: Servers) -> None:
     killer = threading.Thread(target=storm)
     killer.start()
     try:
-        results = _run_fleet(manager.socket_path, processes=4, rounds=300)
+        yield kills
     finally:
         stop.set()
         killer.join()
+
+
+def test_client_kill_storms_never_give_a_wrong_reply(tls: Servers) -> None:
+    server = tls.redis_server()
+    manager = tls.manager(server.url(), max_connections=2)
+    outside = server.client()
+    with _client_kill_storm(outside) as kills:
+        results = _run_fleet(manager.socket_path, processes=4, rounds=300)
     assert all(wrong == 0 for _, wrong, _ in results), results
     assert kills[0] > 0
     r = client(manager)
@@ -581,29 +589,15 @@ def test_an_asyncio_fleet_under_a_client_kill_storm_never_gets_a_wrong_reply(tls
     server = tls.redis_server()
     manager = tls.manager(server.url(), max_connections=2)
     outside = server.client()
-    stop = threading.Event()
-    kills = [0]
-
-    def storm() -> None:
-        while not stop.is_set():
-            try:
-                kills[0] += int(outside.client_kill_filter(_type="normal", skipme=True) or 0)
-            except redis.RedisError:
-                pass
-            stop.wait(0.05)
-
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     workers = [ctx.Process(target=_async_fleet_worker, args=(manager.socket_path, i, 60, i % 2 == 1, out)) for i in range(2)]
     for worker in workers:
         worker.start()
-    killer = threading.Thread(target=storm)
-    killer.start()
     try:
-        results = [out.get(timeout=120) for _ in workers]
+        with _client_kill_storm(outside) as kills:
+            results = [out.get(timeout=120) for _ in workers]
     finally:
-        stop.set()
-        killer.join()
         for worker in workers:
             worker.join(30)
     assert all(wrong == 0 for _, wrong, _ in results), results
