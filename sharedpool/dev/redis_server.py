@@ -147,7 +147,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-class RedisServer:
+class ServerProcess:
+    """A server run as our own child: SIGTERM, then SIGKILL after 5 s, never left running."""
+
+    process: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+class RedisServer(ServerProcess):
     """A redis-server child process on 127.0.0.1:<port> and a unix socket."""
 
     def __init__(
@@ -210,15 +226,6 @@ class RedisServer:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
     def cleanup(self) -> None:
         self.stop()

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sharedpool.dev.redis_server import free_port
+from sharedpool.dev.redis_server import ServerProcess, free_port
 
 
 class NoTLSServer(RuntimeError):
@@ -129,7 +129,7 @@ class Certs:
         )
 
 
-class TLSRedis:
+class TLSRedis(ServerProcess):
     """redis-server on 127.0.0.1 with TLS only (``--port 0``)."""
 
     def __init__(self, directory: Path, certs: Certs, password: str = "", auth_clients: bool = False,
@@ -202,12 +202,3 @@ class TLSRedis:
             self.process.wait()
         self.process = None
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
