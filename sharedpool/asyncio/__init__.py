@@ -8,8 +8,8 @@ loop), ``connection`` (a ``redis.asyncio`` connection over a lent fd),
 and server hooks reach these pools through ``sharedpool.client.process``).
 """
 
+from sharedpool.asyncio.async_pool import SharedConnectionPool
 from sharedpool.asyncio.client import Redis, SharedRedis
 from sharedpool.asyncio.connection import AsyncLeasedConnection
-from sharedpool.asyncio.pool import SharedConnectionPool
 
 __all__ = ["AsyncLeasedConnection", "Redis", "SharedConnectionPool", "SharedRedis"]

@@ -30,13 +30,13 @@ from redis.asyncio.retry import Retry
 from redis.exceptions import ResponseError
 
 from sharedpool import errors
-from sharedpool.client.lease_state import LeaseHolder, LeaseState
-from sharedpool.client.retry_budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
 from sharedpool.errors import LeaseLost
+from sharedpool.lease.budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
+from sharedpool.lease.state import LeaseHolder, LeaseState
 
 if TYPE_CHECKING:
-    from sharedpool.asyncio.pool import SharedConnectionPool
-    from sharedpool.client.lease_core import Lease
+    from sharedpool.asyncio.async_pool import SharedConnectionPool
+    from sharedpool.lease.core import Lease
     from sharedpool.tls.aio import TLSState
 
 # StreamReader's buffer limit: a reply larger than this is still read, in pieces.
@@ -49,7 +49,7 @@ _DRAIN_S = 0.05
 
 
 class _BoundedRetry(Retry):
-    """The caller's ``redis.asyncio`` retry policy, stopped when one call's time budget is spent (``client.retry_budget``)."""
+    """The caller's ``redis.asyncio`` retry policy, stopped when one call's time budget is spent (``lease.budget``)."""
 
     def __init__(self, policy: Retry, conn: AsyncLeasedConnection) -> None:
         super().__init__(SpentBudgetBackoff(policy._backoff, conn), policy._retries, tuple(policy._supported_errors))

@@ -23,7 +23,7 @@ import asyncio
 import collections
 from typing import Any
 
-from sharedpool.client.lease_core import Lease
+from sharedpool.lease.core import Lease
 
 
 class Handoff:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from sharedpool.client import process as client_process
 
 if TYPE_CHECKING:
-    from sharedpool.asyncio.pool import SharedConnectionPool
+    from sharedpool.asyncio.async_pool import SharedConnectionPool
 
 log = logging.getLogger("sharedpool.client")
 

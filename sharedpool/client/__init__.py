@@ -11,9 +11,9 @@ control connection), ``connection`` (a redis-py connection over a lent fd),
 """
 
 from sharedpool.client.connection import LeasedConnection
-from sharedpool.client.pool import SharedConnectionPool
 from sharedpool.client.process import after_fork_in_child, all_pools, close_control_channels, release_process_state
 from sharedpool.client.shared_redis import Redis, SharedRedis
+from sharedpool.client.sync_pool import SharedConnectionPool
 
 __all__ = [
     "LeasedConnection",

@@ -17,15 +17,16 @@ import time
 from typing import TYPE_CHECKING
 
 from sharedpool import errors, protocol
-from sharedpool.client import clone, lease_state
-from sharedpool.client.attachment import Attachment
 from sharedpool.client.connection import LeasedConnection
-from sharedpool.client.lease_core import Lease, give_back
+from sharedpool.lease import state as lease_state
+from sharedpool.lease.core import Lease, give_back
 from sharedpool.protocol import FrameType
+from sharedpool.shell import clone
+from sharedpool.shell.attachment import Attachment
 from sharedpool.table import Outcome
 
 if TYPE_CHECKING:
-    from sharedpool.client.pool import SharedConnectionPool
+    from sharedpool.client.sync_pool import SharedConnectionPool
 
 
 def bind(

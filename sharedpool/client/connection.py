@@ -21,13 +21,13 @@ from redis.exceptions import ResponseError
 from redis.retry import Retry
 
 from sharedpool import errors
-from sharedpool.client.lease_state import LeaseHolder, LeaseState
-from sharedpool.client.retry_budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
 from sharedpool.errors import LeaseLost
+from sharedpool.lease.budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
+from sharedpool.lease.state import LeaseHolder, LeaseState
 
 if TYPE_CHECKING:
-    from sharedpool.client.lease_core import Lease
-    from sharedpool.client.pool import SharedConnectionPool
+    from sharedpool.client.sync_pool import SharedConnectionPool
+    from sharedpool.lease.core import Lease
 
 
 # How long a closing subscriber waits for the rest of a pushed message already begun.
@@ -35,7 +35,7 @@ _DRAIN_S = 0.05
 
 
 class _BoundedRetry(Retry):
-    """The caller's retry policy, stopped when one call's time budget is spent (``client.retry_budget``)."""
+    """The caller's retry policy, stopped when one call's time budget is spent (``lease.budget``)."""
 
     def __init__(self, policy: Retry, conn: LeasedConnection) -> None:
         super().__init__(SpentBudgetBackoff(policy._backoff, conn), policy._retries, tuple(policy._supported_errors))

@@ -15,7 +15,7 @@ import weakref
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from sharedpool.client.pool import SharedConnectionPool
+    from sharedpool.client.sync_pool import SharedConnectionPool
 
 log = logging.getLogger("sharedpool.client")
 

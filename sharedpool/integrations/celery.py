@@ -46,7 +46,7 @@ from kombu.transport import redis as kombu_redis
 
 from sharedpool import errors
 from sharedpool.client.connection import LeasedConnection
-from sharedpool.client.pool import SharedConnectionPool
+from sharedpool.client.sync_pool import SharedConnectionPool
 from sharedpool.table import RowFlag
 
 __all__ = ["Backend", "Channel", "Transport"]

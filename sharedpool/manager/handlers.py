@@ -16,14 +16,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from sharedpool import protocol
-from sharedpool import stats as keys
+from sharedpool import protocol, stat_keys
 from sharedpool import table as tbl
 from sharedpool.config import format_databases
 from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
 from sharedpool.manager.control import Peer, PeerState
-from sharedpool.manager.pool import ReapCause, SlotState
+from sharedpool.manager.pool_state import ReapCause, SlotState
 from sharedpool.protocol import ErrorCode, FrameType
 from sharedpool.table import Outcome, RowState
 from sharedpool.table import core as table_core
@@ -77,13 +76,13 @@ def on_fetch_fd(manager: Manager, client: Peer, request_id: int, body: bytes) ->
     index, generation, db = protocol.decode_fetch_fd(body)
     slot = manager.pool.slot(index, generation)
     if slot is None or slot.state is not SlotState.SHARED or slot.backend is None:
-        manager.counters[keys.STALE_FETCHES] += 1
+        manager.counters[stat_keys.STALE_FETCHES] += 1
         manager.control.send(client, protocol.encode_error(
             ErrorCode.STALE, f"slot {index} generation {generation} is not open (replaced or closed)", request_id))
         return
     if db is not None and db != slot.db:
         # The row's database byte said db (scribbled): this connection serves another.
-        manager.counters[keys.STALE_FETCHES] += 1
+        manager.counters[stat_keys.STALE_FETCHES] += 1
         manager.control.send(client, protocol.encode_error(
             ErrorCode.STALE, f"slot {index} generation {generation} serves db {slot.db}, not db {db}", request_id))
         return
@@ -92,7 +91,7 @@ def on_fetch_fd(manager: Manager, client: Peer, request_id: int, body: bytes) ->
         frame += slot.backend.handover.encode()  # rediss://: the keys, only here and only to an admitted peer
     try:
         client.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [slot.backend.fileno]))])
-        manager.counters[keys.FDS_SENT] += 1
+        manager.counters[stat_keys.FDS_SENT] += 1
     except OSError as exc:
         manager.control.drop(client, f"fd undeliverable ({exc.strerror or exc})")
 
@@ -114,7 +113,7 @@ def on_report(manager: Manager, client: Peer, request_id: int, body: bytes) -> N
         if row.state is RowState.HELD and row.holder_pid == client.pid and row.generation == report.generation:
             # Its lock is held: asked back and shut down, replaced when the
             # holder gives it back or its lock goes with the process.
-            counter = keys.reaped_key(ReapCause.HOLDER_CLOSED.value)
+            counter = stat_keys.reaped_key(ReapCause.HOLDER_CLOSED.value)
             manager.perform(pool.revoke(report.slot, report.generation, row.lease_seq, counter))
         return
     if not keeper.try_lock(report.slot, report.generation):

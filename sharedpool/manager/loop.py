@@ -32,7 +32,7 @@ from sharedpool.manager import handlers
 from sharedpool.manager.actions import Action, Limits
 from sharedpool.manager.backend import Backend, RedisTarget, describe_error, open_backend, server_databases
 from sharedpool.manager.control import ControlServer
-from sharedpool.manager.pool import Pool
+from sharedpool.manager.pool_state import Pool
 from sharedpool.manager.reaper import Reaper
 from sharedpool.manager.snapshot import LeaseTally, snapshot
 from sharedpool.manager.socket_path import ManagerAlreadyRunning, SocketPath

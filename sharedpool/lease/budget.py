@@ -28,9 +28,9 @@ from redis.backoff import AbstractBackoff
 from sharedpool.errors import LeaseLost
 
 if TYPE_CHECKING:
-    from sharedpool.client.attachment import Attachment
-    from sharedpool.client.lease_state import LeaseHolder
     from sharedpool.config import ClientConfig
+    from sharedpool.lease.state import LeaseHolder
+    from sharedpool.shell.attachment import Attachment
 
 
 def call_bound(config: ClientConfig, att: Attachment | None) -> float:

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from sharedpool import errors
 from sharedpool import table as tbl
-from sharedpool.client.session import SessionWatch
+from sharedpool.lease.session import SessionWatch
 from sharedpool.table import Outcome
 
 if TYPE_CHECKING:
-    from sharedpool.client.lease_core import Lease
+    from sharedpool.lease.core import Lease
 
 # Ends a lease: (lease, outcome) -> None.
 GiveBack = Callable[["Lease", Outcome], None]
@@ -160,7 +160,7 @@ def revoked_text(lease: Lease) -> str:
 def raise_if_revoked(conn: LeaseHolder, give_back: GiveBack) -> None:
     """A command of ``conn`` failed: if the manager asked for its lease back, give the
     lease back (BROKEN) and raise ``LeaseLost`` now. ``LeaseLost`` is never retried
-    (``retry_budget``), so the holder learns it at this very command."""
+    (``lease.budget``), so the holder learns it at this very command."""
     lease = conn.lease
     if conn.state is not LeaseState.IN_USE or lease is None:
         return

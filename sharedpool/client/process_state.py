@@ -19,9 +19,9 @@ import time
 from typing import Any
 
 from sharedpool import errors
-from sharedpool.client.attachment import Attachment, check_welcome, open_channel
-from sharedpool.client.lease_core import Taker
 from sharedpool.config import ClientConfig
+from sharedpool.lease.core import Taker
+from sharedpool.shell.attachment import Attachment, check_welcome, open_channel
 
 
 class ThreadState(Taker):

@@ -2,12 +2,12 @@
 
 A lease is a lock on one byte of the shared table plus a row written
 (``sharedpool.table``): ``get_connection`` takes one through the lease core
-(``lease_core``) and returns this process's connection object for its
+(``sharedpool.lease``) and returns this process's connection object for its
 slot; ``release`` gives it back. This module is the sync pool itself:
 redis-py's pool interface, the options a worker may set, taking a lease
 (spinning, then blocking waits on the thread's wake socket) and giving it
 back, and the control channel's blocking requests. Attaching to a manager
-and each thread's taker are ``attaching.py``'s; binding a lease to a
+and each thread's taker are ``process_state.py``'s; binding a lease to a
 connection object and ending one redis-py lost are ``binding.py``'s.
 The manager hears of a lease only when it has work to do: a first fd for a
 (slot, generation), a slot to open, a reset, a broken connection.
@@ -28,16 +28,21 @@ import redis
 
 from sharedpool import errors, protocol
 from sharedpool import table as tbl
-from sharedpool.client import clone, lease_core, lease_queue, lease_state, process, retry_budget
-from sharedpool.client.attaching import Attaching, ThreadState
-from sharedpool.client.attachment import LIVENESS_S, Attachment
+from sharedpool.client import process
 from sharedpool.client.binding import bind, end_lost_lease, give_back_reporting
-from sharedpool.client.callsite import caller
 from sharedpool.client.connection import LeasedConnection
-from sharedpool.client.lease_core import Lease, Taken
-from sharedpool.client.lease_state import LeaseState
+from sharedpool.client.process_state import Attaching, ThreadState
 from sharedpool.config import client_config
+from sharedpool.lease import budget as retry_budget
+from sharedpool.lease import core as lease_core
+from sharedpool.lease import queue as lease_queue
+from sharedpool.lease import state as lease_state
+from sharedpool.lease.core import Lease, Taken
+from sharedpool.lease.state import LeaseState
 from sharedpool.protocol import FrameType
+from sharedpool.shell import clone
+from sharedpool.shell.attachment import LIVENESS_S, Attachment
+from sharedpool.shell.callsite import caller
 from sharedpool.table import Outcome, RowFlag, RowState
 
 # Settings that belong to the manager: a worker cannot change them per lease.

@@ -37,7 +37,7 @@ from sharedpool.protocol import ReportCause
 from sharedpool.table import Flag, Outcome, RowState
 
 if TYPE_CHECKING:
-    from sharedpool.client.attachment import Attachment
+    from sharedpool.shell.attachment import Attachment
 
 # (slot, generation, lease seq, acquired at): a lease just taken, its lock held and its row written.
 Taken = tuple[int, int, int, float]

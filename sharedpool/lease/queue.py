@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 
 from sharedpool import errors, protocol
 from sharedpool import table as tbl
-from sharedpool.client.lease_core import RESCAN_S, STOPPING, Taken, Taker, pressure, try_slots, wake_one
+from sharedpool.lease.core import RESCAN_S, STOPPING, Taken, Taker, pressure, try_slots, wake_one
 from sharedpool.protocol import ReportCause
 from sharedpool.table import Flag, Outcome, RowState
 
 if TYPE_CHECKING:
-    from sharedpool.client.attachment import Attachment
+    from sharedpool.shell.attachment import Attachment
 
 log = logging.getLogger("sharedpool.client")
 

@@ -1,6 +1,6 @@
 """``SharedConnectionPool`` for ``redis.asyncio``: the lease table's leases, taken without blocking the loop.
 
-The lease core is sans-I/O (``client.lease_core``, ``client.lease_queue``);
+The lease core is sans-I/O (``sharedpool.lease``);
 this module is its asyncio driver:
 
 * taking a READY slot is a try-lock on the table, never a wait; before
@@ -36,15 +36,18 @@ from sharedpool.asyncio.channel import AsyncControlChannel
 from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
 from sharedpool.asyncio.handoff import LocalLine
 from sharedpool.asyncio.waiting import Seats, wait_in_queue
-from sharedpool.client import clone, lease_core, lease_state, retry_budget
-from sharedpool.client.attachment import LIVENESS_S, Attachment, check_welcome
-from sharedpool.client.callsite import caller
 from sharedpool.client.channel import ControlChannel
-from sharedpool.client.lease_core import Lease, Taken, Taker, give_back
-from sharedpool.client.lease_state import LeaseState
-from sharedpool.client.pool import refuse_manager_owned
+from sharedpool.client.sync_pool import refuse_manager_owned
 from sharedpool.config import client_config
+from sharedpool.lease import budget as retry_budget
+from sharedpool.lease import core as lease_core
+from sharedpool.lease import state as lease_state
+from sharedpool.lease.core import Lease, Taken, Taker, give_back
+from sharedpool.lease.state import LeaseState
 from sharedpool.protocol import FrameType
+from sharedpool.shell import clone
+from sharedpool.shell.attachment import LIVENESS_S, Attachment, check_welcome
+from sharedpool.shell.callsite import caller
 from sharedpool.table import Outcome
 
 _SPINS = 4  # turns of the loop given away before queueing (holders in this process may give back meanwhile)

@@ -19,16 +19,16 @@ import psutil
 
 from sharedpool import errors, protocol
 from sharedpool import table as tbl
-from sharedpool.client import clone
 from sharedpool.client.channel import ControlChannel
-from sharedpool.client.lease_state import LeaseState
 from sharedpool.config import parse_databases
+from sharedpool.lease.state import LeaseState
 from sharedpool.protocol import ReportCause
+from sharedpool.shell import clone
 from sharedpool.table import Outcome
 
 if TYPE_CHECKING:
     from sharedpool.client.connection import LeasedConnection
-    from sharedpool.client.lease_core import Taker
+    from sharedpool.lease.core import Taker
 
 log = logging.getLogger("sharedpool.client")
 
