@@ -32,20 +32,20 @@ import redis.asyncio
 
 from sharedpool import errors, protocol
 from sharedpool.asyncio import process
-from sharedpool.asyncio.channel import AsyncControlChannel
+from sharedpool.asyncio.channel import AsyncControlChannel, open_channel
 from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
 from sharedpool.asyncio.handoff import LocalLine
 from sharedpool.asyncio.waiting import Seats, wait_in_queue
-from sharedpool.client.channel import ControlChannel
 from sharedpool.client.sync_pool import refuse_manager_owned
 from sharedpool.config import client_config
 from sharedpool.lease import budget as retry_budget
 from sharedpool.lease import core as lease_core
 from sharedpool.lease import state as lease_state
+from sharedpool.lease.context import LeaseContext
 from sharedpool.lease.core import Lease, Taken, Taker, give_back
 from sharedpool.lease.state import LeaseState
 from sharedpool.protocol import FrameType
-from sharedpool.shell import clone
+from sharedpool.shell import clone, links
 from sharedpool.shell.attachment import LIVENESS_S, Attachment, check_welcome
 from sharedpool.shell.callsite import caller
 from sharedpool.table import Outcome
@@ -172,17 +172,21 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
             att = self._attachment
             if att is not None and not att.detached:
                 return att
-            channel = await open_channel(self.config.socket_path, deadline)
+            # One control connection per process, manager and event loop, shared by
+            # the asyncio pools on that loop (``shell.links``: why not the sync one).
+            link = links.find(self.config.socket_path, loop)
+            if link is None:
+                link = links.add(self.config.socket_path, await open_channel(self.config.socket_path, deadline), loop)
             try:
-                db = check_welcome(channel.welcome, self._requested_protocol, self.db, self.redis_location)
+                db = check_welcome(link.welcome, self._requested_protocol, self.db, self.redis_location)
                 # The attachment uses only the channel's sync surface (notify,
                 # ping, close, abandon, welcome, table_fd, closed), which the
                 # asyncio channel has too.
-                att = Attachment(cast(ControlChannel, channel), db)
+                att = Attachment(link, db)
             except BaseException:
-                channel.close()
+                link.release()
                 raise
-            self._attachment, self._channel = att, channel
+            self._attachment, self._channel = att, cast(AsyncControlChannel, link.channel)
             return att
         finally:
             self._attach_lock.release()
@@ -195,7 +199,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
             self._free_takers = []
         att.detach()
 
-    def _acquire_timeout(self, att: Attachment) -> float:
+    def _acquire_timeout(self, att: LeaseContext) -> float:
         return self.config.acquire_timeout or att.acquire_timeout
 
     def call_bound(self) -> float:
@@ -416,7 +420,9 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         return True
 
     def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True, recycle: bool = True) -> None:
-        report = give_back(lease, outcome, used)
+        report, drop = give_back(lease, outcome, used)
+        if drop is not None:
+            drop.disconnect()
         if report:
             lease.attachment.channel.notify(report)
         if lease.taker is not None and recycle:
@@ -499,22 +505,6 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         """The manager's stats snapshot."""
         att = await self._attach(time.monotonic() + self.config.manager_timeout)
         return await self._channel_of(att).request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY, timeout=10.0)
-
-
-async def open_channel(socket_path: str, deadline: float) -> AsyncControlChannel:
-    """Connect, retrying while no manager answers, until ``deadline`` (the sync ``open_channel``'s rule)."""
-    delay = 0.02
-    started = time.monotonic()
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            return await AsyncControlChannel.connect(socket_path, max(0.05, min(remaining, 5.0)))
-        except errors.ManagerUnavailable as exc:
-            if time.monotonic() + delay >= deadline:
-                waited = time.monotonic() - started
-                raise errors.ManagerUnavailable(f"{exc} (waited {waited:.2f} s)") from None
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.25)
 
 
 def _rebuild_pool(cls: type[SharedConnectionPool], kwargs: dict[str, Any]) -> SharedConnectionPool:

@@ -32,6 +32,7 @@ from sharedpool import errors, protocol
 from sharedpool.asyncio.waiting import settled_within
 from sharedpool.client.channel import ChannelReplies, close_fds, explain_connect_error
 from sharedpool.protocol import FrameType
+from sharedpool.shell.links import ConnectRetry
 from sharedpool.version import __version__
 
 log = logging.getLogger("sharedpool.client")
@@ -277,3 +278,13 @@ class AsyncControlChannel(ChannelReplies):
     def _fail(self, error: errors.SharedPoolError) -> errors.SharedPoolError:
         self.close(error)
         return error
+
+
+async def open_channel(socket_path: str, deadline: float) -> AsyncControlChannel:
+    """Connect, retrying while no manager answers, until ``deadline`` (the sync ``open_channel``'s rule)."""
+    retry = ConnectRetry(deadline)
+    while True:
+        try:
+            return await AsyncControlChannel.connect(socket_path, retry.timeout())
+        except errors.ManagerUnavailable as exc:
+            await asyncio.sleep(retry.failed(exc))

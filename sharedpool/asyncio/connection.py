@@ -23,7 +23,7 @@ import asyncio
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
@@ -35,7 +35,6 @@ from sharedpool.lease.budget import BoundedRetryAttribute, CallBudget, SpentBudg
 from sharedpool.lease.state import LeaseHolder, LeaseState
 
 if TYPE_CHECKING:
-    from sharedpool.asyncio.async_pool import SharedConnectionPool
     from sharedpool.lease.core import Lease
     from sharedpool.tls.aio import TLSState
 
@@ -46,6 +45,15 @@ T = TypeVar("T")
 
 # How long a closing subscriber waits for the rest of a pushed message already begun.
 _DRAIN_S = 0.05
+
+
+class AsyncLeasingPool(Protocol):
+    """What a leased connection asks of its pool (``asyncio.async_pool``'s ``SharedConnectionPool``)."""
+
+    def call_bound(self) -> float: ...
+    def connection_lost(self, conn: AsyncLeasedConnection) -> None: ...
+    def raise_if_revoked(self, conn: AsyncLeasedConnection) -> None: ...
+    async def replace_lost_lease(self, conn: AsyncLeasedConnection) -> None: ...
 
 
 class _BoundedRetry(Retry):
@@ -74,7 +82,7 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
     retry = BoundedRetryAttribute(_BoundedRetry)
 
     def __init__(
-        self, *, shared_pool: SharedConnectionPool | None = None, slot: int = -1, generation: int = 0, redis_label: str = "",
+        self, *, shared_pool: AsyncLeasingPool | None = None, slot: int = -1, generation: int = 0, redis_label: str = "",
         **kwargs: Any,
     ) -> None:
         if shared_pool is None:
@@ -84,7 +92,7 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
                 "rebuild the pool as type(pool)(**pool.connection_kwargs), or use sharedpool.asyncio.Redis(...)"
             )
         super().__init__(**kwargs)
-        self.shared_pool: SharedConnectionPool | None = shared_pool
+        self.shared_pool: AsyncLeasingPool | None = shared_pool
         self._raw: socket.socket | None = None  # our dup of the slot's fd, inside the transport
         self._transport: asyncio.Transport | None = None
         self._stream_loop: asyncio.AbstractEventLoop | None = None
@@ -276,11 +284,11 @@ class SlotEntry:
         return self.conn.generation
 
     @property
-    def shared_pool(self) -> SharedConnectionPool | None:
+    def shared_pool(self) -> AsyncLeasingPool | None:
         return self.conn.shared_pool
 
     @shared_pool.setter
-    def shared_pool(self, pool: SharedConnectionPool | None) -> None:
+    def shared_pool(self, pool: AsyncLeasingPool | None) -> None:
         self.conn.shared_pool = pool
 
     def disconnect(self) -> None:

@@ -21,10 +21,11 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from sharedpool import errors, protocol
 from sharedpool.protocol import ErrorCode, FrameType
+from sharedpool.shell.links import ConnectRetry
 from sharedpool.version import __version__
 
 log = logging.getLogger("sharedpool.client")
@@ -266,6 +267,21 @@ class ControlChannel(ChannelReplies):
     def _fail(self, error: errors.SharedPoolError) -> errors.SharedPoolError:
         self.close()
         return error
+
+
+def sync_channel(att: Any) -> ControlChannel:
+    """A sync pool's attachment's channel, with its blocking requests (the attachment types it by its sync surface)."""
+    return cast(ControlChannel, att.channel)
+
+
+def open_channel(socket_path: str, deadline: float) -> ControlChannel:
+    """Connect, retrying while no manager answers, until ``deadline``."""
+    retry = ConnectRetry(deadline)
+    while True:
+        try:
+            return ControlChannel(socket_path, connect_timeout=retry.timeout())
+        except errors.ManagerUnavailable as exc:
+            time.sleep(retry.failed(exc))
 
 
 def error_from(body: bytes) -> tuple[errors.SharedPoolError, bool]:

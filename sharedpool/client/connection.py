@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.connection import Connection
 from redis.exceptions import ResponseError
@@ -26,12 +26,21 @@ from sharedpool.lease.budget import BoundedRetryAttribute, CallBudget, SpentBudg
 from sharedpool.lease.state import LeaseHolder, LeaseState
 
 if TYPE_CHECKING:
-    from sharedpool.client.sync_pool import SharedConnectionPool
     from sharedpool.lease.core import Lease
 
 
 # How long a closing subscriber waits for the rest of a pushed message already begun.
 _DRAIN_S = 0.05
+
+
+class LeasingPool(Protocol):
+    """What a leased connection asks of its pool (``client.sync_pool``'s ``SharedConnectionPool``)."""
+
+    def call_bound(self) -> float: ...
+    def connection_lost(self, conn: LeasedConnection) -> None: ...
+    def raise_if_revoked(self, conn: LeasedConnection) -> None: ...
+    def replace_lost_lease(self, conn: LeasedConnection) -> socket.socket: ...
+    def end_in_use(self, conn: LeasedConnection) -> None: ...
 
 
 class _BoundedRetry(Retry):
@@ -62,7 +71,7 @@ class LeasedConnection(LeaseHolder, Connection):
     def __init__(
         self,
         *,
-        shared_pool: SharedConnectionPool | None = None,
+        shared_pool: LeasingPool | None = None,
         slot: int = -1,
         generation: int = 0,
         sock: socket.socket | None = None,
@@ -79,7 +88,7 @@ class LeasedConnection(LeaseHolder, Connection):
                 "**kwargs)) turns into the shared pool)"
             )
         super().__init__(**kwargs)
-        self.shared_pool: SharedConnectionPool | None = shared_pool
+        self.shared_pool: LeasingPool | None = shared_pool
         self._hold_init(slot, generation, redis_label)
         # A socket object made from an fd assumes blocking mode whatever the
         # shared description says (DESIGN fact 9): give it its own mode now.

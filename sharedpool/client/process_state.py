@@ -19,9 +19,11 @@ import time
 from typing import Any
 
 from sharedpool import errors
+from sharedpool.client.channel import open_channel
 from sharedpool.config import ClientConfig
 from sharedpool.lease.core import Taker
-from sharedpool.shell.attachment import Attachment, check_welcome, open_channel
+from sharedpool.shell import links
+from sharedpool.shell.attachment import Attachment, check_welcome
 
 
 class ThreadState(Taker):
@@ -87,12 +89,15 @@ class Attaching:
             att = self._attachment
             if att is not None and not att.detached:
                 return att
-            channel = open_channel(self.config.socket_path, deadline)
+            # One control connection per process and manager, shared by its sync pools.
+            link = links.find(self.config.socket_path)
+            if link is None:
+                link = links.add(self.config.socket_path, open_channel(self.config.socket_path, deadline))
             try:
-                db = check_welcome(channel.welcome, self._requested_protocol, self.db, self.redis_location)
-                att = Attachment(channel, db)
+                db = check_welcome(link.welcome, self._requested_protocol, self.db, self.redis_location)
+                att = Attachment(link, db)
             except BaseException:
-                channel.close()
+                link.release()
                 raise
             self._attachment = att
             return att

@@ -30,6 +30,7 @@ from sharedpool import errors, protocol
 from sharedpool import table as tbl
 from sharedpool.client import process
 from sharedpool.client.binding import bind, end_lost_lease, give_back_reporting
+from sharedpool.client.channel import sync_channel
 from sharedpool.client.connection import LeasedConnection
 from sharedpool.client.process_state import Attaching, ThreadState
 from sharedpool.config import client_config
@@ -37,6 +38,7 @@ from sharedpool.lease import budget as retry_budget
 from sharedpool.lease import core as lease_core
 from sharedpool.lease import queue as lease_queue
 from sharedpool.lease import state as lease_state
+from sharedpool.lease.context import LeaseContext
 from sharedpool.lease.core import Lease, Taken
 from sharedpool.lease.state import LeaseState
 from sharedpool.protocol import FrameType
@@ -172,7 +174,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
 
     # ----- timeouts (attaching, detaching, threads' takers: Attaching) -------
 
-    def _acquire_timeout(self, att: Attachment) -> float:
+    def _acquire_timeout(self, att: LeaseContext) -> float:
         return self.config.acquire_timeout or att.acquire_timeout
 
     def call_bound(self) -> float:
@@ -261,7 +263,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
     def _demand(self, att: Attachment, deadline: float, db: int) -> None:
         body = protocol.encode_demand(db)[protocol.HEADER.size :]
         try:
-            att.channel.call(FrameType.DEMAND, body, FrameType.ACK, max(0.05, deadline - time.monotonic()))
+            sync_channel(att).call(FrameType.DEMAND, body, FrameType.ACK, max(0.05, deadline - time.monotonic()))
         except errors.ManagerUnavailable:
             if not att.manager_alive():
                 self._detach(att)
@@ -411,7 +413,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         """The manager's stats snapshot."""
         self._checkpid()
         att = self._attach(time.monotonic() + self.config.manager_timeout)
-        return att.channel.request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY, timeout=10.0)
+        return sync_channel(att).request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY, timeout=10.0)
 
     # ----- hooks for servers -----------------------------------------------------------
 
