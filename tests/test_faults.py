@@ -37,8 +37,8 @@ from support.redis_view import manager_clients
 from support.waiting import wait_for
 
 import sharedpool
-from sharedpool.client.channel import explain_connect_error
 from sharedpool.dev.redis_server import RedisServer
+from sharedpool.shell.frames import explain_connect_error
 
 ctx = multiprocess.get_context("fork")
 

@@ -36,18 +36,15 @@ from sharedpool.asyncio.channel import AsyncControlChannel, open_channel
 from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
 from sharedpool.asyncio.handoff import LocalLine
 from sharedpool.asyncio.waiting import Seats, wait_in_queue
-from sharedpool.client.sync_pool import refuse_manager_owned
-from sharedpool.config import client_config
-from sharedpool.lease import budget as retry_budget
 from sharedpool.lease import core as lease_core
 from sharedpool.lease import state as lease_state
-from sharedpool.lease.context import LeaseContext
 from sharedpool.lease.core import Lease, Taken, Taker, give_back
 from sharedpool.lease.state import LeaseState
 from sharedpool.protocol import FrameType
 from sharedpool.shell import clone, links
-from sharedpool.shell.attachment import LIVENESS_S, Attachment, check_welcome
+from sharedpool.shell.attachment import LIVENESS_S, Attachment
 from sharedpool.shell.callsite import caller
+from sharedpool.shell.pool_base import STATS_FRAME, PoolBase, demand_body, fetch_fd_body, waited
 from sharedpool.table import Outcome
 
 _SPINS = 4  # turns of the loop given away before queueing (holders in this process may give back meanwhile)
@@ -64,7 +61,7 @@ _QUEUE_SEATS = 4  # tasks of one process queued in the table at once
 HAND_OVER_FAIRNESS_S = 0.05
 
 
-class SharedConnectionPool(redis.asyncio.ConnectionPool):
+class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
     """A ``redis.asyncio`` pool whose connections are leases from a sharedpool manager.
 
     The sync ``SharedConnectionPool``'s arguments and bounds: no call waits
@@ -83,18 +80,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         autopipeline: bool = True,
         **connection_kwargs: Any,
     ) -> None:
-        redis_location = clone.pool_options(connection_kwargs)
-        redis_location = refuse_manager_owned(connection_kwargs, AsyncLeasedConnection) or redis_location
-        self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
-        self._requested_protocol = connection_kwargs.get("protocol")
-        self.db: int | None = clone.database(connection_kwargs.pop("db", None))
-        # Where a URL given to from_url said Redis is: checked against the manager's at attach.
-        self.redis_location: str | None = redis_location
+        self._take_options(socket_path, acquire_timeout, manager_timeout, connection_kwargs, AsyncLeasedConnection)
         connection_kwargs.pop("connection_class", None)  # its own class or a subclass: connections are made by the pool
         super().__init__(connection_class=AsyncLeasedConnection, **connection_kwargs)
-        clone.record_for_clones(
-            self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
-        )
+        self._record_for_clones(acquire_timeout, manager_timeout)
         self.autopipeline = bool(autopipeline)
         if not self.autopipeline:
             # Kept for copies only when it differs from the default, so that a
@@ -107,12 +96,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
     def from_url(cls, url: str, **kwargs: Any) -> SharedConnectionPool:  # type: ignore[override]
         """A pool for the database and client options of a ``redis://`` or ``unix://`` URL,
         by the sync ``SharedConnectionPool.from_url``'s rules (the manager owns where Redis is)."""
-        options, location = clone.parse_redis_url(url)
-        return cls(**{**kwargs, **options, "redis_location": location})
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # A spawned process rebuilds the pool from its options; fds, table and channel stay here.
-        return (_rebuild_pool, (type(self), clone.clone_kwargs(self.connection_kwargs)))
+        return cls._from_url(url, kwargs)
 
     def _start_afresh(self) -> None:
         self.pid = os.getpid()
@@ -125,15 +109,8 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         self._line = LocalLine()
 
     def __repr__(self) -> str:
-        att = self._attachment
-        name = att.pool_name if att is not None else "?"
-        held = att.held if att is not None else 0
-        cached = len(att.conns) if att is not None else 0
         waiting = self._seats.waiting if self._seats is not None else 0
-        return (
-            f"<asyncio SharedConnectionPool {self.config.socket_path} pool={name!r} "
-            f"[{held} leased here, {cached} slots cached, {waiting} tasks waiting]>"
-        )
+        return f"<asyncio SharedConnectionPool {self._counts()}, {waiting} tasks waiting]>"
 
     # ----- per-process, per-loop state --------------------------------------------
 
@@ -177,15 +154,9 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
             link = links.find(self.config.socket_path, loop)
             if link is None:
                 link = links.add(self.config.socket_path, await open_channel(self.config.socket_path, deadline), loop)
-            try:
-                db = check_welcome(link.welcome, self._requested_protocol, self.db, self.redis_location)
-                # The attachment uses only the channel's sync surface (notify,
-                # ping, close, abandon, welcome, table_fd, closed), which the
-                # asyncio channel has too.
-                att = Attachment(link, db)
-            except BaseException:
-                link.release()
-                raise
+            # The attachment uses only the channel's sync surface (notify, ping,
+            # close, abandon, welcome, table_fd, closed), which the asyncio channel has too.
+            att = self._attachment_on(link)
             self._attachment, self._channel = att, cast(AsyncControlChannel, link.channel)
             return att
         finally:
@@ -198,13 +169,6 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                 taker.close()
             self._free_takers = []
         att.detach()
-
-    def _acquire_timeout(self, att: LeaseContext) -> float:
-        return self.config.acquire_timeout or att.acquire_timeout
-
-    def call_bound(self) -> float:
-        """Seconds one call may spend on the pool in all, retries included: manager_timeout + acquire_timeout."""
-        return retry_budget.call_bound(self.config, self._attachment)
 
     # ----- taking a lease ---------------------------------------------------------
 
@@ -295,7 +259,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     async def _demand(self, att: Attachment, deadline: float, db: int) -> None:
         channel = self._channel_of(att)
-        body = protocol.encode_demand(db)[protocol.HEADER.size :]
+        body = demand_body(db)
         try:
             await channel.call(FrameType.DEMAND, body, FrameType.ACK, max(0.05, deadline - time.monotonic()))
         except errors.ManagerUnavailable:
@@ -339,12 +303,12 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         return conn
 
     async def _fetch_fd(self, att: Attachment, lease: Lease, final: float, started: float) -> tuple[int, Any]:
-        body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
+        body = fetch_fd_body(lease)
         try:
             timeout = max(0.05, final - time.monotonic())
             reply, fd = await self._channel_of(att).call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
         except errors.ManagerUnavailable as exc:
-            raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
+            raise waited(exc, started) from None
         assert fd is not None
         if len(reply) <= protocol.SLOT_BODY_SIZE:
             return fd, None
@@ -487,13 +451,6 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
     def get_connection_count(self) -> list[tuple[int, dict[Any, Any]]]:
         return []
 
-    def abort(self) -> int:
-        """A dying worker's hook: give up this process's leases now and close the channel (see the sync pool)."""
-        att = self._attachment
-        if self.pid != os.getpid() or att is None:
-            return 0
-        return att.abort()
-
     # ----- sharedpool extras -----------------------------------------------------------
 
     async def manager_info(self) -> dict[str, Any]:
@@ -504,8 +461,4 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
     async def stats(self) -> dict[str, Any]:
         """The manager's stats snapshot."""
         att = await self._attach(time.monotonic() + self.config.manager_timeout)
-        return await self._channel_of(att).request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY, timeout=10.0)
-
-
-def _rebuild_pool(cls: type[SharedConnectionPool], kwargs: dict[str, Any]) -> SharedConnectionPool:
-    return cls(**kwargs)
+        return await self._channel_of(att).request(STATS_FRAME, FrameType.STATS_REPLY, timeout=10.0)

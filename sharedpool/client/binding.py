@@ -24,6 +24,7 @@ from sharedpool.lease.core import Lease, give_back
 from sharedpool.protocol import FrameType
 from sharedpool.shell import clone
 from sharedpool.shell.attachment import Attachment
+from sharedpool.shell.pool_base import fetch_fd_body, waited
 from sharedpool.table import Outcome
 
 
@@ -63,12 +64,12 @@ def bind(
 
 
 def _fetch_fd(att: Attachment, lease: Lease, final: float, started: float) -> socket.socket:
-    body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
+    body = fetch_fd_body(lease)
     try:
         timeout = max(0.05, final - time.monotonic())
         reply, fd = sync_channel(att).call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
     except errors.ManagerUnavailable as exc:
-        raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
+        raise waited(exc, started) from None
     assert fd is not None
     sock = socket.socket(fileno=fd)
     if len(reply) > protocol.SLOT_BODY_SIZE:

@@ -20,10 +20,10 @@ from typing import Any
 
 from sharedpool import errors
 from sharedpool.client.channel import open_channel
-from sharedpool.config import ClientConfig
 from sharedpool.lease.core import Taker
 from sharedpool.shell import links
-from sharedpool.shell.attachment import Attachment, check_welcome
+from sharedpool.shell.attachment import Attachment
+from sharedpool.shell.pool_base import PoolBase
 
 
 class ThreadState(Taker):
@@ -39,13 +39,9 @@ class ThreadState(Taker):
         return super().wake_socket()
 
 
-class Attaching:
+class Attaching(PoolBase):
     """This process's attachment and threads' takers, for ``SharedConnectionPool``."""
 
-    config: ClientConfig
-    db: int | None
-    redis_location: str | None
-    _requested_protocol: Any
     _fork_lock: Any  # redis-py's, around _checkpid
 
     def reset(self) -> None:
@@ -93,12 +89,7 @@ class Attaching:
             link = links.find(self.config.socket_path)
             if link is None:
                 link = links.add(self.config.socket_path, open_channel(self.config.socket_path, deadline))
-            try:
-                db = check_welcome(link.welcome, self._requested_protocol, self.db, self.redis_location)
-                att = Attachment(link, db)
-            except BaseException:
-                link.release()
-                raise
+            att = self._attachment_on(link)
             self._attachment = att
             return att
         finally:
