@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sharedpool.config import DEFAULT_DATABASES, ManagerConfig
+from sharedpool.config import ManagerConfig
+from sharedpool.db_ranges import DEFAULT_DATABASES
 from sharedpool.table import RowState
 
 

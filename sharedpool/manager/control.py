@@ -21,7 +21,7 @@ from sharedpool import protocol, stat_keys
 from sharedpool.protocol import ErrorCode, FrameType
 
 if TYPE_CHECKING:
-    from sharedpool.manager.loop import Manager
+    from sharedpool.manager.context import ManagerContext
 
 log = logging.getLogger("sharedpool.manager")
 
@@ -54,7 +54,9 @@ class Peer:
 class ControlServer:
     """Every control connection the manager has, by state."""
 
-    def __init__(self, manager: Manager, handlers: Mapping[int, Callable[[Manager, Peer, int, bytes], None]]) -> None:
+    def __init__(
+        self, manager: ManagerContext, handlers: Mapping[int, Callable[[ManagerContext, Peer, int, bytes], None]]
+    ) -> None:
         self._manager = manager
         self._handlers = handlers
         self.clients: dict[int, Peer] = {}  # socket fd -> client past HELLO

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sharedpool import protocol, stat_keys
 from sharedpool import table as tbl
-from sharedpool.config import format_databases
+from sharedpool.db_ranges import format_databases
 from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
 from sharedpool.manager.control import Peer, PeerState
@@ -29,7 +29,7 @@ from sharedpool.table import core as table_core
 from sharedpool.version import __version__
 
 if TYPE_CHECKING:
-    from sharedpool.manager.loop import Manager
+    from sharedpool.manager.context import ManagerContext
 
 log = logging.getLogger("sharedpool.manager")
 
@@ -37,7 +37,7 @@ log = logging.getLogger("sharedpool.manager")
 _STATS_WORKER_ROWS = 300
 
 
-def welcome(manager: Manager) -> dict[str, Any]:
+def welcome(manager: ManagerContext) -> dict[str, Any]:
     config, target, table = manager.config, manager.target, manager.keeper.table
     return {
         "epoch": manager.epoch,
@@ -57,7 +57,7 @@ def welcome(manager: Manager) -> dict[str, Any]:
     }
 
 
-def on_hello(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_hello(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     if client.state is not PeerState.HANDSHAKE:
         raise protocol.ProtocolError("HELLO sent twice")
     hello = protocol.decode_json(body)
@@ -72,7 +72,7 @@ def on_hello(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
         manager.control.drop(client, f"WELCOME undeliverable ({exc.strerror or exc})", sweep=False)
 
 
-def on_fetch_fd(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_fetch_fd(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     index, generation, db = protocol.decode_fetch_fd(body)
     slot = manager.pool.slot(index, generation)
     if slot is None or slot.state is not SlotState.SHARED or slot.backend is None:
@@ -96,7 +96,7 @@ def on_fetch_fd(manager: Manager, client: Peer, request_id: int, body: bytes) ->
         manager.control.drop(client, f"fd undeliverable ({exc.strerror or exc})")
 
 
-def on_report(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_report(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     report = protocol.decode_report(body)
     pool, keeper, table = manager.pool, manager.keeper, manager.keeper.table
     slot = pool.slot(report.slot, report.generation)
@@ -133,7 +133,7 @@ def on_report(manager: Manager, client: Peer, request_id: int, body: bytes) -> N
     manager.redispatch(now)
 
 
-def on_demand(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_demand(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     now = time.monotonic()
     pool = manager.pool
     db = protocol.decode_demand(body, pool.limits.default_db)
@@ -153,12 +153,12 @@ def on_demand(manager: Manager, client: Peer, request_id: int, body: bytes) -> N
         manager.sweep_soon(now)
 
 
-def on_site(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_site(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     site_id, text = protocol.decode_site(body)
     manager.pool.note_site(client.pid, site_id, text)
 
 
-def on_probe(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_probe(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     request = protocol.decode_json(body)
     timeout = request.get("timeout", 2.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
@@ -186,16 +186,16 @@ def on_probe(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
     manager.submit(lambda: probe(target, float(timeout)), done)
 
 
-def on_stats(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_stats(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     snapshot = manager.snapshot(max_workers=_STATS_WORKER_ROWS)
     manager.control.send(client, protocol.encode_json(FrameType.STATS_REPLY, snapshot, request_id))
 
 
-def on_ping(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_ping(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     manager.control.send(client, protocol.encode_empty(FrameType.PONG, request_id))
 
 
-def on_admin(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_admin(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     request = protocol.decode_json(body)
     command = request.get("command")
     if client.uid not in (os.getuid(), 0):
@@ -236,7 +236,7 @@ def on_admin(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
     manager.control.send(client, protocol.encode_json(FrameType.ADMIN_REPLY, reply, request_id))
 
 
-Handler = Callable[["Manager", Peer, int, bytes], None]
+Handler = Callable[["ManagerContext", Peer, int, bytes], None]
 
 HANDLERS: dict[int, Handler] = {
     FrameType.ADMIN: on_admin,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sharedpool import stat_keys
-from sharedpool.config import format_databases
+from sharedpool.db_ranges import format_databases
 from sharedpool.manager import databases
 from sharedpool.manager.actions import (
     Action,

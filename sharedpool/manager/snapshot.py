@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from sharedpool import stat_keys
 from sharedpool import table as tbl
-from sharedpool.config import format_databases
+from sharedpool.db_ranges import format_databases
 from sharedpool.manager.pool_state import SlotState
 from sharedpool.table import RowFlag, RowState
 from sharedpool.table import core as table_core
 from sharedpool.version import __version__
 
 if TYPE_CHECKING:
-    from sharedpool.manager.loop import Manager
+    from sharedpool.manager.context import ManagerContext
 
 
 # More leases than one slot's row can take in a second (a lease costs microseconds):
@@ -65,7 +65,7 @@ class LeaseTally:
         )
 
 
-def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]:
+def snapshot(manager: ManagerContext, max_workers: int | None = None) -> dict[str, Any]:
     """The stats. ``max_workers`` caps the per-worker rows (busiest first) so a
     host with thousands of workers still fits one frame."""
     pool, table, config = manager.pool, manager.keeper.table, manager.config

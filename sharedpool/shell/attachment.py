@@ -20,7 +20,7 @@ import psutil
 
 from sharedpool import errors, protocol
 from sharedpool import table as tbl
-from sharedpool.config import parse_databases
+from sharedpool.db_ranges import parse_databases
 from sharedpool.lease.state import LeaseState
 from sharedpool.shell import clone
 from sharedpool.shell.links import Link, manager_alive
