@@ -248,14 +248,6 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         finally:
             self._pending_replies -= 1
 
-    def _lease_failed(self, exc: BaseException) -> None:
-        """As the sync connection's: broken from now on, and ``LeaseLost`` now if the manager revoked the lease."""
-        self._broken = True
-        pool = self.shared_pool
-        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
-        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
-            pool.raise_if_revoked(self)
-
 
 class SlotEntry:
     """What ``Attachment.conns`` keeps per slot for the asyncio pool.

@@ -206,15 +206,6 @@ class LeasedConnection(LeaseHolder, Connection):
             self._lease_failed(exc)
             raise
 
-    def _lease_failed(self, exc: BaseException) -> None:
-        """A command failed mid-lease: nothing of this lease is clean any more, and a lease
-        the manager revoked says so now (``LeaseLost``) rather than after redis-py's retries."""
-        self._broken = True
-        pool = self.shared_pool
-        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
-        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
-            pool.raise_if_revoked(self)
-
     def send_command(self, *args: Any, **kwargs: Any) -> None:
         if self._sock is None:
             # Reconnecting binds a fresh lease and resets the counts: do it

@@ -76,6 +76,15 @@ class LeaseHolder(SessionWatch):
     def drop(self) -> None:
         raise NotImplementedError
 
+    def _lease_failed(self, exc: BaseException) -> None:
+        """A command failed mid-lease: nothing of this lease is clean any more, and a lease
+        the manager revoked says so now (``LeaseLost``) rather than after redis-py's retries."""
+        self._broken = True
+        pool = self.shared_pool
+        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
+        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
+            pool.raise_if_revoked(self)
+
     def _begin_lease(self, lease: Lease) -> None:
         self.state = LeaseState.IN_USE
         self.lease = lease
