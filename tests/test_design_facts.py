@@ -120,6 +120,21 @@ def test_no_reference_names_a_file_outside_the_repository() -> None:
     assert not outside, outside
 
 
+def test_the_files_design_md_names_exist() -> None:
+    """``client/connection.py`` is under sharedpool/, ``tests/x.py`` under the root, a bare name anywhere in the package."""
+    if not (ROOT / "pyproject.toml").is_file():
+        pytest.skip("not a source tree (an installed wheel)")
+    names = set(re.findall(r"`([\w./]+\.(?:py|c|toml))`", _design_text()))
+    assert names, "the pattern no longer sees the file names"
+    package_files = {p.name for p in PACKAGE.rglob("*") if p.is_file()}
+    missing = [
+        name for name in sorted(names)
+        if not name.startswith("redis/")  # redis-py's own files
+        and not ((PACKAGE / name).is_file() or (ROOT / name).is_file() or ("/" not in name and name in package_files))
+    ]
+    assert not missing, f"sharedpool/DESIGN.md names files that are not there: {missing}"
+
+
 @pytest.mark.parametrize("target", ["README.md", "sharedpool/REFERENCE.md", "sharedpool/DESIGN.md"])
 def test_the_docs_links_name_headings_that_exist(target: str) -> None:
     source = ROOT / target
