@@ -1,4 +1,4 @@
-"""The stats snapshot: what ``sharedpool.stat_keys``, STATS replies and the
+"""The stats snapshot: what ``sharedpool stats``, STATS replies and the
 Prometheus metrics show. Counter names live in ``sharedpool.stat_keys``; leases
 taken and given back are read from the lease table, where workers count them."""
 

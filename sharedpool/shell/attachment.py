@@ -1,4 +1,4 @@
-"""``Attachment``: this process's view of one manager epoch, and what a welcome must say.
+"""``Attachment``: a pool's view of one manager epoch in this process, and what a welcome must say.
 
 One per pool, process and manager epoch: the link (the control channel and
 the mapped table, shared with the process's other pools of that manager:
