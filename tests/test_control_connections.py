@@ -9,10 +9,12 @@ asked through one of the pools: a stats client of its own would add one.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from typing import Any
 
 import multiprocess
+import pytest
 import redis
 from support.waiting import wait_for
 
@@ -113,3 +115,16 @@ def test_after_a_manager_restart_the_pools_share_one_again(start_manager: Any) -
     assert _connections_of(pools[0].stats(), os.getpid()) == 1
     for pool in pools:
         pool.disconnect()
+
+
+# The dropped pools' cached Redis sockets are collected unclosed, as a dropped redis-py pool's are.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_pools_dropped_without_disconnect_let_their_connection_go(manager: Any) -> None:
+    # redis.Redis(connection_pool=pool) never closes a pool it was given: collected, it lets go.
+    pools = _sync_pools(manager.socket_path)
+    for pool in pools:
+        assert redis.Redis(connection_pool=pool).ping() is True
+    assert _connections_of(pools[0].stats(), os.getpid()) == 1
+    del pool, pools
+    gc.collect()
+    wait_for(lambda: _connections_of(manager.stats(), os.getpid()) == 1, timeout=5)  # the stats call's own

@@ -56,7 +56,8 @@ class Attachment:
         self.welcome = welcome
         self.epoch = str(welcome.get("epoch", ""))
         self.pool_name = str(welcome.get("pool", "?"))
-        link.attachments.add(self)
+        # Detaching lets go of the link; so does a pool dropped without it (collected).
+        self._user = link.add_user(self)
         self.pid = os.getpid()
         self.start = process_start(self.pid)
         # slot -> this process's connection for it (``lease.context.CachedConnection``): the
@@ -95,7 +96,7 @@ class Attachment:
         for taker in list(self.takers):
             if not taker.held and taker.pid == os.getpid():
                 taker.close()  # a taker holding a lease keeps its lock until it gives it back
-        self.link.release(self)
+        self.link.release(self, self._user)
 
     def abandon(self) -> None:
         """In a forked child: close our copies of the parent's fds, unlock nothing, tell no one.

@@ -67,6 +67,8 @@ class Link:
         self.table = tbl.Table(table_fd, int(geometry["capacity"]), int(geometry["waiter_capacity"]))
         self.sites: dict[str, int] = {}
         self.attachments: weakref.WeakSet[LinkUser] = weakref.WeakSet()
+        self.users = 0  # attachments that have not let go (``add_user``)
+        self.pid = os.getpid()
         self.abandoned = False
 
     def __repr__(self) -> str:
@@ -86,14 +88,37 @@ class Link:
             self.channel.notify(protocol.encode_site(site, text))
         return site
 
-    def release(self, attachment: LinkUser | None = None) -> None:
+    def add_user(self, attachment: LinkUser) -> weakref.finalize[Any, Any]:
+        """``attachment`` uses this link until it releases it, or until it is collected
+        (a pool dropped without ``disconnect()``, as ``redis.Redis(connection_pool=...)``
+        leaves the pools it was given): the returned finalizer stands for its use."""
+        self.attachments.add(attachment)
+        self.users += 1
+        return weakref.finalize(attachment, self._drop_user)
+
+    def release(self, attachment: LinkUser | None = None, user: weakref.finalize[Any, Any] | None = None) -> None:
         """``attachment`` is done with this link (None: a pool that never attached,
         its welcome refused): the last one closes the channel."""
         if attachment is not None:
             self.attachments.discard(attachment)
-        if not self.attachments or self.channel.closed:
-            _forget(self)
-            self.channel.close()
+        if user is not None and user.detach() is not None:
+            self.users -= 1
+        if self.users <= 0 or self.channel.closed:
+            self._close()
+
+    def _drop_user(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            try:
+                self._close()
+            except Exception:  # at collection: nothing to raise to
+                pass
+
+    def _close(self) -> None:
+        if self.abandoned or self.pid != os.getpid():
+            return  # a parent's, in a forked child: never touched (DESIGN fact 5)
+        _forget(self)
+        self.channel.close()
 
     def abandon(self) -> None:
         """In a forked child: close our copies of the parent's fds, unlock nothing, tell no one (DESIGN facts 5, 12)."""
