@@ -181,6 +181,7 @@ def on_probe(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
                 "open_by_db": {str(db): count for db, count in manager.pool.open_by_db().items()},
                 "databases": format_databases(manager.pool.limits.databases), "default_db": manager.pool.limits.default_db,
                 "table_core": table_core.PATH,
+                **({keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
             }, request_id))
         return []
 

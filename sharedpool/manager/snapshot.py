@@ -144,6 +144,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
         "workers": _top_workers(workers, max_workers),
         "workers_total": len(workers),
         "config": config.safe_dict(),
+        **({keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
     }
 
 
