@@ -165,7 +165,7 @@ def test_failover_under_a_fleet_of_writers(group: SentinelGroup, start_manager: 
             for start in range(0, len(after), 500):
                 batch = after[start:start + 500]
                 found = new_admin.mget([f"w{index}:{n}" for n in batch])
-                missing = [n for n, value in zip(batch, found) if value != str(n)]
+                missing = [n for n, value in zip(batch, found, strict=True) if value != str(n)]
                 assert not missing, f"writer {index}: {len(missing)} acknowledged writes not on the new master: {missing[:5]}"
             checked += len(after)
         assert checked > 500
@@ -209,6 +209,10 @@ def test_sentinels_unreachable_at_start(start_manager: Any) -> None:
     assert manager.process.poll() is None
     assert SENTINEL_PASSWORD not in json.dumps(stats)
     assert stats["config"]["sentinel_password"] == "***"
+    check = subprocess.run([sys.executable, "-m", "sharedpool", "check", "--socket-path", manager.socket_path],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 1
+    assert check.stdout.startswith("not ok:") and "no Sentinel named a master of 'mymaster'" in check.stdout, check.stdout
 
 
 @pytest.mark.parametrize(
@@ -239,3 +243,48 @@ def test_sentinel_settings_from_every_source(tmp_path: Any) -> None:
     assert config.sentinel_password == SENTINEL_PASSWORD
     assert SENTINEL_PASSWORD not in repr(config)
     assert config.safe_dict()["sentinels"] == "10.0.0.1:26379,[::1]:26380"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["revoked", "demoted"])
+def test_a_lease_held_across_the_failover(group: SentinelGroup, start_manager: Any, ending: str) -> None:
+    """A lease on the old master ends once: revoked after redis_timeout, or READONLY when the old
+    master is demoted first (here by hand, sooner than Sentinel would). The next lease is on the new master."""
+    redis_timeout = REDIS_TIMEOUT if ending == "revoked" else 60.0
+    manager = _sentinel_manager(start_manager, group, max_connections=2, min_idle=1, reap_interval=0.2,
+                                redis_timeout=redis_timeout)
+    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, retry=Retry(NoBackoff(), 0))
+    try:
+        with r.lease() as pinned:
+            pinned.set("before", "1")
+            old, new = group.failover()
+            new_address = f"127.0.0.1:{new.port}"
+            wait_for(lambda: manager.stats()["sentinel"]["master"] == new_address, what="the manager on the new master")
+            old_admin = old.client(decode_responses=True)
+            try:
+                if ending == "demoted":
+                    old_admin.execute_command("REPLICAOF", "127.0.0.1", str(new.port))
+                    expected: type[Exception] = sharedpool.ReplicaAnswered
+                else:
+                    wait_for(lambda: not manager_clients(old_admin, manager.pool_name), timeout=redis_timeout + 2,
+                             what="the held lease revoked and its connection gone")
+                    expected = sharedpool.LeaseLost
+                with pytest.raises(expected):
+                    pinned.set("during", "1")
+                if ending == "demoted":
+                    wait_for(lambda: manager.stats()["leases"]["held"] == 1, what="still held until the block ends")
+            finally:
+                old_admin.close()
+        assert r.set("after", "1") is True
+        new_admin = new.client(decode_responses=True)
+        try:
+            assert new_admin.get("after") == "1"
+            assert manager_clients(new_admin, manager.pool_name)
+        finally:
+            new_admin.close()
+        stats = manager.stats()
+        assert stats["sentinel"]["failovers"] == 1
+        assert stats["counters"]["reaped_revoked"] == (1 if ending == "revoked" else 0)
+        wait_for(lambda: manager.stats()["sentinel"]["draining"] == 0, what="nothing left of the old master")
+    finally:
+        r.close()

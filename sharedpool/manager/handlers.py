@@ -24,6 +24,7 @@ from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
 from sharedpool.manager.control import Peer, PeerState
 from sharedpool.manager.pool import ReapCause, SlotState
+from sharedpool.manager.sentinel import probe_master
 from sharedpool.protocol import ErrorCode, FrameType
 from sharedpool.table import Outcome, RowState
 from sharedpool.table import core as table_core
@@ -185,6 +186,10 @@ def on_probe(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
             }, request_id))
         return []
 
+    if manager.sentinel is not None:
+        settings, base = manager.sentinel.settings, manager.sentinel.base_target
+        manager.submit(lambda: probe_master(settings, base, float(timeout)), done)
+        return
     manager.submit(lambda: probe(target, float(timeout)), done)
 
 

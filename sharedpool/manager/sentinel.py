@@ -44,7 +44,7 @@ from sharedpool import stats as keys
 from sharedpool import table as tbl
 from sharedpool.config import ManagerConfig, format_addresses
 from sharedpool.manager.actions import Action
-from sharedpool.manager.backend import RedisTarget, describe_error
+from sharedpool.manager.backend import RedisTarget, describe_error, probe
 from sharedpool.manager.slot import ReapCause, SlotState
 from sharedpool.table import RowState
 
@@ -156,6 +156,17 @@ def find_master(settings: SentinelSettings, target: RedisTarget) -> Address:
             candidate.disconnect()
         return named
     raise MasterUnknown(f"no Sentinel named a master of {settings.service!r} that says so: " + "; ".join(heard))
+
+
+def probe_master(settings: SentinelSettings, target: RedisTarget, timeout: float) -> str:
+    """``sharedpool check`` in Sentinel mode: ask the Sentinels now, then PING what they name.
+    Returns an error text, or ''."""
+    quick = dataclasses.replace(target, kwargs=dict(target.kwargs, socket_timeout=timeout, socket_connect_timeout=timeout))
+    try:
+        address = find_master(settings, quick)
+    except MasterUnknown as exc:
+        return str(exc)
+    return probe(target_at(quick, address), timeout)
 
 
 class SwitchWatch(threading.Thread):
