@@ -2,9 +2,10 @@
 
 Given ``sentinels`` and ``sentinel_service``, the master's address is not
 in ``redis_url`` (its password, username and database still are): the
-manager asks the Sentinels (``SENTINEL get-master-addr-by-name``, each
-within ``sentinel_timeout``, in the order given), and believes an answer
-only once the address itself says ``ROLE`` master. Every connection it
+manager asks the Sentinels (``SENTINEL MASTER``: the address
+``get-master-addr-by-name`` gives, and the config epoch; each within
+``sentinel_timeout``), and believes the address named with the highest
+epoch once the address itself says ``ROLE`` master. Every connection it
 opens is checked the same way before it is lent, so a lease never goes to
 a replica the Sentinels have not caught up with.
 
@@ -124,37 +125,45 @@ def check_role(conn: Connection) -> None:
 
 
 def find_master(settings: SentinelSettings, target: RedisTarget) -> Address:
-    """Ask each Sentinel in turn; return the first address it names that says ROLE master.
+    """Ask every Sentinel; return the address named with the highest config epoch that says ROLE master.
 
-    Each Sentinel query and each ROLE check is bounded (``sentinel_timeout``,
-    ``redis_timeout``), so this takes at most that much per Sentinel.
+    ``SENTINEL MASTER`` rather than ``get-master-addr-by-name``: it gives the
+    same address plus the config epoch, which every failover raises. Right
+    after a failover a Sentinel that has not heard of it yet still names the
+    old master, and that server still says ROLE master until the Sentinels
+    demote it (seconds later): trusting the first answer would move the
+    manager back to it. Each query and each ROLE check is bounded
+    (``sentinel_timeout``, ``redis_timeout``).
     """
     heard: list[str] = []
+    named: dict[Address, int] = {}  # address -> the highest config epoch any Sentinel named it with
     for address in settings.addresses:
         where = format_addresses((address,))
         conn = settings.connection(address)
         try:
-            conn.send_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", settings.service, check_health=False)
+            conn.send_command("SENTINEL", "MASTER", settings.service, check_health=False)
             reply = conn.read_response()
-        except redis.RedisError as exc:
+            fields = dict(zip(reply[::2], reply[1::2], strict=False)) if isinstance(reply, list) else dict(reply)
+            candidate = (str(fields["ip"]), int(fields["port"]))
+            epoch = int(fields.get("config-epoch", 0))
+        except (redis.RedisError, KeyError, TypeError, ValueError) as exc:
             heard.append(f"{where}: {describe_error(exc)}")
             continue
         finally:
             conn.disconnect()
-        if not reply:
-            heard.append(f"{where}: knows no master named {settings.service!r}")
-            continue
-        named = (str(reply[0]), int(reply[1]))
-        candidate = target_at(target, named).connection_class()(**target_at(target, named).kwargs)
+        named[candidate] = max(epoch, named.get(candidate, -1))
+    for candidate, epoch in sorted(named.items(), key=lambda item: -item[1]):
+        located = target_at(target, candidate)
+        conn = located.connection_class()(**located.kwargs)
         try:
-            candidate.connect()
-            check_role(candidate)
+            conn.connect()
+            check_role(conn)
         except redis.RedisError as exc:
-            heard.append(f"{where} named {format_addresses((named,))}: {describe_error(exc)}")
+            heard.append(f"{format_addresses((candidate,))} (config epoch {epoch}): {describe_error(exc)}")
             continue
         finally:
-            candidate.disconnect()
-        return named
+            conn.disconnect()
+        return candidate
     raise MasterUnknown(f"no Sentinel named a master of {settings.service!r} that says so: " + "; ".join(heard))
 
 
@@ -222,7 +231,9 @@ class SwitchWatch(threading.Thread):
                 message = conn.read_response()
                 heard_at = time.monotonic()
                 if isinstance(message, list) and len(message) >= 3 and message[0] == "message":
-                    self._hint(f"{_SWITCH_CHANNEL} {message[2]}")
+                    # "<name> <old ip> <old port> <new ip> <new port>", for every master the Sentinel watches.
+                    if str(message[2]).split(" ", 1)[0] == self._settings.service:
+                        self._hint(f"{_SWITCH_CHANNEL} {message[2]}")
         finally:
             conn.disconnect()
 
