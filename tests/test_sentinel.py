@@ -288,3 +288,14 @@ def test_a_lease_held_across_the_failover(group: SentinelGroup, start_manager: A
         wait_for(lambda: manager.stats()["sentinel"]["draining"] == 0, what="nothing left of the old master")
     finally:
         r.close()
+
+
+def test_a_spawned_manager_gets_the_sentinel_password_by_environment() -> None:
+    from sharedpool.spawn import ServeCommand
+
+    command = ServeCommand("/tmp/sp.sock", {"sentinels": (("10.0.0.1", 26379), ("::1", 26380)), "sentinel_service": "m",
+                                            "sentinel_password": SENTINEL_PASSWORD})
+    argv = command.arguments()
+    assert argv[argv.index("--sentinels") + 1] == "10.0.0.1:26379,[::1]:26380"
+    assert SENTINEL_PASSWORD not in " ".join(command.argv())  # argv is world-readable in /proc
+    assert command.environ({})["SHAREDPOOL_SENTINEL_PASSWORD"] == SENTINEL_PASSWORD
