@@ -185,9 +185,12 @@ def test_failover_under_a_fleet_of_writers(group: SentinelGroup, start_manager: 
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
     assert f"master {new_address}" in check.stdout and "failovers 1" in check.stdout, check.stdout
+    shown = subprocess.run([sys.executable, "-m", "sharedpool", "stats", "--socket-path", manager.socket_path],
+                           capture_output=True, text=True, timeout=30)
+    assert f"sentinel     service 'mymaster'  master {new_address}  failovers 1" in shown.stdout, shown.stdout
     # Neither password in the log, the stats or what check prints.
     with open(manager.log_path, encoding="utf-8", errors="replace") as handle:
-        seen = handle.read() + json.dumps(stats) + check.stdout
+        seen = handle.read() + json.dumps(stats) + check.stdout + shown.stdout
     assert "failover: master of 'mymaster' moved" in seen
     assert MASTER_PASSWORD not in seen and SENTINEL_PASSWORD not in seen
 
