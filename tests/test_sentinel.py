@@ -302,3 +302,37 @@ def test_a_spawned_manager_gets_the_sentinel_password_by_environment() -> None:
     assert argv[argv.index("--sentinels") + 1] == "10.0.0.1:26379,[::1]:26380"
     assert SENTINEL_PASSWORD not in " ".join(command.argv())  # argv is world-readable in /proc
     assert command.environ({})["SHAREDPOOL_SENTINEL_PASSWORD"] == SENTINEL_PASSWORD
+
+
+@pytest.mark.slow
+def test_asyncio_lease_on_a_demoted_master(group: SentinelGroup, start_manager: Any) -> None:
+    """The asyncio client's READONLY is the same broken lease and ConnectionError as the sync one's."""
+    import asyncio
+
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    import sharedpool.asyncio as spa
+
+    manager = _sentinel_manager(start_manager, group, max_connections=2, min_idle=1, reap_interval=0.2, redis_timeout=60)
+
+    async def run() -> None:
+        r = spa.Redis(socket_path=manager.socket_path, decode_responses=True, retry=AsyncRetry(NoBackoff(), 0))
+        try:
+            async with r.lease() as pinned:
+                await pinned.set("before", "1")
+                old, new = await asyncio.to_thread(group.failover)
+                new_address = f"127.0.0.1:{new.port}"
+                await asyncio.to_thread(wait_for, lambda: manager.stats()["sentinel"]["master"] == new_address)
+                old_admin = old.client()
+                try:
+                    old_admin.execute_command("REPLICAOF", "127.0.0.1", str(new.port))
+                finally:
+                    old_admin.close()
+                with pytest.raises(sharedpool.ReplicaAnswered):
+                    await pinned.set("during", "1")
+            assert await r.set("after", "1") is True
+        finally:
+            await r.aclose()
+
+    asyncio.run(run())
+    assert manager.stats()["sentinel"]["failovers"] == 1
