@@ -190,6 +190,9 @@ def format_stats(snapshot: dict[str, Any]) -> str:
         f"hold p50/p99 {snapshot['hold_time']['p50_ms']}/{snapshot['hold_time']['p99_ms']} ms",
         f"table core   manager {snapshot.get(stat_keys.TABLE_CORE, '?')}  this process {table_core.PATH}",
     ]
+    sentinel = snapshot.get(stat_keys.SENTINEL)
+    if sentinel:
+        lines.append(_sentinel_line(sentinel))
     if snapshot.get("redis_down_for_s") is not None:
         lines.append(f"REDIS DOWN for {snapshot['redis_down_for_s']:.1f} s: {snapshot['last_redis_error']}")
     lines.append("counters     " + "  ".join(f"{k} {v}" for k, v in sorted(counters.items()) if v))
@@ -224,5 +227,17 @@ def _check(args: argparse.Namespace) -> int:
         f"{f' ({opened})' if opened else ''}, serving db {answer.get('databases', '?')} (default "
         f"{answer.get('default_db', '?')}), PING answered in {float(answer.get('elapsed_s', 0)) * 1000:.1f} ms"
     )
+    sentinel = answer.get(stat_keys.SENTINEL)
+    if sentinel:
+        print(_sentinel_line(sentinel))
     print(f"{table_core.describe()}; the manager's: {answer.get('table_core', '?')}")
     return 0
+
+
+def _sentinel_line(sentinel: dict[str, Any]) -> str:
+    error = f"  last error: {sentinel['last_error']}" if sentinel.get("last_error") else ""
+    return (
+        f"sentinel     service {sentinel.get('service')!r}  master {sentinel.get('master') or 'unknown'}  "
+        f"failovers {sentinel.get('failovers', 0)}  subscribed to {sentinel.get('subscribed_to') or 'none'}  "
+        f"draining {sentinel.get('draining', 0)}{error}"
+    )

@@ -81,6 +81,7 @@ _COUNTER_HELP: dict[str, str] = {
     stat_keys.TABLE_REPAIRS: "Lease-table rows the manager found scribbled and repaired.",
     stat_keys.STALE_FETCHES: "Requests for the fd of a slot generation that no longer exists.",
     stat_keys.REBOUND: "Idle connections rebound to another database (max_connections reached).",
+    stat_keys.FAILOVERS: "Sentinel failovers followed: the master moved to another address.",
 }
 _DB_CONNECTION_STATES = (stat_keys.DB_OPEN, stat_keys.DB_IDLE, stat_keys.DB_HELD)
 

@@ -1,7 +1,7 @@
-"""Protocol module: what the control server, the frame handlers and the stats snapshot need of the manager.
+"""Protocol module: what the control server, the frame handlers, the stats snapshot and the Sentinel monitor need of the manager.
 
-``loop.Manager`` satisfies ``ManagerContext``; ``control``, ``handlers`` and
-``snapshot`` are typed against it, so that they need not import the loop
+``loop.Manager`` satisfies ``ManagerContext``; ``control``, ``handlers``,
+``snapshot`` and ``sentinel`` are typed against it, so that they need not import the loop
 that imports them (the loop builds the control server with its handlers,
 and asks the snapshot for its stats).
 """
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sharedpool.manager.control import ControlServer
     from sharedpool.manager.pool_state import Pool
     from sharedpool.manager.reaper import Reaper
+    from sharedpool.manager.sentinel import SentinelMonitor
     from sharedpool.manager.snapshot import LeaseTally
     from sharedpool.manager.table_keeper import TableKeeper
 
@@ -37,6 +38,7 @@ class ManagerContext(Protocol):
     control: ControlServer
     started_at: float
     lease_tally: LeaseTally
+    sentinel: SentinelMonitor | None
 
     @property
     def state(self) -> enum.Enum: ...
@@ -50,4 +52,5 @@ class ManagerContext(Protocol):
     def reap_pid(self, pid: int, now: float | None = None) -> int: ...
     def redispatch(self, now: float) -> None: ...
     def perform(self, actions: list[Action]) -> None: ...
+    def call_soon(self, callback: Callable[[float], list[Action]]) -> None: ...
     def submit(self, work: Callable[[], Any], done: Callable[[float, Future[Any]], list[Action]]) -> None: ...

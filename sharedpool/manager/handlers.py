@@ -23,6 +23,7 @@ from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
 from sharedpool.manager.control import Peer, PeerState
 from sharedpool.manager.pool_state import ReapCause, SlotState
+from sharedpool.manager.sentinel import probe_master
 from sharedpool.protocol import ErrorCode, FrameType
 from sharedpool.table import Outcome, RowState
 from sharedpool.table import core as table_core
@@ -180,9 +181,14 @@ def on_probe(manager: ManagerContext, client: Peer, request_id: int, body: bytes
                 "open_by_db": {str(db): count for db, count in manager.pool.open_by_db().items()},
                 "databases": format_databases(manager.pool.limits.databases), "default_db": manager.pool.limits.default_db,
                 "table_core": table_core.PATH,
+                **({stat_keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
             }, request_id))
         return []
 
+    if manager.sentinel is not None:
+        settings, base = manager.sentinel.settings, manager.sentinel.base_target
+        manager.submit(lambda: probe_master(settings, base, float(timeout)), done)
+        return
     manager.submit(lambda: probe(target, float(timeout)), done)
 
 

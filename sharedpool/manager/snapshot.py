@@ -144,6 +144,7 @@ def snapshot(manager: ManagerContext, max_workers: int | None = None) -> dict[st
         "workers": _top_workers(workers, max_workers),
         "workers_total": len(workers),
         "config": config.safe_dict(),
+        **({stat_keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
     }
 
 
