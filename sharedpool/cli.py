@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     from sharedpool.manager import Manager, ManagerAlreadyRunning
+    from sharedpool.manager.cluster import NotACluster
 
     settings: ManagerConfig = config.from_args(ManagerConfig, args)
     environ = dict(os.environ)
@@ -138,6 +141,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ManagerAlreadyRunning, OSError) as exc:
         print(f"sharedpool serve: error: {exc}", file=sys.stderr)
         return 1
+    except (NotACluster, RedisConnectionError) as exc:  # --cluster: the seed is no cluster node, or down
+        print(f"sharedpool serve: error: --cluster: {exc}", file=sys.stderr)
+        return 2
 
 
 def _admin(args: argparse.Namespace) -> int:

@@ -168,6 +168,7 @@ class RedisServer(ServerProcess):
 
     def __init__(
         self, port: int | None = None, directory: str | None = None, binary: str | None = None, password: str = "",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         found = ServerBinary(binary, "given") if binary else find_redis_server()
         self.binary = found.path
@@ -178,6 +179,7 @@ class RedisServer(ServerProcess):
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.unix_path = os.path.join(self.directory, "redis.sock")
         self.password = password
+        self.extra_args = extra_args  # e.g. the cluster switches (dev/cluster.py)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -199,6 +201,7 @@ class RedisServer(ServerProcess):
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += list(self.extra_args)
         log_file = open(os.path.join(self.directory, "redis.log"), "ab")
         self.process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()

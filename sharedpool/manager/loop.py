@@ -31,6 +31,7 @@ from sharedpool.manager import actions as act
 from sharedpool.manager import handlers
 from sharedpool.manager.actions import Action, Limits
 from sharedpool.manager.backend import Backend, RedisTarget, describe_error, open_backend, server_databases
+from sharedpool.manager.cluster import ClusterKeeper
 from sharedpool.manager.control import ControlServer
 from sharedpool.manager.pool import Pool
 from sharedpool.manager.reaper import Reaper
@@ -64,6 +65,7 @@ class Manager:
         self.counters = self.pool.counters
         self.reaper = Reaper(self.pool, self.keeper, self.perform, self.redispatch, config.max_waiting)
         self.control = ControlServer(self, handlers.HANDLERS)
+        self.cluster: ClusterKeeper | None = ClusterKeeper(self) if config.cluster else None
         self.socket_path = SocketPath(config)
         self.state = State.STARTING
         self.started_at = time.monotonic()
@@ -108,6 +110,8 @@ class Manager:
 
     def start(self) -> None:
         _raise_fd_limit()
+        if self.cluster is not None:
+            self.cluster.start()  # before the socket is claimed: a seed that is no cluster stops us here
         self.socket_path.claim()
         if not self.keeper.take_alive_lock():
             raise ManagerAlreadyRunning("the new lease table's liveness lock is taken: this cannot happen")
@@ -240,6 +244,8 @@ class Manager:
         self.control.expire_handshakes(now)
         if self.pool.next_connect_at and now >= self.pool.next_connect_at:
             self.redispatch(now)
+        if self.cluster is not None and self.state is State.RUNNING:
+            self.cluster.tick(now)
         if now >= self._next_sweep:
             self.reaper.sweep(now)
             self._check_socket_file()
@@ -284,6 +290,8 @@ class Manager:
             object.__setattr__(new, "socket_path", old.socket_path)
         now = time.monotonic()
         actions = self.pool.apply_limits(Limits.from_config(new, RedisTarget.from_config(new).label))
+        if self.cluster is not None:
+            self.cluster.apply_limits()
         table = self.keeper.table
         table.set_slots_in_use(self.pool.limits.max_connections)
         table.set_max_waiting(new.max_waiting)
@@ -389,6 +397,12 @@ class Manager:
     def _open(self, action: act.OpenConnection) -> None:
         target, name, db = self.target, self.config.pool_name, self.pool.slots[action.slot].db
         ask_databases = self.pool.redis_databases is None
+        if self.cluster is not None:
+            node = self.cluster.target_of(db)
+            if node is None:  # the node left between dispatch and now: nothing to open
+                self.perform(self.pool.connect_failed(action.slot, action.generation, f"node {db} left", time.monotonic()))
+                return
+            target, ask_databases = node, False
 
         def work() -> tuple[Backend, int | None]:
             backend = open_backend(target, name, action.slot, db)
@@ -404,12 +418,14 @@ class Manager:
                     log.error("%s", exc)
                     self.exit_code = 2
                     self.stop()
+                if self.cluster is not None:
+                    self.cluster.connect_failed(now)
                 return self.pool.connect_failed(action.slot, action.generation, describe_error(exc), now)
             self._connected_once = True
             backend.publish_tls(self.keeper.table.map)
             if databases is not None and self.pool.redis_databases is None:
                 self.pool.limit_databases(databases)
-            log.info("connected slot %d (generation %d, db %d) to %s", action.slot, action.generation, db, self.target.label)
+            log.info("connected slot %d (generation %d, db %d) to %s", action.slot, action.generation, db, target.label)
             actions = self.pool.connected(action.slot, action.generation, backend, now)
             if self.pool.slot(action.slot, action.generation) is not None and backend.fileno >= 0:
                 self._watch_peer(backend.fileno, action.slot, action.generation)
