@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.connection import Connection
 
+from sharedpool.manager.actions import Wake
 from sharedpool.manager.backend import RedisTarget, describe_error
 
 if TYPE_CHECKING:
@@ -42,6 +43,12 @@ PRIMARY = "primary"
 REPLICA = "replica"
 # Refreshes a worker asks for are taken at most this often: a MOVED storm is one refresh.
 _MIN_REFRESH_GAP_S = 0.2
+# A node whose last connect failed this recently, with nothing open to it, refuses DEMANDs at
+# once: its waiters fail over to redis-py's own refresh instead of waiting out acquire_timeout.
+# After it, one DEMAND goes through again, which is the next attempt.
+_DOWN_REFUSES_S = 1.0
+# CLUSTER SHARDS health of a node worth connecting to ("loading": a replica still syncing).
+_HEALTHY = ("online", "loading")
 
 
 class NotACluster(Exception):
@@ -80,10 +87,10 @@ def parse_shards(reply: Any) -> list[FoundNode]:
         nodes = [_pairs(node) for node in fields.get("nodes", [])]
         primary = ""
         for node in nodes:
-            if _text(node.get("role", "")) == "master" and _text(node.get("health", "online")) != "failed":
+            if _text(node.get("role", "")) == "master" and _text(node.get("health", "online")) in _HEALTHY:
                 primary = _address(node)
         for node in nodes:
-            if _text(node.get("health", "online")) == "failed":
+            if _text(node.get("health", "online")) not in _HEALTHY:
                 continue
             addr = _address(node)
             if addr == primary:
@@ -180,6 +187,10 @@ class NodeMap:
     def primaries(self) -> tuple[int, ...]:
         return tuple(sorted(i for i, node in self.nodes.items() if node.role == PRIMARY))
 
+    def serving(self) -> tuple[int, ...]:
+        """Primaries that serve slots: those ``min_idle`` keeps connections to."""
+        return tuple(sorted(i for i, node in self.nodes.items() if node.role == PRIMARY and node.slots))
+
     def describe(self) -> list[dict[str, Any]]:
         """The node list as WELCOME, NODES_REPLY and stats carry it."""
         return [
@@ -201,6 +212,7 @@ class ClusterKeeper:
         self._last_refresh = 0.0
         self._again = False  # asked for while one ran
         self._waiting: list[Callable[[], None]] = []  # replies to send once the running refresh ends
+        self._down: dict[int, tuple[float, str]] = {}  # node -> (when its last connect failed, why)
 
     def start(self) -> None:
         """The first discovery, before serving: a seed that is no cluster node stops the start."""
@@ -221,7 +233,7 @@ class ClusterKeeper:
         limits = self.manager.pool.limits
         served = tuple(sorted(self.map.nodes)) or (0,)
         limits.databases = served
-        limits.warm_databases = self.map.primaries()
+        limits.warm_databases = self.map.serving()
         limits.default_db = limits.warm_databases[0] if limits.warm_databases else served[0]
         limits.max_per_database = self.manager.config.max_connections_per_node
 
@@ -239,6 +251,7 @@ class ClusterKeeper:
             if index not in self.map.nodes:
                 log.warning("cluster node %d at %s left the cluster (or failed): its connections are retired",
                             index, node.addr)
+                self.manager.perform([Wake(-1, index)])  # its waiters' next DEMAND is refused: they fail over
         self.apply_limits()
 
     def _retire_node(self, index: int) -> None:
@@ -283,9 +296,23 @@ class ClusterKeeper:
         self.manager.redispatch(now)
         return []
 
-    def connect_failed(self, now: float) -> None:
+    def connect_failed(self, now: float, index: int, error: str) -> None:
         """A node refused a connection: maybe it failed over; look soon, not at the next interval."""
+        self._down[index] = (now, error)
         self._next_refresh = min(self._next_refresh, now + _MIN_REFRESH_GAP_S)
+
+    def connected(self, index: int) -> None:
+        self._down.pop(index, None)
+
+    def refusal(self, index: int, now: float) -> str:
+        """Why a DEMAND for node ``index`` is refused now ('' when it is not): the node left,
+        or it is unreachable and nothing is open to it."""
+        if not self.manager.pool.serves(index):
+            return f"cluster node {index} is no longer served (it left the cluster or failed)"
+        down = self._down.get(index)
+        if down is not None and now - down[0] < _DOWN_REFUSES_S and not self.manager.pool.in_db(index):
+            return f"cluster node {index} at {self.map.addr_of(index)} is unreachable: {down[1]}"
+        return ""
 
     def stats(self) -> dict[str, Any]:
         return {"seed": self.seed, "version": self.map.version, "refreshes": self.refreshes, "nodes": self.map.describe()}

@@ -138,11 +138,11 @@ def on_demand(manager: Manager, client: Peer, request_id: int, body: bytes) -> N
     now = time.monotonic()
     pool = manager.pool
     db = protocol.decode_demand(body, pool.limits.default_db)
-    if not pool.serves(db) and manager.cluster is not None:
-        # A node that left the cluster since the client learnt of it: its
-        # redis-py cluster client takes this as a node error and refreshes.
-        manager.control.send(client, protocol.encode_error(
-            ErrorCode.REDIS_UNAVAILABLE, f"cluster node {db} is no longer served (left the cluster or failed)", request_id))
+    cluster_refusal = manager.cluster.refusal(db, now) if manager.cluster is not None else ""
+    if cluster_refusal:
+        # The node left the cluster, or is down: its redis-py cluster client takes
+        # this as a node error and refreshes its own view.
+        manager.control.send(client, protocol.encode_error(ErrorCode.REDIS_UNAVAILABLE, cluster_refusal, request_id))
         return
     if not pool.serves(db):
         # The client checked the served list at WELCOME: this one did not.

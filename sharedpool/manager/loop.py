@@ -419,9 +419,11 @@ class Manager:
                     self.exit_code = 2
                     self.stop()
                 if self.cluster is not None:
-                    self.cluster.connect_failed(now)
+                    self.cluster.connect_failed(now, db, describe_error(exc))
                 return self.pool.connect_failed(action.slot, action.generation, describe_error(exc), now)
             self._connected_once = True
+            if self.cluster is not None:
+                self.cluster.connected(db)
             backend.publish_tls(self.keeper.table.map)
             if databases is not None and self.pool.redis_databases is None:
                 self.pool.limit_databases(databases)
