@@ -30,7 +30,7 @@ from sharedpool.client.channel import ControlChannel
 from sharedpool.client.pool import SharedConnectionPool
 from sharedpool.protocol import FrameType
 
-__all__ = ["NodeDirectory", "RedisCluster"]
+__all__ = ["NodeDirectory", "NodePool", "RedisCluster"]
 
 # Options redis-py's cluster passes each node's pool that are its own business or the manager's:
 # a lease is set up by the manager (READONLY on a replica included), retries are the cluster's.
@@ -40,6 +40,9 @@ _CLUSTER_OWNED = frozenset({
 })
 # How often one process tells the manager its cluster view changed.
 _NOTE_EVERY_S = 0.2
+# A thread that already holds a lease of one node and asks for another's (a pipeline over
+# several nodes) waits this long at most: see NodePool.
+NESTED_WAIT_S = 0.05
 
 
 class NodeDirectory:
@@ -125,6 +128,49 @@ class NodeDirectory:
             self._channel = None
 
 
+class NodePool(SharedConnectionPool):
+    """One node's pool, which never waits long while its thread holds another node's lease.
+
+    redis-py's cluster pipeline takes a connection of each node it needs in
+    turn, holding the ones it has: with a bounded number of connections per
+    node, two pipelines can each hold what the other waits for (hold and
+    wait). Such a second lease is asked of a twin pool with a short
+    ``acquire_timeout`` (``NESTED_WAIT_S``); its ``PoolTimeout`` is a
+    ``TimeoutError``, on which the pipeline gives back what it holds and
+    retries after redis-py's backoff, so nobody waits for ``acquire_timeout``.
+    """
+
+    def __init__(self, held: threading.local, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._twin_kwargs = dict(kwargs, acquire_timeout=NESTED_WAIT_S)
+        self._held = held  # shared by the node pools of one RedisCluster: leases this thread holds
+        self._twin: SharedConnectionPool | None = None
+
+    def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        count = getattr(self._held, "count", 0)
+        if count:
+            if self._twin is None:
+                self._twin = SharedConnectionPool(**self._twin_kwargs)
+            conn = self._twin.get_connection(command_name, *keys, **options)
+        else:
+            conn = super().get_connection(command_name, *keys, **options)
+        self._held.count = count + 1
+        return conn
+
+    def release(self, connection: Any) -> None:
+        self._held.count = max(0, getattr(self._held, "count", 0) - 1)
+        twin = self._twin
+        if twin is not None and twin.owns_connection(connection):
+            twin.release(connection)
+        else:
+            super().release(connection)
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if self._twin is not None:
+            self._twin.disconnect(inuse_connections)
+
+
 def node_pool_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """What of redis-py's per-node pool options a shared pool takes (the rest is the cluster's or the manager's)."""
     return {name: value for name, value in kwargs.items() if name not in _CLUSTER_OWNED}
@@ -160,10 +206,12 @@ class RedisCluster(redis.cluster.RedisCluster):
         self.node_directory = directory
         socket_path = directory.socket_path
 
+        held = threading.local()
+
         def node_pool(**options: Any) -> SharedConnectionPool:
             addr = f"{options['host']}:{options['port']}"
-            return SharedConnectionPool(
-                socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout,
+            return NodePool(
+                held, socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout,
                 db=directory.index_of(addr), redis_location=addr, **node_pool_options(options),
             )
 
