@@ -125,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
     from sharedpool.manager import Manager, ManagerAlreadyRunning
     from sharedpool.manager.cluster import NotACluster
 
@@ -141,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (ManagerAlreadyRunning, OSError) as exc:
         print(f"sharedpool serve: error: {exc}", file=sys.stderr)
         return 1
-    except (NotACluster, RedisConnectionError) as exc:  # --cluster: the seed is no cluster node, or down
+    except NotACluster as exc:  # --cluster against a Redis that is no cluster node
         print(f"sharedpool serve: error: --cluster: {exc}", file=sys.stderr)
         return 2
 

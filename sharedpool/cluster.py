@@ -202,7 +202,8 @@ class RedisCluster(redis.cluster.RedisCluster):
         directory.load()
         startup = [ClusterNode(host, port) for host, port in directory.primaries()]  # type: ignore[no-untyped-call]
         if not startup:
-            raise errors.Misconfigured(f"the sharedpool manager at {directory.socket_path} knows no cluster primary")
+            raise errors.RedisUnavailable(
+                f"the sharedpool manager at {directory.socket_path} knows no cluster primary yet (its seed is unreachable)")
         self.node_directory = directory
         socket_path = directory.socket_path
 

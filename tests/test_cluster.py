@@ -312,3 +312,14 @@ def test_cluster_settings_that_cannot_apply_are_refused_by_name(settings: dict[s
 def test_the_client_refuses_to_be_told_where_the_cluster_is() -> None:
     with pytest.raises(sharedpool.ConfigError, match="host"):
         sharedpool.RedisCluster("/nonexistent/sp.sock", host="127.0.0.1")
+
+
+def test_a_manager_whose_seed_is_down_still_starts_and_clients_get_a_connection_error(start_manager: Any) -> None:
+    from sharedpool.dev.cluster import cluster_port
+
+    port = cluster_port()
+    manager = start_manager(redis_url=f"redis://127.0.0.1:{port}/0", cluster=True, min_idle=0,
+                            cluster_refresh_interval=0.2, redis_timeout=1)
+    with pytest.raises(sharedpool.RedisUnavailable, match="no cluster primary"):
+        sharedpool.RedisCluster(manager.socket_path)
+    assert manager.stats()["cluster"]["nodes"] == []

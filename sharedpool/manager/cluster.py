@@ -24,6 +24,7 @@ Discovery is blocking redis-py I/O: the loop runs it in its thread pool.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -123,10 +124,15 @@ def parse_slots(reply: Any) -> list[FoundNode]:
 
 
 def discover(target: RedisTarget, addrs: Sequence[str]) -> list[FoundNode]:
-    """Ask the first node of ``addrs`` that answers for the cluster's nodes (blocking,
-    each attempt bounded by the manager's ``redis_timeout``)."""
+    """Ask the first node of ``addrs`` that answers for the cluster's nodes (blocking; each
+    attempt bounded by the manager's ``redis_timeout``, and all of them by twice that, so a
+    NODES request that waits for it is answered within a client's reply timeout)."""
     errors: list[str] = []
+    deadline = time.monotonic() + 2 * float(target.kwargs["socket_timeout"])
     for addr in addrs:
+        if time.monotonic() > deadline:
+            errors.append("no time left for the other nodes")
+            break
         conn: Any = Connection(**node_kwargs(target, addr))  # type: ignore[no-untyped-call]
         try:
             conn.connect()
@@ -215,8 +221,16 @@ class ClusterKeeper:
         self._down: dict[int, tuple[float, str]] = {}  # node -> (when its last connect failed, why)
 
     def start(self) -> None:
-        """The first discovery, before serving: a seed that is no cluster node stops the start."""
-        found = discover(self.manager.target, [self.seed])
+        """The first discovery, before serving: a seed that is no cluster node stops the start;
+        one that does not answer is asked again at every refresh (as a manager of one Redis
+        starts while that Redis is down)."""
+        try:
+            found = discover(self.manager.target, [self.seed])
+        except redis.ConnectionError as exc:
+            log.warning("cluster seed %s unreachable, retrying every %g s: %s", self.seed,
+                        self.manager.config.cluster_refresh_interval, exc)
+            self.apply_limits()
+            return
         self._take(found)
         log.info("cluster of %d nodes (%d primaries) found from %s", len(self.map.nodes), len(self.map.primaries()), self.seed)
 
