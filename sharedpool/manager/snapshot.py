@@ -145,7 +145,7 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
         "workers_total": len(workers),
         "config": config.safe_dict(),
         **({keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
-    }
+    } | ({keys.CLUSTER: manager.cluster.stats()} if manager.cluster is not None else {})
 
 
 def _top_workers(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
