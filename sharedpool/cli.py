@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from sharedpool.manager import Manager, ManagerAlreadyRunning
+    from sharedpool.manager.cluster import NotACluster
 
     settings: ManagerConfig = config.from_args(ManagerConfig, args)
     environ = dict(os.environ)
@@ -137,6 +138,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ManagerAlreadyRunning, OSError) as exc:
         print(f"sharedpool serve: error: {exc}", file=sys.stderr)
         return 1
+    except NotACluster as exc:  # --cluster against a Redis that is no cluster node
+        print(f"sharedpool serve: error: --cluster: {exc}", file=sys.stderr)
+        return 2
 
 
 def _admin(args: argparse.Namespace) -> int:

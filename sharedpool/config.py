@@ -176,6 +176,18 @@ class ManagerConfig:
     sentinel_timeout: float = _spec(
         1.0, "seconds each Sentinel has to answer a query before the next one is asked", float, positive_float, "SECONDS",
     )
+    # Redis Cluster (manager/cluster.py): redis_url names a seed node.
+    cluster: bool = _spec(
+        False, "serve a Redis Cluster: redis_url is a seed node, every node gets its own connections", parse_bool,
+        None, "BOOL",
+    )
+    max_connections_per_node: int = _spec(
+        0, "cluster: most connections one node may have open (0: only max_connections bounds it)", int,
+        int_range(0, 10_000), "N",
+    )
+    cluster_refresh_interval: float = _spec(
+        5.0, "cluster: seconds between node list refreshes (CLUSTER SHARDS)", float, positive_float, "SECONDS",
+    )
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -189,11 +201,29 @@ class ManagerConfig:
         tls_options(self)  # refuses a bad ssl_* value, or one given for a plain URL, at start
         _check_sentinel(self)
         default_db = url_database(self.redis_url)
-        if default_db not in self.served_databases:
+        if self.cluster and self.sentinels:
+            # A cluster fails over by itself; Sentinel watches one master and its replicas.
+            raise ConfigError("cluster", True, "false with sentinels (a Redis Cluster is not monitored by Sentinel)")
+        if self.cluster:
+            self._check_cluster(default_db)
+        elif default_db not in self.served_databases:
             raise ConfigError(
                 "databases", format_databases(self.served_databases),
                 f"a list that includes db {default_db}, the default database named by redis_url",
             )
+
+    def _check_cluster(self, default_db: int) -> None:
+        scheme = urlsplit(self.redis_url).scheme
+        if scheme != "redis":
+            raise ConfigError("redis_url", mask_url(self.redis_url), "with cluster: a redis://host:port seed node "
+                              "(unix sockets and rediss:// are not served in cluster mode)")
+        if default_db:
+            raise ConfigError("redis_url", mask_url(self.redis_url), "with cluster: database 0 (a cluster has no other)")
+        if self.databases:
+            raise ConfigError("databases", format_databases(self.databases), "unset with cluster (nodes take their place)")
+        if self.max_connections_per_database:
+            raise ConfigError("max_connections_per_database", self.max_connections_per_database,
+                              "0 with cluster: use max_connections_per_node")
 
     @property
     def served_databases(self) -> tuple[int, ...]:
@@ -449,6 +479,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             *flags,
             dest=spec.name,
             default=None,
+            # A switch (--cluster) that also takes a value (--cluster false), as env and TOML do.
+            **({"nargs": "?", "const": "true"} if spec.metadata["parse"] is parse_bool else {}),  # type: ignore[arg-type]
             metavar=spec.metadata["metavar"] or spec.name.upper(),
             help=help_text,
         )

@@ -42,6 +42,10 @@ SUBSCRIBERS = "subscribers"  # top level: held leases in subscribed mode, all da
 TABLE_CORE = "table_core"  # the manager's lease-table path: "c" (the accelerator) or "python" (table.core.PATH)
 BLOCKING = "blocking"  # top level: held leases pinned for blocking polls (kombu's BRPOP), as exempt as subscribers
 
+# --cluster: {CLUSTER: {"seed", "version", "refreshes", "nodes": [{"index", "addr", "role", ...}]}};
+# each node's connections are in DATABASES under its index.
+CLUSTER = "cluster"
+
 # Read from the lease table when a snapshot is taken (the workers count them):
 GRANTED = "leases_granted"
 RELEASED = "leases_released"

@@ -179,7 +179,7 @@ class RedisServer(ServerProcess):
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.unix_path = os.path.join(self.directory, "redis.sock")
         self.password = password
-        self.extra_args = tuple(extra_args)  # more server options, e.g. ("--replicaof", "127.0.0.1", "6379")
+        self.extra_args = tuple(extra_args)  # e.g. ("--replicaof", host, port), or the cluster switches
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

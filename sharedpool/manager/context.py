@@ -1,7 +1,7 @@
-"""Protocol module: what the control server, the frame handlers, the stats snapshot and the Sentinel monitor need of the manager.
+"""Protocol module: what the manager's parts that serve workers and watch Redis need of the manager.
 
 ``loop.Manager`` satisfies ``ManagerContext``; ``control``, ``handlers``,
-``snapshot`` and ``sentinel`` are typed against it, so that they need not import the loop
+``snapshot``, ``sentinel`` and ``cluster`` are typed against it, so that they need not import the loop
 that imports them (the loop builds the control server with its handlers,
 and asks the snapshot for its stats).
 """
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sharedpool.config import ManagerConfig
     from sharedpool.manager.actions import Action
     from sharedpool.manager.backend import RedisTarget
+    from sharedpool.manager.cluster import ClusterKeeper
     from sharedpool.manager.control import ControlServer
     from sharedpool.manager.pool_state import Pool
     from sharedpool.manager.reaper import Reaper
@@ -39,6 +40,7 @@ class ManagerContext(Protocol):
     started_at: float
     lease_tally: LeaseTally
     sentinel: SentinelMonitor | None
+    cluster: ClusterKeeper | None
 
     @property
     def state(self) -> enum.Enum: ...

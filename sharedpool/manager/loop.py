@@ -31,6 +31,7 @@ from sharedpool.manager import actions as act
 from sharedpool.manager import handlers
 from sharedpool.manager.actions import Action, Limits
 from sharedpool.manager.backend import Backend, RedisTarget, describe_error, open_backend, server_databases
+from sharedpool.manager.cluster import ClusterKeeper
 from sharedpool.manager.control import ControlServer
 from sharedpool.manager.pool_state import Pool
 from sharedpool.manager.reaper import Reaper
@@ -67,6 +68,7 @@ class Manager:
         self.counters = self.pool.counters
         self.reaper = Reaper(self.pool, self.keeper, self.perform, self.redispatch, config.max_waiting)
         self.control = ControlServer(self, handlers.HANDLERS)
+        self.cluster: ClusterKeeper | None = ClusterKeeper(self) if config.cluster else None
         self.socket_path = SocketPath(config)
         self.state = State.STARTING
         self.started_at = time.monotonic()
@@ -112,6 +114,8 @@ class Manager:
 
     def start(self) -> None:
         _raise_fd_limit()
+        if self.cluster is not None:
+            self.cluster.start()  # before the socket is claimed: a seed that is no cluster stops us here
         self.socket_path.claim()
         if not self.keeper.take_alive_lock():
             raise ManagerAlreadyRunning("the new lease table's liveness lock is taken: this cannot happen")
@@ -248,6 +252,8 @@ class Manager:
         self.control.expire_handshakes(now)
         if self.pool.next_connect_at and now >= self.pool.next_connect_at:
             self.redispatch(now)
+        if self.cluster is not None and self.state is State.RUNNING:
+            self.cluster.tick(now)
         if now >= self._next_sweep:
             self.reaper.sweep(now)
             if self.sentinel is not None:
@@ -298,6 +304,8 @@ class Manager:
             object.__setattr__(new, "socket_path", old.socket_path)
         now = time.monotonic()
         actions = self.pool.apply_limits(Limits.from_config(new, RedisTarget.from_config(new).label))
+        if self.cluster is not None:
+            self.cluster.apply_limits()
         table = self.keeper.table
         table.set_slots_in_use(self.pool.limits.max_connections)
         table.set_max_waiting(new.max_waiting)
@@ -412,6 +420,12 @@ class Manager:
         # Sentinel: where the master is (asked of the Sentinels if not known yet), and a ROLE
         # check before the connection is lent, so that none goes to a demoted master.
         where = self.sentinel.opening() if self.sentinel is not None else None
+        if self.cluster is not None:
+            node = self.cluster.target_of(db)
+            if node is None:  # the node left between dispatch and now: nothing to open
+                self.perform(self.pool.connect_failed(action.slot, action.generation, f"node {db} left", time.monotonic()))
+                return
+            target, ask_databases = node, False
 
         def work() -> tuple[Backend, int | None, Any]:
             opened_target, address = where() if where is not None else (target, None)
@@ -442,12 +456,16 @@ class Manager:
                     log.error("%s", exc)
                     self.exit_code = 2
                     self.stop()
+                if self.cluster is not None:
+                    self.cluster.connect_failed(now, db, describe_error(exc))
                 return self.pool.connect_failed(action.slot, action.generation, describe_error(exc), now)
             self._connected_once = True
+            if self.cluster is not None:
+                self.cluster.connected(db)
             backend.publish_tls(self.keeper.table.map)
             if databases is not None and self.pool.redis_databases is None:
                 self.pool.limit_databases(databases)
-            log.info("connected slot %d (generation %d, db %d) to %s", action.slot, action.generation, db, self.target.label)
+            log.info("connected slot %d (generation %d, db %d) to %s", action.slot, action.generation, db, target.label)
             actions = self.pool.connected(action.slot, action.generation, backend, now)
             if self.pool.slot(action.slot, action.generation) is not None and backend.fileno >= 0:
                 self._watch_peer(backend.fileno, action.slot, action.generation)

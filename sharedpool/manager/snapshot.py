@@ -1,5 +1,5 @@
 """The stats snapshot: what ``sharedpool stats``, STATS replies and the
-Prometheus metrics show. Counter names live in ``sharedpool.stat_keys``; leases
+Prometheus metrics show. Counter names live in ``sharedpool.stats``; leases
 taken and given back are read from the lease table, where workers count them."""
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def snapshot(manager: ManagerContext, max_workers: int | None = None) -> dict[st
         "workers_total": len(workers),
         "config": config.safe_dict(),
         **({stat_keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
-    }
+    } | ({stat_keys.CLUSTER: manager.cluster.stats()} if manager.cluster is not None else {})
 
 
 def _top_workers(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
