@@ -230,7 +230,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                     lease = Lease(att, slot, generation, seq, taker.lock_fd, taken_at, att.db, taker)
                     att.held += 1
                 try:
-                    bound = await self._bind(att, lease, conn, final, started)
+                    bound = await self._bind(att, lease, conn, final, started, kept=lease is got)
                 except errors.StaleSlot:
                     self._give_back(lease, Outcome.CLEAN, used=False, recycle=lease.taker is not taker)
                     lease_core.skip_stale(taker, lease, deadline, acquire_timeout)
@@ -303,14 +303,16 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
     # ----- binding the fd -------------------------------------------------------------
 
     async def _bind(
-        self, att: Attachment, lease: Lease, conn: AsyncLeasedConnection | None, final: float, started: float
+        self, att: Attachment, lease: Lease, conn: AsyncLeasedConnection | None, final: float, started: float,
+        kept: bool = False,
     ) -> AsyncLeasedConnection:
+        """``kept``: ``lease`` was handed over by a task of this process, its slot's lock never let go."""
         entry = cast("SlotEntry | None", att.conns.get(lease.slot))
         cached = entry.conn if entry is not None else None
         usable = cached is not None and cached.generation == lease.generation and cached._transport is not None
         if conn is None and usable:
             assert cached is not None
-            cached.begin(lease)
+            cached.begin(lease, kept)
             return cached
         tls = None
         if usable:
@@ -413,6 +415,11 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         return True
 
     def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True, recycle: bool = True) -> None:
+        # The slot's connection has read until now (``AsyncLeasedConnection.end``):
+        # once the lock is given back, its replies are another holder's.
+        entry = cast("SlotEntry | None", lease.attachment.conns.get(lease.slot))
+        if entry is not None:
+            entry.conn.stop_reading()
         report = give_back(lease, outcome, used)
         if report:
             lease.attachment.channel.notify(report)
