@@ -120,6 +120,9 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         self._free_takers: list[Taker] = []
         self._seats: Seats | None = None
         self._line = LocalLine()
+        # A clean lease given back while nobody waited, kept until the loop's
+        # next turn for the next command of this turn (``_park``).
+        self._parked: Lease | None = None
 
     def __repr__(self) -> str:
         att = self._attachment
@@ -185,6 +188,8 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
             self._attach_lock.release()
 
     def _detach(self, att: Attachment) -> None:
+        if self._parked is not None and self._parked.attachment is att:
+            self._give_back_parked()
         if self._attachment is att:
             self._attachment = self._channel = None
             for taker in self._free_takers:
@@ -213,11 +218,16 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         att = self._attachment
         if att is None or att.detached or self._loop is not asyncio.get_running_loop() or started - att.checked_at >= LIVENESS_S:
             att = await self._attach(min(started + manager_timeout, budget or float("inf")))
+        site = att.site_id(site_text) if site_text else 0
+        if self._parked is not None and conn is None:
+            # Before the WorkerLimit check: the parked lease is counted in att.held already.
+            reused = self._unpark_for(att, site, started)
+            if reused is not None:
+                return reused
         acquire_timeout = self._acquire_timeout(att)
         final, deadline = lease_core.call_bounds(att, started, manager_timeout, acquire_timeout, budget)
         taker = self._free_takers.pop() if self._free_takers else Taker(att)
         taker.avoid.clear()
-        site = att.site_id(site_text) if site_text else 0
         try:
             while True:
                 got = await self._take(att, taker, site, started, deadline, final)
@@ -267,12 +277,15 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
             return taken
         line = self._line
         handoff = line.join(site, started)
+        seats = self._seats
         try:
-            async with self._seats.seat(att, deadline, self._acquire_timeout(att), handoff) as seated:
-                if not seated:
-                    lease = handoff.claim()
-                    assert lease is not None
-                    return lease
+            # Seats.take_free, then Seats.take: not a context manager, whose
+            # generator and frames a contended command would pay each time.
+            if not (seats.take_free() or await seats.take(att, deadline, self._acquire_timeout(att), handoff)):
+                lease = handoff.claim()
+                assert lease is not None
+                return lease
+            try:
                 taken = lease_core.try_slots(att, taker, site, started, att.db) if not att.table.hot()[0] else None
                 if taken is not None:
                     return taken
@@ -280,6 +293,8 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
                 if isinstance(got, Lease):
                     handoff.claim()
                 return got
+            finally:
+                seats.pass_on()
         finally:
             unclaimed = line.leave(handoff)
             if unclaimed is not None:
@@ -379,9 +394,91 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         lease_state.release(self, connection, AsyncLeasedConnection, self.give_back_or_hand_over)
 
     def give_back_or_hand_over(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
-        """End ``lease``: hand its slot to the next task of this process if fair, else give it back to the table."""
-        if outcome is not Outcome.CLEAN or not self._line or not self._hand_over(lease, used):
+        """End ``lease``: hand its slot to the next task of this process if fair, else give it back to the table
+        (or, clean with nobody waiting, at the loop's next turn: ``_park``)."""
+        if outcome is not Outcome.CLEAN:
             self._give_back(lease, outcome, used)
+        elif self._line:
+            if not self._hand_over(lease, used):
+                self._give_back(lease, outcome, used)
+        elif not (used and self._park(lease)):
+            self._give_back(lease, outcome, used)
+
+    def _park(self, lease: Lease) -> bool:
+        """Keep a clean lease nobody waits for until the loop's next turn; True if kept.
+
+        A task's next command comes in the same turn as its last reply (no
+        await between redis-py's release and its next get_connection): it
+        takes the parked lease back (``_unpark_for``) with no unlock, lock,
+        selector change or fcntl, its row renewed as in a hand-over. Only
+        while nobody waits, in this process or in the table: a waiter gets
+        the lease as it would have. A lease asked back by the manager is
+        given back now, the ordinary way that tells its holder.
+        """
+        att = lease.attachment
+        loop = self._loop
+        if self._parked is not None or loop is None or att is not self._attachment or att.detached or lease.taker is None:
+            return False
+        table = att.table
+        try:
+            flags, waiters = table.hot()
+            if flags or waiters or table.revoke_asked(lease.slot, lease.generation, lease.seq):
+                return False
+        except ValueError:
+            return False  # the table was unmapped under us (the manager is gone)
+        if asyncio._get_running_loop() is not loop:
+            return False  # released outside the loop (a finalizer, another thread): nothing would unpark it
+        self._parked = lease
+        loop.call_soon(self._unpark, lease)
+        return True
+
+    def _unpark(self, lease: Lease) -> None:
+        """The loop's next turn: a parked lease nobody took back ends."""
+        if self._parked is lease:
+            self._parked = None
+            self._end_parked(lease)
+        # else taken back, or ended by a detach, an abort or a fork
+
+    def _end_parked(self, lease: Lease) -> None:
+        """To a waiter of this process if fair, else to the table: never parked again."""
+        if not self._line or not self._hand_over(lease, True):
+            self._give_back(lease, Outcome.CLEAN)
+
+    def _unpark_for(self, att: Attachment, site: int, started: float) -> AsyncLeasedConnection | None:
+        """The parked lease for this call, renewed (a new lease number, start and call site), or None."""
+        lease = self._parked
+        assert lease is not None
+        self._parked = None
+        entry = cast("SlotEntry | None", att.conns.get(lease.slot))
+        cached = entry.conn if entry is not None else None
+        table = att.table
+        now = time.monotonic()
+        seq = 0
+        try:
+            if (
+                lease.attachment is att and cached is not None and cached.generation == lease.generation
+                and cached._transport is not None and cached.state is LeaseState.FREE and lease.db == att.db
+                and table.hot() == (0, 0)
+            ):
+                seq = table.hand_over_in_place(lease.slot, lease.generation, lease.seq, att.pid, att.start, now, site)
+            if seq:
+                table.count_hold(lease.slot, now - lease.taken_at)
+                table.count_wait(lease.slot, now - started)
+        except ValueError:
+            seq = 0  # the table was unmapped under us (the manager is gone)
+        if not seq:
+            # Someone waits, its connection is gone, or it was revoked, repaired
+            # or expired: it ends the ordinary way, which says so.
+            self._end_parked(lease)
+            return None
+        assert cached is not None
+        cached.begin(Lease(att, lease.slot, lease.generation, seq, lease.lock_fd, now, lease.db, lease.taker), kept=True)
+        return cached
+
+    def _give_back_parked(self) -> None:
+        lease, self._parked = self._parked, None
+        if lease is not None:
+            self._give_back(lease, Outcome.CLEAN)
 
     def _hand_over(self, lease: Lease, used: bool) -> bool:
         att = lease.attachment
@@ -490,6 +587,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         att = self._attachment
         if self.pid != os.getpid() or att is None:
             return 0
+        self._give_back_parked()  # clean, and in no one's hands: given back, not reported
         return att.abort()
 
     # ----- sharedpool extras -----------------------------------------------------------
