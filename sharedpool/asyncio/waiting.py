@@ -47,6 +47,7 @@ async def wait_in_queue(
     wait = lease_queue.QueueWait(att, taker, handoff.site, handoff.started, deadline, acquire_timeout, att.db)
     line.in_table += 1
     handoff.in_table = True
+    handoff.queued_at = time.monotonic()
     loop = asyncio.get_running_loop()
     try:
         while True:
