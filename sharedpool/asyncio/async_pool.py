@@ -35,6 +35,7 @@ from sharedpool.asyncio import process
 from sharedpool.asyncio.channel import AsyncControlChannel, open_channel
 from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
 from sharedpool.asyncio.handoff import LocalLine
+from sharedpool.asyncio.parking import Parking
 from sharedpool.asyncio.waiting import Seats, wait_in_queue
 from sharedpool.lease import core as lease_core
 from sharedpool.lease import state as lease_state
@@ -107,6 +108,9 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
         self._free_takers: list[Taker] = []
         self._seats: Seats | None = None
         self._line = LocalLine()
+        # A clean lease given back while nobody waited, kept until the loop's
+        # next turn for the next command of this turn.
+        self._parking = Parking(end=self._end_parked, give_back=lambda lease: self._give_back(lease, Outcome.CLEAN))
 
     def __repr__(self) -> str:
         waiting = self._seats.waiting if self._seats is not None else 0
@@ -163,6 +167,7 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
             self._attach_lock.release()
 
     def _detach(self, att: Attachment) -> None:
+        self._parking.give_back_if_of(att)
         if self._attachment is att:
             self._attachment = self._channel = None
             for taker in self._free_takers:
@@ -184,11 +189,16 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
         att = self._attachment
         if att is None or att.detached or self._loop is not asyncio.get_running_loop() or started - att.checked_at >= LIVENESS_S:
             att = await self._attach(min(started + manager_timeout, budget or float("inf")))
+        site = att.site_id(site_text) if site_text else 0
+        if self._parking.lease is not None and conn is None:
+            # Before the WorkerLimit check: the parked lease is counted in att.held already.
+            reused = self._parking.take_back(att, site, started)
+            if reused is not None:
+                return reused
         acquire_timeout = self._acquire_timeout(att)
         final, deadline = lease_core.call_bounds(att, started, manager_timeout, acquire_timeout, budget)
         taker = self._free_takers.pop() if self._free_takers else Taker(att)
         taker.avoid.clear()
-        site = att.site_id(site_text) if site_text else 0
         try:
             while True:
                 got = await self._take(att, taker, site, started, deadline, final)
@@ -201,7 +211,7 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
                     lease = Lease(att, slot, generation, seq, taker.lock_fd, taken_at, att.db, taker)
                     att.held += 1
                 try:
-                    bound = await self._bind(att, lease, conn, final, started)
+                    bound = await self._bind(att, lease, conn, final, started, kept=lease is got)
                 except errors.StaleSlot:
                     self._give_back(lease, Outcome.CLEAN, used=False, recycle=lease.taker is not taker)
                     lease_core.skip_stale(taker, lease, deadline, acquire_timeout)
@@ -238,12 +248,15 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
             return taken
         line = self._line
         handoff = line.join(site, started)
+        seats = self._seats
         try:
-            async with self._seats.seat(att, deadline, self._acquire_timeout(att), handoff) as seated:
-                if not seated:
-                    lease = handoff.claim()
-                    assert lease is not None
-                    return lease
+            # Seats.take_free, then Seats.take: not a context manager, whose
+            # generator and frames a contended command would pay each time.
+            if not (seats.take_free() or await seats.take(att, deadline, self._acquire_timeout(att), handoff)):
+                lease = handoff.claim()
+                assert lease is not None
+                return lease
+            try:
                 taken = lease_core.try_slots(att, taker, site, started, att.db) if not att.table.hot()[0] else None
                 if taken is not None:
                     return taken
@@ -251,6 +264,8 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
                 if isinstance(got, Lease):
                     handoff.claim()
                 return got
+            finally:
+                seats.pass_on()
         finally:
             unclaimed = line.leave(handoff)
             if unclaimed is not None:
@@ -274,14 +289,16 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
     # ----- binding the fd -------------------------------------------------------------
 
     async def _bind(
-        self, att: Attachment, lease: Lease, conn: AsyncLeasedConnection | None, final: float, started: float
+        self, att: Attachment, lease: Lease, conn: AsyncLeasedConnection | None, final: float, started: float,
+        kept: bool = False,
     ) -> AsyncLeasedConnection:
+        """``kept``: ``lease`` was handed over by a task of this process, its slot's lock never let go."""
         entry = cast("SlotEntry | None", att.conns.get(lease.slot))
         cached = entry.conn if entry is not None else None
         usable = cached is not None and cached.generation == lease.generation and cached._transport is not None
         if conn is None and usable:
             assert cached is not None
-            cached.begin(lease)
+            cached.begin(lease, kept)
             return cached
         tls = None
         if usable:
@@ -348,9 +365,20 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
         lease_state.release(self, connection, AsyncLeasedConnection, self.give_back_or_hand_over)
 
     def give_back_or_hand_over(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
-        """End ``lease``: hand its slot to the next task of this process if fair, else give it back to the table."""
-        if outcome is not Outcome.CLEAN or not self._line or not self._hand_over(lease, used):
+        """End ``lease``: hand its slot to the next task of this process if fair, else give it back to the table
+        (or, clean with nobody waiting, at the loop's next turn: ``Parking``)."""
+        if outcome is not Outcome.CLEAN:
             self._give_back(lease, outcome, used)
+        elif self._line:
+            if not self._hand_over(lease, used):
+                self._give_back(lease, outcome, used)
+        elif not (used and self._parking.park(lease, self._loop, self._attachment)):
+            self._give_back(lease, outcome, used)
+
+    def _end_parked(self, lease: Lease) -> None:
+        """To a waiter of this process if fair, else to the table: never parked again."""
+        if not self._line or not self._hand_over(lease, True):
+            self._give_back(lease, Outcome.CLEAN)
 
     def _hand_over(self, lease: Lease, used: bool) -> bool:
         att = lease.attachment
@@ -384,6 +412,11 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
         return True
 
     def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True, recycle: bool = True) -> None:
+        # The slot's connection has read until now (``AsyncLeasedConnection.end``):
+        # once the lock is given back, its replies are another holder's.
+        entry = cast("SlotEntry | None", lease.attachment.conns.get(lease.slot))
+        if entry is not None:
+            entry.conn.stop_reading()
         report, drop = give_back(lease, outcome, used)
         if drop is not None:
             drop.disconnect()
@@ -450,6 +483,11 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
 
     def get_connection_count(self) -> list[tuple[int, dict[Any, Any]]]:
         return []
+
+    def abort(self) -> int:
+        if self.pid == os.getpid() and self._attachment is not None:
+            self._parking.give_back()  # clean, and in no one's hands: given back, not reported
+        return super().abort()
 
     # ----- sharedpool extras -----------------------------------------------------------
 

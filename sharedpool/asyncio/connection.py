@@ -5,9 +5,9 @@ As the sync ``LeasedConnection``: no handshake (the manager did it), never a
 says CLEAN, NEEDS_RESET or BROKEN (``client.session``). What is asyncio's:
 
 * the lent fd is wrapped once in this loop's stream (``open_connection(sock=)``)
-  and kept for the next leases of its (slot, generation); between leases
-  the transport does not read (``pause_reading``), or it would take replies
-  meant for whichever process holds the slot then;
+  and kept for the next leases of its (slot, generation); while the slot's
+  lock is not this process's, the transport does not read (``pause_reading``),
+  or it would take replies meant for whichever process holds the slot then;
 * each lease puts the fd back in non-blocking mode: O_NONBLOCK lives on the
   description shared with every holder, and a sync holder may have cleared
   it (DESIGN fact 9);
@@ -155,22 +155,38 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
 
     # ----- lease lifecycle (called by the pool) -----------------------------------
 
-    def begin(self, lease: Lease) -> None:
+    def begin(self, lease: Lease, kept: bool = False) -> None:
+        """``kept``: the slot's lock never left this process since our last lease (handed
+        over by a task of it), so no other holder can have touched the fd's flags."""
         raw, transport = self._raw, self._transport
         assert raw is not None and transport is not None
-        os.set_blocking(raw.fileno(), False)
+        if not kept:
+            os.set_blocking(raw.fileno(), False)
         if self.tls is not None:
             self.tls.take_up()  # rediss://: the row's record sequence numbers
-        transport.resume_reading()
+        transport.resume_reading()  # a no-op while it still reads (a hand-over within this process)
         self._begin_lease(lease)
 
     def end(self) -> Lease | None:
-        """The lease is over for this object: stop reading before the lock is given back."""
-        if self._transport is not None:
-            self._transport.pause_reading()
+        """The lease is over for this object.
+
+        A plain transport goes on reading until the slot's lock leaves this
+        process (``stop_reading``, called by the pool's give-back): a lease
+        handed to the next task of this process then costs no selector
+        unregister and register (two ``epoll_ctl``), and a clean lease has no
+        reply in flight to read meanwhile. rediss:// stops now: its record
+        sequence numbers go back to the row in this step.
+        """
         if self.tls is not None and self._transport is not None:
+            self._transport.pause_reading()
             self.tls.write_back()  # rediss://: in its own step, before the give-back
         return super().end()
+
+    def stop_reading(self) -> None:
+        """The slot's lock is about to leave this process: from now on the fd is another holder's to read."""
+        transport = self._transport
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
 
     def _transport_gone(self) -> bool:
         return self._transport is None or self._transport.is_closing()

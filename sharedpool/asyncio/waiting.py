@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sharedpool import errors
@@ -48,6 +47,7 @@ async def wait_in_queue(
     wait = lease_queue.QueueWait(att, taker, handoff.site, handoff.started, deadline, acquire_timeout, att.db)
     line.in_table += 1
     handoff.in_table = True
+    handoff.queued_at = time.monotonic()
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -141,20 +141,17 @@ class Seats:
             line.popleft()
         return bool(line)
 
-    @asynccontextmanager
-    async def seat(self, att: Attachment, deadline: float, acquire_timeout: float, handoff: Handoff) -> AsyncIterator[bool]:
-        """Yields True with a seat; False when a lease was handed over (``handoff.lease``) first."""
-        if not await self._take(att, deadline, acquire_timeout, handoff):
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            self._pass_on()
-
-    async def _take(self, att: Attachment, deadline: float, acquire_timeout: float, handoff: Handoff) -> bool:
+    def take_free(self) -> bool:
+        """A seat now if one is free and nobody is in line for one (no await: the uncontended way)."""
         if self.free > 0 and not self._line:
             self.free -= 1
+            return True
+        return False
+
+    async def take(self, att: Attachment, deadline: float, acquire_timeout: float, handoff: Handoff) -> bool:
+        """True with a seat (the caller gives it up with ``pass_on``); False when a lease
+        was handed over (``handoff.lease``) first."""
+        if self.take_free():
             return True
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -166,13 +163,13 @@ class Seats:
             seated = await settled_within(future, deadline - time.monotonic())
         except BaseException:
             if future.done() and not future.cancelled() and handoff.lease is None:
-                self._pass_on()  # handed a seat as we gave up: the next one gets it
+                self.pass_on()  # handed a seat as we gave up: the next one gets it
             raise
         finally:
             handoff.future = None
         if handoff.lease is not None:
             if seated and future.result() is None:
-                self._pass_on()  # granted a seat as well as handed a lease: the seat goes to the next
+                self.pass_on()  # granted a seat as well as handed a lease: the seat goes to the next
             return False
         if not seated:
             raise errors.PoolTimeout(
@@ -181,7 +178,7 @@ class Seats:
             )
         return True
 
-    def _pass_on(self) -> None:
+    def pass_on(self) -> None:
         while self._line:
             future = self._line.popleft()
             if not future.done():

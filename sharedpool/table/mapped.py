@@ -329,9 +329,11 @@ class Table:
         Read without the queue's lock: a hint for fairness, not a decision.
         """
         oldest: float | None = None
-        for index in range(self.hwm()):
-            state, entry_db, pid, _token, _ticket, at = self.waiter(index)
-            if state != WaiterState.FREE and entry_db == db and pid != other_than and (oldest is None or at < oldest):
+        # One copy of the used entries, unpacked in C: asked on every contended hand-over.
+        start = self._waiter_at(0)
+        free = WaiterState.FREE
+        for state, entry_db, pid, _token, _ticket, at in WAITER.iter_unpack(self.map[start : self._waiter_at(self.hwm())]):
+            if state != free and entry_db == db and pid != other_than and (oldest is None or at < oldest):
                 oldest = at
         return oldest
 
