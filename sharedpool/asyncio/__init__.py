@@ -5,7 +5,8 @@ sync shell's other half (``sharedpool.shell``). Module map:
 ``async_pool`` (``SharedConnectionPool``: the lease core driven by the
 event loop), ``waiting`` (the table's queue awaited on the wake socket,
 and a process's seats in it), ``handoff`` (a lease handed to the next task
-of this process), ``channel`` (the control connection on the loop),
+of this process), ``parking`` (a clean lease kept until the loop's
+next turn for that turn's next command), ``channel`` (the control connection on the loop),
 ``connection`` (a ``redis.asyncio`` connection over a lent fd),
 ``autopipeline`` (simple commands of concurrent tasks batched on one
 lease), ``client`` (``SharedRedis``, ``Redis()``, ``lease()``),

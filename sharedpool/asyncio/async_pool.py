@@ -1,7 +1,6 @@
 """``SharedConnectionPool`` for ``redis.asyncio``: the lease table's leases, taken without blocking the loop.
 
-The lease core is sans-I/O (``sharedpool.lease``);
-this module is its asyncio driver:
+The asyncio driver of the sans-I/O lease core (``sharedpool.lease``):
 
 * taking a READY slot is a try-lock on the table, never a wait; before
   queueing, a task yields to the loop a few times (``_SPINS``), so that
@@ -108,8 +107,7 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
         self._free_takers: list[Taker] = []
         self._seats: Seats | None = None
         self._line = LocalLine()
-        # A clean lease given back while nobody waited, kept until the loop's
-        # next turn for the next command of this turn.
+        # A clean lease nobody waited for, kept for this loop turn's next command.
         self._parking = Parking(end=self._end_parked, give_back=lambda lease: self._give_back(lease, Outcome.CLEAN))
 
     def __repr__(self) -> str:
