@@ -143,3 +143,27 @@ def test_a_child_killed_mid_task_is_redelivered(fleet: Fleet) -> None:
     os.kill(pid, signal.SIGKILL)  # mid-task, mid-lease or not: acks_late leaves the message unacked
     assert result.get(timeout=60).startswith("redelivered to ")
     assert [r.get(timeout=60) for r in [fleet.send("add", i, 1) for i in range(20)]] == [i + 1 for i in range(20)]
+
+
+
+def test_client_kill_of_every_connection_mid_run(fleet: Fleet, admin: redis.Redis) -> None:
+    watch = PeakWatch(admin, fleet.manager)
+    first = [fleet.send("add", i, 0) for i in range(50)]
+    assert [r.get(timeout=60) for r in first[:10]] == list(range(10))
+    opened = fleet.manager.stats()["counters"]["connections_opened"]
+    # Every connection Redis has but this test's own: the worker's BRPOP and
+    # pidbox PSUBSCRIBE, the client's result SUBSCRIBE, the idle ones.
+    killed = sum(admin.execute_command("CLIENT", "KILL", "TYPE", kind) for kind in ("normal", "pubsub"))
+    assert killed >= 3, killed
+    wait_for(lambda: fleet.manager.stats()["counters"]["connections_opened"] >= opened + 1, what="replacements")
+    later = [fleet.send("add", i, 100) for i in range(50)]
+    # Through the client's own result listener, which lost its SUBSCRIBE to the kill too.
+    assert [r.get(timeout=60) for r in later] == [i + 100 for i in range(50)]
+    assert [r.get(timeout=60) for r in first] == list(range(50))  # none sent before the kill lost
+    assert fleet.process.poll() is None, fleet.log.read_text()[-3000:]
+    assert "Unrecoverable error" not in fleet.log.read_text()
+    peak = watch.stop()
+    assert 0 < peak <= CAP, peak
+    assert not watch.strangers, watch.strangers
+    assert fleet.manager.stats()["counters"].get("leak_warnings", 0) == 0
+    assert "possible leak" not in _manager_log(fleet)

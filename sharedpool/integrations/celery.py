@@ -114,8 +114,16 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
             # connection that raises before it disconnects its pools: their
             # leases would then stay held until garbage collection, pinned
             # connections included, and the reconnected consumer would find the
-            # long-lived bound taken by its own dead leases.
-            self._disconnect_pools()
+            # long-lived bound taken by its own dead leases. So their leases in
+            # use end here, but the pools stay this channel's: Celery still acks
+            # the messages this channel delivered (acks_late tasks finishing in
+            # the children after a reconnect) through it, and an ack that found
+            # no pool would build one from a connection the close took away
+            # (AttributeError in basic_ack, which kills the worker). On plain
+            # redis-py the pools stay too, and reconnect for those acks.
+            for pool in (self._pool, self._async_pool):
+                if pool is not None:
+                    pool.disconnect()
 
     def _mark_long_lived(self, connection: Any, flag: RowFlag) -> None:
         pool = self.async_pool
