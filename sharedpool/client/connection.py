@@ -141,7 +141,7 @@ class LeasedConnection(LeaseHolder, Connection):
         poller kept per socket (~0.3 µs). rediss:// is not checked: an idle
         TLS connection may have a record waiting (a session ticket).
         """
-        sock = self._sock
+        sock: Any = self._sock  # redis-py types it None
         if type(sock) is not socket.socket:
             return False
         watch = self._idle_watch

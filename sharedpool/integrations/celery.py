@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis.exceptions
 from celery.backends.redis import RedisBackend
 from kombu.transport import redis as kombu_redis
 
@@ -80,6 +81,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
     sharedpool_max_long_lived: int | None = None
 
     def _get_pool(self, asynchronous: bool = False) -> SharedConnectionPool:
+        if self.connection is None:
+            # A closed channel (kombu's reconnect closed it) asked for a pool
+            # again: kombu's _connparams would fail with an AttributeError,
+            # which no retry of kombu's or Celery's catches. A connection
+            # error is what they retry on a new channel.
+            raise redis.exceptions.ConnectionError("kombu channel closed (reconnected meanwhile)")
         params = self._connparams(asynchronous=asynchronous)
         self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
         return _shared_pool(params, self.sharedpool_socket_path)
