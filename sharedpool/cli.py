@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from sharedpool.manager import Manager, ManagerAlreadyRunning
+    from sharedpool.manager.cluster import NotACluster
 
     settings: ManagerConfig = config.from_args(ManagerConfig, args)
     environ = dict(os.environ)
@@ -138,6 +139,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ManagerAlreadyRunning, OSError) as exc:
         print(f"sharedpool serve: error: {exc}", file=sys.stderr)
         return 1
+    except NotACluster as exc:  # --cluster against a Redis that is no cluster node
+        print(f"sharedpool serve: error: --cluster: {exc}", file=sys.stderr)
+        return 2
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -191,6 +195,9 @@ def format_stats(snapshot: dict[str, Any]) -> str:
         f"hold p50/p99 {snapshot['hold_time']['p50_ms']}/{snapshot['hold_time']['p99_ms']} ms",
         f"table core   manager {snapshot.get(keys.TABLE_CORE, '?')}  this process {table_core.PATH}",
     ]
+    sentinel = snapshot.get(keys.SENTINEL)
+    if sentinel:
+        lines.append(_sentinel_line(sentinel))
     if snapshot.get("redis_down_for_s") is not None:
         lines.append(f"REDIS DOWN for {snapshot['redis_down_for_s']:.1f} s: {snapshot['last_redis_error']}")
     lines.append("counters     " + "  ".join(f"{k} {v}" for k, v in sorted(counters.items()) if v))
@@ -225,5 +232,17 @@ def _check(args: argparse.Namespace) -> int:
         f"{f' ({opened})' if opened else ''}, serving db {answer.get('databases', '?')} (default "
         f"{answer.get('default_db', '?')}), PING answered in {float(answer.get('elapsed_s', 0)) * 1000:.1f} ms"
     )
+    sentinel = answer.get(keys.SENTINEL)
+    if sentinel:
+        print(_sentinel_line(sentinel))
     print(f"{table_core.describe()}; the manager's: {answer.get('table_core', '?')}")
     return 0
+
+
+def _sentinel_line(sentinel: dict[str, Any]) -> str:
+    error = f"  last error: {sentinel['last_error']}" if sentinel.get("last_error") else ""
+    return (
+        f"sentinel     service {sentinel.get('service')!r}  master {sentinel.get('master') or 'unknown'}  "
+        f"failovers {sentinel.get('failovers', 0)}  subscribed to {sentinel.get('subscribed_to') or 'none'}  "
+        f"draining {sentinel.get('draining', 0)}{error}"
+    )

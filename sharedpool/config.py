@@ -157,6 +157,27 @@ def _client_name(name: str, value: str) -> str | None:
     return None
 
 
+def parse_addresses(text: str) -> tuple[tuple[str, int], ...]:
+    """``"10.0.0.1:26379, sentinel-b:26379"`` -> ((host, port), ...); a bracketed IPv6 host is allowed."""
+    found: list[tuple[str, int]] = []
+    for part in str(text).replace(" ", ",").split(","):
+        if not part:
+            continue
+        host, colon, port = part.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(part)
+        if (host, int(port)) not in found:
+            found.append((host, int(port)))
+    if not found:
+        raise ValueError(text)
+    return tuple(found)
+
+
+def format_addresses(addresses: tuple[tuple[str, int], ...]) -> str:
+    return ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in addresses)
+
+
 def _parse_uid_list(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in str(text).replace(",", " ").split())
 
@@ -267,6 +288,31 @@ class ManagerConfig:
         "", "check that the certificate names the URL's host: true or false [true]", str, None, "BOOL",
     )
     ssl_min_version: str = _spec("", "TLSv1_2 or TLSv1_3; TLS 1.3 is needed either way [TLSv1_3]", str, None, "VERSION")
+    # Sentinel: the master's address comes from the Sentinels, its password and database from redis_url.
+    sentinels: tuple[tuple[str, int], ...] = _spec(
+        (), "Sentinels to ask for the master, host:port,host:port (set: redis_url's host and port are not used)",
+        parse_addresses, None, "ADDRS",
+    )
+    sentinel_service: str = _spec("", "name of the master the Sentinels monitor (sentinel monitor NAME ...)", str, None, "NAME")
+    sentinel_username: str = _spec("", "username for the Sentinels' own AUTH (ACL)", str, None, "USER")
+    sentinel_password: str = _spec(
+        "", "password of the Sentinels' own AUTH, not the master's (never logged)", str, None, "PASSWORD",
+    )
+    sentinel_timeout: float = _spec(
+        1.0, "seconds each Sentinel has to answer a query before the next one is asked", float, _positive_float, "SECONDS",
+    )
+    # Redis Cluster (manager/cluster.py): redis_url names a seed node.
+    cluster: bool = _spec(
+        False, "serve a Redis Cluster: redis_url is a seed node, every node gets its own connections", _parse_bool,
+        None, "BOOL",
+    )
+    max_connections_per_node: int = _spec(
+        0, "cluster: most connections one node may have open (0: only max_connections bounds it)", int,
+        _int_range(0, 10_000), "N",
+    )
+    cluster_refresh_interval: float = _spec(
+        5.0, "cluster: seconds between node list refreshes (CLUSTER SHARDS)", float, _positive_float, "SECONDS",
+    )
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -278,12 +324,31 @@ class ManagerConfig:
                 "min_idle", self.min_idle, f"at most max_connections ({self.max_connections})"
             )
         tls_options(self)  # refuses a bad ssl_* value, or one given for a plain URL, at start
+        _check_sentinel(self)
         default_db = url_database(self.redis_url)
-        if default_db not in self.served_databases:
+        if self.cluster and self.sentinels:
+            # A cluster fails over by itself; Sentinel watches one master and its replicas.
+            raise ConfigError("cluster", True, "false with sentinels (a Redis Cluster is not monitored by Sentinel)")
+        if self.cluster:
+            self._check_cluster(default_db)
+        elif default_db not in self.served_databases:
             raise ConfigError(
                 "databases", format_databases(self.served_databases),
                 f"a list that includes db {default_db}, the default database named by redis_url",
             )
+
+    def _check_cluster(self, default_db: int) -> None:
+        scheme = urlsplit(self.redis_url).scheme
+        if scheme != "redis":
+            raise ConfigError("redis_url", mask_url(self.redis_url), "with cluster: a redis://host:port seed node "
+                              "(unix sockets and rediss:// are not served in cluster mode)")
+        if default_db:
+            raise ConfigError("redis_url", mask_url(self.redis_url), "with cluster: database 0 (a cluster has no other)")
+        if self.databases:
+            raise ConfigError("databases", format_databases(self.databases), "unset with cluster (nodes take their place)")
+        if self.max_connections_per_database:
+            raise ConfigError("max_connections_per_database", self.max_connections_per_database,
+                              "0 with cluster: use max_connections_per_node")
 
     @property
     def served_databases(self) -> tuple[int, ...]:
@@ -306,6 +371,8 @@ class ManagerConfig:
         values = dataclasses.asdict(self)
         values["redis_url"] = mask_url(self.redis_url)
         values["ssl_password"] = "***" if self.ssl_password else ""
+        values["sentinel_password"] = "***" if self.sentinel_password else ""
+        values["sentinels"] = format_addresses(self.sentinels)
         values["socket_mode"] = f"{self.socket_mode:o}"
         values["allowed_uids"] = list(self.allowed_uids)
         values["databases"] = format_databases(self.served_databases)
@@ -331,6 +398,24 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if not self.socket_path:
             object.__setattr__(self, "socket_path", default_socket_path())
+
+
+def _check_sentinel(config: ManagerConfig) -> None:
+    if bool(config.sentinels) != bool(config.sentinel_service):
+        given, missing = ("sentinels", "sentinel_service") if config.sentinels else ("sentinel_service", "sentinels")
+        value = format_addresses(config.sentinels) if config.sentinels else config.sentinel_service
+        raise ConfigError(given, value, f"set together with {missing} (the Sentinels, and the master's name they know)")
+    if not config.sentinels:
+        for name in ("sentinel_username", "sentinel_password"):
+            if getattr(config, name):
+                raise ConfigError(name, "***" if name == "sentinel_password" else getattr(config, name),
+                                  "set only with sentinels and sentinel_service")
+        return
+    if urlsplit(config.redis_url).scheme != "redis":
+        raise ConfigError(
+            "redis_url", mask_url(config.redis_url),
+            "a redis:// URL with sentinels (the master is reached by TCP; rediss:// with Sentinel is not supported yet)",
+        )
 
 
 def socket_gid(group: str) -> int:
@@ -392,6 +477,8 @@ def _convert(cls: type, name: str, raw: Any, source: str) -> Any:
             value = tuple(sorted(set(raw)))
         elif parse is parse_databases and isinstance(raw, int) and not isinstance(raw, bool):
             value = parse_databases(str(raw))
+        elif parse is parse_addresses and isinstance(raw, (list, tuple)) and all(isinstance(v, str) for v in raw):
+            value = parse(",".join(raw))
         elif parse is _parse_uid_list and isinstance(raw, (list, tuple)):
             value = tuple(int(v) for v in raw if not isinstance(v, bool) and isinstance(v, int))
             if len(value) != len(raw):
@@ -424,6 +511,8 @@ def _type_words(spec: dataclasses.Field[Any]) -> str:
         return "a comma-separated list of integer uids"
     if parse is _parse_bool:
         return "true or false"
+    if parse is parse_addresses:
+        return "host:port addresses, comma separated (a TOML list of them too)"
     if parse is parse_databases:
         return f"database numbers from 0 to {MAX_DATABASE}: a list, or ranges like 0-15 or 0,2,5-7"
     return "a string"
@@ -515,6 +604,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             *flags,
             dest=spec.name,
             default=None,
+            # A switch (--cluster) that also takes a value (--cluster false), as env and TOML do.
+            **({"nargs": "?", "const": "true"} if spec.metadata["parse"] is _parse_bool else {}),  # type: ignore[arg-type]
             metavar=spec.metadata["metavar"] or spec.name.upper(),
             help=help_text,
         )

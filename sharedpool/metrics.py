@@ -81,6 +81,7 @@ _COUNTER_HELP: dict[str, str] = {
     keys.TABLE_REPAIRS: "Lease-table rows the manager found scribbled and repaired.",
     keys.STALE_FETCHES: "Requests for the fd of a slot generation that no longer exists.",
     keys.REBOUND: "Idle connections rebound to another database (max_connections reached).",
+    keys.FAILOVERS: "Sentinel failovers followed: the master moved to another address.",
 }
 _DB_CONNECTION_STATES = (keys.DB_OPEN, keys.DB_IDLE, keys.DB_HELD)
 

@@ -994,6 +994,21 @@ def test_an_idle_slot_of_another_database_is_rebound_when_the_cap_is_reached(mak
     assert "db 2" in repr(pool.slots[1])
 
 
+def test_a_cluster_node_takes_an_idle_slot_of_another_by_reconnecting(make_pool: MakePool) -> None:
+    # Cluster mode: a database is a node, another host: the slot is closed and opened towards it.
+    pool = make_pool(capacity=4, max_connections=2, min_idle=0, databases=(0, 1), rebind_reconnects=True)
+    zero = open_in(pool, {0: 2})[0]
+    zero[0].idle_since, zero[1].idle_since = 5.0, 2.0
+    actions = pool.sweep([ready(s) for s in zero], 6.0, waiters={1: 1})
+    assert actions == [
+        CloseConnection(backend(1, 0), "moved to node 1"), Publish(1, 1, CLOSED, db=0),
+        Publish(1, 1, MANAGER, db=1), OpenConnection(1, 1), Release(0, 0),
+    ]
+    assert pool.slots[1].state is CONNECTING and pool.slots[1].db == 1
+    assert pool.in_db(0) == 1 and pool.in_db(1) == 1 and pool.counters[keys.REBOUND] == 1
+    assert connect(pool, actions, 6.1) == [Publish(1, 1, READY, db=1), Wake(1, 1)]
+
+
 def test_waiters_beat_idle_floors_but_spare_databases_with_waiters(make_pool: MakePool) -> None:
     pool = make_pool(capacity=4, max_connections=3, min_idle=1, databases=(0, 1, 2), warm_databases=(0, 1))
     connect(pool, pool.dispatch(0.0, idle={0: 1, 1: 1}, waiters={0: 1, 1: 2}))  # min_idle counted as met

@@ -4,7 +4,7 @@ The suites themselves run in CI (``.ci/run``), from their PyPI sdists; here
 the parts are checked against a real Redis and a real manager: the swap
 puts a suite's pools on the manager and nothing else, the plugin and the
 runner find a test that passes plain and not shared, and known.toml and
-the README's table list the same regressions.
+the table in sharedpool/REFERENCE.md list the same regressions.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sharedpool.dev.launch import ManagerProcess
 from sharedpool.dev.suites import runner, swap
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sharedpool.__file__)))
-README = Path(PACKAGE_ROOT) / "README.md"
+REFERENCE = Path(PACKAGE_ROOT) / "sharedpool" / "REFERENCE.md"
 
 
 def suite_env(mode: str, port: int, socket_path: str) -> dict[str, str]:
@@ -194,8 +194,8 @@ def test_a_known_regression_that_no_longer_fails_is_reported_stale() -> None:
 
 
 def _readme_regressions() -> set[tuple[str, str]]:
-    """(suite, test) of each row of the README's table of the suites' regressions."""
-    text = README.read_text()
+    """(suite, test) of each row of REFERENCE.md's table of the suites' regressions."""
+    text = REFERENCE.read_text()
     start = text.index("<!-- suites-known: begin -->")
     end = text.index("<!-- suites-known: end -->")
     rows = re.findall(r"^\| ([\w-]+) \| `([^`]+)` \|", text[start:end], flags=re.MULTILINE)

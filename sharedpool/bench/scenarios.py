@@ -272,7 +272,14 @@ def e2e_sizes(rig: Rig) -> list[int]:
 SCENARIO_RUNNERS: dict[str, Callable[[Rig, Results], None]] = {
     "s1": scenario_s1, "s2": scenario_s2, "s2x": scenario_s2x, "s3": scenario_s3, "s5": scenario_s5, "e2e": scenario_e2e,
     "async": scenario_async, "tls": lambda rig, results: _tls(rig, results),
+    "cluster": lambda rig, results: _cluster(rig, results),
 }
+
+
+def _cluster(rig: Rig, results: Results) -> None:
+    from sharedpool.bench.cluster_scenario import scenario_cluster  # imports this module's _rounds
+
+    scenario_cluster(rig, results, _rounds)
 
 
 def _tls(rig: Rig, results: Results) -> None:

@@ -193,6 +193,9 @@ def check_welcome(
             f"this client expects RESP{asked or 3}: pass protocol={manager_protocol}"
         )
     manager_redis = str(welcome.get("redis", ""))
+    if requested_db is not None and isinstance(welcome.get("cluster"), dict):
+        # A cluster manager: the database is a node's index, named as that node.
+        manager_redis = str(welcome["cluster"].get(str(requested_db), "no node"))
     if redis_location is not None and not clone.same_redis(redis_location, manager_redis):
         raise errors.Misconfigured(
             f"this client's URL names Redis at {redis_location}, but manager {welcome.get('pool')!r} "

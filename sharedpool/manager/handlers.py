@@ -24,6 +24,7 @@ from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
 from sharedpool.manager.control import Peer, PeerState
 from sharedpool.manager.pool import ReapCause, SlotState
+from sharedpool.manager.sentinel import probe_master
 from sharedpool.protocol import ErrorCode, FrameType
 from sharedpool.table import Outcome, RowState
 from sharedpool.table import core as table_core
@@ -55,7 +56,7 @@ def welcome(manager: Manager) -> dict[str, Any]:
         "acquire_timeout": config.acquire_timeout,
         "max_lease_time": config.max_lease_time,
         "max_leases_per_worker": config.max_leases_per_worker,
-    }
+    } | ({"cluster": {str(n["index"]): n["addr"] for n in manager.cluster.map.describe()}} if manager.cluster else {})
 
 
 def on_hello(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
@@ -138,6 +139,12 @@ def on_demand(manager: Manager, client: Peer, request_id: int, body: bytes) -> N
     now = time.monotonic()
     pool = manager.pool
     db = protocol.decode_demand(body, pool.limits.default_db)
+    cluster_refusal = manager.cluster.refusal(db, now) if manager.cluster is not None else ""
+    if cluster_refusal:
+        # The node left the cluster, or is down: its redis-py cluster client takes
+        # this as a node error and refreshes its own view.
+        manager.control.send(client, protocol.encode_error(ErrorCode.REDIS_UNAVAILABLE, cluster_refusal, request_id))
+        return
     if not pool.serves(db):
         # The client checked the served list at WELCOME: this one did not.
         raise protocol.ProtocolError(f"DEMAND for db {db}, which is not served ({format_databases(pool.limits.databases)})")
@@ -181,9 +188,14 @@ def on_probe(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
                 "open_by_db": {str(db): count for db, count in manager.pool.open_by_db().items()},
                 "databases": format_databases(manager.pool.limits.databases), "default_db": manager.pool.limits.default_db,
                 "table_core": table_core.PATH,
+                **({keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
             }, request_id))
         return []
 
+    if manager.sentinel is not None:
+        settings, base = manager.sentinel.settings, manager.sentinel.base_target
+        manager.submit(lambda: probe_master(settings, base, float(timeout)), done)
+        return
     manager.submit(lambda: probe(target, float(timeout)), done)
 
 
@@ -237,6 +249,27 @@ def on_admin(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
     manager.control.send(client, protocol.encode_json(FrameType.ADMIN_REPLY, reply, request_id))
 
 
+def on_nodes(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+    request = protocol.decode_json(body)
+    cluster = manager.cluster
+    if cluster is None:
+        manager.control.send(client, protocol.encode_error(
+            ErrorCode.UNSUPPORTED, "this manager serves one Redis, not a cluster (start it with --cluster)", request_id))
+        return
+
+    def reply() -> None:
+        if client.state is PeerState.READY:
+            manager.control.send(client, protocol.encode_json(FrameType.NODES_REPLY, cluster.stats(), request_id))
+
+    now = time.monotonic()
+    if request.get("wait"):
+        cluster.refresh(now, reply)
+        return
+    if request.get("refresh"):
+        cluster.refresh(now)
+    reply()
+
+
 Handler = Callable[["Manager", Peer, int, bytes], None]
 
 HANDLERS: dict[int, Handler] = {
@@ -249,4 +282,5 @@ HANDLERS: dict[int, Handler] = {
     FrameType.STATS: on_stats,
     FrameType.PROBE: on_probe,
     FrameType.PING: on_ping,
+    FrameType.NODES: on_nodes,
 }

@@ -192,6 +192,17 @@ class Pool:
 
     def _rebind(self, slot: Slot, db: int) -> list[Action]:
         """Lend an idle connection (its lock held by us) to another database."""
+        if self.limits.rebind_reconnects:
+            # Cluster nodes (manager/cluster.py): another node is another host, so the
+            # slot is closed and opened again towards it.
+            log.info("slot %d moved from node %d to node %d (max_connections %d reached)",
+                     slot.index, slot.db, db, self.limits.max_connections)
+            self.counters[keys.REBOUND] += 1
+            actions = self._discard(slot, f"moved to node {db}", 0.0)
+            slot.db = db
+            self._move(slot, SlotState.CONNECTING)
+            return actions + [Publish(slot.index, slot.generation, RowState.MANAGER, db=db),
+                              OpenConnection(slot.index, slot.generation)]
         log.info("slot %d rebound from db %d to db %d (max_connections %d reached)",
                  slot.index, slot.db, db, self.limits.max_connections)
         del self._in_db[slot.db][slot.index]
@@ -450,6 +461,10 @@ class Pool:
     def resume(self) -> list[Action]:
         self.paused = False
         return [Wake(-1)]
+
+    def retire_db(self, db: int) -> list[Action]:
+        """Replace the connections of one database (a cluster node whose role changed)."""
+        return self._retire([slot for slot in self.slots if slot.db == db])
 
     def retire_all(self) -> list[Action]:
         """Replace every connection: idle ones at the next sweep, leased ones when they come back."""

@@ -144,7 +144,8 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
         "workers": _top_workers(workers, max_workers),
         "workers_total": len(workers),
         "config": config.safe_dict(),
-    }
+        **({keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
+    } | ({keys.CLUSTER: manager.cluster.stats()} if manager.cluster is not None else {})
 
 
 def _top_workers(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:

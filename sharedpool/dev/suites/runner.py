@@ -59,7 +59,7 @@ class Suite:
     requirements: tuple[str, ...] = ()  # what the suite needs beyond the test extra
     env: tuple[tuple[str, str], ...] = ()
     asyncio: bool = False  # its clients are redis.asyncio's (the asyncio pool is swapped in)
-    deselect: tuple[str, ...] = ()  # not run in either mode (the README says why)
+    deselect: tuple[str, ...] = ()  # not run in either mode (REFERENCE.md says why)
 
     def argv(self, port: int) -> list[str]:
         deselected = [arg for test in self.deselect for arg in ("--deselect", test)]
