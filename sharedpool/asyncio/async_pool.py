@@ -467,14 +467,29 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
         att = self._attachment
         if att is None:
             return
-        busy = any(entry.state is LeaseState.IN_USE for entry in att.conns.values())
+        busy = [entry.conn for entry in cast("list[SlotEntry]", list(att.conns.values())) if entry.state is LeaseState.IN_USE]
         if busy and not inuse_connections:
             for slot, entry in list(att.conns.items()):
                 if entry.state is not LeaseState.IN_USE:
                     del att.conns[slot]
                     entry.disconnect()
             return
+        for conn in busy:
+            self.end_in_use(conn)
         self._detach(att)
+
+    def end_in_use(self, conn: AsyncLeasedConnection) -> None:
+        """End ``conn``'s lease now, broken, as the sync pool's ``end_in_use``: what redis.asyncio's
+        ``disconnect(inuse_connections=True)`` does to a connection in use. Its holder's next
+        command takes a fresh lease; one that never comes back (a PubSub a test dropped
+        unclosed, whose pool's disconnect() is all the cleanup there is) leaves nothing held."""
+        if conn.shared_pool is not self or conn.state is not LeaseState.IN_USE:
+            return
+        lease = conn.lose()
+        conn.drop()
+        self.connection_lost(conn)
+        if lease is not None:
+            self._give_back(lease, Outcome.BROKEN)
 
     async def aclose(self) -> None:
         await self.disconnect()

@@ -134,7 +134,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
             lease = Lease(att, slot, generation, seq, state.lock_fd, taken_at, att.db, state)
             att.held += 1
             try:
-                return bind(self, att, lease, conn, final, started)
+                bound = bind(self, att, lease, conn, final, started)
             except errors.StaleSlot:
                 give_back_reporting(lease, Outcome.CLEAN, used=False)
                 lease_core.skip_stale(state, lease, deadline, acquire_timeout)
@@ -142,6 +142,18 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
             except BaseException:
                 give_back_reporting(lease, Outcome.CLEAN, used=False)
                 raise
+            if bound.closed_while_idle():
+                # As redis-py's pool reconnects a connection Redis closed while
+                # it sat in the pool: the command goes out on another one, and
+                # this one goes back broken for the manager to replace.
+                self.end_in_use(bound)
+                if time.monotonic() >= deadline:
+                    raise errors.PoolTimeout(
+                        f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s: "
+                        "every connection taken had been closed by Redis"
+                    )
+                continue
+            return bound
 
     def _wait(self, att: Attachment, state: ThreadState, site: int, started: float, deadline: float) -> Taken:
         """Every open slot is taken: queue, and do what the lease core asks, blocking."""
@@ -202,6 +214,18 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
 
     def owns_connection(self, connection: Any) -> bool:
         return isinstance(connection, LeasedConnection) and connection.shared_pool is self and connection.pid == self.pid
+
+    def reset(self) -> None:
+        # Called in the same process, redis-py's reset() forgets every
+        # connection, and their sockets close when collected; Celery's result
+        # consumer resets its pool this way to reconnect after a connection
+        # error, dropping the old PubSub still holding its lease. Forgotten
+        # here, the attachment's leases would stay held until collection
+        # (and under a cap, starve the host): they end now, as disconnect()
+        # ends them, and a holder's next command takes a fresh lease.
+        if getattr(self, "pid", None) == os.getpid() and getattr(self, "_attachment", None) is not None:
+            self.disconnect()
+        super().reset()
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         """As redis-py's: drop this process's cached fds (never the manager's connections)
