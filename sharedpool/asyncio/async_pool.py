@@ -49,16 +49,6 @@ from sharedpool.table import Outcome
 
 _SPINS = 4  # turns of the loop given away before queueing (holders in this process may give back meanwhile)
 _QUEUE_SEATS = 4  # tasks of one process queued in the table at once
-# A lease is handed to the next task of this process, rather than given back
-# through the table, unless a task of another process has been queued for
-# its database longer than this: then it is given back and that one woken.
-# Measured (4 workers x 64 tasks on 4 connections, 2 loaded vCPUs): 2 ms
-# hands over almost never (a round trip there takes longer, so some other
-# worker always qualifies) and gains nothing; 50 ms took a lease per command
-# from ~170 to ~270 requests/s and a lease per request from ~340 to ~530;
-# 250 ms or unbounded gained no more and let one worker hog the slots. It is
-# also the waiters' own rescan period.
-HAND_OVER_FAIRNESS_S = 0.05
 
 
 class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
@@ -379,35 +369,7 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
             self._give_back(lease, Outcome.CLEAN)
 
     def _hand_over(self, lease: Lease, used: bool) -> bool:
-        att = lease.attachment
-        if att is not self._attachment or att.detached or lease.taker is None or lease.db != att.db:
-            return False
-        table = att.table
-        try:
-            flags, waiters = table.hot()
-            if flags:
-                return False  # paused or stopping: the manager decides who gets what
-            if waiters > self._line.in_table:
-                # Someone else may be queued: hand over only while it has
-                # not waited long (a context switch per command otherwise,
-                # with every worker queued for more all the time).
-                since = table.oldest_waiter_since(att.db, att.pid)
-                if since is not None and time.monotonic() - since >= HAND_OVER_FAIRNESS_S:
-                    return False
-            handoff = self._line.next_taker(time.monotonic(), HAND_OVER_FAIRNESS_S)
-            if handoff is None:
-                return False
-            now = time.monotonic()
-            seq = table.hand_over_in_place(lease.slot, lease.generation, lease.seq, att.pid, att.start, now, handoff.site)
-            if not seq:
-                return False  # revoked, repaired or expired: the ordinary way says so
-            if used:
-                table.count_hold(lease.slot, now - lease.taken_at)
-            table.count_wait(lease.slot, now - handoff.started)
-        except ValueError:
-            return False  # the table was unmapped under us (the manager is gone)
-        self._line.hand(handoff, Lease(att, lease.slot, lease.generation, seq, lease.lock_fd, now, lease.db, lease.taker))
-        return True
+        return self._line.offer(lease, self._attachment, used)
 
     def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True, recycle: bool = True) -> None:
         # The slot's connection has read until now (``AsyncLeasedConnection.end``):

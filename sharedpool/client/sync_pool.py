@@ -15,6 +15,7 @@ The manager hears of a lease only when it has work to do: a first fd for a
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
