@@ -429,16 +429,10 @@ class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
         att = self._attachment
         if att is None:
             return
-        busy = [entry.conn for entry in cast("list[SlotEntry]", list(att.conns.values())) if entry.state is LeaseState.IN_USE]
-        if busy and not inuse_connections:
-            for slot, entry in list(att.conns.items()):
-                if entry.state is not LeaseState.IN_USE:
-                    del att.conns[slot]
-                    entry.disconnect()
-            return
-        for conn in busy:
-            self.end_in_use(conn)
-        self._detach(att)
+        self._end_process_state(att, inuse_connections)
+
+    def _connection_of(self, entry: SlotEntry) -> AsyncLeasedConnection:
+        return entry.conn
 
     def end_in_use(self, conn: AsyncLeasedConnection) -> None:
         """End ``conn``'s lease now, broken, as the sync pool's ``end_in_use``: what redis.asyncio's

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
-from redis.exceptions import ReadOnlyError, ResponseError
 
 from sharedpool import errors
 from sharedpool.errors import LeaseLost
@@ -256,16 +255,8 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
-        except ReadOnlyError as exc:
-            # A master that a failover demoted refuses writes: this connection leads nowhere useful
-            # any more. Broken (the manager replaces it, asking the Sentinels where the master is).
-            self._lease_failed(exc)
-            raise errors.ReplicaAnswered(f"{self.redis_label} answered {exc}: it is a replica now") from None
-        except ResponseError:
-            raise  # Redis's answer: the connection is fine
         except BaseException as exc:
-            self._lease_failed(exc)
-            raise
+            self._reply_failed(exc)
         finally:
             self._pending_replies -= 1
 

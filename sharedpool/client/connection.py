@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.connection import Connection
-from redis.exceptions import ReadOnlyError, ResponseError
 from redis.retry import Retry
 
 from sharedpool import errors
@@ -247,15 +246,7 @@ class LeasedConnection(LeaseHolder, Connection):
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)
-        except ReadOnlyError as exc:
-            # A master that a failover demoted refuses writes: this connection leads nowhere useful
-            # any more. Broken (the manager replaces it, asking the Sentinels where the master is).
-            self._lease_failed(exc)
-            raise errors.ReplicaAnswered(f"{self.redis_label} answered {exc}: it is a replica now") from None
-        except ResponseError:
-            raise  # Redis's answer: the connection is fine
         except BaseException as exc:
-            self._lease_failed(exc)
-            raise
+            self._reply_failed(exc)
         finally:
             self._pending_replies -= 1

@@ -242,16 +242,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         att = self._attachment
         if att is None:
             return
-        busy = [c for c in att.conns.values() if c.state is LeaseState.IN_USE]
-        if busy and not inuse_connections:
-            for conn in list(att.conns.values()):
-                if conn.state is not LeaseState.IN_USE:
-                    del att.conns[conn.slot]
-                    conn.disconnect()
-            return
-        for conn in busy:
-            self.end_in_use(conn)
-        self._detach(att)
+        self._end_process_state(att, inuse_connections)
 
     def end_in_use(self, conn: LeasedConnection) -> None:
         """End ``conn``'s lease now, broken (the manager replaces the connection), wherever its

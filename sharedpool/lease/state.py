@@ -20,7 +20,9 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from sharedpool import errors
 from sharedpool import table as tbl
@@ -84,6 +86,22 @@ class LeaseHolder(SessionWatch):
         # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
         if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
             pool.raise_if_revoked(self)
+
+    def _reply_failed(self, exc: BaseException) -> NoReturn:
+        """A read failed: end the lease as that failure means, and raise what the caller sees.
+
+        Redis's own error answer leaves the connection fine. ``READONLY``
+        comes from a master a failover demoted: the connection leads nowhere
+        useful any more, so the lease ends broken (the manager replaces it,
+        asking the Sentinels where the master is) and the caller sees a
+        ``ConnectionError`` a retry gets past, as with redis-py's Sentinel client.
+        """
+        if isinstance(exc, ReadOnlyError):
+            self._lease_failed(exc)
+            raise errors.ReplicaAnswered(f"{self.redis_label} answered {exc}: it is a replica now") from None
+        if not isinstance(exc, ResponseError):
+            self._lease_failed(exc)
+        raise exc
 
     def _begin_lease(self, lease: Lease) -> None:
         self.state = LeaseState.IN_USE

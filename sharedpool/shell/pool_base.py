@@ -18,6 +18,7 @@ from sharedpool.config import ClientConfig, client_config
 from sharedpool.lease import budget
 from sharedpool.lease.context import LeaseContext
 from sharedpool.lease.core import Lease
+from sharedpool.lease.state import LeaseState
 from sharedpool.protocol import FrameType
 from sharedpool.shell import clone
 from sharedpool.shell.attachment import Attachment, check_welcome
@@ -108,6 +109,31 @@ class PoolBase:
         except BaseException:
             link.release()
             raise
+
+    def _detach(self, att: Attachment) -> None:
+        raise NotImplementedError
+
+    def end_in_use(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _connection_of(self, entry: Any) -> Any:
+        """The connection object an ``Attachment.conns`` entry stands for."""
+        return entry
+
+    def _end_process_state(self, att: Attachment, inuse_connections: bool) -> None:
+        """``disconnect()`` in this process: the cached fds and the attachment go; leases in
+        use end broken with ``inuse_connections``, else they stay, and so does the attachment."""
+        entries = list(att.conns.items())
+        busy = [entry for _, entry in entries if entry.state is LeaseState.IN_USE]
+        if busy and not inuse_connections:
+            for slot, entry in entries:
+                if entry.state is not LeaseState.IN_USE:
+                    del att.conns[slot]
+                    entry.disconnect()
+            return
+        for entry in busy:
+            self.end_in_use(self._connection_of(entry))
+        self._detach(att)
 
     def abort(self) -> int:
         """A dying worker's hook (gunicorn ``worker_abort``): give up this process's
