@@ -18,6 +18,7 @@ from sharedpool.client import (
     close_control_channels,
     release_process_state,
 )
+from sharedpool.cluster import RedisCluster
 from sharedpool.config import ClientConfig, ManagerConfig, default_socket_path
 from sharedpool.errors import (
     ConfigError,
@@ -31,6 +32,7 @@ from sharedpool.errors import (
     PoolTimeout,
     ProtocolMismatch,
     RedisUnavailable,
+    ReplicaAnswered,
     SharedPoolError,
     ShuttingDown,
     WorkerLimit,
@@ -44,6 +46,7 @@ __all__ = [
     "Forbidden",
     "LeaseError",
     "LeaseLost",
+    "ReplicaAnswered",
     "LeasedConnection",
     "ManagerConfig",
     "ManagerUnavailable",
@@ -52,6 +55,7 @@ __all__ = [
     "PoolTimeout",
     "ProtocolMismatch",
     "Redis",
+    "RedisCluster",
     "RedisUnavailable",
     "SharedConnectionPool",
     "SharedPoolError",

@@ -9,8 +9,7 @@ import os
 import sys
 from typing import Any
 
-from sharedpool import admin, config, errors
-from sharedpool import stats as keys
+from sharedpool import admin, config, errors, stat_keys
 from sharedpool.config import ManagerConfig
 from sharedpool.table import core as table_core
 from sharedpool.version import __version__
@@ -126,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from sharedpool.manager import Manager, ManagerAlreadyRunning
+    from sharedpool.manager.cluster import NotACluster
 
     settings: ManagerConfig = config.from_args(ManagerConfig, args)
     environ = dict(os.environ)
@@ -138,6 +138,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ManagerAlreadyRunning, OSError) as exc:
         print(f"sharedpool serve: error: {exc}", file=sys.stderr)
         return 1
+    except NotACluster as exc:  # --cluster against a Redis that is no cluster node
+        print(f"sharedpool serve: error: --cluster: {exc}", file=sys.stderr)
+        return 2
 
 
 def _admin(args: argparse.Namespace) -> int:
@@ -186,22 +189,25 @@ def format_stats(snapshot: dict[str, Any]) -> str:
         f"up {snapshot['uptime_s']:.0f} s  state {snapshot['state']}",
         f"connections  open {conns['open']}/{conns['max']}  idle {conns['idle']}  leased {conns['leased']}  "
         f"connecting {conns['connecting']}  resetting {conns['resetting']}",
-        f"leases       held {leases['held']}  waiting {leases['waiting']}  subscribers {snapshot.get(keys.SUBSCRIBERS, 0)}  "
+        f"leases       held {leases['held']}  waiting {leases['waiting']}  subscribers {snapshot.get(stat_keys.SUBSCRIBERS, 0)}  "
         f"wait p50/p99 {snapshot['wait_time']['p50_ms']}/{snapshot['wait_time']['p99_ms']} ms  "
         f"hold p50/p99 {snapshot['hold_time']['p50_ms']}/{snapshot['hold_time']['p99_ms']} ms",
-        f"table core   manager {snapshot.get(keys.TABLE_CORE, '?')}  this process {table_core.PATH}",
+        f"table core   manager {snapshot.get(stat_keys.TABLE_CORE, '?')}  this process {table_core.PATH}",
     ]
+    sentinel = snapshot.get(stat_keys.SENTINEL)
+    if sentinel:
+        lines.append(_sentinel_line(sentinel))
     if snapshot.get("redis_down_for_s") is not None:
         lines.append(f"REDIS DOWN for {snapshot['redis_down_for_s']:.1f} s: {snapshot['last_redis_error']}")
     lines.append("counters     " + "  ".join(f"{k} {v}" for k, v in sorted(counters.items()) if v))
-    databases = snapshot.get(keys.DATABASES, {})
+    databases = snapshot.get(stat_keys.DATABASES, {})
     if databases:
         lines.append(
             f"databases    served {snapshot.get('databases_served', '?')}  default {snapshot.get('default_db', '?')}"
         )
-        lines.append(f"{'db':>8} " + " ".join(f"{key:>11}" for key in keys.DATABASE_KEYS))
+        lines.append(f"{'db':>8} " + " ".join(f"{key:>11}" for key in stat_keys.DATABASE_KEYS))
         for db, values in sorted(databases.items(), key=lambda item: int(item[0])):
-            lines.append(f"{db:>8} " + " ".join(f"{values.get(key, 0):>11}" for key in keys.DATABASE_KEYS))
+            lines.append(f"{db:>8} " + " ".join(f"{values.get(key, 0):>11}" for key in stat_keys.DATABASE_KEYS))
     lines.append(f"{'pid':>8} {'held':>5} {'channels':>8}")
     for worker in snapshot["workers"]:
         lines.append(f"{worker['pid']:>8} {worker['leases_held']:>5} {worker['control_connections']:>8}")
@@ -225,5 +231,17 @@ def _check(args: argparse.Namespace) -> int:
         f"{f' ({opened})' if opened else ''}, serving db {answer.get('databases', '?')} (default "
         f"{answer.get('default_db', '?')}), PING answered in {float(answer.get('elapsed_s', 0)) * 1000:.1f} ms"
     )
+    sentinel = answer.get(stat_keys.SENTINEL)
+    if sentinel:
+        print(_sentinel_line(sentinel))
     print(f"{table_core.describe()}; the manager's: {answer.get('table_core', '?')}")
     return 0
+
+
+def _sentinel_line(sentinel: dict[str, Any]) -> str:
+    error = f"  last error: {sentinel['last_error']}" if sentinel.get("last_error") else ""
+    return (
+        f"sentinel     service {sentinel.get('service')!r}  master {sentinel.get('master') or 'unknown'}  "
+        f"failovers {sentinel.get('failovers', 0)}  subscribed to {sentinel.get('subscribed_to') or 'none'}  "
+        f"draining {sentinel.get('draining', 0)}{error}"
+    )

@@ -19,6 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from sharedpool.config_values import (
+    choice,
+    client_name,
+    format_addresses,
+    int_range,
+    non_negative_float,
+    parse_addresses,
+    parse_bool,
+    parse_octal,
+    parse_uid_list,
+    positive_float,
+    redis_url,
+    socket_mode,
+)
+from sharedpool.db_ranges import DEFAULT_DATABASES, MAX_DATABASE, format_databases, parse_databases, url_database
 from sharedpool.errors import ConfigError, mask_secrets
 
 if sys.version_info >= (3, 11):
@@ -40,125 +55,6 @@ def default_socket_path() -> str:
     then look for each other in different places.
     """
     return f"/tmp/sharedpool-{os.getuid()}/sharedpool.sock"
-
-
-def _positive_float(name: str, value: float) -> str | None:
-    return None if value > 0 else "a number of seconds greater than 0"
-
-
-def _non_negative_float(name: str, value: float) -> str | None:
-    return None if value >= 0 else "a number of seconds, 0 or more (0 turns it off)"
-
-
-def _int_range(low: int, high: int) -> Callable[[str, int], str | None]:
-    def check(name: str, value: int) -> str | None:
-        return None if low <= value <= high else f"an integer from {low} to {high}"
-
-    return check
-
-
-def _choice(*allowed: Any) -> Callable[[str, Any], str | None]:
-    def check(name: str, value: Any) -> str | None:
-        return None if value in allowed else "one of " + ", ".join(repr(a) for a in allowed)
-
-    return check
-
-
-def _redis_url(name: str, value: str) -> str | None:
-    scheme = urlsplit(value).scheme
-    if scheme == "rediss":
-        from sharedpool import tls
-
-        return None if tls.available() else f"redis:// or unix:// ({tls.INSTALL_HINT})"
-    if scheme not in ("redis", "unix"):
-        return "a redis://host:port/db or unix:///path/to/redis.sock URL (rediss:// for TLS)"
-    return None
-
-
-def _socket_mode(name: str, value: int) -> str | None:
-    if value & ~0o777:
-        return "permission bits as octal, e.g. 600 or 660"
-    if value & 0o006:
-        return "permission bits that give others nothing, such as 600 or 660 (share through a group, never with everyone)"
-    return None
-
-
-def _parse_octal(text: str) -> int:
-    return int(str(text), 8)
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(text)
-
-
-MAX_DATABASE = 0xFFFF  # a row carries its database in 16 bits
-DEFAULT_DATABASES = tuple(range(16))  # Redis's default count (its ``databases`` setting)
-
-
-def parse_databases(text: str) -> tuple[int, ...]:
-    """``"0-15"``, ``"0,2,5-7"`` (spaces allowed) -> sorted distinct database numbers."""
-    found: set[int] = set()
-    for part in str(text).replace(" ", ",").split(","):
-        if not part:
-            continue
-        low, dash, high = part.partition("-")
-        first, last = int(low), int(high) if dash else int(low)
-        if not 0 <= first <= last <= MAX_DATABASE:
-            raise ValueError(part)
-        found.update(range(first, last + 1))
-    if not found:
-        raise ValueError(text)
-    return tuple(sorted(found))
-
-
-def format_databases(databases: tuple[int, ...] | list[int]) -> str:
-    """The inverse of ``parse_databases``, in ranges: (0, 1, 2, 5) -> "0-2,5"."""
-    parts: list[str] = []
-    ordered = sorted(set(databases))
-    start = 0
-    while start < len(ordered):
-        end = start
-        while end + 1 < len(ordered) and ordered[end + 1] == ordered[end] + 1:
-            end += 1
-        parts.append(str(ordered[start]) if start == end else f"{ordered[start]}-{ordered[end]}")
-        start = end + 1
-    return ",".join(parts)
-
-
-def url_database(url: str) -> int:
-    """The database a redis:// (``/N``) or unix:// (``?db=N``) URL names; 0 when it names none."""
-    from redis.connection import parse_url
-
-    if urlsplit(url).scheme == "rediss":
-        from sharedpool.tls.handshake import without_options
-
-        url = without_options(url)  # redis-py would parse ssl_min_version as a number
-    try:
-        return int(parse_url(url).get("db", 0) or 0)  # type: ignore[no-untyped-call]
-    except (ValueError, TypeError):
-        raise ConfigError("redis_url", mask_url(url), "a URL whose database (/N or ?db=N) is an integer") from None
-
-
-CLIENT_NAME_FIELDS = ("pool", "slot", "db")
-
-
-def _client_name(name: str, value: str) -> str | None:
-    try:
-        example = value.format(pool="default", slot=0, db=0)
-    except (KeyError, IndexError, ValueError):
-        return "a name whose only {fields} are {pool}, {slot} and {db} (empty: no CLIENT SETNAME)"
-    if any(ch.isspace() for ch in example):
-        return "a name without spaces or newlines (Redis refuses them in CLIENT SETNAME)"
-    return None
-
-
-def _parse_uid_list(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in str(text).replace(",", " ").split())
 
 
 def _spec(
@@ -183,7 +79,7 @@ class ManagerConfig:
         "redis://127.0.0.1:6379/0",
         "Redis to share: redis://[user:password@]host:port/db or unix:///path?db=N",
         str,
-        _redis_url,
+        redis_url,
         "URL",
     )
     redis_url_file: str = _spec(
@@ -192,68 +88,68 @@ class ManagerConfig:
     socket_path: str = _spec(
         "", "control socket path [default: /tmp/sharedpool-<uid>/sharedpool.sock]", str, None, "PATH"
     )
-    socket_mode: int = _spec(0o600, "permission bits of the control socket, octal", _parse_octal, _socket_mode, "MODE")
+    socket_mode: int = _spec(0o600, "permission bits of the control socket, octal", parse_octal, socket_mode, "MODE")
     socket_group: str = _spec(
         "", "group (name or gid) that owns the socket and its directory, to share them with socket_mode 660", str, None, "GROUP"
     )
     allowed_uids: tuple[int, ...] = _spec(
-        (), "uids allowed to connect, comma separated [default: the manager's own uid]", _parse_uid_list, None, "UIDS"
+        (), "uids allowed to connect, comma separated [default: the manager's own uid]", parse_uid_list, None, "UIDS"
     )
     databases: tuple[int, ...] = _spec(
         (), "databases served, e.g. 0-15 or 0,2,5-7 (the redis_url's db is the default one) [default: 0-15]",
         parse_databases, None, "DBS",
     )
     max_connections: int = _spec(
-        10, "most Redis connections the manager opens, all databases together", int, _int_range(1, 10_000), "N"
+        10, "most Redis connections the manager opens, all databases together", int, int_range(1, 10_000), "N"
     )
     max_connections_per_database: int = _spec(
-        0, "most connections one database may have open (0: only max_connections bounds it)", int, _int_range(0, 10_000), "N"
+        0, "most connections one database may have open (0: only max_connections bounds it)", int, int_range(0, 10_000), "N"
     )
     min_idle: int = _spec(
         1, "idle connections kept open per warm database: the default one, and each one listed in databases",
-        int, _int_range(0, 10_000), "N",
+        int, int_range(0, 10_000), "N",
     )
     client_name: str = _spec(
         "sharedpool:{pool}:{slot}", "CLIENT SETNAME of each connection: {pool}, {slot}, {db} filled in (empty: none)",
-        str, _client_name, "TEMPLATE",
+        str, client_name, "TEMPLATE",
     )
     acquire_timeout: float = _spec(
-        5.0, "seconds a worker waits for a lease before PoolTimeout", float, _positive_float, "SECONDS",
+        5.0, "seconds a worker waits for a lease before PoolTimeout", float, positive_float, "SECONDS",
     )
     max_leases_per_worker: int = _spec(
-        0, "most leases one worker process may hold at once (0: no limit)", int, _int_range(0, 10_000), "N",
+        0, "most leases one worker process may hold at once (0: no limit)", int, int_range(0, 10_000), "N",
     )
-    max_waiting: int = _spec(256, "most workers queued for a lease; more are refused at once", int, _int_range(0, 1_000_000), "N")
+    max_waiting: int = _spec(256, "most workers queued for a lease; more are refused at once", int, int_range(0, 1_000_000), "N")
     max_lifetime: float = _spec(
-        3600.0, "seconds before an idle connection is recycled (0: never)", float, _non_negative_float, "SECONDS",
+        3600.0, "seconds before an idle connection is recycled (0: never)", float, non_negative_float, "SECONDS",
     )
     idle_timeout: float = _spec(
-        600.0, "seconds idle before a connection above min_idle is closed (0: never)", float, _non_negative_float, "SECONDS",
+        600.0, "seconds idle before a connection above min_idle is closed (0: never)", float, non_negative_float, "SECONDS",
     )
     health_check_interval: float = _spec(
-        30.0, "seconds between health checks of idle connections (0: off)", float, _non_negative_float, "SECONDS",
+        30.0, "seconds between health checks of idle connections (0: off)", float, non_negative_float, "SECONDS",
     )
     leak_threshold: float = _spec(
-        30.0, "seconds a lease may be held before a warning is logged (0: off)", float, _non_negative_float, "SECONDS",
+        30.0, "seconds a lease may be held before a warning is logged (0: off)", float, non_negative_float, "SECONDS",
     )
     max_lease_time: float = _spec(
-        0.0, "seconds after which a held lease is revoked (0: never)", float, _non_negative_float, "SECONDS",
+        0.0, "seconds after which a held lease is revoked (0: never)", float, non_negative_float, "SECONDS",
     )
-    reap_interval: float = _spec(1.0, "seconds between sweeps for dead lease holders", float, _positive_float, "SECONDS")
+    reap_interval: float = _spec(1.0, "seconds between sweeps for dead lease holders", float, positive_float, "SECONDS")
     shutdown_grace: float = _spec(
-        10.0, "seconds to wait for leases on SIGTERM before closing anyway", float, _non_negative_float, "SECONDS",
+        10.0, "seconds to wait for leases on SIGTERM before closing anyway", float, non_negative_float, "SECONDS",
     )
     redis_timeout: float = _spec(
-        5.0, "socket and connect timeout of the manager's own Redis I/O", float, _positive_float, "SECONDS",
+        5.0, "socket and connect timeout of the manager's own Redis I/O", float, positive_float, "SECONDS",
     )
-    protocol: int = _spec(3, "RESP version the connections are set up with", int, _choice(2, 3), "2|3")
-    max_clients: int = _spec(1024, "most control connections at once; more are refused", int, _int_range(1, 1_000_000), "N")
-    handshake_timeout: float = _spec(5.0, "seconds a new control connection has to send HELLO", float, _positive_float, "SECONDS")
+    protocol: int = _spec(3, "RESP version the connections are set up with", int, choice(2, 3), "2|3")
+    max_clients: int = _spec(1024, "most control connections at once; more are refused", int, int_range(1, 1_000_000), "N")
+    handshake_timeout: float = _spec(5.0, "seconds a new control connection has to send HELLO", float, positive_float, "SECONDS")
     log_level: str = _spec(
-        "INFO", "DEBUG, INFO, WARNING or ERROR", str.upper, _choice("DEBUG", "INFO", "WARNING", "ERROR"), "LEVEL",
+        "INFO", "DEBUG, INFO, WARNING or ERROR", str.upper, choice("DEBUG", "INFO", "WARNING", "ERROR"), "LEVEL",
     )
-    log_format: str = _spec("text", "text, or json (one object per line)", str.lower, _choice("text", "json"), "FORMAT")
-    metrics_port: int = _spec(0, "serve Prometheus metrics on this TCP port (0: off)", int, _int_range(0, 65535), "PORT")
+    log_format: str = _spec("text", "text, or json (one object per line)", str.lower, choice("text", "json"), "FORMAT")
+    metrics_port: int = _spec(0, "serve Prometheus metrics on this TCP port (0: off)", int, int_range(0, 65535), "PORT")
     metrics_host: str = _spec("127.0.0.1", "address the metrics endpoint listens on", str, None, "HOST")
     # rediss:// only, redis-py's names; empty: the URL's query parameter, else the default in brackets.
     ssl_cert_reqs: str = _spec("", "verify Redis's certificate: required, optional or none [required]", str, None, "REQS")
@@ -267,6 +163,31 @@ class ManagerConfig:
         "", "check that the certificate names the URL's host: true or false [true]", str, None, "BOOL",
     )
     ssl_min_version: str = _spec("", "TLSv1_2 or TLSv1_3; TLS 1.3 is needed either way [TLSv1_3]", str, None, "VERSION")
+    # Sentinel: the master's address comes from the Sentinels, its password and database from redis_url.
+    sentinels: tuple[tuple[str, int], ...] = _spec(
+        (), "Sentinels to ask for the master, host:port,host:port (set: redis_url's host and port are not used)",
+        parse_addresses, None, "ADDRS",
+    )
+    sentinel_service: str = _spec("", "name of the master the Sentinels monitor (sentinel monitor NAME ...)", str, None, "NAME")
+    sentinel_username: str = _spec("", "username for the Sentinels' own AUTH (ACL)", str, None, "USER")
+    sentinel_password: str = _spec(
+        "", "password of the Sentinels' own AUTH, not the master's (never logged)", str, None, "PASSWORD",
+    )
+    sentinel_timeout: float = _spec(
+        1.0, "seconds each Sentinel has to answer a query before the next one is asked", float, positive_float, "SECONDS",
+    )
+    # Redis Cluster (manager/cluster.py): redis_url names a seed node.
+    cluster: bool = _spec(
+        False, "serve a Redis Cluster: redis_url is a seed node, every node gets its own connections", parse_bool,
+        None, "BOOL",
+    )
+    max_connections_per_node: int = _spec(
+        0, "cluster: most connections one node may have open (0: only max_connections bounds it)", int,
+        int_range(0, 10_000), "N",
+    )
+    cluster_refresh_interval: float = _spec(
+        5.0, "cluster: seconds between node list refreshes (CLUSTER SHARDS)", float, positive_float, "SECONDS",
+    )
 
     def __post_init__(self) -> None:
         if not self.socket_path:
@@ -278,12 +199,31 @@ class ManagerConfig:
                 "min_idle", self.min_idle, f"at most max_connections ({self.max_connections})"
             )
         tls_options(self)  # refuses a bad ssl_* value, or one given for a plain URL, at start
+        _check_sentinel(self)
         default_db = url_database(self.redis_url)
-        if default_db not in self.served_databases:
+        if self.cluster and self.sentinels:
+            # A cluster fails over by itself; Sentinel watches one master and its replicas.
+            raise ConfigError("cluster", True, "false with sentinels (a Redis Cluster is not monitored by Sentinel)")
+        if self.cluster:
+            self._check_cluster(default_db)
+        elif default_db not in self.served_databases:
             raise ConfigError(
                 "databases", format_databases(self.served_databases),
                 f"a list that includes db {default_db}, the default database named by redis_url",
             )
+
+    def _check_cluster(self, default_db: int) -> None:
+        scheme = urlsplit(self.redis_url).scheme
+        if scheme != "redis":
+            raise ConfigError("redis_url", mask_url(self.redis_url), "with cluster: a redis://host:port seed node "
+                              "(unix sockets and rediss:// are not served in cluster mode)")
+        if default_db:
+            raise ConfigError("redis_url", mask_url(self.redis_url), "with cluster: database 0 (a cluster has no other)")
+        if self.databases:
+            raise ConfigError("databases", format_databases(self.databases), "unset with cluster (nodes take their place)")
+        if self.max_connections_per_database:
+            raise ConfigError("max_connections_per_database", self.max_connections_per_database,
+                              "0 with cluster: use max_connections_per_node")
 
     @property
     def served_databases(self) -> tuple[int, ...]:
@@ -306,6 +246,8 @@ class ManagerConfig:
         values = dataclasses.asdict(self)
         values["redis_url"] = mask_url(self.redis_url)
         values["ssl_password"] = "***" if self.ssl_password else ""
+        values["sentinel_password"] = "***" if self.sentinel_password else ""
+        values["sentinels"] = format_addresses(self.sentinels)
         values["socket_mode"] = f"{self.socket_mode:o}"
         values["allowed_uids"] = list(self.allowed_uids)
         values["databases"] = format_databases(self.served_databases)
@@ -322,15 +264,33 @@ class ClientConfig:
 
     socket_path: str = _spec("", "control socket of the manager", str, None, "PATH")
     acquire_timeout: float = _spec(
-        0.0, "seconds to wait for a lease (0: the manager's acquire_timeout)", float, _non_negative_float, "SECONDS"
+        0.0, "seconds to wait for a lease (0: the manager's acquire_timeout)", float, non_negative_float, "SECONDS"
     )
     manager_timeout: float = _spec(
-        5.0, "seconds to keep retrying when no manager answers (0: fail at once)", float, _non_negative_float, "SECONDS"
+        5.0, "seconds to keep retrying when no manager answers (0: fail at once)", float, non_negative_float, "SECONDS"
     )
 
     def __post_init__(self) -> None:
         if not self.socket_path:
             object.__setattr__(self, "socket_path", default_socket_path())
+
+
+def _check_sentinel(config: ManagerConfig) -> None:
+    if bool(config.sentinels) != bool(config.sentinel_service):
+        given, missing = ("sentinels", "sentinel_service") if config.sentinels else ("sentinel_service", "sentinels")
+        value = format_addresses(config.sentinels) if config.sentinels else config.sentinel_service
+        raise ConfigError(given, value, f"set together with {missing} (the Sentinels, and the master's name they know)")
+    if not config.sentinels:
+        for name in ("sentinel_username", "sentinel_password"):
+            if getattr(config, name):
+                raise ConfigError(name, "***" if name == "sentinel_password" else getattr(config, name),
+                                  "set only with sentinels and sentinel_service")
+        return
+    if urlsplit(config.redis_url).scheme != "redis":
+        raise ConfigError(
+            "redis_url", mask_url(config.redis_url),
+            "a redis:// URL with sentinels (the master is reached by TCP; rediss:// with Sentinel is not supported yet)",
+        )
 
 
 def socket_gid(group: str) -> int:
@@ -380,7 +340,7 @@ def _convert(cls: type, name: str, raw: Any, source: str) -> Any:
     try:
         if isinstance(raw, str):
             value = parse(raw)
-        elif isinstance(raw, bool) and parse is not _parse_bool:
+        elif isinstance(raw, bool) and parse is not parse_bool:
             raise ValueError(raw)
         elif parse is int and isinstance(raw, int):
             value = raw
@@ -392,13 +352,15 @@ def _convert(cls: type, name: str, raw: Any, source: str) -> Any:
             value = tuple(sorted(set(raw)))
         elif parse is parse_databases and isinstance(raw, int) and not isinstance(raw, bool):
             value = parse_databases(str(raw))
-        elif parse is _parse_uid_list and isinstance(raw, (list, tuple)):
+        elif parse is parse_addresses and isinstance(raw, (list, tuple)) and all(isinstance(v, str) for v in raw):
+            value = parse(",".join(raw))
+        elif parse is parse_uid_list and isinstance(raw, (list, tuple)):
             value = tuple(int(v) for v in raw if not isinstance(v, bool) and isinstance(v, int))
             if len(value) != len(raw):
                 raise ValueError(raw)
-        elif parse is _parse_bool and isinstance(raw, bool):
+        elif parse is parse_bool and isinstance(raw, bool):
             value = raw
-        elif parse is _parse_octal and isinstance(raw, int):
+        elif parse is parse_octal and isinstance(raw, int):
             value = parse(str(raw))
         else:
             raise ValueError(raw)
@@ -418,12 +380,14 @@ def _type_words(spec: dataclasses.Field[Any]) -> str:
         return "an integer"
     if parse is float:
         return "a number"
-    if parse is _parse_octal:
+    if parse is parse_octal:
         return "octal permission bits such as 600"
-    if parse is _parse_uid_list:
+    if parse is parse_uid_list:
         return "a comma-separated list of integer uids"
-    if parse is _parse_bool:
+    if parse is parse_bool:
         return "true or false"
+    if parse is parse_addresses:
+        return "host:port addresses, comma separated (a TOML list of them too)"
     if parse is parse_databases:
         return f"database numbers from 0 to {MAX_DATABASE}: a list, or ranges like 0-15 or 0,2,5-7"
     return "a string"
@@ -515,6 +479,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             *flags,
             dest=spec.name,
             default=None,
+            # A switch (--cluster) that also takes a value (--cluster false), as env and TOML do.
+            **({"nargs": "?", "const": "true"} if spec.metadata["parse"] is parse_bool else {}),  # type: ignore[arg-type]
             metavar=spec.metadata["metavar"] or spec.name.upper(),
             help=help_text,
         )

@@ -47,6 +47,12 @@ class LeaseLost(SharedPoolError, redis.exceptions.ConnectionError):
     """The leased connection was revoked or lost in the middle of a lease."""
 
 
+class ReplicaAnswered(SharedPoolError, redis.exceptions.ConnectionError):
+    """Redis answered READONLY: the server is a replica now (a failover demoted it). The lease ends
+    broken and its connection is replaced; a ``ConnectionError``, as redis-py's Sentinel raises, so
+    that a retry runs the command again on a fresh lease."""
+
+
 class LeaseError(SharedPoolError):
     """A lease was misused: released twice, or released by the wrong pool."""
 

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sharedpool import stats as keys
+from sharedpool import stat_keys
 
 log = logging.getLogger("sharedpool.metrics")
 
@@ -57,32 +57,33 @@ _CONNECTION_STATES = ("open", "idle", "leased", "connecting", "resetting")
 _QUANTILES = (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms"))
 # Every reaped_<cause> counter goes into one family labelled by cause, so a
 # new cause needs no new metric name (and no dashboard change).
-_REAPED_PREFIX = keys.reaped_key("")
+_REAPED_PREFIX = stat_keys.reaped_key("")
 _REAPED_FAMILY = "leases_reaped"
 
 # HELP text of the counters we know; an unknown key (a newer manager) is
 # still exported, with a generic help line.
 _COUNTER_HELP: dict[str, str] = {
-    keys.GRANTED: "Leases taken by workers (read from the lease table).",
-    keys.RELEASED: "Leases given back by workers (taken minus held).",
-    keys.REFUSED_UNAVAILABLE: "Demands for a connection while Redis was unreachable (each starts a new attempt).",
-    keys.RESETS: "Connections reset between leases.",
-    keys.OPENED: "Redis connections opened.",
-    keys.CLOSED: "Redis connections closed.",
-    keys.REDIS_ERRORS: "Errors talking to Redis (connect, reset).",
-    keys.FDS_SENT: "File descriptors passed to workers.",
-    keys.CLIENTS_ACCEPTED: "Control connections accepted.",
-    keys.CLIENTS_REFUSED: "Control connections refused (uid not allowed, max_clients).",
-    keys.PROTOCOL_ERRORS: "Malformed frames received from workers.",
-    keys.RECYCLED: "Connections recycled after max_lifetime.",
-    keys.IDLE_CLOSED: "Connections closed after idle_timeout.",
-    keys.HEALTH_CHECK_FAILED: "Idle connections found closed by Redis or dirty.",
-    keys.LEAK_WARNINGS: "Leases held longer than leak_threshold.",
-    keys.TABLE_REPAIRS: "Lease-table rows the manager found scribbled and repaired.",
-    keys.STALE_FETCHES: "Requests for the fd of a slot generation that no longer exists.",
-    keys.REBOUND: "Idle connections rebound to another database (max_connections reached).",
+    stat_keys.GRANTED: "Leases taken by workers (read from the lease table).",
+    stat_keys.RELEASED: "Leases given back by workers (taken minus held).",
+    stat_keys.REFUSED_UNAVAILABLE: "Demands for a connection while Redis was unreachable (each starts a new attempt).",
+    stat_keys.RESETS: "Connections reset between leases.",
+    stat_keys.OPENED: "Redis connections opened.",
+    stat_keys.CLOSED: "Redis connections closed.",
+    stat_keys.REDIS_ERRORS: "Errors talking to Redis (connect, reset).",
+    stat_keys.FDS_SENT: "File descriptors passed to workers.",
+    stat_keys.CLIENTS_ACCEPTED: "Control connections accepted.",
+    stat_keys.CLIENTS_REFUSED: "Control connections refused (uid not allowed, max_clients).",
+    stat_keys.PROTOCOL_ERRORS: "Malformed frames received from workers.",
+    stat_keys.RECYCLED: "Connections recycled after max_lifetime.",
+    stat_keys.IDLE_CLOSED: "Connections closed after idle_timeout.",
+    stat_keys.HEALTH_CHECK_FAILED: "Idle connections found closed by Redis or dirty.",
+    stat_keys.LEAK_WARNINGS: "Leases held longer than leak_threshold.",
+    stat_keys.TABLE_REPAIRS: "Lease-table rows the manager found scribbled and repaired.",
+    stat_keys.STALE_FETCHES: "Requests for the fd of a slot generation that no longer exists.",
+    stat_keys.REBOUND: "Idle connections rebound to another database (max_connections reached).",
+    stat_keys.FAILOVERS: "Sentinel failovers followed: the master moved to another address.",
 }
-_DB_CONNECTION_STATES = (keys.DB_OPEN, keys.DB_IDLE, keys.DB_HELD)
+_DB_CONNECTION_STATES = (stat_keys.DB_OPEN, stat_keys.DB_IDLE, stat_keys.DB_HELD)
 
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_:]")
 
@@ -133,9 +134,9 @@ def render_prometheus(snapshot: Mapping[str, Any]) -> str:
     family("leases_held", "gauge", "Leases held by workers right now.").add(leases.get("held", 0))
     family("leases_waiting", "gauge", "Workers waiting for a lease right now.").add(leases.get("waiting", 0))
     family("leases_subscribers", "gauge", "Held leases in subscribed mode (not leaks, never revoked).").add(
-        snapshot.get(keys.SUBSCRIBERS, 0)
+        snapshot.get(stat_keys.SUBSCRIBERS, 0)
     )
-    databases = snapshot.get(keys.DATABASES, {})
+    databases = snapshot.get(stat_keys.DATABASES, {})
     by_db = family(
         "database_connections", "gauge",
         'Redis connections of each database; state="open" includes idle and held, so do not sum over state.',
@@ -145,8 +146,8 @@ def render_prometheus(snapshot: Mapping[str, Any]) -> str:
     for db, values in databases.items():
         for state in _DB_CONNECTION_STATES:
             by_db.add(values.get(state, 0), db=str(db), state=state)
-        waiting.add(values.get(keys.DB_WAITING, 0), db=str(db))
-        subscribers.add(values.get(keys.DB_SUBSCRIBERS, 0), db=str(db))
+        waiting.add(values.get(stat_keys.DB_WAITING, 0), db=str(db))
+        subscribers.add(values.get(stat_keys.DB_SUBSCRIBERS, 0), db=str(db))
     family("uptime_seconds", "gauge", "Seconds since the manager started.").add(snapshot.get("uptime_s", 0))
     family("redis_up", "gauge", "1 when the manager reaches Redis, 0 during an outage.").add(
         0 if snapshot.get("redis_down_for_s") is not None else 1

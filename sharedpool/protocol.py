@@ -82,7 +82,24 @@ code   name         dir    body
                            float, "redis": str, "pool": str, "open": int,
                            "open_by_db": {"<db>": int}, "databases": str,
                            "default_db": int, "table_core": "c" | "python"}``.
+18     NODES        c->s   JSON ``{"refresh": bool, "wait": bool}``: a
+                           cluster manager's node list (``--cluster``);
+                           ``refresh``: the asker's view of the cluster
+                           changed (it followed a MOVED), look again;
+                           ``wait``: answer after that look. A manager that
+                           serves one Redis answers ERROR ``UNSUPPORTED``.
+19     NODES_REPLY  s->c   JSON ``{"version": int, "seed": str, "nodes":
+                           [{"index", "addr", "role", "slots", "primary"}]}``.
 =====  ===========  =====  ====================================================
+
+Cluster mode: a row's, FETCH_FD's and DEMAND's ``db`` is a node's index
+(a cluster has only database 0). WELCOME then also carries ``"cluster":
+{"<index>": "host:port"}``: a client checks that the index it asks for is
+the node it means, so a restarted manager that numbered the nodes otherwise
+is refused (``Misconfigured``), never lent. DEMAND for a node no longer
+served is answered ERROR ``REDIS_UNAVAILABLE`` (the connection stays).
+Older clients and managers are unaffected: the new types are requests only
+a cluster client sends.
 
 Types 64-127 are frames the manager may send unprompted; a client ignores
 such types it does not know. A manager answers an unknown type with ERROR
@@ -151,6 +168,8 @@ class FrameType(enum.IntEnum):
     ACK = 15
     PROBE = 16
     PROBE_REPLY = 17
+    NODES = 18
+    NODES_REPLY = 19
 
 
 UNSOLICITED_TYPES = range(64, 128)

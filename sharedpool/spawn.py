@@ -21,13 +21,14 @@ from typing import IO, Any
 from sharedpool import admin
 from sharedpool import config as _config
 from sharedpool.config import ManagerConfig
+from sharedpool.config_values import format_addresses
 
 _MANAGER_FIELDS = frozenset(f.name for f in dataclasses.fields(ManagerConfig))
 # Never on the command line: the URL may hold a password (argv is world-readable
 # in /proc), and the socket path has its own argument.
 _NOT_FLAGS = frozenset({"redis_url", "socket_path"})
 # Settings that are secrets go by environment too, for the same reason.
-_BY_ENVIRONMENT = frozenset({"ssl_password"})
+_BY_ENVIRONMENT = frozenset({"ssl_password", "sentinel_password"})
 
 
 def flag_value(name: str, value: Any) -> str:
@@ -39,6 +40,8 @@ def flag_value(name: str, value: Any) -> str:
         return value
     if name == "socket_mode":
         return f"{value:o}"  # parsed as octal: 0o660 is "660", never "432"
+    if name == "sentinels" and isinstance(value, (tuple, list)) and all(isinstance(v, tuple) for v in value):
+        return format_addresses(tuple(value))
     if isinstance(value, (tuple, list)):
         return ",".join(str(v) for v in value)
     return str(value)

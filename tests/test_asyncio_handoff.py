@@ -13,7 +13,7 @@ from support.async_mix import many_tasks
 
 import sharedpool.asyncio as spa
 from sharedpool import table as tbl
-from sharedpool.asyncio import pool as async_pool
+from sharedpool.asyncio import async_pool
 
 
 def run(coro: Any) -> Any:

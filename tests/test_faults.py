@@ -32,13 +32,14 @@ import multiprocess
 import psutil
 import pytest
 import redis
+from support.both_clients import KINDS, shared_redis
 from support.cli import run_cli
 from support.redis_view import manager_clients
 from support.waiting import wait_for
 
 import sharedpool
-from sharedpool.client.channel import explain_connect_error
 from sharedpool.dev.redis_server import RedisServer
+from sharedpool.shell.frames import explain_connect_error
 
 ctx = multiprocess.get_context("fork")
 
@@ -324,18 +325,21 @@ def test_ten_thousand_short_lived_threads_use_bounded_channels_and_fds(start_man
 # ----- 3. Redis closes idle connections, or restarts under them ---------------------------------
 
 
-def _on_own_redis(start_manager: Any, own_redis: Any, connections: int, acquire_timeout: float) -> tuple[Any, Any, Any]:
+def _on_own_redis(
+    start_manager: Any, own_redis: Any, connections: int, acquire_timeout: float, kind: str = "sync"
+) -> tuple[Any, Any, Any]:
     """A manager keeping ``connections`` open on our own Redis, a plain client to watch that Redis, a pooled client."""
     manager = start_manager(redis_url=own_redis.url, max_connections=connections, min_idle=connections)
     admin = own_redis.client(decode_responses=True)
-    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=acquire_timeout,
-                         manager_timeout=1)
+    r = shared_redis(kind, socket_path=manager.socket_path, decode_responses=True, acquire_timeout=acquire_timeout,
+                     manager_timeout=1)
     return manager, admin, r
 
 
 @pytest.mark.slow
-def test_redis_closing_idle_connections_does_not_starve_the_next_request(start_manager, own_redis) -> None:
-    manager, admin, r = _on_own_redis(start_manager, own_redis, connections=10, acquire_timeout=2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_redis_closing_idle_connections_does_not_starve_the_next_request(start_manager, own_redis, kind: str) -> None:
+    manager, admin, r = _on_own_redis(start_manager, own_redis, connections=10, acquire_timeout=2, kind=kind)
     try:
         old = wait_for(lambda: len(ids := {c["id"] for c in manager_clients(admin, manager.pool_name)}) == 10 and ids,
                        what="10 idle connections")
@@ -352,18 +356,19 @@ def test_redis_closing_idle_connections_does_not_starve_the_next_request(start_m
 
 
 
-def _ten_idle_connections(start_manager: Any, own_redis: Any, acquire_timeout: float) -> tuple[Any, Any]:
-    """A manager on our own Redis with 10 idle connections, and a client that has used one."""
+def _ten_idle_connections(start_manager: Any, own_redis: Any, acquire_timeout: float, kind: str) -> tuple[Any, Any]:
+    """A manager on our own Redis with 10 idle connections, and a client (``kind``) that has used one."""
     manager = start_manager(redis_url=own_redis.url, max_connections=10, min_idle=10, reap_interval=0.2)
-    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=acquire_timeout,
-                         manager_timeout=1)
+    r = shared_redis(kind, socket_path=manager.socket_path, decode_responses=True, acquire_timeout=acquire_timeout,
+                     manager_timeout=1)
     wait_for(lambda: manager.stats()["connections"]["idle"] == 10, what="10 idle connections")
     _round_trips(r, 1)
     return manager, r
 
 @pytest.mark.slow
-def test_redis_restarted_on_the_same_port_under_idle_connections(start_manager, own_redis) -> None:
-    manager, r = _ten_idle_connections(start_manager, own_redis, acquire_timeout=5)
+@pytest.mark.parametrize("kind", KINDS)
+def test_redis_restarted_on_the_same_port_under_idle_connections(start_manager, own_redis, kind: str) -> None:
+    manager, r = _ten_idle_connections(start_manager, own_redis, acquire_timeout=5, kind=kind)
     try:
         own_redis.stop()
         # A restart as long as real ones: the manager has seen Redis gone
@@ -387,8 +392,9 @@ _ALONE = re.compile(r"\(\d+ of \d+ connections leased, \d+ waiting\)$")
 
 
 @pytest.mark.slow
-def test_errors_with_redis_stopped_say_why(start_manager, own_redis) -> None:
-    manager, r = _ten_idle_connections(start_manager, own_redis, acquire_timeout=0.3)
+@pytest.mark.parametrize("kind", KINDS)
+def test_errors_with_redis_stopped_say_why(start_manager, own_redis, kind: str) -> None:
+    manager, r = _ten_idle_connections(start_manager, own_redis, acquire_timeout=0.3, kind=kind)
     try:
         own_redis.stop()
         messages = []
@@ -406,9 +412,10 @@ def test_errors_with_redis_stopped_say_why(start_manager, own_redis) -> None:
         r.close()
 
 
-def test_pool_timeout_while_connections_are_being_opened_says_so(start_manager, own_redis) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_pool_timeout_while_connections_are_being_opened_says_so(start_manager, own_redis, kind: str) -> None:
     manager = start_manager(redis_url=own_redis.url, max_connections=2, min_idle=0, redis_timeout=1)
-    r = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=0.3, manager_timeout=1)
+    r = shared_redis(kind, socket_path=manager.socket_path, decode_responses=True, acquire_timeout=0.3, manager_timeout=1)
     assert own_redis.process is not None
     try:
         r.connection_pool.manager_info()
@@ -550,19 +557,27 @@ def test_check_reports_redis_killed_frozen_or_full(start_manager, own_redis) -> 
 # ----- 6. the socket file deleted ---------------------------------------------------------------
 
 
-def test_deleted_socket_file_is_created_again(start_manager) -> None:
+def _newcomer(socket_path: str, kind: str) -> str:
+    newcomer = shared_redis(kind, socket_path=socket_path, decode_responses=True, acquire_timeout=3, manager_timeout=1)
+    try:
+        _round_trips(newcomer, 3, "newcomer")
+    finally:
+        newcomer.close()
+    return "ok"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deleted_socket_file_is_created_again(start_manager, workers, kind: str) -> None:
     manager = start_manager(max_connections=2, min_idle=1, reap_interval=0.2)
-    connected = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=3)
+    connected = shared_redis(kind, socket_path=manager.socket_path, decode_responses=True, acquire_timeout=3)
     try:
         _round_trips(connected, 2)
         os.unlink(manager.socket_path)
         _round_trips(connected, 5, "after-unlink")  # connected workers never notice
         wait_for(lambda: os.path.exists(manager.socket_path), timeout=0.2 + 2, what="the socket file back")
-        newcomer = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=3, manager_timeout=1)
-        try:
-            _round_trips(newcomer, 3, "newcomer")
-        finally:
-            newcomer.close()
+        # A newcomer is another process: this one's pools share the control
+        # connection ``connected`` opened before the unlink.
+        assert workers(_newcomer, manager.socket_path, kind).result() == "ok"
         assert re.search(r"control socket .* was deleted: creating it again", _log(manager))
     finally:
         connected.close()
@@ -653,12 +668,12 @@ def test_forked_child_using_a_parents_pinned_client_gets_lease_lost(start_manage
         r.close()
 
 
-def _connect_as_nobody(socket_path: str) -> str:
+def _connect_as_nobody(socket_path: str, kind: str) -> str:
     nobody = pwd.getpwnam("nobody")
     os.setgroups([])
     os.setgid(nobody.pw_gid)
     os.setuid(nobody.pw_uid)
-    r = sharedpool.Redis(socket_path=socket_path, manager_timeout=0)
+    r = shared_redis(kind, socket_path=socket_path, manager_timeout=0)
     try:
         r.ping()
         return "connected"
@@ -668,10 +683,11 @@ def _connect_as_nobody(socket_path: str) -> str:
         r.close()
 
 
-def test_permission_denied_says_so_and_what_to_do(start_manager, workers) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_permission_denied_says_so_and_what_to_do(start_manager, workers, kind: str) -> None:
     manager = start_manager(max_connections=1, min_idle=1)
     if os.getuid() == 0:
-        message = workers(_connect_as_nobody, manager.socket_path).result()
+        message = workers(_connect_as_nobody, manager.socket_path, kind).result()
     else:  # only root can become another uid: check the message it would get
         message = explain_connect_error(manager.socket_path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
     assert "permission denied" in message, message

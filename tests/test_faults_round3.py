@@ -108,7 +108,7 @@ def test_a_revoked_holder_gets_lease_lost_at_its_next_command_asyncio(start_mana
 def test_lease_lost_is_a_connection_error_no_retry_repeats() -> None:
     # The choice documented in the README: still a redis.ConnectionError (what
     # `except` clauses expect of a connection taken away), never retried by our budget.
-    from sharedpool.client.retry_budget import CallBudget
+    from sharedpool.lease.budget import CallBudget
 
     class Conn:
         retry_until = 0.0

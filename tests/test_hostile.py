@@ -842,8 +842,12 @@ def test_a_thousand_idle_control_connections(hostile: Start) -> None:
 
 def test_a_worker_refused_for_max_clients_is_told_why(hostile: Start) -> None:
     manager, good, baseline = hostile(max_clients=2)
-    with RawPeer(manager.socket_path) as filler:
+    # The pools of a process share one control connection (good's, here): let
+    # it go, so that two raw peers fill max_clients and each new pool is refused.
+    good.connection_pool.disconnect()
+    with RawPeer(manager.socket_path) as filler, RawPeer(manager.socket_path) as second:
         filler.hello()
+        second.hello()
         for _ in range(10):
             refused = sharedpool.Redis(socket_path=manager.socket_path, manager_timeout=0)
             try:
@@ -864,7 +868,7 @@ def test_a_worker_refused_for_max_clients_is_told_why(hostile: Start) -> None:
             assert "max_clients=2" in late.expect_error(ErrorCode.TOO_MANY_CLIENTS).message
             assert late.expect_closed() == []
             assert not late.was_reset, "the manager closed with our HELLO unread: ECONNRESET came first"
-        _roundtrip(manager, good)
+    _roundtrip(manager, good)
     _at_rest(manager, baseline)
 
 

@@ -15,6 +15,7 @@ import threading
 
 import pytest
 import redis
+import redis.asyncio
 from redis.driver_info import DriverInfo
 from support.waiting import wait_for
 
@@ -138,6 +139,51 @@ def test_disconnect_without_inuse_connections_leaves_leases_in_use(start_manager
     assert conn.read_response() in (b"PONG", "PONG")
     pool.release(conn)
     wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="released")
+    pool.disconnect()
+
+
+def test_asyncio_disconnect_ends_leases_in_use_as_plain_redis_asyncio(start_manager) -> None:
+    # redis-py's asyncio suite drops PubSubs unclosed and cleans up with the
+    # pool's disconnect(): on plain that closes them; kept, their leases
+    # piled up to the host's cap (PoolTimeout in later tests).
+    manager = start_manager(max_connections=2, min_idle=1)
+
+    async def scenario() -> None:
+        pool = sharedpool.asyncio.SharedConnectionPool(manager.socket_path)
+        r = redis.asyncio.Redis(connection_pool=pool)
+        pubsub = r.pubsub()
+        await pubsub.subscribe("news")
+        assert (await pubsub.get_message(timeout=2))["type"] == "subscribe"
+        assert manager.stats()["leases"]["held"] == 1
+        await pool.disconnect()  # inuse_connections=True, redis.asyncio's default
+        wait_for(lambda: manager.stats()["leases"]["held"] == 0, what="the PubSub's lease ended at once")
+        # Its holder goes on as on plain: the next command takes a fresh lease.
+        assert await r.set("adisc:after", "1") and await r.get("adisc:after") == b"1"
+        await pubsub.aclose()
+        await r.aclose()
+        await pool.disconnect()
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_redis_closed_while_idle_is_not_handed_out(start_manager, admin: redis.Redis) -> None:
+    # redis-py's pool checks a connection it takes (can_read) and reconnects one
+    # Redis closed meanwhile; the manager replaces such a one too, but a lease
+    # taken before its turn must not get it (a Celery child's result store
+    # failed so after CLIENT KILL).
+    manager = start_manager(max_connections=2, min_idle=2)
+    pool = sharedpool.SharedConnectionPool(manager.socket_path)
+    r = redis.Redis(connection_pool=pool)
+    for _ in range(4):  # both slots cached in this process
+        a, b = pool.get_connection(), pool.get_connection()
+        assert a is not b
+        pool.release(a)
+        pool.release(b)
+    for _ in range(20):
+        for client in admin.client_list():
+            if client["name"].startswith("sharedpool:"):
+                admin.client_kill_filter(_id=client["id"])
+        assert r.incr("idle:killed") >= 1  # at once, before the manager's replacement or not
     pool.disconnect()
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from sharedpool import stats as keys
+from sharedpool import stat_keys
 from sharedpool.config import ManagerConfig
 from sharedpool.manager.actions import (
     Action,
@@ -34,7 +34,7 @@ from sharedpool.manager.actions import (
     ShutDown,
     Wake,
 )
-from sharedpool.manager.pool import _ALLOWED_MOVES, Pool, ReapCause, Slot, SlotState
+from sharedpool.manager.pool_state import _ALLOWED_MOVES, Pool, ReapCause, Slot, SlotState
 from sharedpool.table import RETIRE_NOW, Outcome, RowState
 
 EMPTY, CONNECTING, SHARED, MANAGED = SlotState.EMPTY, SlotState.CONNECTING, SlotState.SHARED, SlotState.MANAGED
@@ -234,7 +234,7 @@ def test_min_idle_opens_at_start_then_nothing_more(make_pool: MakePool) -> None:
     assert pool.dispatch(0.001, idle={}, waiters={}) == []  # the two connecting count
     follow = connect(pool, actions, 0.002)
     assert follow == [Publish(0, 0, READY), Wake(1, 0), Publish(1, 0, READY), Wake(1, 0)]
-    assert pool.counters[keys.OPENED] == 2 and pool.open_connections == 2
+    assert pool.counters[stat_keys.OPENED] == 2 and pool.open_connections == 2
     assert pool.dispatch(0.003, idle={0: 2}, waiters={}) == []
     # One of them is taken: min_idle asks for another, within max_connections.
     assert pool.dispatch(0.004, idle={0: 1}, waiters={}) == [Publish(2, 0, MANAGER), OpenConnection(2, 0)]
@@ -286,7 +286,7 @@ def test_connected_for_a_slot_no_longer_wanted_closes_the_connection(make_pool: 
     pool = make_pool()
     pool.dispatch(0.0, {}, {0: 1})  # slot 0 generation 0 is CONNECTING; slot 1 is EMPTY
     assert pool.connected(index, generation, "late", 1.0) == [CloseConnection("late", "no longer wanted")]
-    assert pool.counters[keys.OPENED] == 0 and pool.open_connections == 0
+    assert pool.counters[stat_keys.OPENED] == 0 and pool.open_connections == 0
 
 
 def test_connected_twice_closes_the_second(make_pool: MakePool) -> None:
@@ -301,7 +301,7 @@ def test_connected_while_shutting_down_is_closed_at_once(make_pool: MakePool) ->
     pool.begin_shutdown()
     assert pool.connected(0, 0, "conn", 1.0) == [CloseConnection("conn", "shutting down"), Publish(0, 1, CLOSED)]
     assert pool.slots[0].state is EMPTY and pool.slots[0].generation == 1
-    assert pool.counters[keys.OPENED] == 1 and pool.counters[keys.CLOSED] == 1
+    assert pool.counters[stat_keys.OPENED] == 1 and pool.counters[stat_keys.CLOSED] == 1
 
 
 def test_connected_beyond_a_lowered_max_connections_is_retired(make_pool: MakePool) -> None:
@@ -322,7 +322,7 @@ def test_connect_failures_back_off_exponentially_up_to_a_cap(make_pool: MakePool
     assert pool.dispatch(0.0, {}, {}) == [Publish(0, 0, MANAGER), OpenConnection(0, 0)]
     assert pool.connect_failed(0, 0, "ConnectionError: refused", 1.0) == [Publish(0, 1, CLOSED), Wake(-1)]
     assert pool.slots[0].state is EMPTY and pool.slots[0].generation == 1
-    assert pool.counters[keys.REDIS_ERRORS] == 1
+    assert pool.counters[stat_keys.REDIS_ERRORS] == 1
     assert pool.redis_down_since == 1.0 and pool.last_connect_error == "ConnectionError: refused"
     assert "Redis at 10.0.0.9:6379/0 unreachable: ConnectionError: refused" in caplog.text
     # 0.05 s * 2**1, times the jitter (0.5 + 0.5/2).
@@ -371,7 +371,7 @@ def test_connect_failed_for_a_stale_attempt_is_ignored(make_pool: MakePool) -> N
     assert pool.connect_failed(0, 1, "x", 1.0) == []
     assert pool.connect_failed(1, 0, "x", 1.0) == []
     assert pool.connect_failed(7, 0, "x", 1.0) == []
-    assert pool.counters[keys.REDIS_ERRORS] == 0 and pool.slots[0].state is CONNECTING
+    assert pool.counters[stat_keys.REDIS_ERRORS] == 0 and pool.slots[0].state is CONNECTING
 
 
 def test_demand_while_redis_is_down_probes_again_soon_instead_of_after_the_backoff(make_pool: MakePool) -> None:
@@ -386,7 +386,7 @@ def test_demand_while_redis_is_down_probes_again_soon_instead_of_after_the_backo
     assert pool.next_connect_at > failed_at + 0.05
     assert pool.demanded(failed_at + 0.01, 0) == ""
     assert pool.next_connect_at == pytest.approx(failed_at + 0.05)
-    assert pool.counters[keys.REFUSED_UNAVAILABLE] == 1 and pool.demand == {0: 1}
+    assert pool.counters[stat_keys.REFUSED_UNAVAILABLE] == 1 and pool.demand == {0: 1}
     # The probe it asked for succeeds: the demand is served as usual.
     opens = [a for a in pool.dispatch(pool.next_connect_at, {}, {0: 1}) if isinstance(a, OpenConnection)]
     assert len(opens) == 1
@@ -399,7 +399,7 @@ def test_demand_refused_while_shutting_down(make_pool: MakePool) -> None:
     open_slots(pool, 1)
     pool.begin_shutdown()
     assert pool.demanded(1.0, 0) == "pool 'web' is shutting down"
-    assert pool.demand == {} and pool.counters[keys.REFUSED_UNAVAILABLE] == 0
+    assert pool.demand == {} and pool.counters[stat_keys.REFUSED_UNAVAILABLE] == 0
 
 
 # ----- what workers gave back -------------------------------------------------------
@@ -411,7 +411,7 @@ def test_given_back_needing_reset_is_reset_by_the_manager(make_pool: MakePool) -
     assert pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.0) == [
         Publish(0, 0, MANAGER), ResetConnection(0, 0, backend(0, 0), 0),
     ]
-    assert a.state is MANAGED and pool.counters[keys.RESETS] == 1
+    assert a.state is MANAGED and pool.counters[stat_keys.RESETS] == 1
     assert pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.1) == []  # already in repair
     assert repr(pool) == "<Pool 'default' [conns: 1 open, 0 connecting, 1 in repair]>"
 
@@ -423,9 +423,9 @@ def test_given_back_broken_is_discarded_with_a_new_generation(make_pool: MakePoo
         CloseConnection(backend(0, 0), "returned broken"), Publish(0, 1, CLOSED),
     ]
     assert (a.state, a.generation, a.backend) == (EMPTY, 1, None)
-    assert pool.counters[keys.reaped_key("broken")] == 1 and pool.counters[keys.CLOSED] == 1
+    assert pool.counters[stat_keys.reaped_key("broken")] == 1 and pool.counters[stat_keys.CLOSED] == 1
     assert pool.given_back(0, 0, Outcome.BROKEN, 1.1) == []  # the old generation is gone
-    assert pool.counters[keys.reaped_key("broken")] == 1
+    assert pool.counters[stat_keys.reaped_key("broken")] == 1
 
 
 def test_given_back_by_a_finder_of_an_abandoned_lease_counts_its_cause(
@@ -435,8 +435,8 @@ def test_given_back_by_a_finder_of_an_abandoned_lease_counts_its_cause(
     open_slots(pool, 1)
     actions = pool.given_back(0, 0, Outcome.NEEDS_RESET, 1.0, cause=ReapCause.HOLDER_CLOSED)
     assert actions == [CloseConnection(backend(0, 0), "reaped: holder_closed"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.reaped_key("holder_closed")] == 1
-    assert pool.counters[keys.RESETS] == 0 and pool.counters[keys.reaped_key("broken")] == 0
+    assert pool.counters[stat_keys.reaped_key("holder_closed")] == 1
+    assert pool.counters[stat_keys.RESETS] == 0 and pool.counters[stat_keys.reaped_key("broken")] == 0
     assert "reaped slot 0 (holder_closed): connection replaced" in caplog.text
 
 
@@ -445,7 +445,7 @@ def test_an_expired_connection_given_back_is_recycled(make_pool: MakePool) -> No
     open_slots(pool, 2)
     # The holder saw the expiry and gave it back BROKEN: recycling, not breakage.
     assert pool.given_back(0, 0, Outcome.BROKEN, 19.0) == [CloseConnection(backend(0, 0), "retired"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.RECYCLED] == 1 and pool.counters[keys.reaped_key("broken")] == 0
+    assert pool.counters[stat_keys.RECYCLED] == 1 and pool.counters[stat_keys.reaped_key("broken")] == 0
     assert pool.given_back(1, 0, Outcome.BROKEN, 18.9)[0] == CloseConnection(backend(1, 0), "returned broken")
 
 
@@ -454,7 +454,7 @@ def test_a_retired_connection_given_back_is_replaced_not_counted_as_recycled(mak
     open_slots(pool, 2)
     assert pool.retire_all() == [Expire(0, RETIRE_NOW), Expire(1, RETIRE_NOW)]
     assert pool.given_back(0, 0, Outcome.NEEDS_RESET, 2.0) == [CloseConnection(backend(0, 0), "retired"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.RECYCLED] == 0 and pool.counters[keys.RESETS] == 0
+    assert pool.counters[stat_keys.RECYCLED] == 0 and pool.counters[stat_keys.RESETS] == 0
     assert not pool.slots[0].retire  # the new generation starts fresh
     pool.begin_shutdown()
     assert pool.given_back(1, 0, Outcome.BROKEN, 3.0)[0] == CloseConnection(backend(1, 0), "retired")
@@ -502,7 +502,7 @@ def test_peer_closed_while_idle_replaces_now(make_pool: MakePool) -> None:
     open_slots(pool, 1)
     closed = pool.peer_closed(0, 0, locked=True, now=1.0)
     assert closed == [CloseConnection(backend(0, 0), "closed by Redis"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1
+    assert pool.counters[stat_keys.HEALTH_CHECK_FAILED] == 1
     assert pool.redis_down_since is None  # one closed connection is not an outage
 
 
@@ -512,7 +512,7 @@ def test_peer_closed_while_held_marks_it_for_replacement_when_given_back(make_po
     assert pool.peer_closed(0, 0, locked=False, now=1.0) == []
     assert pool.slots[0].retire and pool.slots[0].state is SHARED
     assert pool.given_back(0, 0, Outcome.CLEAN, 2.0) == [CloseConnection(backend(0, 0), "retired"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 0
+    assert pool.counters[stat_keys.HEALTH_CHECK_FAILED] == 0
 
 
 def test_peer_closed_for_a_stale_slot_releases_the_lock_the_loop_took(make_pool: MakePool) -> None:
@@ -531,9 +531,9 @@ def test_failed_health_check_replaces_a_shared_connection_only(make_pool: MakePo
     assert pool.health_check_failed(0, 0, 1.0) == [
         CloseConnection(backend(0, 0), "health check failed"), Publish(0, 1, CLOSED),
     ]
-    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1 and pool.counters[keys.CLOSED] == 1
+    assert pool.counters[stat_keys.HEALTH_CHECK_FAILED] == 1 and pool.counters[stat_keys.CLOSED] == 1
     assert pool.health_check_failed(0, 1, 1.0) == []  # EMPTY now
-    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1
+    assert pool.counters[stat_keys.HEALTH_CHECK_FAILED] == 1
 
 
 # ----- the sweep ----------------------------------------------------------------------
@@ -543,7 +543,7 @@ def test_sweep_releases_ready_rows_with_nothing_to_do(make_pool: MakePool) -> No
     pool = make_pool(min_idle=2, idle_timeout=10.0, max_lifetime=100.0)
     a, b = open_slots(pool, 2)
     assert pool.sweep([ready(a), ready(b)], 5.0, waiters={}) == [Release(0, 0), Release(1, 0)]
-    assert pool.counters[keys.CLOSED] == 0
+    assert pool.counters[stat_keys.CLOSED] == 0
 
 
 def test_sweep_leaves_a_ready_row_being_taken_alone(make_pool: MakePool) -> None:
@@ -552,7 +552,7 @@ def test_sweep_leaves_a_ready_row_being_taken_alone(make_pool: MakePool) -> None
     pool.retire_all()
     # Expired, retired and idle, but its lock is someone else's: no action at all.
     assert pool.sweep([ready(a, lock_free=False)], 50.0, waiters={}) == []
-    assert a.state is SHARED and pool.counters[keys.CLOSED] == 0
+    assert a.state is SHARED and pool.counters[stat_keys.CLOSED] == 0
 
 
 def test_sweep_reaps_a_held_row_whose_lock_is_free(make_pool: MakePool) -> None:
@@ -564,7 +564,7 @@ def test_sweep_reaps_a_held_row_whose_lock_is_free(make_pool: MakePool) -> None:
         # min_idle: a replacement is opened in the same sweep.
         Publish(0, 1, MANAGER), OpenConnection(0, 1),
     ]
-    assert pool.counters[keys.reaped_key("holder_closed")] == 1
+    assert pool.counters[stat_keys.reaped_key("holder_closed")] == 1
 
 
 def test_sweep_reaps_a_dead_holder_whose_lock_a_child_kept(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
@@ -573,8 +573,8 @@ def test_sweep_reaps_a_dead_holder_whose_lock_a_child_kept(make_pool: MakePool, 
     actions = pool.sweep([held(a, pid=777, holder_alive=False)], 1.0, waiters={})
     # Without the lock: the new generation's lock byte is another one (table.slot_lock).
     assert actions == [CloseConnection(backend(0, 0), "holder dead"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.reaped_key("holder_dead")] == 1
-    assert pool.counters[keys.reaped_key("holder_closed")] == 0
+    assert pool.counters[stat_keys.reaped_key("holder_dead")] == 1
+    assert pool.counters[stat_keys.reaped_key("holder_closed")] == 0
     assert "holder pid 777 is dead but its lock lives on" in caplog.text
 
 
@@ -582,7 +582,7 @@ def test_sweep_leaves_a_live_holder_alone(make_pool: MakePool) -> None:
     pool = make_pool()
     (a,) = open_slots(pool, 1)
     assert pool.sweep([held(a)], 1000.0, waiters={}) == []  # no leak_threshold, no max_lease_time
-    assert pool.counters[keys.LEAK_WARNINGS] == 0
+    assert pool.counters[stat_keys.LEAK_WARNINGS] == 0
 
 
 def test_leak_warning_once_per_lease_naming_where_it_was_taken(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
@@ -592,10 +592,10 @@ def test_leak_warning_once_per_lease_naming_where_it_was_taken(make_pool: MakePo
     pool.note_site(9999, 4, "someone else's site")
     caplog.set_level(logging.WARNING, "sharedpool.manager")
     assert pool.sweep([held(a, acquired_at=10.0, lease_seq=7, site=3)], 14.999, {}) == []
-    assert pool.counters[keys.LEAK_WARNINGS] == 0 and not caplog.records
+    assert pool.counters[stat_keys.LEAK_WARNINGS] == 0 and not caplog.records
     for now in (15.0, 16.0, 60.0):
         assert pool.sweep([held(a, acquired_at=10.0, lease_seq=7, site=3)], now, {}) == []
-    assert pool.counters[keys.LEAK_WARNINGS] == 1
+    assert pool.counters[stat_keys.LEAK_WARNINGS] == 1
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
     assert record.getMessage() == (
@@ -604,9 +604,9 @@ def test_leak_warning_once_per_lease_naming_where_it_was_taken(make_pool: MakePo
     )
     # The next lease on the slot is warned about on its own; a site of another pid is not ours.
     pool.sweep([held(a, acquired_at=70.0, lease_seq=8, site=4)], 80.0, {})
-    assert pool.counters[keys.LEAK_WARNINGS] == 2
+    assert pool.counters[stat_keys.LEAK_WARNINGS] == 2
     assert caplog.records[-1].getMessage().endswith("taken at an unknown place")
-    assert a.state is SHARED and pool.counters[keys.CLOSED] == 0  # a warning, nothing more
+    assert a.state is SHARED and pool.counters[stat_keys.CLOSED] == 0  # a warning, nothing more
 
 
 def test_max_lease_time_revokes_the_lease(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
@@ -616,14 +616,14 @@ def test_max_lease_time_revokes_the_lease(make_pool: MakePool, caplog: pytest.Lo
     actions = pool.sweep([held(a, acquired_at=100.0, lease_seq=5)], 130.0, {})
     # Its holder has the lock: asked back, shut down, and no row written under it.
     assert actions == [RequestRevoke(0, 0, 5, backend(0, 0))]
-    assert pool.counters[keys.reaped_key("revoked")] == 1 and pool.counters[keys.LEAK_WARNINGS] == 1
+    assert pool.counters[stat_keys.reaped_key("revoked")] == 1 and pool.counters[stat_keys.LEAK_WARNINGS] == 1
     assert "revoked lease 5 of pid 4242 (slot 0) after 30.0 s: max_lease_time=30 s" in caplog.text
     # Asked once: while its holder keeps the lock, later sweeps wait.
     assert pool.sweep([held(a, acquired_at=100.0, lease_seq=5, revoke_asked=True)], 140.0, {}) == []
     # The holder gives it back BROKEN (it honoured the request): replaced, counted once.
     assert pool.given_back(0, 0, Outcome.BROKEN, 141.0) == [CloseConnection(backend(0, 0), "given back after it was shut down"),
                                                              Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.reaped_key("revoked")] == 1 and pool.counters[keys.reaped_key("broken")] == 0
+    assert pool.counters[stat_keys.reaped_key("revoked")] == 1 and pool.counters[stat_keys.reaped_key("broken")] == 0
 
 
 def test_a_revoked_lease_given_back_ready_is_replaced_under_the_lock(make_pool: MakePool) -> None:
@@ -661,7 +661,7 @@ def test_revocation_wins_over_a_first_leak_warning(make_pool: MakePool) -> None:
     pool = make_pool(leak_threshold=1.0, max_lease_time=2.0)
     (a,) = open_slots(pool, 1)
     assert of(RequestRevoke, pool.sweep([held(a)], 5.0, {})) == [RequestRevoke(0, 0, 1, backend(0, 0))]
-    assert pool.counters[keys.LEAK_WARNINGS] == 0
+    assert pool.counters[stat_keys.LEAK_WARNINGS] == 0
 
 
 def test_idle_trimming_keeps_min_idle(make_pool: MakePool) -> None:
@@ -673,7 +673,7 @@ def test_idle_trimming_keeps_min_idle(make_pool: MakePool) -> None:
     # a is the one kept for min_idle; b goes; c is idle for only 5 s.
     # Idle slots are released after the decisions (dispatch may rebind them).
     assert actions == [CloseConnection(backend(1, 0), "idle_timeout"), Publish(1, 1, CLOSED), Release(0, 0), Release(2, 0)]
-    assert pool.counters[keys.IDLE_CLOSED] == 1 and pool.counters[keys.RECYCLED] == 0
+    assert pool.counters[stat_keys.IDLE_CLOSED] == 1 and pool.counters[stat_keys.RECYCLED] == 0
     actions = pool.sweep([ready(a), ready(c, lease_seq=3)], 15.0, {})
     assert actions == [CloseConnection(backend(2, 0), "idle_timeout"), Publish(2, 1, CLOSED), Release(0, 0)]
     assert pool.open_connections == 1
@@ -691,7 +691,7 @@ def test_max_lifetime_recycles_an_idle_connection(make_pool: MakePool) -> None:
     assert pool.sweep([ready(a)], 104.999, {}) == [Release(0, 0)]
     actions = pool.sweep([ready(a)], 105.0, {})
     assert actions[:2] == [CloseConnection(backend(0, 0), "max_lifetime reached"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.RECYCLED] == 1 and a.state is CONNECTING  # reopened for min_idle at once
+    assert pool.counters[stat_keys.RECYCLED] == 1 and a.state is CONNECTING  # reopened for min_idle at once
 
 
 @pytest.mark.parametrize("why", ["max_lifetime", "retired"])
@@ -723,7 +723,7 @@ def test_sweep_retires_ready_connections_after_retire_all_or_a_lower_max(make_po
     assert of(CloseConnection, pool.sweep([ready(a), ready(b)], 3.0, {})) == [
         CloseConnection(backend(0, 0), "retired"), CloseConnection(backend(1, 0), "retired"),
     ]
-    assert pool.counters[keys.RECYCLED] == 0
+    assert pool.counters[stat_keys.RECYCLED] == 0
 
 
 @pytest.mark.parametrize("state, generation", [(None, 0), (READY, 1), (HELD, 5), (READY, 2**32 - 1)])
@@ -733,7 +733,7 @@ def test_a_scribbled_row_is_repaired_by_replacing_the_connection(make_pool: Make
     open_slots(pool, 1)
     view = RowView(0, state, generation, lease_seq=3, holder_pid=1, lock_free=True)
     assert pool.sweep([view], 1.0, {}) == [CloseConnection(backend(0, 0), "row scribbled"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.TABLE_REPAIRS] == 1
+    assert pool.counters[stat_keys.TABLE_REPAIRS] == 1
     assert "slot 0: row unreadable or of another generation" in caplog.text
 
 
@@ -748,7 +748,7 @@ def test_a_shared_row_in_a_managers_state_is_repaired(make_pool: MakePool, state
     # The lock is free: the row is ours to write.
     actions = pool.sweep([RowView(0, state, 0, lock_free=True)], 2.0, {})
     assert actions[:2] == [CloseConnection(backend(0, 0), f"row says {state.name} in a shared slot"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.TABLE_REPAIRS] == 1
+    assert pool.counters[stat_keys.TABLE_REPAIRS] == 1
 
 
 def test_sweep_repairs_rows_given_back_without_a_report(make_pool: MakePool) -> None:
@@ -761,7 +761,7 @@ def test_sweep_repairs_rows_given_back_without_a_report(make_pool: MakePool) -> 
         Publish(0, 0, MANAGER), ResetConnection(0, 0, backend(0, 0), 0),
         CloseConnection(backend(1, 0), "returned broken"), Publish(1, 1, CLOSED),
     ]
-    assert pool.counters[keys.RESETS] == 1 and pool.counters[keys.reaped_key("broken")] == 1
+    assert pool.counters[stat_keys.RESETS] == 1 and pool.counters[stat_keys.reaped_key("broken")] == 1
 
 
 def test_sweep_releases_locks_of_rows_it_does_not_share(make_pool: MakePool) -> None:
@@ -774,7 +774,7 @@ def test_sweep_releases_locks_of_rows_it_does_not_share(make_pool: MakePool) -> 
         RowView(3, HELD, 0, lock_free=False), RowView(-1, READY, 0, lock_free=True), RowView(99, None, 0, lock_free=True),
     ]
     assert pool.sweep(rows, 1.0, {}) == [Release(0, 0), Release(1, 0), Release(2, 0), Release(-1, 0), Release(99, 0)]
-    assert pool.counters[keys.CLOSED] == 0 and pool.counters[keys.TABLE_REPAIRS] == 0
+    assert pool.counters[stat_keys.CLOSED] == 0 and pool.counters[stat_keys.TABLE_REPAIRS] == 0
 
 
 def test_sweep_opens_for_waiters(make_pool: MakePool) -> None:
@@ -879,7 +879,7 @@ def test_rewrite_row_puts_back_what_the_manager_last_wrote(make_pool: MakePool, 
     caplog.set_level(logging.WARNING, "sharedpool.manager")
     assert pool.rewrite_row(empty) == [Publish(2, 0, CLOSED)]
     assert pool.rewrite_row(connecting) == [Publish(1, 0, MANAGER)]
-    assert pool.counters[keys.TABLE_REPAIRS] == 2 and pool.counters[keys.CLOSED] == 0
+    assert pool.counters[stat_keys.TABLE_REPAIRS] == 2 and pool.counters[stat_keys.CLOSED] == 0
     assert "slot 1: row scribbled while the slot is connecting: rewritten" in caplog.text
     assert connecting.state is CONNECTING and empty.state is EMPTY  # a row repair moves no slot
 
@@ -910,11 +910,11 @@ def test_every_end_of_a_connection_counts_closed_once_and_its_cause_once(make_po
     pool.given_back(b.index, b.generation, Outcome.BROKEN, 10.0)  # returned broken
     pool.health_check_failed(c.index, c.generation, 10.0)
     pool.sweep([ready(d, lease_seq=0)], 10.0, {})  # idle since 0: trimmed
-    assert pool.counters[keys.CLOSED] == 4
+    assert pool.counters[stat_keys.CLOSED] == 4
     for cause in ("revoked", "broken"):
-        assert pool.counters[keys.reaped_key(cause)] == 1
-    assert pool.counters[keys.HEALTH_CHECK_FAILED] == 1 and pool.counters[keys.IDLE_CLOSED] == 1
-    assert pool.counters[keys.RECYCLED] == 0 and pool.counters[keys.TABLE_REPAIRS] == 0
+        assert pool.counters[stat_keys.reaped_key(cause)] == 1
+    assert pool.counters[stat_keys.HEALTH_CHECK_FAILED] == 1 and pool.counters[stat_keys.IDLE_CLOSED] == 1
+    assert pool.counters[stat_keys.RECYCLED] == 0 and pool.counters[stat_keys.TABLE_REPAIRS] == 0
 
 
 # ----- several databases -------------------------------------------------------------
@@ -987,11 +987,26 @@ def test_an_idle_slot_of_another_database_is_rebound_when_the_cap_is_reached(mak
         Release(0, 0), Release(2, 0),
     ]
     assert pool.slots[1].state is MANAGED and pool.slots[1].db == 2
-    assert pool.in_db(0) == 2 and pool.in_db(2) == 1 and pool.counters[keys.REBOUND] == 1
+    assert pool.in_db(0) == 2 and pool.in_db(2) == 1 and pool.counters[stat_keys.REBOUND] == 1
     assert not pool.rebind_wanted
     # The RESET redid the handshake with SELECT 2: it is db 2's now.
     assert pool.reset_done(1, 1, True, 6.1) == [Publish(1, 1, READY, db=2), Wake(1, 2)]
     assert "db 2" in repr(pool.slots[1])
+
+
+def test_a_cluster_node_takes_an_idle_slot_of_another_by_reconnecting(make_pool: MakePool) -> None:
+    # Cluster mode: a database is a node, another host: the slot is closed and opened towards it.
+    pool = make_pool(capacity=4, max_connections=2, min_idle=0, databases=(0, 1), rebind_reconnects=True)
+    zero = open_in(pool, {0: 2})[0]
+    zero[0].idle_since, zero[1].idle_since = 5.0, 2.0
+    actions = pool.sweep([ready(s) for s in zero], 6.0, waiters={1: 1})
+    assert actions == [
+        CloseConnection(backend(1, 0), "moved to node 1"), Publish(1, 1, CLOSED, db=0),
+        Publish(1, 1, MANAGER, db=1), OpenConnection(1, 1), Release(0, 0),
+    ]
+    assert pool.slots[1].state is CONNECTING and pool.slots[1].db == 1
+    assert pool.in_db(0) == 1 and pool.in_db(1) == 1 and pool.counters[stat_keys.REBOUND] == 1
+    assert connect(pool, actions, 6.1) == [Publish(1, 1, READY, db=1), Wake(1, 1)]
 
 
 def test_waiters_beat_idle_floors_but_spare_databases_with_waiters(make_pool: MakePool) -> None:
@@ -1071,7 +1086,7 @@ def test_a_row_naming_another_database_is_scribbled(make_pool: MakePool) -> None
     scribbled = RowView(a.index, READY, a.generation, lock_free=True, db=1)
     actions = pool.sweep([scribbled], 1.0, waiters={})
     assert actions[:2] == [CloseConnection(backend(0, 0), "row scribbled"), Publish(0, 1, CLOSED)]
-    assert pool.counters[keys.TABLE_REPAIRS] == 1
+    assert pool.counters[stat_keys.TABLE_REPAIRS] == 1
 
 
 def test_connections_of_databases_no_longer_served_are_closed(make_pool: MakePool, caplog: pytest.LogCaptureFixture) -> None:
@@ -1106,7 +1121,7 @@ def test_a_subscriber_is_neither_warned_about_nor_revoked(make_pool: MakePool, c
     (a,) = open_slots(pool, 1)
     with caplog.at_level(logging.WARNING, "sharedpool.manager"):
         assert pool.sweep([held(a, acquired_at=0.0, subscriber=True)], 1000.0, waiters={}) == []
-    assert pool.counters[keys.LEAK_WARNINGS] == 0 and "leak" not in caplog.text and a.state is SHARED
+    assert pool.counters[stat_keys.LEAK_WARNINGS] == 0 and "leak" not in caplog.text and a.state is SHARED
     # The same lease, once it is no longer subscribed, is an ordinary lease again.
     assert of(RequestRevoke, pool.sweep([held(a, acquired_at=0.0)], 1000.0, waiters={}))
 

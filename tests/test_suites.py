@@ -219,7 +219,7 @@ def test_a_pool_option_the_pools_do_not_name_is_refused_before_any_suite_runs() 
     asyncio_suite = [runner.SUITES["redis-py-asyncio"]]
     assert runner.check_pool_options({"acquire_timeout": 2}, asyncio_suite) is None
     refused = runner.check_pool_options({"no_such_option": True}, asyncio_suite)
-    assert refused == "sharedpool.asyncio.pool.SharedConnectionPool has no 'no_such_option' argument"
+    assert refused == "sharedpool.asyncio.async_pool.SharedConnectionPool has no 'no_such_option' argument"
 
 
 CLIENT_AUTOPIPELINE = textwrap.dedent(

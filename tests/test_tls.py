@@ -130,7 +130,7 @@ def test_commands_pipelines_pubsub_and_blocking_over_tls_with_requirepass(tls: S
 
 
 def test_the_keys_travel_only_with_the_fd_and_the_row_holds_sequence_numbers(tls: Servers) -> None:
-    from sharedpool.client import pool as client_pool
+    from sharedpool.client import sync_pool as client_pool
 
     server = tls.redis_server()
     manager = tls.manager(server.url(), max_connections=1)

@@ -46,13 +46,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
-    from sharedpool.asyncio.client import SharedRedis
     from sharedpool.asyncio.connection import AsyncLeasedConnection
+
+
+class SharedRedis(Protocol):
+    """What a batch uses of its client (``asyncio.client.SharedRedis``): the pool and redis-py's reply parsing."""
+
+    connection_pool: Any
+
+    async def parse_response(self, connection: Any, command_name: Any, **options: Any) -> Any: ...
 
 # Commands as redis-py names them (``args[0]``). Each is a plain key/value
 # command with one reply, no effect on the connection's session (SELECT,

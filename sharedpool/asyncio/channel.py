@@ -30,8 +30,9 @@ from typing import Any
 
 from sharedpool import errors, protocol
 from sharedpool.asyncio.waiting import settled_within
-from sharedpool.client.channel import ChannelReplies, close_fds, explain_connect_error
 from sharedpool.protocol import FrameType
+from sharedpool.shell.frames import ChannelReplies, close_fds, explain_connect_error
+from sharedpool.shell.links import ConnectRetry
 from sharedpool.version import __version__
 
 log = logging.getLogger("sharedpool.client")
@@ -245,22 +246,10 @@ class AsyncControlChannel(ChannelReplies):
             except OSError as exc:
                 self.close(errors.ManagerUnavailable(f"manager at {self.socket_path} went away ({exc.strerror or exc})"))
                 return
-            fds = protocol.fds_from_ancillary(ancdata)
-            if not data:
-                close_fds(fds)
-                self.close(errors.ManagerUnavailable(f"manager at {self.socket_path} closed the control connection"))
-                return
             try:
-                protocol.check_recv_flags(flags)
-                version, frame_type, request_id, body = protocol.split(data)
-            except protocol.ProtocolError as exc:
-                close_fds(fds)
-                self._broken(str(exc))
-                return
-            if version == 1:
-                close_fds(fds)
-                self._old_manager()
-                return
+                frame_type, request_id, body, fds = self._frame(data, ancdata, flags)
+            except errors.SharedPoolError:
+                return  # the channel is closed, and every request still waiting failed with it
             waiter = None if frame_type in protocol.UNSOLICITED_TYPES else self._waiters.pop(request_id, None)
             if waiter is None or waiter[0].done():
                 # A newer manager's notice, or the reply to a request whose
@@ -277,3 +266,13 @@ class AsyncControlChannel(ChannelReplies):
     def _fail(self, error: errors.SharedPoolError) -> errors.SharedPoolError:
         self.close(error)
         return error
+
+
+async def open_channel(socket_path: str, deadline: float) -> AsyncControlChannel:
+    """Connect, retrying while no manager answers, until ``deadline`` (the sync ``open_channel``'s rule)."""
+    retry = ConnectRetry(deadline)
+    while True:
+        try:
+            return await AsyncControlChannel.connect(socket_path, retry.timeout())
+        except errors.ManagerUnavailable as exc:
+            await asyncio.sleep(retry.failed(exc))

@@ -10,11 +10,11 @@ from typing import Any
 
 import redis.asyncio
 
+from sharedpool.asyncio.async_pool import SharedConnectionPool
 from sharedpool.asyncio.autopipeline import AutoPipeline
 from sharedpool.asyncio.connection import AsyncLeasedConnection
-from sharedpool.asyncio.pool import SharedConnectionPool
-from sharedpool.client import clone
-from sharedpool.client.pinning import PinnedPool, pinned_client
+from sharedpool.shell import clone
+from sharedpool.shell.pinning import PinnedPool, pinned_client
 
 _REDIS_DEFAULT_RETRY = inspect.signature(redis.asyncio.Redis.__init__).parameters["retry"].default
 

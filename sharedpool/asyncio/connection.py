@@ -23,20 +23,19 @@ import asyncio
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from sharedpool import errors
-from sharedpool.client.lease_state import LeaseHolder, LeaseState
-from sharedpool.client.retry_budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
 from sharedpool.errors import LeaseLost
+from sharedpool.lease.budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
+from sharedpool.lease.state import LeaseHolder, LeaseState
 
 if TYPE_CHECKING:
-    from sharedpool.asyncio.pool import SharedConnectionPool
-    from sharedpool.client.lease_core import Lease
+    from sharedpool.lease.core import Lease
     from sharedpool.tls.aio import TLSState
 
 # StreamReader's buffer limit: a reply larger than this is still read, in pieces.
@@ -48,8 +47,17 @@ T = TypeVar("T")
 _DRAIN_S = 0.05
 
 
+class AsyncLeasingPool(Protocol):
+    """What a leased connection asks of its pool (``asyncio.async_pool``'s ``SharedConnectionPool``)."""
+
+    def call_bound(self) -> float: ...
+    def connection_lost(self, conn: AsyncLeasedConnection) -> None: ...
+    def raise_if_revoked(self, conn: AsyncLeasedConnection) -> None: ...
+    async def replace_lost_lease(self, conn: AsyncLeasedConnection) -> None: ...
+
+
 class _BoundedRetry(Retry):
-    """The caller's ``redis.asyncio`` retry policy, stopped when one call's time budget is spent (``client.retry_budget``)."""
+    """The caller's ``redis.asyncio`` retry policy, stopped when one call's time budget is spent (``lease.budget``)."""
 
     def __init__(self, policy: Retry, conn: AsyncLeasedConnection) -> None:
         super().__init__(SpentBudgetBackoff(policy._backoff, conn), policy._retries, tuple(policy._supported_errors))
@@ -74,7 +82,7 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
     retry = BoundedRetryAttribute(_BoundedRetry)
 
     def __init__(
-        self, *, shared_pool: SharedConnectionPool | None = None, slot: int = -1, generation: int = 0, redis_label: str = "",
+        self, *, shared_pool: AsyncLeasingPool | None = None, slot: int = -1, generation: int = 0, redis_label: str = "",
         **kwargs: Any,
     ) -> None:
         if shared_pool is None:
@@ -84,7 +92,7 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
                 "rebuild the pool as type(pool)(**pool.connection_kwargs), or use sharedpool.asyncio.Redis(...)"
             )
         super().__init__(**kwargs)
-        self.shared_pool: SharedConnectionPool | None = shared_pool
+        self.shared_pool: AsyncLeasingPool | None = shared_pool
         self._raw: socket.socket | None = None  # our dup of the slot's fd, inside the transport
         self._transport: asyncio.Transport | None = None
         self._stream_loop: asyncio.AbstractEventLoop | None = None
@@ -248,6 +256,11 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
+        except ReadOnlyError as exc:
+            # A master that a failover demoted refuses writes: this connection leads nowhere useful
+            # any more. Broken (the manager replaces it, asking the Sentinels where the master is).
+            self._lease_failed(exc)
+            raise errors.ReplicaAnswered(f"{self.redis_label} answered {exc}: it is a replica now") from None
         except ResponseError:
             raise  # Redis's answer: the connection is fine
         except BaseException as exc:
@@ -255,14 +268,6 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
             raise
         finally:
             self._pending_replies -= 1
-
-    def _lease_failed(self, exc: BaseException) -> None:
-        """As the sync connection's: broken from now on, and ``LeaseLost`` now if the manager revoked the lease."""
-        self._broken = True
-        pool = self.shared_pool
-        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
-        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
-            pool.raise_if_revoked(self)
 
 
 class SlotEntry:
@@ -292,11 +297,11 @@ class SlotEntry:
         return self.conn.generation
 
     @property
-    def shared_pool(self) -> SharedConnectionPool | None:
+    def shared_pool(self) -> AsyncLeasingPool | None:
         return self.conn.shared_pool
 
     @shared_pool.setter
-    def shared_pool(self, pool: SharedConnectionPool | None) -> None:
+    def shared_pool(self, pool: AsyncLeasingPool | None) -> None:
         self.conn.shared_pool = pool
 
     def disconnect(self) -> None:

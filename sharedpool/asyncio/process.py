@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import TYPE_CHECKING
 
 from sharedpool.client import process as client_process
-
-if TYPE_CHECKING:
-    from sharedpool.asyncio.pool import SharedConnectionPool
+from sharedpool.client.process import ProcessHooks
 
 log = logging.getLogger("sharedpool.client")
 
-_POOLS: weakref.WeakSet[SharedConnectionPool] = weakref.WeakSet()
+# Each asyncio ``SharedConnectionPool`` (``asyncio.async_pool``) answers the hooks itself, all sync.
+_POOLS: weakref.WeakSet[ProcessHooks] = weakref.WeakSet()
 
 
-def register(pool: SharedConnectionPool) -> None:
+def register(pool: ProcessHooks) -> None:
     _POOLS.add(pool)
 
 
-def all_pools() -> list[SharedConnectionPool]:
+def all_pools() -> list[ProcessHooks]:
     """Every live asyncio ``SharedConnectionPool`` of this process."""
     return list(_POOLS)
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from sharedpool import errors
 from sharedpool.asyncio.handoff import Handoff, LocalLine
-from sharedpool.client import lease_queue
-from sharedpool.client.lease_core import Lease, Taken, Taker, pressure
+from sharedpool.lease import queue as lease_queue
+from sharedpool.lease.core import Lease, Taken, Taker, pressure
 
 if TYPE_CHECKING:
-    from sharedpool.client.attachment import Attachment
+    from sharedpool.shell.attachment import Attachment
 
 Demander = Callable[["Attachment", float, int], Awaitable[None]]
 

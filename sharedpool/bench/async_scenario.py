@@ -28,6 +28,7 @@ from typing import Any
 
 from sharedpool.bench.report import PLAIN, SHARED, Results, percentile
 from sharedpool.bench.rig import Rig
+from sharedpool.bench.rounds import run_rounds
 
 WORKERS = 4
 TASKS = 64
@@ -149,7 +150,6 @@ def _run(rig: Rig, system: str, address: str) -> dict[str, float]:
 
 
 def scenario_async(rig: Rig, results: Results) -> None:
-    from sharedpool.bench.scenarios import _rounds  # scenarios registers this module: imported late
 
     size = rig.sizes([CONNECTIONS])[0]
     address = rig.manager(size)
@@ -167,7 +167,8 @@ def scenario_async(rig: Rig, results: Results) -> None:
                     f"peak {figures['peak_clients']:.0f} Redis connections")
         return run
 
-    _rounds(rig, results, "ASYNC", [(f"{system} W={WORKERS}x{TASKS} tasks", measure(system, where)) for system, where in systems])
+    labelled = [(f"{system} W={WORKERS}x{TASKS} tasks", measure(system, where)) for system, where in systems]
+    run_rounds(rig, results, "ASYNC", labelled)
 
 
 def _clients(rig: Rig) -> int:

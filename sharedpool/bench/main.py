@@ -12,7 +12,8 @@ from typing import Any
 import sharedpool.bench.report as report
 from sharedpool.bench.report import Report, Results
 from sharedpool.bench.rig import Rig, Skipped
-from sharedpool.bench.scenarios import SCENARIO_RUNNERS, e2e_sizes, s2x_sizes, say
+from sharedpool.bench.rounds import say
+from sharedpool.bench.scenarios import SCENARIO_RUNNERS, e2e_sizes, s2x_sizes
 from sharedpool.bench.settings import BenchSettings
 
 

@@ -33,6 +33,7 @@ TWEMPROXY = "twemproxy"
 # ratio is against plain redis-py (or twemproxy) measured in the same run.
 S1A_MAX_RATIO = 0.95  # one lease per command, GET p50
 S2_MIN_RATIO = 1.0  # W=8, C=2, 5 ms other I/O
+CLUSTER_MIN_RATIO = 0.9  # W=8 on 3 primaries, C per node, issue 22
 S2X_MIN_RATIO = {2: 0.85, 4: 1.0}  # Redis-bound, by C
 VS_TWEMPROXY_MIN_RATIO = 1.0
 VS_TWEMPROXY_FROM_C = 4  # S4 holds from this many connections up
@@ -238,6 +239,11 @@ def build_rows(results: Results, settings: dict[str, Any], cs: Sequence[int], tw
                 decimals=0, target=">= 1.00x plain", passes=_at_least(1.0))
         compare("TLS E2E", f"p99 request latency ms over TLS, C={size}", f"tls.e2e.shared.c{size}.p99_ms",
                 "tls.e2e.plain.p99_ms", decimals=2)
+    compare("CLUSTER", f"requests/s, W={w} on 3 primaries, C={c} per node", "cluster.shared.rps", "cluster.plain.rps",
+            decimals=0, target=f">= {CLUSTER_MIN_RATIO:.2f}x plain", passes=_at_least(CLUSTER_MIN_RATIO))
+    cluster_peak = m("cluster.shared.peak_clients")
+    rows.append(Row("CLUSTER", "peak Redis connections, all nodes", m("cluster.plain.peak_clients"), cluster_peak,
+                    target=f"<= {3 * c} (max_connections)", verdict=_judge(cluster_peak, _at_most(3 * c)), decimals=0))
     wanted = {name.lower() for name in settings["scenarios"]}
     return [row for row in rows if _scenario_id(row.scenario) in wanted]
 

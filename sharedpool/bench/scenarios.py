@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from array import array
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,28 +13,9 @@ from sharedpool.bench.async_scenario import scenario_async
 from sharedpool.bench.e2e import run_wrk
 from sharedpool.bench.jobs import Job
 from sharedpool.bench.report import E2E_SIZES, PLAIN, SHARED, TWEMPROXY, Results, percentile
-from sharedpool.bench.rig import Rig, Skipped
+from sharedpool.bench.rig import Rig
+from sharedpool.bench.rounds import run_rounds, say
 from sharedpool.bench.workers import S1_MODES, Run, run_workers
-
-Measure = tuple[str, Callable[[int], str]]  # label, run for a round -> progress text
-
-
-def _rounds(rig: Rig, results: Results, scenario: str, systems: list[Measure]) -> None:
-    """Each round runs every system once, in reversed order every other round."""
-    rounds = rig.settings.rounds
-    for round_no in range(1, rounds + 1):
-        order = systems if round_no % 2 else systems[::-1]
-        for label, measure in order:
-            try:
-                text = measure(round_no)
-            except (Skipped, KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                results.errors.append(f"{scenario} round {round_no} {label}: {first}")
-                say(f"{scenario} round {round_no}/{rounds} {label}: ERROR {exc}")
-                continue
-            say(f"{scenario} round {round_no}/{rounds} {label}: {text}")
 
 
 def _us(run: Run, q: float) -> float:
@@ -81,7 +61,7 @@ def scenario_s1(rig: Rig, results: Results) -> None:
             figures.append(f"{mode} p50 {percentile(ordered, 0.5) * 1e6:.1f} us")
         return ", ".join(figures)
 
-    _rounds(rig, results, "S1", [("plain, sharedpool (a) and (b) interleaved", measure)])
+    run_rounds(rig, results, "S1", [("plain, sharedpool (a) and (b) interleaved", measure)])
 
 
 def _request_job(rig: Rig, io: bool) -> Job:
@@ -113,7 +93,7 @@ def scenario_s2(rig: Rig, results: Results) -> None:
     if _twemproxy_ready(rig, results):
         job = replace(plain, system=TWEMPROXY, address=rig.twemproxy(size))
         systems.append((f"twemproxy C={size}", _throughput(rig, results, job, "s2.twemproxy")))
-    _rounds(rig, results, "S2", systems)
+    run_rounds(rig, results, "S2", systems)
 
 
 def s2x_sizes(rig: Rig) -> list[int]:
@@ -130,7 +110,7 @@ def scenario_s2x(rig: Rig, results: Results) -> None:
         if twemproxy:
             job = replace(plain, system=TWEMPROXY, address=rig.twemproxy(size))
             systems.append((f"twemproxy C={size}", _throughput(rig, results, job, f"s2x.twemproxy.c{size}")))
-    _rounds(rig, results, "S2'", systems)
+    run_rounds(rig, results, "S2'", systems)
 
 
 def _twemproxy_ready(rig: Rig, results: Results) -> bool:
@@ -164,7 +144,7 @@ def scenario_s3(rig: Rig, results: Results) -> None:
     few = (f"S3: no worker served its {s.restart_every} requests within a {s.duration:g} s window, so no restart "
            "was measured: lower --restart-every or raise --duration")
     shared = replace(plain, system=SHARED, address=rig.manager(size))
-    _rounds(rig, results, "S3", [("plain", churn(plain, "plain")), (f"sharedpool C={size}", churn(shared, "shared"))])
+    run_rounds(rig, results, "S3", [("plain", churn(plain, "plain")), (f"sharedpool C={size}", churn(shared, "shared"))])
 
 
 def scenario_s5(rig: Rig, results: Results) -> None:
@@ -195,7 +175,7 @@ def scenario_s5(rig: Rig, results: Results) -> None:
     # The same pairs on the pure-Python table core (the path without a
     # compiler), in the same rounds: the accelerator's gain as a ratio.
     pure = uncontended_on(replace(alone, pure_python=True), "s5a.pure")
-    _rounds(rig, results, "S5", [("(a) 1 process", uncontended), ("(a) 1 process, pure-Python core", pure),
+    run_rounds(rig, results, "S5", [("(a) 1 process", uncontended), ("(a) 1 process, pure-Python core", pure),
                                  (f"(b) W={rig.settings.workers} on C={size}", handoffs)])
     _count_instructions(rig, results, address)
 
@@ -259,7 +239,7 @@ def scenario_e2e(rig: Rig, results: Results) -> None:
                         + _add_waits(results, key, round_no, waits))
             return measure
 
-        _rounds(rig, results, "E2E", [(label, load(i)) for i, (_s, _a, _k, label) in enumerate(systems)])
+        run_rounds(rig, results, "E2E", [(label, load(i)) for i, (_s, _a, _k, label) in enumerate(systems)])
     finally:
         for server in servers:
             server.stop()
@@ -272,14 +252,17 @@ def e2e_sizes(rig: Rig) -> list[int]:
 SCENARIO_RUNNERS: dict[str, Callable[[Rig, Results], None]] = {
     "s1": scenario_s1, "s2": scenario_s2, "s2x": scenario_s2x, "s3": scenario_s3, "s5": scenario_s5, "e2e": scenario_e2e,
     "async": scenario_async, "tls": lambda rig, results: _tls(rig, results),
+    "cluster": lambda rig, results: _cluster(rig, results),
 }
 
 
+def _cluster(rig: Rig, results: Results) -> None:
+    from sharedpool.bench.cluster_scenario import scenario_cluster  # takes run_rounds
+
+    scenario_cluster(rig, results, run_rounds)
+
+
 def _tls(rig: Rig, results: Results) -> None:
-    from sharedpool.bench.tls_scenario import scenario_tls  # imports this module's _rounds
+    from sharedpool.bench.tls_scenario import scenario_tls  # takes run_rounds
 
-    scenario_tls(rig, results, _rounds)
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    scenario_tls(rig, results, run_rounds)

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-SCENARIOS = ("s1", "s2", "s2x", "s3", "s4", "s5", "e2e", "async", "tls")
+SCENARIOS = ("s1", "s2", "s2x", "s3", "s4", "s5", "e2e", "async", "tls", "cluster")
 # Sized for a 2-core machine: about 6 minutes in all. Scale up with the flags.
 FULL = {"workers": 8, "commands": 5, "cpu_us": 100.0, "io_ms": 5.0, "max_connections": 2,
         "restart_every": 50, "rounds": 5, "duration": 3.0, "time_limit": 0.0,

@@ -23,7 +23,7 @@ from sharedpool.bench.rig import Rig
 from sharedpool.bench.workers import S1_MODES, run_workers
 from sharedpool.dev.launch import ManagerProcess
 
-Rounds = Callable[[Rig, Results, str, list[tuple[str, Callable[[int], str]]]], None]  # scenarios._rounds
+Rounds = Callable[[Rig, Results, str, list[tuple[str, Callable[[int], str]]]], None]  # rounds.run_rounds
 
 
 def scenario_tls(rig: Rig, results: Results, rounds: Rounds) -> None:

@@ -6,7 +6,7 @@ generation, else one on the fd fetched from the manager (FETCH_FD). When a
 command fails mid-lease, redis-py reconnects: the lost lease is given back
 broken (or, when the manager revoked it, the caller is told why) before the
 pool binds the same object to a fresh lease
-(``SharedConnectionPool.replace_lost_lease``).
+(``BindingPool.replace_lost_lease``).
 """
 
 from __future__ import annotations
@@ -14,26 +14,35 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from sharedpool import errors, protocol
-from sharedpool.client import clone, lease_state
-from sharedpool.client.attachment import Attachment
-from sharedpool.client.connection import LeasedConnection
-from sharedpool.client.lease_core import Lease, give_back
+from sharedpool.client.channel import sync_channel
+from sharedpool.client.connection import LeasedConnection, LeasingPool
+from sharedpool.lease import state as lease_state
+from sharedpool.lease.core import Lease, give_back
 from sharedpool.protocol import FrameType
+from sharedpool.shell import clone
+from sharedpool.shell.attachment import Attachment
+from sharedpool.shell.pool_base import fetch_fd_body, waited
 from sharedpool.table import Outcome
 
-if TYPE_CHECKING:
-    from sharedpool.client.pool import SharedConnectionPool
+
+class BindingPool(LeasingPool, Protocol):
+    """What binding needs of the sync ``BindingPool`` (``client.sync_pool``): its connections' options."""
+
+    connection_kwargs: dict[str, Any]
+    connection_class: Any
+
+    def call_bound(self) -> float: ...
 
 
 def bind(
-    pool: SharedConnectionPool, att: Attachment, lease: Lease, conn: LeasedConnection | None, final: float, started: float
+    pool: BindingPool, att: Attachment, lease: Lease, conn: LeasedConnection | None, final: float, started: float
 ) -> LeasedConnection:
     """The connection bound to ``lease``: this process's cached one for the slot, or
     ``conn`` (rebinding that object) or a new one, on the slot's fd."""
-    cached = att.conns.get(lease.slot)
+    cached: LeasedConnection | None = att.conns.get(lease.slot)
     if conn is None and cached is not None and cached.generation == lease.generation and cached._sock is not None:
         cached.begin(lease)
         return cached
@@ -55,12 +64,12 @@ def bind(
 
 
 def _fetch_fd(att: Attachment, lease: Lease, final: float, started: float) -> socket.socket:
-    body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
+    body = fetch_fd_body(lease)
     try:
         timeout = max(0.05, final - time.monotonic())
-        reply, fd = att.channel.call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
+        reply, fd = sync_channel(att).call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
     except errors.ManagerUnavailable as exc:
-        raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
+        raise waited(exc, started) from None
     assert fd is not None
     sock = socket.socket(fileno=fd)
     if len(reply) > protocol.SLOT_BODY_SIZE:
@@ -82,7 +91,7 @@ def _dup(sock: socket.socket) -> socket.socket:
     return dup() if dup is not None else socket.socket(fileno=os.dup(sock.fileno()))
 
 
-def _connection(pool: SharedConnectionPool, att: Attachment, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:
+def _connection(pool: BindingPool, att: Attachment, slot: int, generation: int, sock: socket.socket) -> LeasedConnection:
     kwargs = {key: value for key, value in pool.connection_kwargs.items() if key not in clone.NOT_FOR_CONNECTIONS}
     kwargs["protocol"] = int(att.welcome.get("protocol", 3))
     kwargs["db"] = att.db
@@ -95,12 +104,14 @@ def _connection(pool: SharedConnectionPool, att: Attachment, slot: int, generati
 
 def give_back_reporting(lease: Lease, outcome: Outcome, used: bool = True) -> None:
     """Give ``lease`` back, telling the manager when it has work to do."""
-    report = give_back(lease, outcome, used)
+    report, drop = give_back(lease, outcome, used)
+    if drop is not None:
+        drop.disconnect()
     if report:
         lease.attachment.channel.notify(report)
 
 
-def end_lost_lease(pool: SharedConnectionPool, conn: LeasedConnection) -> None:
+def end_lost_lease(pool: BindingPool, conn: LeasedConnection) -> None:
     """``conn`` lost its connection mid-lease: give the lease back broken, so that
     redis-py's retry may take a fresh one within the budget ``_BoundedRetry`` set at
     the command's first failure (or one call's bound from now)."""

@@ -12,30 +12,40 @@ It differs from ``redis.Connection`` in three ways:
 from __future__ import annotations
 
 import os
+import select
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.connection import Connection
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.retry import Retry
 
 from sharedpool import errors
-from sharedpool.client.lease_state import LeaseHolder, LeaseState
-from sharedpool.client.retry_budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
 from sharedpool.errors import LeaseLost
+from sharedpool.lease.budget import BoundedRetryAttribute, CallBudget, SpentBudgetBackoff
+from sharedpool.lease.state import LeaseHolder, LeaseState
 
 if TYPE_CHECKING:
-    from sharedpool.client.lease_core import Lease
-    from sharedpool.client.pool import SharedConnectionPool
+    from sharedpool.lease.core import Lease
 
 
 # How long a closing subscriber waits for the rest of a pushed message already begun.
 _DRAIN_S = 0.05
 
 
+class LeasingPool(Protocol):
+    """What a leased connection asks of its pool (``client.sync_pool``'s ``SharedConnectionPool``)."""
+
+    def call_bound(self) -> float: ...
+    def connection_lost(self, conn: LeasedConnection) -> None: ...
+    def raise_if_revoked(self, conn: LeasedConnection) -> None: ...
+    def replace_lost_lease(self, conn: LeasedConnection) -> socket.socket: ...
+    def end_in_use(self, conn: LeasedConnection) -> None: ...
+
+
 class _BoundedRetry(Retry):
-    """The caller's retry policy, stopped when one call's time budget is spent (``client.retry_budget``)."""
+    """The caller's retry policy, stopped when one call's time budget is spent (``lease.budget``)."""
 
     def __init__(self, policy: Retry, conn: LeasedConnection) -> None:
         super().__init__(SpentBudgetBackoff(policy._backoff, conn), policy._retries, tuple(policy._supported_errors))
@@ -58,11 +68,12 @@ class LeasedConnection(LeaseHolder, Connection):
     """One slot's connection as seen by a worker; reused across leases of that slot."""
 
     retry = BoundedRetryAttribute(_BoundedRetry)
+    _idle_watch: tuple[socket.socket, select.poll] | None = None
 
     def __init__(
         self,
         *,
-        shared_pool: SharedConnectionPool | None = None,
+        shared_pool: LeasingPool | None = None,
         slot: int = -1,
         generation: int = 0,
         sock: socket.socket | None = None,
@@ -79,7 +90,7 @@ class LeasedConnection(LeaseHolder, Connection):
                 "**kwargs)) turns into the shared pool)"
             )
         super().__init__(**kwargs)
-        self.shared_pool: SharedConnectionPool | None = shared_pool
+        self.shared_pool: LeasingPool | None = shared_pool
         self._hold_init(slot, generation, redis_label)
         # A socket object made from an fd assumes blocking mode whatever the
         # shared description says (DESIGN fact 9): give it its own mode now.
@@ -127,6 +138,27 @@ class LeasedConnection(LeaseHolder, Connection):
 
     def _transport_gone(self) -> bool:
         return self._sock is None
+
+    def closed_while_idle(self) -> bool:
+        """Whether Redis closed (or wrote to) this connection while no lease held it.
+
+        redis-py checks each connection it takes from its pool (``can_read``)
+        and reconnects one that Redis closed meanwhile (``CLIENT KILL``, its
+        ``timeout``), so the caller's command never meets it. The manager
+        replaces such a connection too, but a lease taken between the close
+        and the manager's turn would get it: checked here, at one poll of a
+        poller kept per socket (~0.3 µs). rediss:// is not checked: an idle
+        TLS connection may have a record waiting (a session ticket).
+        """
+        sock: Any = self._sock  # redis-py types it None
+        if type(sock) is not socket.socket:
+            return False
+        watch = self._idle_watch
+        if watch is None or watch[0] is not sock:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+            watch = self._idle_watch = (sock, poller)
+        return bool(watch[1].poll(0))
 
     def _has_unread_bytes(self) -> bool:
         sock = self._sock
@@ -197,15 +229,6 @@ class LeasedConnection(LeaseHolder, Connection):
             self._lease_failed(exc)
             raise
 
-    def _lease_failed(self, exc: BaseException) -> None:
-        """A command failed mid-lease: nothing of this lease is clean any more, and a lease
-        the manager revoked says so now (``LeaseLost``) rather than after redis-py's retries."""
-        self._broken = True
-        pool = self.shared_pool
-        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
-        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
-            pool.raise_if_revoked(self)
-
     def send_command(self, *args: Any, **kwargs: Any) -> None:
         if self._sock is None:
             # Reconnecting binds a fresh lease and resets the counts: do it
@@ -224,6 +247,11 @@ class LeasedConnection(LeaseHolder, Connection):
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)
+        except ReadOnlyError as exc:
+            # A master that a failover demoted refuses writes: this connection leads nowhere useful
+            # any more. Broken (the manager replaces it, asking the Sentinels where the master is).
+            self._lease_failed(exc)
+            raise errors.ReplicaAnswered(f"{self.redis_label} answered {exc}: it is a replica now") from None
         except ResponseError:
             raise  # Redis's answer: the connection is fine
         except BaseException as exc:

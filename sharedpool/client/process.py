@@ -12,14 +12,22 @@ import atexit
 import logging
 import os
 import weakref
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from sharedpool.client.pool import SharedConnectionPool
+from typing import Protocol
 
 log = logging.getLogger("sharedpool.client")
 
-_POOLS: weakref.WeakSet[SharedConnectionPool] = weakref.WeakSet()
+
+class ProcessPool(Protocol):
+    """What the hooks do with a sync ``SharedConnectionPool`` (``client.sync_pool``)."""
+
+    pid: int
+
+    def after_fork_in_child(self) -> None: ...
+    def disconnect(self, inuse_connections: bool = True) -> None: ...
+    def abort(self) -> int: ...
+
+
+_POOLS: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 
 
 class ProcessHooks(Protocol):
@@ -40,11 +48,11 @@ def register_hooks(hooks: ProcessHooks) -> None:
         _OTHER_HOOKS.append(hooks)
 
 
-def register(pool: SharedConnectionPool) -> None:
+def register(pool: ProcessPool) -> None:
     _POOLS.add(pool)
 
 
-def all_pools() -> list[SharedConnectionPool]:
+def all_pools() -> list[ProcessPool]:
     """Every live ``SharedConnectionPool`` of this process."""
     return list(_POOLS)
 

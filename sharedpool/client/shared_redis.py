@@ -11,10 +11,10 @@ from typing import Any
 import redis
 
 from sharedpool import errors
-from sharedpool.client import clone
 from sharedpool.client.connection import LeasedConnection
-from sharedpool.client.pinning import PinnedPool, pinned_client
-from sharedpool.client.pool import SharedConnectionPool
+from sharedpool.client.sync_pool import SharedConnectionPool
+from sharedpool.shell import clone
+from sharedpool.shell.pinning import PinnedPool, pinned_client
 
 # What redis.Redis retries with when not told otherwise, read from the
 # installed redis-py so that Redis() follows it across versions.

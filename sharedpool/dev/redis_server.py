@@ -27,7 +27,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +168,7 @@ class RedisServer(ServerProcess):
 
     def __init__(
         self, port: int | None = None, directory: str | None = None, binary: str | None = None, password: str = "",
+        extra_args: Sequence[str] = (),
     ) -> None:
         found = ServerBinary(binary, "given") if binary else find_redis_server()
         self.binary = found.path
@@ -178,6 +179,7 @@ class RedisServer(ServerProcess):
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.unix_path = os.path.join(self.directory, "redis.sock")
         self.password = password
+        self.extra_args = tuple(extra_args)  # e.g. ("--replicaof", host, port), or the cluster switches
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -198,7 +200,9 @@ class RedisServer(ServerProcess):
             "--dir", self.directory, "--maxclients", "10000", "--loglevel", "warning",
         ]
         if self.password:
-            args += ["--requirepass", self.password]
+            # masterauth too: a server that becomes a replica (Sentinel's failover) must reach its new master.
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        args += self.extra_args
         log_file = open(os.path.join(self.directory, "redis.log"), "ab")
         self.process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()

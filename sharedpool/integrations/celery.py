@@ -41,12 +41,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis.exceptions
 from celery.backends.redis import RedisBackend
 from kombu.transport import redis as kombu_redis
 
 from sharedpool import errors
 from sharedpool.client.connection import LeasedConnection
-from sharedpool.client.pool import SharedConnectionPool
+from sharedpool.client.sync_pool import SharedConnectionPool
 from sharedpool.table import RowFlag
 
 __all__ = ["Backend", "Channel", "Transport"]
@@ -80,6 +81,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
     sharedpool_max_long_lived: int | None = None
 
     def _get_pool(self, asynchronous: bool = False) -> SharedConnectionPool:
+        if self.connection is None:
+            # A closed channel (kombu's reconnect closed it) asked for a pool
+            # again: kombu's _connparams would fail with an AttributeError,
+            # which no retry of kombu's or Celery's catches. A connection
+            # error is what they retry on a new channel.
+            raise redis.exceptions.ConnectionError("kombu channel closed (reconnected meanwhile)")
         params = self._connparams(asynchronous=asynchronous)
         self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
         return _shared_pool(params, self.sharedpool_socket_path)
@@ -114,8 +121,16 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
             # connection that raises before it disconnects its pools: their
             # leases would then stay held until garbage collection, pinned
             # connections included, and the reconnected consumer would find the
-            # long-lived bound taken by its own dead leases.
-            self._disconnect_pools()
+            # long-lived bound taken by its own dead leases. So their leases in
+            # use end here, but the pools stay this channel's: Celery still acks
+            # the messages this channel delivered (acks_late tasks finishing in
+            # the children after a reconnect) through it, and an ack that found
+            # no pool would build one from a connection the close took away
+            # (AttributeError in basic_ack, which kills the worker). On plain
+            # redis-py the pools stay too, and reconnect for those acks.
+            for pool in (self._pool, self._async_pool):
+                if pool is not None:
+                    pool.disconnect()
 
     def _mark_long_lived(self, connection: Any, flag: RowFlag) -> None:
         pool = self.async_pool

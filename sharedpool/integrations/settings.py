@@ -23,6 +23,7 @@ from typing import Any
 from sharedpool import config as _config
 from sharedpool import errors
 from sharedpool.config import ENV_PREFIX, SOCKET_ENV_ALIAS, ManagerConfig
+from sharedpool.config_values import parse_bool
 
 log = logging.getLogger("sharedpool.integrations")
 
@@ -58,7 +59,7 @@ def _parse_setting(name: str, raw: Any, source: str) -> Any:
         if isinstance(raw, bool):
             return raw
         try:
-            return _config._parse_bool(str(raw))
+            return parse_bool(str(raw))
         except ValueError:
             raise errors.ConfigError(name, raw, "1, true, yes, on, 0, false, no or off", source) from None
     if name in ("start_timeout", "report_timeout"):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sharedpool.config import DEFAULT_DATABASES, ManagerConfig
+from sharedpool.config import ManagerConfig
+from sharedpool.db_ranges import DEFAULT_DATABASES
 from sharedpool.table import RowState
 
 
@@ -26,6 +27,7 @@ class Limits:
     idle_timeout: float = 0.0
     leak_threshold: float = 0.0
     max_lease_time: float = 0.0
+    rebind_reconnects: bool = False  # a database is a cluster node (manager/cluster.py): rebinding reconnects
 
     @classmethod
     def from_config(cls, config: ManagerConfig, redis_label: str) -> Limits:
@@ -33,7 +35,7 @@ class Limits:
         return cls(
             redis_label=redis_label, databases=config.served_databases, default_db=config.default_database,
             warm_databases=config.warm_databases, max_per_database=config.max_connections_per_database,
-            **{name: getattr(config, name) for name in names},
+            rebind_reconnects=config.cluster, **{name: getattr(config, name) for name in names},
         )
 
     def min_idle_of(self, db: int) -> int:

@@ -40,6 +40,9 @@ class RedisTarget:
     protocol: int
     client_name: str  # the template: {pool}, {slot}, {db}; empty: no CLIENT SETNAME
     tls: Any = None  # rediss://: the TLSOptions (sharedpool.tls)
+    # A Redis Cluster node (manager/cluster.py): the slot's db names the node, and Redis has only db 0.
+    selects: bool = True
+    node_readonly: bool = False  # a replica node: READONLY in the handshake, so workers never change the session
 
     @classmethod
     def from_config(cls, config: ManagerConfig) -> RedisTarget:
@@ -84,7 +87,7 @@ class Backend:
     """One real Redis connection owned by the manager."""
 
     def __init__(self, target: RedisTarget, pool_name: str, slot: int, db: int) -> None:
-        kwargs = dict(target.kwargs, client_name=target.name_of(pool_name, slot, db), db=db)
+        kwargs = dict(target.kwargs, client_name=target.name_of(pool_name, slot, db), db=db if target.selects else 0)
         self.connection: Connection = target.connection_class()(**kwargs)
         self._name = (target, pool_name)
         self.timeout = target.kwargs["socket_timeout"]
@@ -100,7 +103,14 @@ class Backend:
         assert sock is not None
         self.fileno = sock.fileno()
         self._poller.register(self.fileno, select.POLLIN)
+        self._readonly()
         return self
+
+    def _readonly(self) -> None:
+        target, _pool_name = self._name
+        if target.node_readonly:
+            self.connection.send_command("READONLY", check_health=False)
+            self.connection.read_response()
 
     def reset(self, db: int) -> None:
         """RESET the session, then redo our own handshake (RESET drops AUTH and RESP3),
@@ -114,7 +124,7 @@ class Backend:
         if sock is None:
             raise redis.ConnectionError("connection already closed")
         target, pool_name = self._name
-        conn.db = db
+        conn.db = db if target.selects else 0
         conn.client_name = target.name_of(pool_name, self.slot, db)
         sock.settimeout(self.timeout)
         tls_take_up = getattr(sock, "take_up", None)
@@ -129,6 +139,7 @@ class Backend:
             raise redis.ConnectionError("no RESET reply among stray replies")
         # The RESP3 parser reads RESP2 too, so the handshake can run as is.
         conn.on_connect()
+        self._readonly()
         if tls_take_up is not None:
             sock.write_back()  # type: ignore[union-attr]  # before the slot is granted again
 

@@ -17,12 +17,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from sharedpool import protocol
-from sharedpool import stats as keys
+from sharedpool import protocol, stat_keys
 from sharedpool.protocol import ErrorCode, FrameType
 
 if TYPE_CHECKING:
-    from sharedpool.manager.loop import Manager
+    from sharedpool.manager.context import ManagerContext
 
 log = logging.getLogger("sharedpool.manager")
 
@@ -55,7 +54,9 @@ class Peer:
 class ControlServer:
     """Every control connection the manager has, by state."""
 
-    def __init__(self, manager: Manager, handlers: Mapping[int, Callable[[Manager, Peer, int, bytes], None]]) -> None:
+    def __init__(
+        self, manager: ManagerContext, handlers: Mapping[int, Callable[[ManagerContext, Peer, int, bytes], None]]
+    ) -> None:
         self._manager = manager
         self._handlers = handlers
         self.clients: dict[int, Peer] = {}  # socket fd -> client past HELLO
@@ -108,10 +109,10 @@ class ControlServer:
             log.warning("refused control connection from pid %d: max_clients (%d) reached", pid, config.max_clients)
             refusal = ErrorCode.TOO_MANY_CLIENTS, f"manager has max_clients={config.max_clients} control connections"
         if refusal is not None:
-            self._manager.counters[keys.CLIENTS_REFUSED] += 1
+            self._manager.counters[stat_keys.CLIENTS_REFUSED] += 1
             _refuse(sock, *refusal)
             return
-        self._manager.counters[keys.CLIENTS_ACCEPTED] += 1
+        self._manager.counters[stat_keys.CLIENTS_ACCEPTED] += 1
         client = Peer(sock, pid, uid, time.monotonic())
         self.handshaking.add(client)
         self._manager.watch(sock.fileno(), lambda: self._on_readable(client))
@@ -213,7 +214,7 @@ class ControlServer:
             self._close_for_frame(client, ErrorCode.INTERNAL, "internal error; see the manager log", request_id, "internal error")
 
     def _close_for_frame(self, client: Peer, code: ErrorCode, message: str, request_id: int, reason: str) -> None:
-        self._manager.counters[keys.PROTOCOL_ERRORS] += 1
+        self._manager.counters[stat_keys.PROTOCOL_ERRORS] += 1
         if client.state is not PeerState.CLOSED:
             self.send(client, protocol.encode_error(code, message, request_id))
             self.drop(client, reason)

@@ -16,21 +16,21 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from sharedpool import protocol
-from sharedpool import stats as keys
+from sharedpool import protocol, stat_keys
 from sharedpool import table as tbl
-from sharedpool.config import format_databases
+from sharedpool.db_ranges import format_databases
 from sharedpool.manager.actions import Action
 from sharedpool.manager.backend import describe_error, probe
 from sharedpool.manager.control import Peer, PeerState
-from sharedpool.manager.pool import ReapCause, SlotState
+from sharedpool.manager.pool_state import ReapCause, SlotState
+from sharedpool.manager.sentinel import probe_master
 from sharedpool.protocol import ErrorCode, FrameType
 from sharedpool.table import Outcome, RowState
 from sharedpool.table import core as table_core
 from sharedpool.version import __version__
 
 if TYPE_CHECKING:
-    from sharedpool.manager.loop import Manager
+    from sharedpool.manager.context import ManagerContext
 
 log = logging.getLogger("sharedpool.manager")
 
@@ -38,7 +38,7 @@ log = logging.getLogger("sharedpool.manager")
 _STATS_WORKER_ROWS = 300
 
 
-def welcome(manager: Manager) -> dict[str, Any]:
+def welcome(manager: ManagerContext) -> dict[str, Any]:
     config, target, table = manager.config, manager.target, manager.keeper.table
     return {
         "epoch": manager.epoch,
@@ -55,10 +55,10 @@ def welcome(manager: Manager) -> dict[str, Any]:
         "acquire_timeout": config.acquire_timeout,
         "max_lease_time": config.max_lease_time,
         "max_leases_per_worker": config.max_leases_per_worker,
-    }
+    } | ({"cluster": {str(n["index"]): n["addr"] for n in manager.cluster.map.describe()}} if manager.cluster else {})
 
 
-def on_hello(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_hello(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     if client.state is not PeerState.HANDSHAKE:
         raise protocol.ProtocolError("HELLO sent twice")
     hello = protocol.decode_json(body)
@@ -73,17 +73,17 @@ def on_hello(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
         manager.control.drop(client, f"WELCOME undeliverable ({exc.strerror or exc})", sweep=False)
 
 
-def on_fetch_fd(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_fetch_fd(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     index, generation, db = protocol.decode_fetch_fd(body)
     slot = manager.pool.slot(index, generation)
     if slot is None or slot.state is not SlotState.SHARED or slot.backend is None:
-        manager.counters[keys.STALE_FETCHES] += 1
+        manager.counters[stat_keys.STALE_FETCHES] += 1
         manager.control.send(client, protocol.encode_error(
             ErrorCode.STALE, f"slot {index} generation {generation} is not open (replaced or closed)", request_id))
         return
     if db is not None and db != slot.db:
         # The row's database byte said db (scribbled): this connection serves another.
-        manager.counters[keys.STALE_FETCHES] += 1
+        manager.counters[stat_keys.STALE_FETCHES] += 1
         manager.control.send(client, protocol.encode_error(
             ErrorCode.STALE, f"slot {index} generation {generation} serves db {slot.db}, not db {db}", request_id))
         return
@@ -92,12 +92,12 @@ def on_fetch_fd(manager: Manager, client: Peer, request_id: int, body: bytes) ->
         frame += slot.backend.handover.encode()  # rediss://: the keys, only here and only to an admitted peer
     try:
         client.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [slot.backend.fileno]))])
-        manager.counters[keys.FDS_SENT] += 1
+        manager.counters[stat_keys.FDS_SENT] += 1
     except OSError as exc:
         manager.control.drop(client, f"fd undeliverable ({exc.strerror or exc})")
 
 
-def on_report(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_report(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     report = protocol.decode_report(body)
     pool, keeper, table = manager.pool, manager.keeper, manager.keeper.table
     slot = pool.slot(report.slot, report.generation)
@@ -114,7 +114,7 @@ def on_report(manager: Manager, client: Peer, request_id: int, body: bytes) -> N
         if row.state is RowState.HELD and row.holder_pid == client.pid and row.generation == report.generation:
             # Its lock is held: asked back and shut down, replaced when the
             # holder gives it back or its lock goes with the process.
-            counter = keys.reaped_key(ReapCause.HOLDER_CLOSED.value)
+            counter = stat_keys.reaped_key(ReapCause.HOLDER_CLOSED.value)
             manager.perform(pool.revoke(report.slot, report.generation, row.lease_seq, counter))
         return
     if not keeper.try_lock(report.slot, report.generation):
@@ -134,10 +134,16 @@ def on_report(manager: Manager, client: Peer, request_id: int, body: bytes) -> N
     manager.redispatch(now)
 
 
-def on_demand(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_demand(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     now = time.monotonic()
     pool = manager.pool
     db = protocol.decode_demand(body, pool.limits.default_db)
+    cluster_refusal = manager.cluster.refusal(db, now) if manager.cluster is not None else ""
+    if cluster_refusal:
+        # The node left the cluster, or is down: its redis-py cluster client takes
+        # this as a node error and refreshes its own view.
+        manager.control.send(client, protocol.encode_error(ErrorCode.REDIS_UNAVAILABLE, cluster_refusal, request_id))
+        return
     if not pool.serves(db):
         # The client checked the served list at WELCOME: this one did not.
         raise protocol.ProtocolError(f"DEMAND for db {db}, which is not served ({format_databases(pool.limits.databases)})")
@@ -154,12 +160,12 @@ def on_demand(manager: Manager, client: Peer, request_id: int, body: bytes) -> N
         manager.sweep_soon(now)
 
 
-def on_site(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_site(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     site_id, text = protocol.decode_site(body)
     manager.pool.note_site(client.pid, site_id, text)
 
 
-def on_probe(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_probe(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     request = protocol.decode_json(body)
     timeout = request.get("timeout", 2.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
@@ -181,22 +187,27 @@ def on_probe(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
                 "open_by_db": {str(db): count for db, count in manager.pool.open_by_db().items()},
                 "databases": format_databases(manager.pool.limits.databases), "default_db": manager.pool.limits.default_db,
                 "table_core": table_core.PATH,
+                **({stat_keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
             }, request_id))
         return []
 
+    if manager.sentinel is not None:
+        settings, base = manager.sentinel.settings, manager.sentinel.base_target
+        manager.submit(lambda: probe_master(settings, base, float(timeout)), done)
+        return
     manager.submit(lambda: probe(target, float(timeout)), done)
 
 
-def on_stats(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_stats(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     snapshot = manager.snapshot(max_workers=_STATS_WORKER_ROWS)
     manager.control.send(client, protocol.encode_json(FrameType.STATS_REPLY, snapshot, request_id))
 
 
-def on_ping(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_ping(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     manager.control.send(client, protocol.encode_empty(FrameType.PONG, request_id))
 
 
-def on_admin(manager: Manager, client: Peer, request_id: int, body: bytes) -> None:
+def on_admin(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
     request = protocol.decode_json(body)
     command = request.get("command")
     if client.uid not in (os.getuid(), 0):
@@ -237,7 +248,28 @@ def on_admin(manager: Manager, client: Peer, request_id: int, body: bytes) -> No
     manager.control.send(client, protocol.encode_json(FrameType.ADMIN_REPLY, reply, request_id))
 
 
-Handler = Callable[["Manager", Peer, int, bytes], None]
+def on_nodes(manager: ManagerContext, client: Peer, request_id: int, body: bytes) -> None:
+    request = protocol.decode_json(body)
+    cluster = manager.cluster
+    if cluster is None:
+        manager.control.send(client, protocol.encode_error(
+            ErrorCode.UNSUPPORTED, "this manager serves one Redis, not a cluster (start it with --cluster)", request_id))
+        return
+
+    def reply() -> None:
+        if client.state is PeerState.READY:
+            manager.control.send(client, protocol.encode_json(FrameType.NODES_REPLY, cluster.stats(), request_id))
+
+    now = time.monotonic()
+    if request.get("wait"):
+        cluster.refresh(now, reply)
+        return
+    if request.get("refresh"):
+        cluster.refresh(now)
+    reply()
+
+
+Handler = Callable[["ManagerContext", Peer, int, bytes], None]
 
 HANDLERS: dict[int, Handler] = {
     FrameType.ADMIN: on_admin,
@@ -249,4 +281,5 @@ HANDLERS: dict[int, Handler] = {
     FrameType.STATS: on_stats,
     FrameType.PROBE: on_probe,
     FrameType.PING: on_ping,
+    FrameType.NODES: on_nodes,
 }

@@ -31,9 +31,11 @@ from sharedpool.manager import actions as act
 from sharedpool.manager import handlers
 from sharedpool.manager.actions import Action, Limits
 from sharedpool.manager.backend import Backend, RedisTarget, describe_error, open_backend, server_databases
+from sharedpool.manager.cluster import ClusterKeeper
 from sharedpool.manager.control import ControlServer
-from sharedpool.manager.pool import Pool
+from sharedpool.manager.pool_state import Pool
 from sharedpool.manager.reaper import Reaper
+from sharedpool.manager.sentinel import NotMaster, SentinelMonitor, SentinelSettings, check_role, unresolved
 from sharedpool.manager.snapshot import LeaseTally, snapshot
 from sharedpool.manager.socket_path import ManagerAlreadyRunning, SocketPath
 from sharedpool.manager.table_keeper import TableKeeper
@@ -58,12 +60,15 @@ class Manager:
         self.config = config
         self._reload = reload
         self.target = RedisTarget.from_config(config)
+        if config.sentinels:
+            self.target = unresolved(self.target, config.sentinel_service)
         self.epoch = secrets.token_hex(8)
         self.keeper = TableKeeper(config, self.epoch)
         self.pool = Pool(Limits.from_config(config, self.target.label), self.keeper.table.capacity)
         self.counters = self.pool.counters
         self.reaper = Reaper(self.pool, self.keeper, self.perform, self.redispatch, config.max_waiting)
         self.control = ControlServer(self, handlers.HANDLERS)
+        self.cluster: ClusterKeeper | None = ClusterKeeper(self) if config.cluster else None
         self.socket_path = SocketPath(config)
         self.state = State.STARTING
         self.started_at = time.monotonic()
@@ -89,6 +94,7 @@ class Manager:
         self._metrics: MetricsServer | None = None
         self._connected_once = False
         self.exit_code = 0
+        self.sentinel = SentinelMonitor(self, SentinelSettings.from_config(config)) if config.sentinels else None
 
     def __repr__(self) -> str:
         return f"<Manager {self.config.pool_name!r} {self.state.value} {self.pool!r}>"
@@ -108,6 +114,8 @@ class Manager:
 
     def start(self) -> None:
         _raise_fd_limit()
+        if self.cluster is not None:
+            self.cluster.start()  # before the socket is claimed: a seed that is no cluster stops us here
         self.socket_path.claim()
         if not self.keeper.take_alive_lock():
             raise ManagerAlreadyRunning("the new lease table's liveness lock is taken: this cannot happen")
@@ -116,6 +124,8 @@ class Manager:
         self.state = State.RUNNING
         if self.config.metrics_port:
             self._start_metrics()
+        if self.sentinel is not None:
+            self.sentinel.start()
         log.info(
             "manager %r started: pid %d, socket %s, redis %s, max_connections %d, min_idle %d, epoch %s",
             self.config.pool_name, os.getpid(), self.config.socket_path, mask_url(self.config.redis_url),
@@ -147,6 +157,8 @@ class Manager:
             self.reaper.sweep(now)
 
     def close(self) -> None:
+        if self.sentinel is not None:
+            self.sentinel.stop()
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
@@ -240,8 +252,12 @@ class Manager:
         self.control.expire_handshakes(now)
         if self.pool.next_connect_at and now >= self.pool.next_connect_at:
             self.redispatch(now)
+        if self.cluster is not None and self.state is State.RUNNING:
+            self.cluster.tick(now)
         if now >= self._next_sweep:
             self.reaper.sweep(now)
+            if self.sentinel is not None:
+                self.sentinel.tick(now)
             self._check_socket_file()
             self._next_sweep = now + self.config.reap_interval
         if self.config.health_check_interval and now >= self._next_health_check:
@@ -279,17 +295,25 @@ class Manager:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return f"refused: {exc}"
         old, self.config = self.config, new
+        if self.sentinel is not None and (new.sentinels, new.sentinel_service) != (old.sentinels, old.sentinel_service):
+            log.warning("sentinels and sentinel_service change only on restart; still asking %s", self.sentinel.settings)
+            for name in ("sentinels", "sentinel_service"):
+                object.__setattr__(new, name, getattr(old, name))
         if new.socket_path != old.socket_path:
             log.warning("socket_path changes only on restart; still serving %s", old.socket_path)
             object.__setattr__(new, "socket_path", old.socket_path)
         now = time.monotonic()
         actions = self.pool.apply_limits(Limits.from_config(new, RedisTarget.from_config(new).label))
+        if self.cluster is not None:
+            self.cluster.apply_limits()
         table = self.keeper.table
         table.set_slots_in_use(self.pool.limits.max_connections)
         table.set_max_waiting(new.max_waiting)
         self.reaper.max_waiting = new.max_waiting
         if new.redis_url != old.redis_url or new.protocol != old.protocol:
             self.target = RedisTarget.from_config(new)
+            if self.sentinel is not None:
+                self.target = self.sentinel.rebase(self.target)
             log.info("Redis target changed to %s: replacing every connection", mask_url(new.redis_url))
             actions += self.pool.retire_all()
         self.perform(actions)
@@ -358,15 +382,19 @@ class Manager:
 
     # ----- Redis I/O, off the loop ---------------------------------------------
 
+    def call_soon(self, callback: Callable[[float], list[Action]]) -> None:
+        """Run ``callback(now)`` in the loop (from any thread); it returns actions to perform."""
+        self._completions.put(callback)
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a full pipe already means "wake up"; a closed one means we stopped
+
     def submit(self, work: Callable[[], Any], done: Callable[[float, Future[Any]], list[Action]]) -> None:
         """Run ``work`` in the thread pool; ``done`` runs in the loop and returns actions to perform."""
 
         def finished(future: Future[Any]) -> None:
-            self._completions.put(lambda now: done(now, future))
-            try:
-                os.write(self._wake_w, b"\0")
-            except (BlockingIOError, OSError):
-                pass  # a full pipe already means "wake up"; a closed one means we stopped
+            self.call_soon(lambda now: done(now, future))
 
         try:
             self._executor.submit(work).add_done_callback(finished)
@@ -389,27 +417,55 @@ class Manager:
     def _open(self, action: act.OpenConnection) -> None:
         target, name, db = self.target, self.config.pool_name, self.pool.slots[action.slot].db
         ask_databases = self.pool.redis_databases is None
+        # Sentinel: where the master is (asked of the Sentinels if not known yet), and a ROLE
+        # check before the connection is lent, so that none goes to a demoted master.
+        where = self.sentinel.opening() if self.sentinel is not None else None
+        if self.cluster is not None:
+            node = self.cluster.target_of(db)
+            if node is None:  # the node left between dispatch and now: nothing to open
+                self.perform(self.pool.connect_failed(action.slot, action.generation, f"node {db} left", time.monotonic()))
+                return
+            target, ask_databases = node, False
 
-        def work() -> tuple[Backend, int | None]:
-            backend = open_backend(target, name, action.slot, db)
-            return backend, (server_databases(backend) if ask_databases else None)
+        def work() -> tuple[Backend, int | None, Any]:
+            opened_target, address = where() if where is not None else (target, None)
+            backend = open_backend(opened_target, name, action.slot, db)
+            if address is not None:
+                try:
+                    check_role(backend.connection)
+                except BaseException:
+                    backend.close()
+                    raise
+            return backend, (server_databases(backend) if ask_databases else None), address
 
-        def done(now: float, future: Future[tuple[Backend, int | None]]) -> list[Action]:
+        def done(now: float, future: Future[tuple[Backend, int | None, Any]]) -> list[Action]:
             try:
-                backend, databases = future.result()
+                backend, databases, address = future.result()
+                if self.sentinel is not None:
+                    try:
+                        self.sentinel.opened(address, now)
+                    except NotMaster:
+                        backend.close()
+                        raise
             except Exception as exc:  # any failure to connect is reported, never raised
+                if self.sentinel is not None:
+                    self.sentinel.recheck(f"connecting failed: {describe_error(exc)}", now)
                 if isinstance(exc, TLSRefused) and not self._connected_once and not self.exit_code:
                     # Verification or protocol: no retry can fix it, so say it once (whichever
                     # slot was first) and stop.
                     log.error("%s", exc)
                     self.exit_code = 2
                     self.stop()
+                if self.cluster is not None:
+                    self.cluster.connect_failed(now, db, describe_error(exc))
                 return self.pool.connect_failed(action.slot, action.generation, describe_error(exc), now)
             self._connected_once = True
+            if self.cluster is not None:
+                self.cluster.connected(db)
             backend.publish_tls(self.keeper.table.map)
             if databases is not None and self.pool.redis_databases is None:
                 self.pool.limit_databases(databases)
-            log.info("connected slot %d (generation %d, db %d) to %s", action.slot, action.generation, db, self.target.label)
+            log.info("connected slot %d (generation %d, db %d) to %s", action.slot, action.generation, db, target.label)
             actions = self.pool.connected(action.slot, action.generation, backend, now)
             if self.pool.slot(action.slot, action.generation) is not None and backend.fileno >= 0:
                 self._watch_peer(backend.fileno, action.slot, action.generation)
@@ -456,6 +512,8 @@ class Manager:
             locked = False
         if locked:
             log.warning("slot %d closed by Redis while idle: replaced", index)
+        if self.sentinel is not None:
+            self.sentinel.recheck("Redis closed a connection", now)
         self.perform(self.pool.peer_closed(index, generation, locked, now))
         self.redispatch(now)
 

@@ -17,7 +17,7 @@ import psutil
 
 from sharedpool import table as tbl
 from sharedpool.manager.actions import Action, RowView
-from sharedpool.manager.pool import Pool, SlotState
+from sharedpool.manager.pool_state import Pool, SlotState
 from sharedpool.manager.table_keeper import TableKeeper
 from sharedpool.table import RowFlag, RowState
 

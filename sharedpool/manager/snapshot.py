@@ -8,16 +8,16 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from sharedpool import stats as keys
+from sharedpool import stat_keys
 from sharedpool import table as tbl
-from sharedpool.config import format_databases
-from sharedpool.manager.pool import SlotState
+from sharedpool.db_ranges import format_databases
+from sharedpool.manager.pool_state import SlotState
 from sharedpool.table import RowFlag, RowState
 from sharedpool.table import core as table_core
 from sharedpool.version import __version__
 
 if TYPE_CHECKING:
-    from sharedpool.manager.loop import Manager
+    from sharedpool.manager.context import ManagerContext
 
 
 # More leases than one slot's row can take in a second (a lease costs microseconds):
@@ -65,39 +65,39 @@ class LeaseTally:
         )
 
 
-def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]:
+def snapshot(manager: ManagerContext, max_workers: int | None = None) -> dict[str, Any]:
     """The stats. ``max_workers`` caps the per-worker rows (busiest first) so a
     host with thousands of workers still fits one frame."""
     pool, table, config = manager.pool, manager.keeper.table, manager.config
     now = time.monotonic()
     held_by: dict[int, int] = {}
     idle = held = subscribers = blocking = 0
-    databases = {db: dict.fromkeys(keys.DATABASE_KEYS, 0) for db in pool.limits.warm_databases}
+    databases = {db: dict.fromkeys(stat_keys.DATABASE_KEYS, 0) for db in pool.limits.warm_databases}
     for db, count in table.waiters_by_db().items():
         if pool.serves(db):
-            databases.setdefault(db, dict.fromkeys(keys.DATABASE_KEYS, 0))[keys.DB_WAITING] = count
+            databases.setdefault(db, dict.fromkeys(stat_keys.DATABASE_KEYS, 0))[stat_keys.DB_WAITING] = count
     for slot in pool.slots:
         try:
             row = table.row(slot.index)
         except tbl.RowError:
             continue
-        manager.lease_tally.read(keys.GRANTED, slot.index, row.lease_seq, now)
+        manager.lease_tally.read(stat_keys.GRANTED, slot.index, row.lease_seq, now)
         if slot.state is SlotState.EMPTY:
             continue
-        per_db = databases.setdefault(slot.db, dict.fromkeys(keys.DATABASE_KEYS, 0))
-        per_db[keys.DB_OPEN] += 1
+        per_db = databases.setdefault(slot.db, dict.fromkeys(stat_keys.DATABASE_KEYS, 0))
+        per_db[stat_keys.DB_OPEN] += 1
         if slot.state is not SlotState.SHARED or row.generation != slot.generation or row.db != slot.db:
             continue
         if row.state is RowState.READY:
             idle += 1
-            per_db[keys.DB_IDLE] += 1
+            per_db[stat_keys.DB_IDLE] += 1
         elif row.state is RowState.HELD:
             held += 1
-            per_db[keys.DB_HELD] += 1
+            per_db[stat_keys.DB_HELD] += 1
             held_by[row.holder_pid] = held_by.get(row.holder_pid, 0) + 1
             if row.flags & RowFlag.SUBSCRIBER:
                 subscribers += 1
-                per_db[keys.DB_SUBSCRIBERS] += 1
+                per_db[stat_keys.DB_SUBSCRIBERS] += 1
             if row.flags & RowFlag.BLOCKING:
                 blocking += 1
     channels = manager.control.channels_by_pid()
@@ -107,16 +107,16 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
     ]
     waits, holds = manager.lease_tally.histograms(table, len(pool.slots), now)
     counters = dict(pool.counters)
-    granted = manager.lease_tally.total(keys.GRANTED)
-    counters[keys.GRANTED] = granted
-    counters[keys.RELEASED] = max(0, granted - held)
+    granted = manager.lease_tally.total(stat_keys.GRANTED)
+    counters[stat_keys.GRANTED] = granted
+    counters[stat_keys.RELEASED] = max(0, granted - held)
     return {
         "pool": config.pool_name,
         "state": manager.state.value,
         "epoch": manager.epoch,
         "manager_pid": os.getpid(),
         "version": __version__,
-        keys.TABLE_CORE: table_core.PATH,
+        stat_keys.TABLE_CORE: table_core.PATH,
         "uptime_s": round(now - manager.started_at, 3),
         "redis": manager.target.label,
         "redis_down_for_s": round(now - pool.redis_down_since, 3) if pool.redis_down_since is not None else None,
@@ -130,21 +130,22 @@ def snapshot(manager: Manager, max_workers: int | None = None) -> dict[str, Any]
             "max": config.max_connections,
         },
         "leases": {"held": held, "waiting": max(0, table.waiters)},
-        keys.SUBSCRIBERS: subscribers,
-        keys.BLOCKING: blocking,
+        stat_keys.SUBSCRIBERS: subscribers,
+        stat_keys.BLOCKING: blocking,
         "default_db": pool.limits.default_db,
         "databases_served": format_databases(pool.limits.databases),
         # Keyed by the database's number as text (JSON keys are strings).
-        keys.DATABASES: {str(db): databases[db] for db in sorted(databases)},
+        stat_keys.DATABASES: {str(db): databases[db] for db in sorted(databases)},
         "paused": pool.paused,
         "control_connections": len(manager.control),
         "counters": counters,
-        "wait_time": keys.from_histogram(waits),
-        "hold_time": keys.from_histogram(holds),
+        "wait_time": stat_keys.from_histogram(waits),
+        "hold_time": stat_keys.from_histogram(holds),
         "workers": _top_workers(workers, max_workers),
         "workers_total": len(workers),
         "config": config.safe_dict(),
-    }
+        **({stat_keys.SENTINEL: manager.sentinel.describe()} if manager.sentinel is not None else {}),
+    } | ({stat_keys.CLUSTER: manager.cluster.stats()} if manager.cluster is not None else {})
 
 
 def _top_workers(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:

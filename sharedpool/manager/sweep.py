@@ -18,7 +18,7 @@ import enum
 import logging
 from dataclasses import dataclass
 
-from sharedpool import stats as keys
+from sharedpool import stat_keys
 from sharedpool.manager.actions import Limits, RowView
 from sharedpool.manager.slot import ReapCause, Slot
 from sharedpool.table import Outcome, RowState
@@ -76,7 +76,7 @@ def judge(slot: Slot, view: RowView, now: float, limits: Limits, idle_in_db: int
         if not view.lock_free:
             return _shut(slot, "row unreadable or of another generation or database")
         log.warning("slot %d: row unreadable or of another generation: connection replaced", slot.index)
-        return End("row scribbled", keys.TABLE_REPAIRS)
+        return End("row scribbled", stat_keys.TABLE_REPAIRS)
     if view.state is RowState.HELD:
         if view.lock_free:
             return GiveBack(Outcome.BROKEN, ReapCause.HOLDER_CLOSED)
@@ -89,7 +89,7 @@ def judge(slot: Slot, view: RowView, now: float, limits: Limits, idle_in_db: int
                 "slot %d: holder pid %d is dead but its lock lives on (a child kept it): connection replaced",
                 slot.index, view.holder_pid,
             )
-            return End("holder dead", keys.reaped_key(ReapCause.HOLDER_DEAD.value))
+            return End("holder dead", stat_keys.reaped_key(ReapCause.HOLDER_DEAD.value))
         return _held(slot, view, now, limits)
     if view.state in (RowState.RESET, RowState.BROKEN):
         if not view.lock_free:
@@ -98,7 +98,7 @@ def judge(slot: Slot, view: RowView, now: float, limits: Limits, idle_in_db: int
     if view.state is not RowState.READY:
         if not view.lock_free:
             return _shut(slot, f"row says {view.state.name} in a shared slot")
-        return End(f"row says {view.state.name} in a shared slot", keys.TABLE_REPAIRS)
+        return End(f"row says {view.state.name} in a shared slot", stat_keys.TABLE_REPAIRS)
     if view.revoke_asked or slot.shut:
         # Given back READY by a holder that read its row before our request
         # reached it (takers leave such a row alone), or READY again after
@@ -112,9 +112,9 @@ def judge(slot: Slot, view: RowView, now: float, limits: Limits, idle_in_db: int
     if slot.retire or slot.index >= limits.max_connections or not served:
         return End("retired")
     if now >= slot.expires_at:
-        return End("max_lifetime reached", keys.RECYCLED)
+        return End("max_lifetime reached", stat_keys.RECYCLED)
     if limits.idle_timeout and now - slot.idle_since >= limits.idle_timeout and idle_in_db >= limits.min_idle_of(slot.db):
-        return End("idle_timeout", keys.IDLE_CLOSED)
+        return End("idle_timeout", stat_keys.IDLE_CLOSED)
     return Note.IDLE
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import socket
 
-from sharedpool import stats as keys
+from sharedpool import stat_keys
 from sharedpool import table as tbl
 from sharedpool.config import ManagerConfig
 from sharedpool.manager.actions import Publish
-from sharedpool.manager.pool import Pool, SlotState
+from sharedpool.manager.pool_state import Pool, SlotState
 from sharedpool.table import Flag, RowState
 
 # The table has at least this many rows, so a reload can raise
@@ -126,7 +126,7 @@ class TableKeeper:
             flags |= Flag.REDIS_DOWN
         if self.table.flags != flags:
             self.table.set_flags(flags)
-        failed = pool.counters[keys.REDIS_ERRORS]
+        failed = pool.counters[stat_keys.REDIS_ERRORS]
         if self.table.failed_connects != failed & 0xFFFFFFFF:
             self.table.set_outage(pool.redis_down_since or 0.0, pool.last_connect_error)
             self.table.set_failed_connects(failed)

@@ -98,6 +98,19 @@ SUITES = {
         # test_cli and test_connection alone ran 31 tests in 4.5 minutes plain
         # here, and five modules had not ended a plain run in 13.
         Suite("rq", "rq", _RQ_TESTS),
+        # django-redis's own tests (its sdist ships them): every settings
+        # module of its conftest, each a set of CACHES on 127.0.0.1:6379.
+        # Its pyproject's addopts ask for coverage and xdist workers, not
+        # needed here (xdist stays loaded: its conftest implements an xdist
+        # hook); the sentinel and unix-socket settings have no server of
+        # theirs here and fail plain as shared.
+        # Of its twelve settings modules, the three whose clients differ in
+        # how they use pools (default, herd, sharding): the others vary the
+        # serializer or compressor over the default client, and all twelve
+        # took 18 minutes plain here.
+        Suite("django-redis", "django-redis", ("tests",),
+              ("-o", "addopts=", "-k", "not (gzip or json or lz4 or msgpack or sentinel or usock or zlib or zstd)"),
+              requirements=("pytest-mock>=3", "msgpack>=1", "lz4>=4", "pyzstd>=0.16")),
     )
 }
 

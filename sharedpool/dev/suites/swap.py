@@ -39,7 +39,7 @@ import redis.connection
 from redis.driver_info import resolve_driver_info
 
 from sharedpool.asyncio import SharedConnectionPool as AsyncSharedConnectionPool
-from sharedpool.client.pool import SharedConnectionPool
+from sharedpool.client.sync_pool import SharedConnectionPool
 
 MODE_ENV = "SHAREDPOOL_SUITE_MODE"  # "plain" or "shared"; unset: nothing installed
 REDIS_PORT_ENV = "SHAREDPOOL_SUITE_REDIS_PORT"  # the suite's server, on 127.0.0.1

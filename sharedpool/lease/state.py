@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from sharedpool import errors
 from sharedpool import table as tbl
-from sharedpool.client.session import SessionWatch
+from sharedpool.lease.session import SessionWatch
 from sharedpool.table import Outcome
 
 if TYPE_CHECKING:
-    from sharedpool.client.lease_core import Lease
+    from sharedpool.lease.core import Lease
 
 # Ends a lease: (lease, outcome) -> None.
 GiveBack = Callable[["Lease", Outcome], None]
@@ -75,6 +75,15 @@ class LeaseHolder(SessionWatch):
 
     def drop(self) -> None:
         raise NotImplementedError
+
+    def _lease_failed(self, exc: BaseException) -> None:
+        """A command failed mid-lease: nothing of this lease is clean any more, and a lease
+        the manager revoked says so now (``LeaseLost``) rather than after redis-py's retries."""
+        self._broken = True
+        pool = self.shared_pool
+        # A signal handler's exception (KeyboardInterrupt, a request timeout) goes on as it is.
+        if pool is not None and self.state is LeaseState.IN_USE and isinstance(exc, Exception):
+            pool.raise_if_revoked(self)
 
     def _begin_lease(self, lease: Lease) -> None:
         self.state = LeaseState.IN_USE
@@ -160,7 +169,7 @@ def revoked_text(lease: Lease) -> str:
 def raise_if_revoked(conn: LeaseHolder, give_back: GiveBack) -> None:
     """A command of ``conn`` failed: if the manager asked for its lease back, give the
     lease back (BROKEN) and raise ``LeaseLost`` now. ``LeaseLost`` is never retried
-    (``retry_budget``), so the holder learns it at this very command."""
+    (``lease.budget``), so the holder learns it at this very command."""
     lease = conn.lease
     if conn.state is not LeaseState.IN_USE or lease is None:
         return

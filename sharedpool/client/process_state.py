@@ -19,9 +19,11 @@ import time
 from typing import Any
 
 from sharedpool import errors
-from sharedpool.client.attachment import Attachment, check_welcome, open_channel
-from sharedpool.client.lease_core import Taker
-from sharedpool.config import ClientConfig
+from sharedpool.client.channel import open_channel
+from sharedpool.lease.core import Taker
+from sharedpool.shell import links
+from sharedpool.shell.attachment import Attachment
+from sharedpool.shell.pool_base import PoolBase
 
 
 class ThreadState(Taker):
@@ -37,13 +39,9 @@ class ThreadState(Taker):
         return super().wake_socket()
 
 
-class Attaching:
+class Attaching(PoolBase):
     """This process's attachment and threads' takers, for ``SharedConnectionPool``."""
 
-    config: ClientConfig
-    db: int | None
-    redis_location: str | None
-    _requested_protocol: Any
     _fork_lock: Any  # redis-py's, around _checkpid
 
     def reset(self) -> None:
@@ -87,13 +85,11 @@ class Attaching:
             att = self._attachment
             if att is not None and not att.detached:
                 return att
-            channel = open_channel(self.config.socket_path, deadline)
-            try:
-                db = check_welcome(channel.welcome, self._requested_protocol, self.db, self.redis_location)
-                att = Attachment(channel, db)
-            except BaseException:
-                channel.close()
-                raise
+            # One control connection per process and manager, shared by its sync pools.
+            link = links.find(self.config.socket_path)
+            if link is None:
+                link = links.add(self.config.socket_path, open_channel(self.config.socket_path, deadline))
+            att = self._attachment_on(link)
             self._attachment = att
             return att
         finally:

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING
 
 from sharedpool import errors, protocol
 from sharedpool import table as tbl
-from sharedpool.client.lease_core import RESCAN_S, STOPPING, Taken, Taker, pressure, try_slots, wake_one
+from sharedpool.lease.core import RESCAN_S, STOPPING, Taken, Taker, pressure, try_slots, wake_one
 from sharedpool.protocol import ReportCause
 from sharedpool.table import Flag, Outcome, RowState
 
 if TYPE_CHECKING:
-    from sharedpool.client.attachment import Attachment
+    from sharedpool.lease.context import LeaseContext
 
 log = logging.getLogger("sharedpool.client")
 
@@ -77,7 +77,7 @@ class QueueWait:
     _LOOK, _CHORES, _SLEEP = range(3)
 
     def __init__(
-        self, att: Attachment, taker: Taker, site: int, started: float, deadline: float, acquire_timeout: float, db: int
+        self, att: LeaseContext, taker: Taker, site: int, started: float, deadline: float, acquire_timeout: float, db: int
     ) -> None:
         self.att = att
         self.db = db
@@ -197,12 +197,12 @@ class QueueWait:
             wake_one(att, taker.lock_fd, self.db)  # the slot meant for us goes to the next
 
 
-def any_open(att: Attachment) -> bool:
+def any_open(att: LeaseContext) -> bool:
     table = att.table
     return any(table.state_of(slot) in _OPEN_STATES for slot in range(table.slots_in_use))
 
 
-def room_to_open(att: Attachment, db: int) -> bool:
+def room_to_open(att: LeaseContext, db: int) -> bool:
     """Whether a DEMAND for ``db`` can help: a slot to open, or an idle one of
     another database the manager may rebind (when max_connections are open)."""
     table = att.table
@@ -213,7 +213,7 @@ def room_to_open(att: Attachment, db: int) -> bool:
     return False
 
 
-def find_abandoned(att: Attachment, taker: Taker) -> tuple[bytes, ...]:
+def find_abandoned(att: LeaseContext, taker: Taker) -> tuple[bytes, ...]:
     """Mark BROKEN each row HELD whose lock is free (its holder died mid-lease, DESIGN fact 2).
 
     Returns the reports for the manager, to send once the locks are given

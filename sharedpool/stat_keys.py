@@ -20,6 +20,8 @@ LEAK_WARNINGS = "leak_warnings"
 TABLE_REPAIRS = "table_repairs"
 STALE_FETCHES = "fetches_refused_stale"
 REBOUND = "connections_rebound"  # an idle connection lent to another database
+FAILOVERS = "failovers"  # Sentinel: the master moved to another address
+SENTINEL = "sentinel"  # top level, Sentinel mode only: service, master, failovers, sentinels
 
 REAP_CAUSES = ("holder_closed", "holder_dead", "broken", "revoked")
 
@@ -40,6 +42,10 @@ SUBSCRIBERS = "subscribers"  # top level: held leases in subscribed mode, all da
 TABLE_CORE = "table_core"  # the manager's lease-table path: "c" (the accelerator) or "python" (table.core.PATH)
 BLOCKING = "blocking"  # top level: held leases pinned for blocking polls (kombu's BRPOP), as exempt as subscribers
 
+# --cluster: {CLUSTER: {"seed", "version", "refreshes", "nodes": [{"index", "addr", "role", ...}]}};
+# each node's connections are in DATABASES under its index.
+CLUSTER = "cluster"
+
 # Read from the lease table when a snapshot is taken (the workers count them):
 GRANTED = "leases_granted"
 RELEASED = "leases_released"
@@ -47,7 +53,7 @@ RELEASED = "leases_released"
 COUNTERS = (
     RESETS, OPENED, CLOSED, REDIS_ERRORS, FDS_SENT, CLIENTS_ACCEPTED, CLIENTS_REFUSED, PROTOCOL_ERRORS,
     REFUSED_UNAVAILABLE, RECYCLED, IDLE_CLOSED, HEALTH_CHECK_FAILED, LEAK_WARNINGS, TABLE_REPAIRS, STALE_FETCHES,
-    REBOUND,
+    REBOUND, FAILOVERS,
 ) + tuple(reaped_key(cause) for cause in REAP_CAUSES)
 
 

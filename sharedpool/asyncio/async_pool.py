@@ -1,7 +1,6 @@
 """``SharedConnectionPool`` for ``redis.asyncio``: the lease table's leases, taken without blocking the loop.
 
-The lease core is sans-I/O (``client.lease_core``, ``client.lease_queue``);
-this module is its asyncio driver:
+The asyncio driver of the sans-I/O lease core (``sharedpool.lease``):
 
 * taking a READY slot is a try-lock on the table, never a wait; before
   queueing, a task yields to the loop a few times (``_SPINS``), so that
@@ -32,36 +31,27 @@ import redis.asyncio
 
 from sharedpool import errors, protocol
 from sharedpool.asyncio import process
-from sharedpool.asyncio.channel import AsyncControlChannel
+from sharedpool.asyncio.channel import AsyncControlChannel, open_channel
 from sharedpool.asyncio.connection import AsyncLeasedConnection, SlotEntry
 from sharedpool.asyncio.handoff import LocalLine
+from sharedpool.asyncio.parking import Parking
 from sharedpool.asyncio.waiting import Seats, wait_in_queue
-from sharedpool.client import clone, lease_core, lease_state, retry_budget
-from sharedpool.client.attachment import LIVENESS_S, Attachment, check_welcome
-from sharedpool.client.callsite import caller
-from sharedpool.client.channel import ControlChannel
-from sharedpool.client.lease_core import Lease, Taken, Taker, give_back
-from sharedpool.client.lease_state import LeaseState
-from sharedpool.client.pool import refuse_manager_owned
-from sharedpool.config import client_config
+from sharedpool.lease import core as lease_core
+from sharedpool.lease import state as lease_state
+from sharedpool.lease.core import Lease, Taken, Taker, give_back
+from sharedpool.lease.state import LeaseState
 from sharedpool.protocol import FrameType
+from sharedpool.shell import clone, links
+from sharedpool.shell.attachment import LIVENESS_S, Attachment
+from sharedpool.shell.callsite import caller
+from sharedpool.shell.pool_base import STATS_FRAME, PoolBase, demand_body, fetch_fd_body, waited
 from sharedpool.table import Outcome
 
 _SPINS = 4  # turns of the loop given away before queueing (holders in this process may give back meanwhile)
 _QUEUE_SEATS = 4  # tasks of one process queued in the table at once
-# A lease is handed to the next task of this process, rather than given back
-# through the table, unless a task of another process has been queued for
-# its database longer than this: then it is given back and that one woken.
-# Measured (4 workers x 64 tasks on 4 connections, 2 loaded vCPUs): 2 ms
-# hands over almost never (a round trip there takes longer, so some other
-# worker always qualifies) and gains nothing; 50 ms took a lease per command
-# from ~170 to ~270 requests/s and a lease per request from ~340 to ~530;
-# 250 ms or unbounded gained no more and let one worker hog the slots. It is
-# also the waiters' own rescan period.
-HAND_OVER_FAIRNESS_S = 0.05
 
 
-class SharedConnectionPool(redis.asyncio.ConnectionPool):
+class SharedConnectionPool(PoolBase, redis.asyncio.ConnectionPool):
     """A ``redis.asyncio`` pool whose connections are leases from a sharedpool manager.
 
     The sync ``SharedConnectionPool``'s arguments and bounds: no call waits
@@ -80,18 +70,10 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         autopipeline: bool = True,
         **connection_kwargs: Any,
     ) -> None:
-        redis_location = clone.pool_options(connection_kwargs)
-        redis_location = refuse_manager_owned(connection_kwargs, AsyncLeasedConnection) or redis_location
-        self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
-        self._requested_protocol = connection_kwargs.get("protocol")
-        self.db: int | None = clone.database(connection_kwargs.pop("db", None))
-        # Where a URL given to from_url said Redis is: checked against the manager's at attach.
-        self.redis_location: str | None = redis_location
+        self._take_options(socket_path, acquire_timeout, manager_timeout, connection_kwargs, AsyncLeasedConnection)
         connection_kwargs.pop("connection_class", None)  # its own class or a subclass: connections are made by the pool
         super().__init__(connection_class=AsyncLeasedConnection, **connection_kwargs)
-        clone.record_for_clones(
-            self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
-        )
+        self._record_for_clones(acquire_timeout, manager_timeout)
         self.autopipeline = bool(autopipeline)
         if not self.autopipeline:
             # Kept for copies only when it differs from the default, so that a
@@ -104,12 +86,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
     def from_url(cls, url: str, **kwargs: Any) -> SharedConnectionPool:  # type: ignore[override]
         """A pool for the database and client options of a ``redis://`` or ``unix://`` URL,
         by the sync ``SharedConnectionPool.from_url``'s rules (the manager owns where Redis is)."""
-        options, location = clone.parse_redis_url(url)
-        return cls(**{**kwargs, **options, "redis_location": location})
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # A spawned process rebuilds the pool from its options; fds, table and channel stay here.
-        return (_rebuild_pool, (type(self), clone.clone_kwargs(self.connection_kwargs)))
+        return cls._from_url(url, kwargs)
 
     def _start_afresh(self) -> None:
         self.pid = os.getpid()
@@ -120,20 +97,12 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         self._free_takers: list[Taker] = []
         self._seats: Seats | None = None
         self._line = LocalLine()
-        # A clean lease given back while nobody waited, kept until the loop's
-        # next turn for the next command of this turn (``_park``).
-        self._parked: Lease | None = None
+        # A clean lease nobody waited for, kept for this loop turn's next command.
+        self._parking = Parking(end=self._end_parked, give_back=lambda lease: self._give_back(lease, Outcome.CLEAN))
 
     def __repr__(self) -> str:
-        att = self._attachment
-        name = att.pool_name if att is not None else "?"
-        held = att.held if att is not None else 0
-        cached = len(att.conns) if att is not None else 0
         waiting = self._seats.waiting if self._seats is not None else 0
-        return (
-            f"<asyncio SharedConnectionPool {self.config.socket_path} pool={name!r} "
-            f"[{held} leased here, {cached} slots cached, {waiting} tasks waiting]>"
-        )
+        return f"<asyncio SharedConnectionPool {self._counts()}, {waiting} tasks waiting]>"
 
     # ----- per-process, per-loop state --------------------------------------------
 
@@ -172,37 +141,27 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
             att = self._attachment
             if att is not None and not att.detached:
                 return att
-            channel = await open_channel(self.config.socket_path, deadline)
-            try:
-                db = check_welcome(channel.welcome, self._requested_protocol, self.db, self.redis_location)
-                # The attachment uses only the channel's sync surface (notify,
-                # ping, close, abandon, welcome, table_fd, closed), which the
-                # asyncio channel has too.
-                att = Attachment(cast(ControlChannel, channel), db)
-            except BaseException:
-                channel.close()
-                raise
-            self._attachment, self._channel = att, channel
+            # One control connection per process, manager and event loop, shared by
+            # the asyncio pools on that loop (``shell.links``: why not the sync one).
+            link = links.find(self.config.socket_path, loop)
+            if link is None:
+                link = links.add(self.config.socket_path, await open_channel(self.config.socket_path, deadline), loop)
+            # The attachment uses only the channel's sync surface (notify, ping,
+            # close, abandon, welcome, table_fd, closed), which the asyncio channel has too.
+            att = self._attachment_on(link)
+            self._attachment, self._channel = att, cast(AsyncControlChannel, link.channel)
             return att
         finally:
             self._attach_lock.release()
 
     def _detach(self, att: Attachment) -> None:
-        if self._parked is not None and self._parked.attachment is att:
-            self._give_back_parked()
+        self._parking.give_back_if_of(att)
         if self._attachment is att:
             self._attachment = self._channel = None
             for taker in self._free_takers:
                 taker.close()
             self._free_takers = []
         att.detach()
-
-    def _acquire_timeout(self, att: Attachment) -> float:
-        return self.config.acquire_timeout or att.acquire_timeout
-
-    def call_bound(self) -> float:
-        """Seconds one call may spend on the pool in all, retries included: manager_timeout + acquire_timeout."""
-        return retry_budget.call_bound(self.config, self._attachment)
 
     # ----- taking a lease ---------------------------------------------------------
 
@@ -219,9 +178,9 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         if att is None or att.detached or self._loop is not asyncio.get_running_loop() or started - att.checked_at >= LIVENESS_S:
             att = await self._attach(min(started + manager_timeout, budget or float("inf")))
         site = att.site_id(site_text) if site_text else 0
-        if self._parked is not None and conn is None:
+        if self._parking.lease is not None and conn is None:
             # Before the WorkerLimit check: the parked lease is counted in att.held already.
-            reused = self._unpark_for(att, site, started)
+            reused = self._parking.take_back(att, site, started)
             if reused is not None:
                 return reused
         acquire_timeout = self._acquire_timeout(att)
@@ -303,7 +262,7 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     async def _demand(self, att: Attachment, deadline: float, db: int) -> None:
         channel = self._channel_of(att)
-        body = protocol.encode_demand(db)[protocol.HEADER.size :]
+        body = demand_body(db)
         try:
             await channel.call(FrameType.DEMAND, body, FrameType.ACK, max(0.05, deadline - time.monotonic()))
         except errors.ManagerUnavailable:
@@ -349,12 +308,12 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         return conn
 
     async def _fetch_fd(self, att: Attachment, lease: Lease, final: float, started: float) -> tuple[int, Any]:
-        body = protocol.encode_fetch_fd(lease.slot, lease.generation, lease.db)[protocol.HEADER.size :]
+        body = fetch_fd_body(lease)
         try:
             timeout = max(0.05, final - time.monotonic())
             reply, fd = await self._channel_of(att).call(FrameType.FETCH_FD, body, FrameType.FD, timeout, want_fd=True)
         except errors.ManagerUnavailable as exc:
-            raise errors.ManagerUnavailable(f"{exc} (this call waited {time.monotonic() - started:.2f} s in all)") from None
+            raise waited(exc, started) from None
         assert fd is not None
         if len(reply) <= protocol.SLOT_BODY_SIZE:
             return fd, None
@@ -395,121 +354,22 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
 
     def give_back_or_hand_over(self, lease: Lease, outcome: Outcome, used: bool = True) -> None:
         """End ``lease``: hand its slot to the next task of this process if fair, else give it back to the table
-        (or, clean with nobody waiting, at the loop's next turn: ``_park``)."""
+        (or, clean with nobody waiting, at the loop's next turn: ``Parking``)."""
         if outcome is not Outcome.CLEAN:
             self._give_back(lease, outcome, used)
         elif self._line:
             if not self._hand_over(lease, used):
                 self._give_back(lease, outcome, used)
-        elif not (used and self._park(lease)):
+        elif not (used and self._parking.park(lease, self._loop, self._attachment)):
             self._give_back(lease, outcome, used)
-
-    def _park(self, lease: Lease) -> bool:
-        """Keep a clean lease nobody waits for until the loop's next turn; True if kept.
-
-        A task's next command comes in the same turn as its last reply (no
-        await between redis-py's release and its next get_connection): it
-        takes the parked lease back (``_unpark_for``) with no unlock, lock,
-        selector change or fcntl, its row renewed as in a hand-over. Only
-        while nobody waits, in this process or in the table: a waiter gets
-        the lease as it would have. A lease asked back by the manager is
-        given back now, the ordinary way that tells its holder.
-        """
-        att = lease.attachment
-        loop = self._loop
-        if self._parked is not None or loop is None or att is not self._attachment or att.detached or lease.taker is None:
-            return False
-        table = att.table
-        try:
-            flags, waiters = table.hot()
-            if flags or waiters or table.revoke_asked(lease.slot, lease.generation, lease.seq):
-                return False
-        except ValueError:
-            return False  # the table was unmapped under us (the manager is gone)
-        if asyncio._get_running_loop() is not loop:
-            return False  # released outside the loop (a finalizer, another thread): nothing would unpark it
-        self._parked = lease
-        loop.call_soon(self._unpark, lease)
-        return True
-
-    def _unpark(self, lease: Lease) -> None:
-        """The loop's next turn: a parked lease nobody took back ends."""
-        if self._parked is lease:
-            self._parked = None
-            self._end_parked(lease)
-        # else taken back, or ended by a detach, an abort or a fork
 
     def _end_parked(self, lease: Lease) -> None:
         """To a waiter of this process if fair, else to the table: never parked again."""
         if not self._line or not self._hand_over(lease, True):
             self._give_back(lease, Outcome.CLEAN)
 
-    def _unpark_for(self, att: Attachment, site: int, started: float) -> AsyncLeasedConnection | None:
-        """The parked lease for this call, renewed (a new lease number, start and call site), or None."""
-        lease = self._parked
-        assert lease is not None
-        self._parked = None
-        entry = cast("SlotEntry | None", att.conns.get(lease.slot))
-        cached = entry.conn if entry is not None else None
-        table = att.table
-        now = time.monotonic()
-        seq = 0
-        try:
-            if (
-                lease.attachment is att and cached is not None and cached.generation == lease.generation
-                and cached._transport is not None and cached.state is LeaseState.FREE and lease.db == att.db
-                and table.hot() == (0, 0)
-            ):
-                seq = table.hand_over_in_place(lease.slot, lease.generation, lease.seq, att.pid, att.start, now, site)
-            if seq:
-                table.count_hold(lease.slot, now - lease.taken_at)
-                table.count_wait(lease.slot, now - started)
-        except ValueError:
-            seq = 0  # the table was unmapped under us (the manager is gone)
-        if not seq:
-            # Someone waits, its connection is gone, or it was revoked, repaired
-            # or expired: it ends the ordinary way, which says so.
-            self._end_parked(lease)
-            return None
-        assert cached is not None
-        cached.begin(Lease(att, lease.slot, lease.generation, seq, lease.lock_fd, now, lease.db, lease.taker), kept=True)
-        return cached
-
-    def _give_back_parked(self) -> None:
-        lease, self._parked = self._parked, None
-        if lease is not None:
-            self._give_back(lease, Outcome.CLEAN)
-
     def _hand_over(self, lease: Lease, used: bool) -> bool:
-        att = lease.attachment
-        if att is not self._attachment or att.detached or lease.taker is None or lease.db != att.db:
-            return False
-        table = att.table
-        try:
-            flags, waiters = table.hot()
-            if flags:
-                return False  # paused or stopping: the manager decides who gets what
-            if waiters > self._line.in_table:
-                # Someone else may be queued: hand over only while it has
-                # not waited long (a context switch per command otherwise,
-                # with every worker queued for more all the time).
-                since = table.oldest_waiter_since(att.db, att.pid)
-                if since is not None and time.monotonic() - since >= HAND_OVER_FAIRNESS_S:
-                    return False
-            handoff = self._line.next_taker(time.monotonic(), HAND_OVER_FAIRNESS_S)
-            if handoff is None:
-                return False
-            now = time.monotonic()
-            seq = table.hand_over_in_place(lease.slot, lease.generation, lease.seq, att.pid, att.start, now, handoff.site)
-            if not seq:
-                return False  # revoked, repaired or expired: the ordinary way says so
-            if used:
-                table.count_hold(lease.slot, now - lease.taken_at)
-            table.count_wait(lease.slot, now - handoff.started)
-        except ValueError:
-            return False  # the table was unmapped under us (the manager is gone)
-        self._line.hand(handoff, Lease(att, lease.slot, lease.generation, seq, lease.lock_fd, now, lease.db, lease.taker))
-        return True
+        return self._line.offer(lease, self._attachment, used)
 
     def _give_back(self, lease: Lease, outcome: Outcome, used: bool = True, recycle: bool = True) -> None:
         # The slot's connection has read until now (``AsyncLeasedConnection.end``):
@@ -517,7 +377,9 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         entry = cast("SlotEntry | None", lease.attachment.conns.get(lease.slot))
         if entry is not None:
             entry.conn.stop_reading()
-        report = give_back(lease, outcome, used)
+        report, drop = give_back(lease, outcome, used)
+        if drop is not None:
+            drop.disconnect()
         if report:
             lease.attachment.channel.notify(report)
         if lease.taker is not None and recycle:
@@ -567,14 +429,29 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         att = self._attachment
         if att is None:
             return
-        busy = any(entry.state is LeaseState.IN_USE for entry in att.conns.values())
+        busy = [entry.conn for entry in cast("list[SlotEntry]", list(att.conns.values())) if entry.state is LeaseState.IN_USE]
         if busy and not inuse_connections:
             for slot, entry in list(att.conns.items()):
                 if entry.state is not LeaseState.IN_USE:
                     del att.conns[slot]
                     entry.disconnect()
             return
+        for conn in busy:
+            self.end_in_use(conn)
         self._detach(att)
+
+    def end_in_use(self, conn: AsyncLeasedConnection) -> None:
+        """End ``conn``'s lease now, broken, as the sync pool's ``end_in_use``: what redis.asyncio's
+        ``disconnect(inuse_connections=True)`` does to a connection in use. Its holder's next
+        command takes a fresh lease; one that never comes back (a PubSub a test dropped
+        unclosed, whose pool's disconnect() is all the cleanup there is) leaves nothing held."""
+        if conn.shared_pool is not self or conn.state is not LeaseState.IN_USE:
+            return
+        lease = conn.lose()
+        conn.drop()
+        self.connection_lost(conn)
+        if lease is not None:
+            self._give_back(lease, Outcome.BROKEN)
 
     async def aclose(self) -> None:
         await self.disconnect()
@@ -583,12 +460,9 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
         return []
 
     def abort(self) -> int:
-        """A dying worker's hook: give up this process's leases now and close the channel (see the sync pool)."""
-        att = self._attachment
-        if self.pid != os.getpid() or att is None:
-            return 0
-        self._give_back_parked()  # clean, and in no one's hands: given back, not reported
-        return att.abort()
+        if self.pid == os.getpid() and self._attachment is not None:
+            self._parking.give_back()  # clean, and in no one's hands: given back, not reported
+        return super().abort()
 
     # ----- sharedpool extras -----------------------------------------------------------
 
@@ -600,24 +474,4 @@ class SharedConnectionPool(redis.asyncio.ConnectionPool):
     async def stats(self) -> dict[str, Any]:
         """The manager's stats snapshot."""
         att = await self._attach(time.monotonic() + self.config.manager_timeout)
-        return await self._channel_of(att).request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY, timeout=10.0)
-
-
-async def open_channel(socket_path: str, deadline: float) -> AsyncControlChannel:
-    """Connect, retrying while no manager answers, until ``deadline`` (the sync ``open_channel``'s rule)."""
-    delay = 0.02
-    started = time.monotonic()
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            return await AsyncControlChannel.connect(socket_path, max(0.05, min(remaining, 5.0)))
-        except errors.ManagerUnavailable as exc:
-            if time.monotonic() + delay >= deadline:
-                waited = time.monotonic() - started
-                raise errors.ManagerUnavailable(f"{exc} (waited {waited:.2f} s)") from None
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.25)
-
-
-def _rebuild_pool(cls: type[SharedConnectionPool], kwargs: dict[str, Any]) -> SharedConnectionPool:
-    return cls(**kwargs)
+        return await self._channel_of(att).request(STATS_FRAME, FrameType.STATS_REPLY, timeout=10.0)

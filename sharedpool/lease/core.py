@@ -11,7 +11,8 @@ on the same wake socket, an async channel) share it:
 
 * ``take_spinning`` -> a lease, or None: queue with ``lease_queue.QueueWait``,
   which says step by step what to do while waiting.
-* ``give_back`` -> a report frame to send, or b"".
+* ``give_back`` -> ``(report, drop)``: a report frame to send (or b""), and
+  the slot's cached connection to disconnect (or None).
 
 Each taker takes leases of one database, named by the ``db`` argument of
 every function that takes or wakes: a row or a waiter of another database
@@ -37,10 +38,12 @@ from sharedpool.protocol import ReportCause
 from sharedpool.table import Flag, Outcome, RowState
 
 if TYPE_CHECKING:
-    from sharedpool.client.attachment import Attachment
+    from sharedpool.lease.context import CachedConnection, LeaseContext
 
 # (slot, generation, lease seq, acquired at): a lease just taken, its lock held and its row written.
 Taken = tuple[int, int, int, float]
+# What giving a lease back leaves to do: (a report frame or b"", a cached connection to disconnect or None).
+GivenBack = tuple[bytes, "CachedConnection | None"]
 
 # A waiter looks at the table this often even unwoken: a wake lost to a
 # waker that died between picking us and sending costs at most this much.
@@ -61,7 +64,7 @@ class Taker:
     fact 11), so two takers never share one.
     """
 
-    def __init__(self, attachment: Attachment) -> None:
+    def __init__(self, attachment: LeaseContext) -> None:
         self.lock_fd = -1  # set before anything can raise: close() runs from __del__
         self.wake: socket.socket | None = None
         self.token = 0
@@ -114,7 +117,7 @@ class Taker:
 class Lease:
     """One lease: the slot lock a taker took, and the row it wrote."""
 
-    attachment: Attachment
+    attachment: LeaseContext
     slot: int
     generation: int
     seq: int  # the row's lease number
@@ -133,7 +136,7 @@ class Lease:
 
 
 def call_bounds(
-    att: Attachment, started: float, manager_timeout: float, acquire_timeout: float, budget: float
+    att: LeaseContext, started: float, manager_timeout: float, acquire_timeout: float, budget: float
 ) -> tuple[float, float]:
     """(final, deadline) of a call begun at ``started``: when it must be done in all, and when waiting
     for a lease must end. ``WorkerLimit`` when this process holds ``max_leases_per_worker`` already."""
@@ -162,7 +165,7 @@ def skip_stale(taker: Taker, lease: Lease, deadline: float, acquire_timeout: flo
 
 
 
-def take_spinning(att: Attachment, taker: Taker, site: int, started: float, db: int) -> Taken | None:
+def take_spinning(att: LeaseContext, taker: Taker, site: int, started: float, db: int) -> Taken | None:
     """Take a READY slot now, yielding the CPU up to ``SPINS`` times; None: queue.
 
     A free slot is taken even while others are queued (they are woken oldest
@@ -182,7 +185,7 @@ def take_spinning(att: Attachment, taker: Taker, site: int, started: float, db: 
     return taken
 
 
-def try_slots(att: Attachment, taker: Taker, site: int, started: float, db: int) -> Taken | None:
+def try_slots(att: LeaseContext, taker: Taker, site: int, started: float, db: int) -> Taken | None:
     """One pass over the rows, taking the first READY slot of ``db`` whose lock is free.
 
     The slot this taker had last comes first (like HikariCP's thread-local
@@ -212,7 +215,7 @@ def _process_waker() -> socket.socket:
     return waker[1]
 
 
-def wake_one(att: Attachment, lock_fd: int, db: int) -> None:
+def wake_one(att: LeaseContext, lock_fd: int, db: int) -> None:
     """Hand a freed slot's turn to the oldest waiter of its database (a non-blocking datagram)."""
     table = att.table
     for _ in range(4):
@@ -238,14 +241,20 @@ def wake_one(att: Attachment, lock_fd: int, db: int) -> None:
 # ----- giving back -------------------------------------------------------------
 
 
-def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> bytes:
+# What most give-backs return: nothing to send, nothing to close.
+NOTHING_TO_DO: GivenBack = (b"", None)
+
+
+def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> GivenBack:
     """Write how the lease ended and unlock; wake the oldest waiter of a clean slot.
 
-    Returns the report the manager must get (a reset, a broken or expired
-    connection), or b"". A lease the manager had asked back (max_lease_time)
-    goes back BROKEN, and ``lease.revoked`` says so; a holder that was
-    paused between its read of the row and its write finds the request
-    right after its write.
+    Returns ``(report, drop)``: the report the manager must get (a reset, a
+    broken or expired connection) or b"", and this process's connection of
+    the slot that must be disconnected now (expired or revoked, or its
+    manager gone) or None: the caller does both. A lease the manager had
+    asked back (max_lease_time) goes back BROKEN, and ``lease.revoked``
+    says so; a holder that was paused between its read of the row and its
+    write finds the request right after its write.
     """
     att = lease.attachment
     att.held -= 1
@@ -274,22 +283,18 @@ def give_back(lease: Lease, outcome: Outcome, used: bool = True) -> bytes:
     finally:
         if lease.taker is not None:
             lease.taker.held.discard(slot)
+    drop = None
     if written > 0 and written != outcome:
         # Expired (max_lifetime, reconnect) or revoked: the manager replaces it.
         outcome = Outcome.BROKEN
-        conn = att.conns.pop(slot, None)
-        if conn is not None:
-            conn.disconnect()
+        drop = att.conns.pop(slot, None)
     if att.detached:
-        conn = att.conns.pop(slot, None)
-        if conn is not None:
-            conn.disconnect()
-        return b""
+        return b"", drop if drop is not None else att.conns.pop(slot, None)
     if written > 0:
-        return protocol.encode_report(slot, lease.generation, lease.seq, outcome, ReportCause.GIVEN_BACK)
+        return protocol.encode_report(slot, lease.generation, lease.seq, outcome, ReportCause.GIVEN_BACK), drop
     if waiting:
         wake_one(att, lease.lock_fd, lease.db)
-    return b""
+    return NOTHING_TO_DO
 
 
 def mark_subscriber(lease: Lease) -> None:
@@ -302,7 +307,7 @@ def mark_subscriber(lease: Lease) -> None:
         pass  # the table was unmapped under us (the manager is gone)
 
 
-def pressure(att: Attachment, waiting_self: bool = False) -> str:
+def pressure(att: LeaseContext, waiting_self: bool = False) -> str:
     """How busy the pool is, for an error message: leased, waiting, and why slots are missing."""
     table = att.table
     states = [table.state_of(slot) for slot in range(table.slots_in_use)]

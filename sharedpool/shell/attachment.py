@@ -1,9 +1,10 @@
-"""``Attachment``: this process's view of one manager epoch, and what a welcome must say.
+"""``Attachment``: a pool's view of one manager epoch in this process, and what a welcome must say.
 
-One per process and manager epoch: the control channel, the mapped table,
-one ``LeasedConnection`` per slot bound to this process's dup of that
-slot's fd, and the takers (threads, tasks) that hold descriptions of the
-table. A manager that dies or restarts is a new epoch: the old attachment is
+One per pool, process and manager epoch: the link (the control channel and
+the mapped table, shared with the process's other pools of that manager:
+``shell.links``), one connection object per slot bound to this process's
+dup of that slot's fd, and the takers (threads, tasks) that hold
+descriptions of the table. A manager that dies or restarts is a new epoch: the old attachment is
 detached and a new one made.
 """
 
@@ -19,16 +20,13 @@ import psutil
 
 from sharedpool import errors, protocol
 from sharedpool import table as tbl
-from sharedpool.client import clone
-from sharedpool.client.channel import ControlChannel
-from sharedpool.client.lease_state import LeaseState
-from sharedpool.config import parse_databases
-from sharedpool.protocol import ReportCause
-from sharedpool.table import Outcome
+from sharedpool.db_ranges import parse_databases
+from sharedpool.lease.state import LeaseState
+from sharedpool.shell import clone
+from sharedpool.shell.links import Link, manager_alive
 
 if TYPE_CHECKING:
-    from sharedpool.client.connection import LeasedConnection
-    from sharedpool.client.lease_core import Taker
+    from sharedpool.lease.core import Taker
 
 log = logging.getLogger("sharedpool.client")
 
@@ -47,23 +45,24 @@ def process_start(pid: int) -> float:
 class Attachment:
     """This process's view of one manager (one epoch): channel, table, cached connections."""
 
-    def __init__(self, channel: ControlChannel, db: int) -> None:
-        welcome = channel.welcome
+    def __init__(self, link: Link, db: int) -> None:
+        welcome = link.welcome
         self.db = db  # the database of every lease taken through this attachment
-        geometry = welcome.get("table") or {}
-        self.channel = channel
+        # The control channel and the table are the link's, shared with every
+        # other pool of this process attached to the same manager.
+        self.link = link
+        self.channel = link.channel
+        self.table = link.table
         self.welcome = welcome
         self.epoch = str(welcome.get("epoch", ""))
         self.pool_name = str(welcome.get("pool", "?"))
-        # The table takes the memfd over from the channel: a channel closed by a
-        # dead manager's EOF must not close the fd that the table, and every
-        # taker made from it (``own_description``), still names.
-        table_fd, channel.table_fd = channel.table_fd, -1
-        self.table = tbl.Table(table_fd, int(geometry["capacity"]), int(geometry["waiter_capacity"]))
+        # Detaching lets go of the link; so does a pool dropped without it (collected).
+        self._user = link.add_user(self)
         self.pid = os.getpid()
         self.start = process_start(self.pid)
-        self.conns: dict[int, LeasedConnection] = {}
-        self.sites: dict[str, int] = {}
+        # slot -> this process's connection for it (``lease.context.CachedConnection``): the
+        # sync pool's ``LeasedConnection``, the asyncio pool's ``SlotEntry``.
+        self.conns: dict[int, Any] = {}
         self.held = 0  # leases this process holds on this table
         self.detached = False
         self.checked_at = time.monotonic()
@@ -86,10 +85,7 @@ class Attachment:
         return False
 
     def manager_alive(self) -> bool:
-        try:
-            return tbl.is_locked(self.table.fd, tbl.ALIVE_LOCK, exclusive=False)
-        except OSError:
-            return False
+        return manager_alive(self.table)
 
     def detach(self) -> None:
         """Forget a manager that died or restarted; leases in use end on their own."""
@@ -100,7 +96,7 @@ class Attachment:
         for taker in list(self.takers):
             if not taker.held and taker.pid == os.getpid():
                 taker.close()  # a taker holding a lease keeps its lock until it gives it back
-        self.channel.close()
+        self.link.release(self, self._user)
 
     def abandon(self) -> None:
         """In a forked child: close our copies of the parent's fds, unlock nothing, tell no one.
@@ -115,58 +111,20 @@ class Attachment:
         for conn in self.conns.values():
             conn.shared_pool = None
             conn.disconnect()
-        self.channel.abandon()
-        self.table.close()
+        self.link.abandon()
 
     def abort(self) -> int:
         """Report every lease of this process broken and close the channel; how many leases and channels ended.
 
         Takes no lock a stuck thread may hold: the manager shuts each such
-        connection down (which wakes a thread blocked reading from it).
+        connection down (which wakes a thread blocked reading from it). The
+        channel is shared: every pool's leases on it are reported (``Link.abort``).
         """
-        if self.channel.closed:
-            return 0
-        ended = 0
-        for conn in list(self.conns.values()):
-            lease = conn.lease
-            if conn.state is LeaseState.IN_USE and lease is not None:
-                report = protocol.encode_report(lease.slot, lease.generation, lease.seq, Outcome.BROKEN, ReportCause.ABORTED)
-                self.channel.notify(report)
-                ended += 1
-        # A ping makes sure the reports were read before our end closes.
-        try:
-            self.channel.ping(timeout=1.0)
-        except errors.SharedPoolError:
-            pass
-        self.channel.close()
-        return ended + 1
+        return self.link.abort()
 
     def site_id(self, text: str) -> int:
-        """The number the manager knows a call site by; announced the first time."""
-        site = self.sites.get(text)
-        if site is None:
-            if len(self.sites) >= 10_000:
-                return 0
-            site = len(self.sites) + 1
-            self.sites[text] = site
-            self.channel.notify(protocol.encode_site(site, text))
-        return site
-
-
-def open_channel(socket_path: str, deadline: float) -> ControlChannel:
-    """Connect, retrying while no manager answers, until ``deadline``."""
-    delay = 0.02
-    started = time.monotonic()
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            return ControlChannel(socket_path, connect_timeout=max(0.05, min(remaining, 5.0)))
-        except errors.ManagerUnavailable as exc:
-            if time.monotonic() + delay >= deadline:
-                waited = time.monotonic() - started
-                raise errors.ManagerUnavailable(f"{exc} (waited {waited:.2f} s)") from None
-        time.sleep(delay)
-        delay = min(delay * 2, 0.25)
+        """The number the manager knows a call site by (one numbering per control connection)."""
+        return self.link.site_id(text)
 
 
 def check_welcome(
@@ -193,6 +151,9 @@ def check_welcome(
             f"this client expects RESP{asked or 3}: pass protocol={manager_protocol}"
         )
     manager_redis = str(welcome.get("redis", ""))
+    if requested_db is not None and isinstance(welcome.get("cluster"), dict):
+        # A cluster manager: the database is a node's index, named as that node.
+        manager_redis = str(welcome["cluster"].get(str(requested_db), "no node"))
     if redis_location is not None and not clone.same_redis(redis_location, manager_redis):
         raise errors.Misconfigured(
             f"this client's URL names Redis at {redis_location}, but manager {welcome.get('pool')!r} "

@@ -2,12 +2,12 @@
 
 A lease is a lock on one byte of the shared table plus a row written
 (``sharedpool.table``): ``get_connection`` takes one through the lease core
-(``lease_core``) and returns this process's connection object for its
+(``sharedpool.lease``) and returns this process's connection object for its
 slot; ``release`` gives it back. This module is the sync pool itself:
 redis-py's pool interface, the options a worker may set, taking a lease
 (spinning, then blocking waits on the thread's wake socket) and giving it
 back, and the control channel's blocking requests. Attaching to a manager
-and each thread's taker are ``attaching.py``'s; binding a lease to a
+and each thread's taker are ``process_state.py``'s; binding a lease to a
 connection object and ending one redis-py lost are ``binding.py``'s.
 The manager hears of a lease only when it has work to do: a first fd for a
 (slot, generation), a slot to open, a reset, a broken connection.
@@ -15,7 +15,6 @@ The manager hears of a lease only when it has work to do: a first fd for a
 
 from __future__ import annotations
 
-import inspect
 import os
 import socket
 import threading
@@ -26,82 +25,23 @@ from typing import Any
 
 import redis
 
-from sharedpool import errors, protocol
+from sharedpool import errors
 from sharedpool import table as tbl
-from sharedpool.client import clone, lease_core, lease_queue, lease_state, process, retry_budget
-from sharedpool.client.attaching import Attaching, ThreadState
-from sharedpool.client.attachment import LIVENESS_S, Attachment
+from sharedpool.client import process
 from sharedpool.client.binding import bind, end_lost_lease, give_back_reporting
-from sharedpool.client.callsite import caller
+from sharedpool.client.channel import sync_channel
 from sharedpool.client.connection import LeasedConnection
-from sharedpool.client.lease_core import Lease, Taken
-from sharedpool.client.lease_state import LeaseState
-from sharedpool.config import client_config
+from sharedpool.client.process_state import Attaching, ThreadState
+from sharedpool.lease import core as lease_core
+from sharedpool.lease import queue as lease_queue
+from sharedpool.lease import state as lease_state
+from sharedpool.lease.core import Lease, Taken
+from sharedpool.lease.state import LeaseState
 from sharedpool.protocol import FrameType
+from sharedpool.shell.attachment import LIVENESS_S, Attachment
+from sharedpool.shell.callsite import caller
+from sharedpool.shell.pool_base import STATS_FRAME, demand_body
 from sharedpool.table import Outcome, RowFlag, RowState
-
-# Settings that belong to the manager: a worker cannot change them per lease.
-_MANAGER_OWNED = frozenset({
-    "host", "port", "path", "unix_socket_path", "password", "username", "credential_provider",
-    "client_name", "lib_name", "lib_version", "driver_info", "ssl", "ssl_keyfile", "ssl_certfile",
-    "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "socket_keepalive",
-    "socket_keepalive_options", "socket_connect_timeout", "redis_connect_func", "connection_class",
-    "cache", "cache_config", "maint_notifications_config",
-})
-# What the manager's handshake tells Redis about the client (CLIENT SETINFO).
-# Libraries pass their own (Celery's driver_info and lib_name): labels only,
-# so they are dropped whatever they say.
-_LABELS = frozenset({"lib_name", "lib_version", "driver_info"})
-
-
-def _redis_py_defaults() -> dict[str, tuple[Any, ...]]:
-    """The values redis-py itself gives the manager-owned options, read from the installed
-    redis-py: libraries that build a pool from a full set of options pass them (Celery's
-    result backend does), and a default asks nothing of the manager."""
-    found: dict[str, list[Any]] = {name: [None] for name in _MANAGER_OWNED}
-    for call in (redis.Redis.__init__, redis.Connection.__init__, redis.SSLConnection.__init__,
-                 redis.connection.AbstractConnection.__init__):
-        for name, parameter in inspect.signature(call).parameters.items():
-            if name in found and parameter.default is not inspect.Parameter.empty:
-                found[name].append(parameter.default)
-    found["ssl"].append(False)
-    found["connection_class"].append(redis.Connection)
-    return {name: tuple(values) for name, values in found.items()}
-
-
-_DEFAULTS = _redis_py_defaults()
-
-
-def refuse_manager_owned(connection_kwargs: dict[str, Any], own_class: type | None = None) -> str | None:
-    """Drop from ``connection_kwargs`` (in place) the manager-owned options a worker gave
-    redis-py's default values (the asyncio pool's check too), and refuse the others.
-
-    ``host`` and ``port`` (or a socket path) say where the caller thinks Redis is:
-    returned as a location, which the pool checks against the manager's Redis at
-    attach. ``own_class`` is the pool's connection class, accepted as
-    ``connection_class``.
-    """
-    location = None
-    host, port = connection_kwargs.pop("host", None), connection_kwargs.pop("port", None)
-    path = connection_kwargs.pop("unix_socket_path", None) or connection_kwargs.pop("path", None)
-    connection_kwargs.pop("path", None)
-    if path:
-        location = str(path)
-    elif host is not None or port is not None:
-        location = f"{host or 'localhost'}:{port or 6379}"
-    for name in sorted(set(connection_kwargs) & _MANAGER_OWNED):
-        value = connection_kwargs[name]
-        if name in _LABELS or any(value is d or (type(value) is type(d) and value == d) for d in _DEFAULTS[name]):
-            del connection_kwargs[name]
-        elif name == "connection_class" and own_class is not None and isinstance(value, type) and issubclass(value, own_class):
-            pass  # a subclass of the pool's own (kombu's, which tells its event loop of a disconnect): kept
-        else:
-            raise errors.ConfigError(
-                name, "***" if name in ("password", "credential_provider") else value,
-                "not settable in a worker: the sharedpool manager owns the Redis connections "
-                "(set it on 'sharedpool serve', e.g. in --redis-url)",
-            )
-    return location
 
 
 class SharedConnectionPool(Attaching, redis.ConnectionPool):
@@ -125,54 +65,22 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         manager_timeout: float | None = None,
         **connection_kwargs: Any,
     ) -> None:
-        redis_location = clone.pool_options(connection_kwargs)
-        redis_location = refuse_manager_owned(connection_kwargs, LeasedConnection) or redis_location
-        self.config = client_config(socket_path=socket_path, acquire_timeout=acquire_timeout, manager_timeout=manager_timeout)
-        self.db: int | None = clone.database(connection_kwargs.pop("db", None))
-        self._requested_protocol = connection_kwargs.get("protocol")
-        # Where a URL given to from_url said Redis is: checked against the manager's at attach.
-        self.redis_location: str | None = redis_location
+        self._take_options(socket_path, acquire_timeout, manager_timeout, connection_kwargs, LeasedConnection)
         connection_class = connection_kwargs.pop("connection_class", LeasedConnection)
         super().__init__(connection_class=connection_class, **connection_kwargs)
-        clone.record_for_clones(
-            self.connection_kwargs, self.config.socket_path, acquire_timeout, manager_timeout, self.db, redis_location
-        )
+        self._record_for_clones(acquire_timeout, manager_timeout)
         process.register(self)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SharedConnectionPool:  # type: ignore[override]
-        """A pool for the database and client options of a ``redis://`` or ``unix://`` URL.
-
-        The manager owns where Redis is and how to log in: a password or
-        user name in the URL is dropped (never sent anywhere), and the host
-        and port (or socket path) must name the manager's own Redis, which
-        is checked at the first lease (``Misconfigured`` otherwise). Keyword
-        arguments win over the URL's query options, except ``db``, which
-        the URL sets when it names one (as in redis-py).
-        """
-        options, location = clone.parse_redis_url(url)
-        return cls(**{**kwargs, **options, "redis_location": location})
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # A spawned process rebuilds the pool from its options; the fds, the
-        # table and the channel are this process's and stay here.
-        return (_rebuild_pool, (type(self), clone.clone_kwargs(self.connection_kwargs)))
+        """A pool for the database and client options of a ``redis://`` or ``unix://`` URL
+        (``PoolBase._from_url``: the manager owns where Redis is and how to log in)."""
+        return cls._from_url(url, kwargs)
 
     def __repr__(self) -> str:
-        att = self._attachment
-        name = att.pool_name if att is not None else "?"
-        held = att.held if att is not None else 0
-        cached = len(att.conns) if att is not None else 0
-        return f"<SharedConnectionPool {self.config.socket_path} pool={name!r} [{held} leased here, {cached} slots cached]>"
+        return f"<SharedConnectionPool {self._counts()}]>"
 
     # ----- timeouts (attaching, detaching, threads' takers: Attaching) -------
-
-    def _acquire_timeout(self, att: Attachment) -> float:
-        return self.config.acquire_timeout or att.acquire_timeout
-
-    def call_bound(self) -> float:
-        """Seconds one call may spend on the pool in all, retries included: manager_timeout + acquire_timeout."""
-        return retry_budget.call_bound(self.config, self._attachment)
 
     # ----- taking a lease ------------------------------------------------------
 
@@ -227,7 +135,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
             lease = Lease(att, slot, generation, seq, state.lock_fd, taken_at, att.db, state)
             att.held += 1
             try:
-                return bind(self, att, lease, conn, final, started)
+                bound = bind(self, att, lease, conn, final, started)
             except errors.StaleSlot:
                 give_back_reporting(lease, Outcome.CLEAN, used=False)
                 lease_core.skip_stale(state, lease, deadline, acquire_timeout)
@@ -235,6 +143,18 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
             except BaseException:
                 give_back_reporting(lease, Outcome.CLEAN, used=False)
                 raise
+            if bound.closed_while_idle():
+                # As redis-py's pool reconnects a connection Redis closed while
+                # it sat in the pool: the command goes out on another one, and
+                # this one goes back broken for the manager to replace.
+                self.end_in_use(bound)
+                if time.monotonic() >= deadline:
+                    raise errors.PoolTimeout(
+                        f"no lease from pool {att.pool_name!r} within {acquire_timeout:.2f} s: "
+                        "every connection taken had been closed by Redis"
+                    )
+                continue
+            return bound
 
     def _wait(self, att: Attachment, state: ThreadState, site: int, started: float, deadline: float) -> Taken:
         """Every open slot is taken: queue, and do what the lease core asks, blocking."""
@@ -254,9 +174,9 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
             wait.leave()
 
     def _demand(self, att: Attachment, deadline: float, db: int) -> None:
-        body = protocol.encode_demand(db)[protocol.HEADER.size :]
+        body = demand_body(db)
         try:
-            att.channel.call(FrameType.DEMAND, body, FrameType.ACK, max(0.05, deadline - time.monotonic()))
+            sync_channel(att).call(FrameType.DEMAND, body, FrameType.ACK, max(0.05, deadline - time.monotonic()))
         except errors.ManagerUnavailable:
             if not att.manager_alive():
                 self._detach(att)
@@ -295,6 +215,18 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
 
     def owns_connection(self, connection: Any) -> bool:
         return isinstance(connection, LeasedConnection) and connection.shared_pool is self and connection.pid == self.pid
+
+    def reset(self) -> None:
+        # Called in the same process, redis-py's reset() forgets every
+        # connection, and their sockets close when collected; Celery's result
+        # consumer resets its pool this way to reconnect after a connection
+        # error, dropping the old PubSub still holding its lease. Forgotten
+        # here, the attachment's leases would stay held until collection
+        # (and under a cap, starve the host): they end now, as disconnect()
+        # ends them, and a holder's next command takes a fresh lease.
+        if getattr(self, "pid", None) == os.getpid() and getattr(self, "_attachment", None) is not None:
+            self.disconnect()
+        super().reset()
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         """As redis-py's: drop this process's cached fds (never the manager's connections)
@@ -406,7 +338,7 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         """The manager's stats snapshot."""
         self._checkpid()
         att = self._attach(time.monotonic() + self.config.manager_timeout)
-        return att.channel.request(protocol.encode_empty(FrameType.STATS), FrameType.STATS_REPLY, timeout=10.0)
+        return sync_channel(att).request(STATS_FRAME, FrameType.STATS_REPLY, timeout=10.0)
 
     # ----- hooks for servers -----------------------------------------------------------
 
@@ -417,20 +349,3 @@ class SharedConnectionPool(Attaching, redis.ConnectionPool):
         self._fork_lock = threading.RLock()
         self._lock = threading.RLock()
         self._checkpid()
-
-    def abort(self) -> int:
-        """A dying worker's hook (gunicorn ``worker_abort``): give up this process's
-        leases now, even those a stuck thread is in, and close the channel.
-
-        The manager shuts each such connection down (which wakes a thread
-        blocked reading from it) and replaces it. Takes no lock the stuck
-        thread may hold. Returns how many leases and channels it ended.
-        """
-        att = self._attachment
-        if self.pid != os.getpid() or att is None:
-            return 0
-        return att.abort()
-
-
-def _rebuild_pool(cls: type[SharedConnectionPool], kwargs: dict[str, Any]) -> SharedConnectionPool:
-    return cls(**kwargs)

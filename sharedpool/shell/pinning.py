@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
 from sharedpool import errors
-from sharedpool.client.lease_state import LeaseHolder
+from sharedpool.lease.state import LeaseHolder
 
 ConnT = TypeVar("ConnT", bound=LeaseHolder)
 ClientT = TypeVar("ClientT")

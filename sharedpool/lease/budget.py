@@ -28,12 +28,12 @@ from redis.backoff import AbstractBackoff
 from sharedpool.errors import LeaseLost
 
 if TYPE_CHECKING:
-    from sharedpool.client.attachment import Attachment
-    from sharedpool.client.lease_state import LeaseHolder
     from sharedpool.config import ClientConfig
+    from sharedpool.lease.context import LeaseContext
+    from sharedpool.lease.state import LeaseHolder
 
 
-def call_bound(config: ClientConfig, att: Attachment | None) -> float:
+def call_bound(config: ClientConfig, att: LeaseContext | None) -> float:
     """Seconds one call may spend on the pool in all, retries included: manager_timeout + acquire_timeout."""
     acquire_timeout = config.acquire_timeout or (att.acquire_timeout if att is not None else 0.0)
     return config.manager_timeout + acquire_timeout

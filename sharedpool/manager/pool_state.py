@@ -22,8 +22,8 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sharedpool import stats as keys
-from sharedpool.config import format_databases
+from sharedpool import stat_keys
+from sharedpool.db_ranges import format_databases
 from sharedpool.manager import databases
 from sharedpool.manager.actions import (
     Action,
@@ -86,7 +86,7 @@ class Pool:
         # loop sweeps at once, which offers the idle slots of the others.
         self.rebind_wanted = False
         self.redis_databases: int | None = None  # what CONFIG GET databases said, once asked
-        self.counters: dict[str, int] = {name: 0 for name in keys.COUNTERS}
+        self.counters: dict[str, int] = {name: 0 for name in stat_keys.COUNTERS}
         self.sites: dict[tuple[int, int], str] = {}  # (pid, call-site id) -> text
 
     # ----- bookkeeping -------------------------------------------------
@@ -192,6 +192,17 @@ class Pool:
 
     def _rebind(self, slot: Slot, db: int) -> list[Action]:
         """Lend an idle connection (its lock held by us) to another database."""
+        if self.limits.rebind_reconnects:
+            # Cluster nodes (manager/cluster.py): another node is another host, so the
+            # slot is closed and opened again towards it.
+            log.info("slot %d moved from node %d to node %d (max_connections %d reached)",
+                     slot.index, slot.db, db, self.limits.max_connections)
+            self.counters[stat_keys.REBOUND] += 1
+            actions = self._discard(slot, f"moved to node {db}", 0.0)
+            slot.db = db
+            self._move(slot, SlotState.CONNECTING)
+            return actions + [Publish(slot.index, slot.generation, RowState.MANAGER, db=db),
+                              OpenConnection(slot.index, slot.generation)]
         log.info("slot %d rebound from db %d to db %d (max_connections %d reached)",
                  slot.index, slot.db, db, self.limits.max_connections)
         del self._in_db[slot.db][slot.index]
@@ -203,7 +214,7 @@ class Pool:
         slot.generation += 1
         self._in_db.setdefault(db, {})[slot.index] = slot
         self._move(slot, SlotState.MANAGED)
-        self.counters[keys.REBOUND] += 1
+        self.counters[stat_keys.REBOUND] += 1
         return [Publish(slot.index, slot.generation, RowState.MANAGER, db=db),
                 ResetConnection(slot.index, slot.generation, slot.backend, db)]
 
@@ -219,7 +230,7 @@ class Pool:
         if self.limits.max_lifetime:
             # Up to 10% earlier, so connections opened together do not all expire together.
             slot.expires_at = now + self.limits.max_lifetime * (1 - 0.1 * self._rng())
-        self.counters[keys.OPENED] += 1
+        self.counters[stat_keys.OPENED] += 1
         if self.redis_down_since is not None:
             log.info("Redis at %s reachable again after %.1f s", self.limits.redis_label, now - self.redis_down_since)
         self.redis_down_since = None
@@ -238,7 +249,7 @@ class Pool:
             return []
         slot.generation += 1
         self._move(slot, SlotState.EMPTY)
-        self.counters[keys.REDIS_ERRORS] += 1
+        self.counters[stat_keys.REDIS_ERRORS] += 1
         self.last_connect_error = error
         self.last_failure_at = now
         self._connect_failures += 1
@@ -263,7 +274,7 @@ class Pool:
             # backoff (at most one attempt per _DEMAND_PROBE_S), so a
             # restarted Redis serves this very request. The waiter stops
             # waiting when the attempt fails too (the table says so).
-            self.counters[keys.REFUSED_UNAVAILABLE] += 1
+            self.counters[stat_keys.REFUSED_UNAVAILABLE] += 1
             self.next_connect_at = min(self.next_connect_at, self.last_failure_at + _DEMAND_PROBE_S)
         self.demand[db] = self.demand.get(db, 0) + 1
         return ""
@@ -281,13 +292,13 @@ class Pool:
             return self._discard(slot, "given back after it was shut down", now)  # counted when it was revoked
         if cause is not None:
             log.warning("reaped slot %d (%s): connection replaced", index, cause.value)
-            return self._discard(slot, f"reaped: {cause.value}", now, keys.reaped_key(cause.value))
+            return self._discard(slot, f"reaped: {cause.value}", now, stat_keys.reaped_key(cause.value))
         if slot.retire or self.shutting_down or now >= slot.expires_at:
             # Given back BROKEN by a holder that saw the expiry: recycling, not breakage.
-            return self._discard(slot, "retired", now, keys.RECYCLED if now >= slot.expires_at else None)
+            return self._discard(slot, "retired", now, stat_keys.RECYCLED if now >= slot.expires_at else None)
         if outcome is Outcome.BROKEN:
-            return self._discard(slot, "returned broken", now, keys.reaped_key(ReapCause.BROKEN.value))
-        self.counters[keys.RESETS] += 1
+            return self._discard(slot, "returned broken", now, stat_keys.reaped_key(ReapCause.BROKEN.value))
+        self.counters[stat_keys.RESETS] += 1
         self._move(slot, SlotState.MANAGED)
         return [
             Publish(index, generation, RowState.MANAGER, db=slot.db), ResetConnection(index, generation, slot.backend, slot.db)
@@ -314,7 +325,7 @@ class Pool:
         if not locked:
             slot.retire = True
             return []
-        return self._discard(slot, "closed by Redis", now, keys.HEALTH_CHECK_FAILED)
+        return self._discard(slot, "closed by Redis", now, stat_keys.HEALTH_CHECK_FAILED)
 
     # ----- the sweep ---------------------------------------------------------------
 
@@ -341,7 +352,7 @@ class Pool:
             if isinstance(verdict, End):
                 actions += self._discard(slot, verdict.reason, now, verdict.counter)
             elif isinstance(verdict, Revoke):
-                actions += self.revoke(slot.index, slot.generation, verdict.seq, keys.reaped_key(ReapCause.REVOKED.value))
+                actions += self.revoke(slot.index, slot.generation, verdict.seq, stat_keys.reaped_key(ReapCause.REVOKED.value))
             elif isinstance(verdict, Shut):
                 slot.shut = True
                 actions.append(ShutDown(slot.backend, verdict.reason))
@@ -356,7 +367,7 @@ class Pool:
 
     def _warn_leak(self, slot: Slot, view: RowView, now: float) -> None:
         slot.leak_warned_seq = view.lease_seq
-        self.counters[keys.LEAK_WARNINGS] += 1
+        self.counters[stat_keys.LEAK_WARNINGS] += 1
         where = self.sites.get((view.holder_pid, view.call_site), "an unknown place")
         log.warning(
             "possible leak: pid %d has held lease %d (slot %d) for %.1f s (leak_threshold %g s); taken at %s",
@@ -407,7 +418,7 @@ class Pool:
         slot.retire = slot.shut = False
         slot.expires_at = float("inf")
         self._move(slot, SlotState.EMPTY)
-        self.counters[keys.CLOSED] += 1
+        self.counters[stat_keys.CLOSED] += 1
         if counter is not None:
             self.counters[counter] += 1
         actions: list[Action] = [CloseConnection(backend, reason)] if backend is not None else []
@@ -420,7 +431,7 @@ class Pool:
         if slot is None or slot.state is not SlotState.SHARED:
             return []
         log.warning("health check: idle slot %d closed by Redis or holding stray data; replaced", index)
-        return self._discard(slot, "health check failed", now, keys.HEALTH_CHECK_FAILED)
+        return self._discard(slot, "health check failed", now, stat_keys.HEALTH_CHECK_FAILED)
 
     def expected_row(self, slot: Slot) -> RowState:
         """What the row of a slot the workers do not own must say (the manager wrote it)."""
@@ -429,7 +440,7 @@ class Pool:
     def rewrite_row(self, slot: Slot) -> list[Action]:
         """The row of a slot the workers do not own was scribbled: write it again."""
         log.warning("slot %d: row scribbled while the slot is %s: rewritten", slot.index, slot.state.value)
-        self.counters[keys.TABLE_REPAIRS] += 1
+        self.counters[stat_keys.TABLE_REPAIRS] += 1
         return [Publish(slot.index, slot.generation, self.expected_row(slot), db=slot.db)]
 
     # ----- call sites, for leak warnings ------------------------------------------
@@ -450,6 +461,10 @@ class Pool:
     def resume(self) -> list[Action]:
         self.paused = False
         return [Wake(-1)]
+
+    def retire_db(self, db: int) -> list[Action]:
+        """Replace the connections of one database (a cluster node whose role changed)."""
+        return self._retire([slot for slot in self.slots if slot.db == db])
 
     def retire_all(self) -> list[Action]:
         """Replace every connection: idle ones at the next sweep, leased ones when they come back."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sharedpool.client.lease_core import mark_subscriber
+from sharedpool.lease.core import mark_subscriber
 from sharedpool.table import Outcome
 
 # Commands after which the session differs from the manager's handshake
