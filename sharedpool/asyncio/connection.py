@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sharedpool import errors
 from sharedpool.errors import LeaseLost
@@ -207,6 +208,16 @@ class AsyncLeasedConnection(LeaseHolder, Connection):
         if pool is None or self.owner_pid != os.getpid():
             raise LeaseLost(f"{self!r} was inherited across fork: take a lease from the pool in this process")
         await pool.replace_lost_lease(self)
+
+    async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        try:
+            await super().connect_check_health(check_health, retry_socket_connect)
+        except RedisConnectionError as exc:
+            # redis.asyncio wraps whatever _connect raised in a plain ConnectionError; ours says
+            # more and is what callers catch (PoolTimeout is a TimeoutError, not a ConnectionError).
+            if type(exc) is RedisConnectionError and isinstance(exc.__cause__, errors.SharedPoolError):
+                raise exc.__cause__ from None
+            raise
 
     async def on_connect(self) -> None:
         self._parser.on_connect(self)

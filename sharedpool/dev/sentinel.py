@@ -178,13 +178,25 @@ class SentinelGroup:
         """Force a failover (``SENTINEL FAILOVER``); return (old master, new master) once every Sentinel names the new one."""
         old = self.current_master()
         new = self.replica if old is self.master else self.master
+        deadline = time.monotonic() + timeout
         client = self.sentinels[0].client()
         try:
-            # NOGOODSLAVE while the Sentinel has not seen the replica fresh enough yet; INPROG while one runs.
-            _wait(lambda: client.execute_command("SENTINEL", "FAILOVER", self.service), timeout, "SENTINEL FAILOVER accepted")
+            while True:
+                # NOGOODSLAVE while the Sentinel has not seen the replica fresh enough yet; INPROG while one runs.
+                _wait(lambda: client.execute_command("SENTINEL", "FAILOVER", self.service),
+                      deadline - time.monotonic(), "SENTINEL FAILOVER accepted")
+                try:
+                    # On a loaded machine the promotion can outlast failover-timeout: the Sentinel
+                    # then aborts the forced failover and never retries it by itself, so we do.
+                    _wait(functools.partial(self._names, 0, new.port), min(10.0, deadline - time.monotonic()),
+                          f"sentinel 0 to name port {new.port}")
+                    break
+                except RuntimeError:
+                    if time.monotonic() >= deadline:
+                        raise
         finally:
             client.close()
-        for index in range(len(self.sentinels)):
+        for index in range(1, len(self.sentinels)):
             _wait(functools.partial(self._names, index, new.port), timeout, f"sentinel {index} to name port {new.port}")
         return old, new
 
