@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import os
 import shutil
@@ -112,7 +113,7 @@ def _run_fleet(server: Server, socket_path: str, admin: redis.Redis, pool_name: 
         for i in range(60):
             try:
                 status, body = server.get(f"/check?rid={n}-{i}-{uuid.uuid4().hex[:8]}", timeout=30)
-            except OSError as exc:  # a killed worker's request
+            except (OSError, http.client.HTTPException) as exc:  # a killed worker's request (cut mid-body: IncompleteRead)
                 failed.append(repr(exc))
                 continue
             if status == 200:
