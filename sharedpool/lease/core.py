@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -203,6 +204,16 @@ def try_slots(att: LeaseContext, taker: Taker, site: int, started: float, db: in
 
 
 _WAKER: tuple[int, socket.socket] | None = None
+_WAKER_LOCK = threading.Lock()
+
+
+def _new_waker_lock_in_child() -> None:
+    # A thread that held it at a fork is not in the child: the child's lock starts unlocked.
+    global _WAKER_LOCK
+    _WAKER_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_waker_lock_in_child)
 
 
 def _process_waker() -> socket.socket:
@@ -210,8 +221,12 @@ def _process_waker() -> socket.socket:
     global _WAKER
     waker = _WAKER
     if waker is None or waker[0] != os.getpid():
-        waker = (os.getpid(), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK))
-        _WAKER = waker
+        with _WAKER_LOCK:  # two threads' first wakes at once would make two, one left unclosed
+            waker = _WAKER
+            if waker is None or waker[0] != os.getpid():
+                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                waker = (os.getpid(), socket.socket(socket.AF_UNIX, kind))
+                _WAKER = waker
     return waker[1]
 
 

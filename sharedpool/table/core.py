@@ -124,7 +124,9 @@ class PyTableCore:
             taken = self._take_slot(last, lock_fd, avoid, db, pid, start, site, started, now)
             if taken is not None:
                 return taken
-        for slot in cached:
+        # A snapshot: another thread of this process may cache a newly bound fd meanwhile (the
+        # GIL can switch between two turns of this loop; the C core holds it throughout).
+        for slot in tuple(cached):
             if type(slot) is not int or not 0 <= slot < capacity or (tried_last and slot == last):
                 continue
             at = ROWS_AT + slot * ROW_SIZE
