@@ -89,6 +89,13 @@ class NodeDirectory:
         self._request(refresh=False, wait=False)
         return self.nodes
 
+    def known_index(self, addr: str) -> int | None:
+        """The manager's number for ``addr`` if this process knows it already (no request)."""
+        for node in self.nodes:
+            if node["addr"] == addr:
+                return int(node["index"])
+        return None
+
     def index_of(self, addr: str) -> int:
         """The manager's number for the node at ``addr``; asks the manager once when unknown."""
         for known in (self.nodes, None):

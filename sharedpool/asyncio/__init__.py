@@ -10,12 +10,14 @@ next turn for that turn's next command), ``channel`` (the control connection on 
 ``connection`` (a ``redis.asyncio`` connection over a lent fd),
 ``autopipeline`` (simple commands of concurrent tasks batched on one
 lease), ``client`` (``SharedRedis``, ``Redis()``, ``lease()``),
+``cluster`` (``RedisCluster``: redis.asyncio's cluster client on node leases),
 ``process`` (fork and server hooks reach these pools through
 ``sharedpool.client.process``).
 """
 
 from sharedpool.asyncio.async_pool import SharedConnectionPool
 from sharedpool.asyncio.client import Redis, SharedRedis
+from sharedpool.asyncio.cluster import RedisCluster
 from sharedpool.asyncio.connection import AsyncLeasedConnection
 
-__all__ = ["AsyncLeasedConnection", "Redis", "SharedConnectionPool", "SharedRedis"]
+__all__ = ["AsyncLeasedConnection", "Redis", "RedisCluster", "SharedConnectionPool", "SharedRedis"]

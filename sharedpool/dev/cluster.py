@@ -5,7 +5,8 @@ children (``--cluster-enabled yes``, each its own port and directory, the
 binary ``find_redis_server`` picks), joins them (``CLUSTER MEET``), gives
 each primary an equal share of the 16384 slots (``CLUSTER ADDSLOTSRANGE``),
 makes the replicas replicate, and waits until every node says
-``cluster_state:ok``. Every wait has a deadline. ``migrate_slot`` and
+``cluster_state:ok`` (with replicas: until ``CLUSTER SLOTS`` lists them,
+as clients discover replicas from it). Every wait has a deadline. ``migrate_slot`` and
 ``failover`` do by hand what an operator's resharding and failover do.
 """
 
@@ -59,7 +60,10 @@ class LocalCluster:
         self.primaries_wanted = primaries
         self.replicas_wanted = replicas
         extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                 "--cluster-node-timeout", str(node_timeout_ms), "--cluster-require-full-coverage", "no")
+                 "--cluster-node-timeout", str(node_timeout_ms), "--cluster-require-full-coverage", "no",
+                 # A replica is listed in CLUSTER SLOTS once its first sync is done; Redis waits
+                 # 5 s by default before a diskless sync, for more replicas to share it.
+                 "--repl-diskless-sync-delay", "0")
         self.servers = [RedisServer(port=cluster_port(), extra_args=extra) for _ in range(primaries * (1 + replicas))]
         self.ids: dict[int, str] = {}  # port -> node id
 
@@ -104,6 +108,14 @@ class LocalCluster:
             with self.client(port) as c:
                 c.execute_command("CLUSTER", "REPLICATE", self.ids[primary])
         self.wait_ok(timeout)
+        if self.replicas_wanted:
+            _wait("every replica synced and listed", self._replicas_listed, timeout)
+
+    def _replicas_listed(self) -> bool:
+        """Every slot range of CLUSTER SLOTS names its replicas (a client discovers only those)."""
+        with self.client(self.ports[0]) as c:
+            ranges = c.execute_command("CLUSTER", "SLOTS")
+        return len(ranges) >= self.primaries_wanted and all(len(r) >= 3 + self.replicas_wanted for r in ranges)
 
     def _known(self, port: int) -> int:
         with self.client(port) as c:

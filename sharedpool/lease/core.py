@@ -25,6 +25,7 @@ inside its microseconds (SIGSTOP, swap) must not freeze a taker with it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import socket
@@ -228,6 +229,15 @@ def _process_waker() -> socket.socket:
                 waker = (os.getpid(), socket.socket(socket.AF_UNIX, kind))
                 _WAKER = waker
     return waker[1]
+
+
+@atexit.register
+def _close_process_waker() -> None:
+    # Kept for the process's life; closed at exit rather than left to the
+    # interpreter's teardown, which warns of an unclosed socket.
+    waker = _WAKER
+    if waker is not None and waker[0] == os.getpid():
+        waker[1].close()
 
 
 def wake_one(att: LeaseContext, lock_fd: int, db: int) -> None:
