@@ -30,7 +30,7 @@ from sharedpool.client.channel import ControlChannel
 from sharedpool.client.sync_pool import SharedConnectionPool
 from sharedpool.protocol import FrameType
 
-__all__ = ["NodeDirectory", "NodePool", "RedisCluster"]
+__all__ = ["NodeDirectory", "NodePool", "RedisCluster", "manager_primaries"]
 
 # Options redis-py's cluster passes each node's pool that are its own business or the manager's:
 # a lease is set up by the manager (READONLY on a replica included), retries are the cluster's.
@@ -178,6 +178,25 @@ class NodePool(SharedConnectionPool):
             self._twin.disconnect(inuse_connections)
 
 
+def manager_primaries(
+    socket_path: str | None, manager_timeout: float | None, kwargs: dict[str, Any]
+) -> tuple[NodeDirectory, list[tuple[str, int]]]:
+    """Both cluster clients' start: refuse being told where the cluster is, and ask the manager
+    for its primaries (the startup nodes), bounded by ``manager_timeout``."""
+    for name in ("host", "port", "startup_nodes", "url", "password", "username"):
+        if kwargs.get(name) is not None:
+            raise errors.ConfigError(name, "***" if name == "password" else kwargs[name],
+                                     "not settable: the sharedpool manager (--cluster) knows the cluster")
+    directory = NodeDirectory(socket_path, timeout=manager_timeout or 5.0)
+    directory.load()
+    primaries = directory.primaries()
+    if not primaries:
+        directory.close()
+        raise errors.RedisUnavailable(
+            f"the sharedpool manager at {directory.socket_path} knows no cluster primary yet (its seed is unreachable)")
+    return directory, primaries
+
+
 def node_pool_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """What of redis-py's per-node pool options a shared pool takes (the rest is the cluster's or the manager's)."""
     return {name: value for name, value in kwargs.items() if name not in _CLUSTER_OWNED}
@@ -201,16 +220,8 @@ class RedisCluster(redis.cluster.RedisCluster):
         manager_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
-        for name in ("host", "port", "startup_nodes", "url", "password", "username"):
-            if kwargs.get(name) is not None:
-                raise errors.ConfigError(name, "***" if name == "password" else kwargs[name],
-                                         "not settable: the sharedpool manager (--cluster) knows the cluster")
-        directory = NodeDirectory(socket_path, timeout=manager_timeout or 5.0)
-        directory.load()
-        startup = [ClusterNode(host, port) for host, port in directory.primaries()]  # type: ignore[no-untyped-call]
-        if not startup:
-            raise errors.RedisUnavailable(
-                f"the sharedpool manager at {directory.socket_path} knows no cluster primary yet (its seed is unreachable)")
+        directory, primaries = manager_primaries(socket_path, manager_timeout, kwargs)
+        startup = [ClusterNode(host, port) for host, port in primaries]  # type: ignore[no-untyped-call]
         self.node_directory = directory
         socket_path = directory.socket_path
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis
+from support.cluster_fleet import cluster, cluster_manager  # noqa: F401  (fixtures of the Cluster test modules)
 
 # Re-exported: test modules of other branches import them from here.
 from sharedpool.dev.launch import ManagerProcess

@@ -5,18 +5,16 @@ its replica promoted, a holder SIGKILLed mid-command, a non-cluster Redis refuse
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import multiprocess
 import pytest
 import redis
+from support.cluster_fleet import Fleet, Seen, assert_all_right, kill_holder_mid_blpop, mixed_reads, queue_mixed, sample_peaks
 from support.waiting import wait_for
 
 import sharedpool
@@ -25,34 +23,11 @@ from sharedpool.manager.cluster import FoundNode, NodeMap, parse_shards, parse_s
 
 ctx = multiprocess.get_context("fork")
 
-# Errors a command may meet while a node is down or being replaced: redis-py's cluster
-# client retries them, and a worker may see one at the moment of the failover.
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
-             redis.exceptions.ClusterError, redis.exceptions.SlotNotCoveredError)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster(primaries=3) as started:
-        yield started
-
-
-@pytest.fixture
-def cluster_manager(cluster: LocalCluster, start_manager: Any) -> Any:
-    def start(**settings: Any) -> Any:
-        settings.setdefault("min_idle", 0)
-        settings.setdefault("cluster_refresh_interval", 0.5)
-        return start_manager(redis_url=cluster.seed_url, cluster=True, **settings)
-    return start
-
 
 def _fleet_worker(socket_path: str, tag: str, worker: int, stop: Any, results: Any, keys: int) -> None:
     """Writes and reads back keys spread over every slot until ``stop``; reports what it saw."""
     r = sharedpool.RedisCluster(socket_path, decode_responses=True, acquire_timeout=20)
-    done = 0
-    wrong: list[tuple[float, str, Any, Any]] = []  # (when, key, wrote, read)
-    errors: list[tuple[float, str]] = []
-    last_ok = 0.0
+    seen = Seen(worker)
     i = 0
     while not stop.is_set():
         i += 1
@@ -60,59 +35,18 @@ def _fleet_worker(socket_path: str, tag: str, worker: int, stop: Any, results: A
         value = f"{worker}-{i}"
         try:
             if i % 3 == 0:
-                # Multi-key on one slot (a hash tag), and a key of another slot: a pipeline over
-                # two nodes mostly, which holds one node's lease while it takes the other's.
-                pipe = r.pipeline()
-                pipe.set(f"{{{key}}}:a", value).set(f"{{{key}}}:b", value).get(f"{{{key}}}:a").get(f"{{{key}}}:b")
-                pipe.set(f"{key}:far", value).get(f"{key}:far")
-                replies = pipe.execute()
-                got = [replies[2], replies[3], replies[5]]
-                expected: Any = [value, value, value]
+                seen.check(key, [value] * 3, mixed_reads(queue_mixed(r.pipeline(), key, value).execute()))
             else:
                 r.set(key, value)
-                got = r.get(key)
-                expected = value
-        except TRANSIENT as exc:
-            errors.append((time.time(), f"{type(exc).__name__}: {exc}"))
-            continue
-        except Exception as exc:  # anything else is as wrong as a wrong reply
-            wrong.append((time.time(), key, value, f"{type(exc).__name__}: {exc}"))
-            continue
-        if got != expected:
-            wrong.append((time.time(), key, expected, got))
-        done += 1
-        last_ok = time.time()
+                seen.check(key, value, r.get(key))
+        except Exception as exc:
+            seen.failed(key, value, exc)
     r.close()
-    results.put({"worker": worker, "done": done, "wrong": wrong, "errors": errors, "last_ok": last_ok})
+    results.put(seen.report())
 
 
-class Fleet:
-    def __init__(self, socket_path: str, workers: int, keys: int = 2000) -> None:
-        self.tag = f"cl-{uuid.uuid4().hex[:8]}"
-        self.stop = ctx.Event()
-        self.results = ctx.Queue()
-        self.processes = [ctx.Process(target=_fleet_worker, args=(socket_path, self.tag, w, self.stop, self.results, keys))
-                          for w in range(workers)]
-
-    def __enter__(self) -> Fleet:
-        for process in self.processes:
-            process.start()
-        return self
-
-    def finish(self) -> list[dict[str, Any]]:
-        self.stop.set()
-        found = [self.results.get(timeout=60) for _ in self.processes]
-        for process in self.processes:
-            process.join(timeout=20)
-            assert process.exitcode == 0
-        return found
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for process in self.processes:
-            process.join(timeout=20)
-            if process.is_alive():
-                process.kill()
+def _fleet(socket_path: str, workers: int, keys: int = 2000) -> Fleet:
+    return Fleet(_fleet_worker, socket_path, workers, keys)
 
 
 def _lost_write(entry: tuple[float, str, Any, Any]) -> bool:
@@ -133,15 +67,6 @@ def _lost_write(entry: tuple[float, str, Any, Any]) -> bool:
         if not (got_worker == worker and got_n.isdigit() and int(got_n) < int(n)):
             return False
     return True
-
-
-def _manager_conns(cluster: LocalCluster, pool_name: str) -> dict[int, int]:
-    prefix = f"sharedpool:{pool_name}:"
-    counts = {}
-    for port in cluster.live_ports():
-        with cluster.client(port) as c:
-            counts[port] = len([x for x in c.client_list() if x.get("name", "").startswith(prefix)])
-    return counts
 
 
 def test_node_lists_parse_and_numbers_stay_put() -> None:
@@ -167,20 +92,10 @@ def test_node_lists_parse_and_numbers_stay_put() -> None:
 
 def test_a_fleet_across_all_slots_stays_within_the_caps(cluster: LocalCluster, cluster_manager: Any) -> None:
     manager = cluster_manager(max_connections=5, max_connections_per_node=2, acquire_timeout=20)
-    peak: dict[int, int] = {}
-    with Fleet(manager.socket_path, workers=6) as fleet:
-        deadline = time.monotonic() + 3.0
-        total_peak = 0
-        while time.monotonic() < deadline:
-            # Each node's CLIENT LIST is one instant of that node; the host's total is the
-            # manager's (a sum over three nodes asked one after another is no instant).
-            for port, count in _manager_conns(cluster, manager.pool_name).items():
-                peak[port] = max(peak.get(port, 0), count)
-            total_peak = max(total_peak, manager.stats()["connections"]["open"])
+    with _fleet(manager.socket_path, workers=6) as fleet:
+        peak, total_peak = sample_peaks(cluster, manager, 3.0)
         results = fleet.finish()
-    assert [w for r in results for w in r["wrong"]] == []
-    assert [e for r in results for e in r["errors"]] == []
-    assert all(r["done"] > 20 for r in results), [r["done"] for r in results]
+    assert_all_right(results, 20)
     assert all(1 <= count <= 2 for count in peak.values()), peak  # every primary used, none above its cap
     assert 3 <= total_peak <= 5
     stats = manager.stats()
@@ -194,7 +109,7 @@ def test_a_fleet_across_all_slots_stays_within_the_caps(cluster: LocalCluster, c
 
 def test_clients_keep_working_while_a_slot_migrates(cluster: LocalCluster, cluster_manager: Any) -> None:
     manager = cluster_manager(max_connections=6, acquire_timeout=20)
-    with Fleet(manager.socket_path, workers=4, keys=50) as fleet:
+    with _fleet(manager.socket_path, workers=4, keys=50) as fleet:
         # Put keys in the slot to move, then move it while the fleet writes to it.
         key = f"{fleet.tag}:0:1"
         slot = redis.cluster.key_slot(key.encode())
@@ -211,8 +126,7 @@ def test_clients_keep_working_while_a_slot_migrates(cluster: LocalCluster, clust
             if n["addr"].endswith(f":{target}")), 10, "the manager's node list showing the move")
         results = fleet.finish()
     assert moved_keys > 0
-    assert [w for r in results for w in r["wrong"]] == []
-    assert [e for r in results for e in r["errors"]] == []
+    assert_all_right(results, 0)
     with cluster.client(target) as c:
         assert c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) > 0
 
@@ -221,7 +135,7 @@ def test_work_resumes_after_a_primary_is_killed_and_its_replica_promoted(cluster
     with LocalCluster(primaries=3, replicas=1) as own:
         manager = start_manager(redis_url=own.seed_url, cluster=True, min_idle=0, cluster_refresh_interval=0.5,
                                 max_connections=8, acquire_timeout=10, redis_timeout=1)
-        with Fleet(manager.socket_path, workers=4) as fleet:
+        with _fleet(manager.socket_path, workers=4) as fleet:
             wait_for(lambda: manager.stats()["counters"]["leases_granted"] > 300, 20, "the fleet under way")
             victim = own.primary_ports()[0]
             replica = own.replica_of(victim)
@@ -259,21 +173,7 @@ def _hold_mid_command(socket_path: str, key: str, ready: Any) -> None:
 def test_a_holder_killed_mid_command_leaves_no_stale_reply(cluster: LocalCluster, cluster_manager: Any) -> None:
     manager = cluster_manager(max_connections=3, max_connections_per_node=1, acquire_timeout=20)
     key = f"{{kill-{uuid.uuid4().hex[:8]}}}"  # a hash tag: every key below is on one node
-    port = cluster.owner_of(redis.cluster.key_slot(key.encode()))
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_mid_command, args=(manager.socket_path, key, ready))
-    holder.start()
-    try:
-        assert ready.wait(20)
-        with cluster.client(port) as c:
-            wait_for(lambda: any(x.get("cmd") == "blpop" for x in c.client_list()), 10, "the BLPOP under way")
-            os.kill(holder.pid, signal.SIGKILL)
-            holder.join(10)
-            c.rpush(key, "for-the-dead")  # a reply on the dead holder's connection, if it were reused
-            c.set(key + ":probe", "fresh")
-    finally:
-        if holder.is_alive():
-            holder.kill()
+    kill_holder_mid_blpop(cluster, _hold_mid_command, manager.socket_path, key)
     r = sharedpool.RedisCluster(manager.socket_path, decode_responses=True, acquire_timeout=20)
     try:
         for _ in range(20):

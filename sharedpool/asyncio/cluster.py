@@ -39,7 +39,7 @@ from redis.event import AsyncAfterSlotsCacheRefreshEvent, AsyncEventListenerInte
 from sharedpool import errors
 from sharedpool.asyncio.async_pool import SharedConnectionPool
 from sharedpool.asyncio.connection import AsyncLeasedConnection
-from sharedpool.cluster import NodeDirectory
+from sharedpool.cluster import NodeDirectory, manager_primaries
 
 __all__ = ["NodeLeases", "RedisCluster", "SharedClusterNode"]
 
@@ -199,18 +199,9 @@ class RedisCluster(aiocluster.RedisCluster):
         manager_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
-        for name in ("host", "port", "startup_nodes", "url", "password", "username"):
-            if kwargs.get(name) is not None:
-                raise errors.ConfigError(name, "***" if name == "password" else kwargs[name],
-                                         "not settable: the sharedpool manager (--cluster) knows the cluster")
+        directory, primaries = manager_primaries(socket_path, manager_timeout, kwargs)
         _install()
-        directory = NodeDirectory(socket_path, timeout=manager_timeout or 5.0)
-        directory.load()
-        startup = [_ORIGINAL_NODE(host, port) for host, port in directory.primaries()]
-        if not startup:
-            directory.close()
-            raise errors.RedisUnavailable(
-                f"the sharedpool manager at {directory.socket_path} knows no cluster primary yet (its seed is unreachable)")
+        startup = [_ORIGINAL_NODE(host, port) for host, port in primaries]
         self.node_directory = directory
         dispatcher = kwargs.pop("event_dispatcher", None) or EventDispatcher()
         dispatcher.register_listeners({AsyncAfterSlotsCacheRefreshEvent: [_Noter(directory)]})
