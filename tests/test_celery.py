@@ -97,7 +97,11 @@ class PeakWatch:
     """The most connections of the manager Redis saw at once, sampled while a run goes on."""
 
     def __init__(self, admin: redis.Redis, manager: ManagerProcess) -> None:
-        self.admin, self.manager, self.peak, self.strangers = admin, manager, 0, set()
+        # Its own client, closed at stop: a watch left running by a failed test would
+        # otherwise go on asking Redis, a stranger in every later test of this process.
+        self.admin = redis.Redis(connection_pool=redis.ConnectionPool(**admin.connection_pool.connection_kwargs))
+        self.manager, self.peak, self.strangers = manager, 0, set()
+        self._test_admin = frozenset({int(admin.client_id())})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -105,12 +109,20 @@ class PeakWatch:
     def _watch(self) -> None:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, len(manager_clients(self.admin, self.manager.pool_name)))
-            self.strangers.update(strangers(self.admin, self.manager))
+            self.strangers.update(strangers(self.admin, self.manager, self._test_admin))
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join(5)
+        self.admin.close()
         return self.peak
+
+    def __enter__(self) -> PeakWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._stop.is_set():
+            self.stop()
 
 
 def _manager_log(fleet: Fleet) -> str:
@@ -118,20 +130,20 @@ def _manager_log(fleet: Fleet) -> str:
 
 
 def test_200_tasks_with_results_within_the_cap_and_no_leak_warning(fleet: Fleet, admin: redis.Redis) -> None:
-    watch = PeakWatch(admin, fleet.manager)
-    results = [fleet.send("add", i, i) for i in range(200)]
-    assert [r.get(timeout=60) for r in results] == [2 * i for i in range(200)]
-    peak = watch.stop()
-    assert 0 < peak <= CAP, peak
-    assert not watch.strangers, watch.strangers  # Redis saw no connection but the manager's
-    stats = fleet.manager.stats()
-    # The worker's BRPOP lease and its pidbox PSUBSCRIBE are counted as what they are.
-    assert stats["blocking"] == 1 and stats["subscribers"] >= 1, stats
-    # Long past leak_threshold (1 s) for the consumer's pinned leases: a sweep or two later, no warning.
-    swept = stats["uptime_s"]
-    wait_for(lambda: fleet.manager.stats()["uptime_s"] > swept + 2.5, what="two more sweeps", timeout=20)
-    assert fleet.manager.stats()["counters"].get("leak_warnings", 0) == 0
-    assert "possible leak" not in _manager_log(fleet) and "revoked" not in _manager_log(fleet)
+    with PeakWatch(admin, fleet.manager) as watch:
+        results = [fleet.send("add", i, i) for i in range(200)]
+        assert [r.get(timeout=60) for r in results] == [2 * i for i in range(200)]
+        peak = watch.stop()
+        assert 0 < peak <= CAP, peak
+        assert not watch.strangers, watch.strangers  # Redis saw no connection but the manager's
+        stats = fleet.manager.stats()
+        # The worker's BRPOP lease and its pidbox PSUBSCRIBE are counted as what they are.
+        assert stats["blocking"] == 1 and stats["subscribers"] >= 1, stats
+        # Long past leak_threshold (1 s) for the consumer's pinned leases: a sweep or two later, no warning.
+        swept = stats["uptime_s"]
+        wait_for(lambda: fleet.manager.stats()["uptime_s"] > swept + 2.5, what="two more sweeps", timeout=20)
+        assert fleet.manager.stats()["counters"].get("leak_warnings", 0) == 0
+        assert "possible leak" not in _manager_log(fleet) and "revoked" not in _manager_log(fleet)
 
 
 def test_a_child_killed_mid_task_is_redelivered(fleet: Fleet) -> None:
@@ -154,23 +166,23 @@ def test_a_child_killed_mid_task_is_redelivered(fleet: Fleet) -> None:
 # warning) does not depend on it, so the warning does not fail it.
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
 def test_client_kill_of_every_connection_mid_run(fleet: Fleet, admin: redis.Redis) -> None:
-    watch = PeakWatch(admin, fleet.manager)
-    first = [fleet.send("add", i, 0) for i in range(50)]
-    assert [r.get(timeout=60) for r in first[:10]] == list(range(10))
-    opened = fleet.manager.stats()["counters"]["connections_opened"]
-    # Every connection Redis has but this test's own: the worker's BRPOP and
-    # pidbox PSUBSCRIBE, the client's result SUBSCRIBE, the idle ones.
-    killed = sum(admin.execute_command("CLIENT", "KILL", "TYPE", kind) for kind in ("normal", "pubsub"))
-    assert killed >= 3, killed
-    wait_for(lambda: fleet.manager.stats()["counters"]["connections_opened"] >= opened + 1, what="replacements")
-    later = [fleet.send("add", i, 100) for i in range(50)]
-    # Through the client's own result listener, which lost its SUBSCRIBE to the kill too.
-    assert [r.get(timeout=60) for r in later] == [i + 100 for i in range(50)]
-    assert [r.get(timeout=60) for r in first] == list(range(50))  # none sent before the kill lost
-    assert fleet.process.poll() is None, fleet.log.read_text()[-3000:]
-    assert "Unrecoverable error" not in fleet.log.read_text()
-    peak = watch.stop()
-    assert 0 < peak <= CAP, peak
-    assert not watch.strangers, watch.strangers
-    assert fleet.manager.stats()["counters"].get("leak_warnings", 0) == 0
-    assert "possible leak" not in _manager_log(fleet)
+    with PeakWatch(admin, fleet.manager) as watch:
+        first = [fleet.send("add", i, 0) for i in range(50)]
+        assert [r.get(timeout=60) for r in first[:10]] == list(range(10))
+        opened = fleet.manager.stats()["counters"]["connections_opened"]
+        # Every connection Redis has but this test's own: the worker's BRPOP and
+        # pidbox PSUBSCRIBE, the client's result SUBSCRIBE, the idle ones.
+        killed = sum(admin.execute_command("CLIENT", "KILL", "TYPE", kind) for kind in ("normal", "pubsub"))
+        assert killed >= 3, killed
+        wait_for(lambda: fleet.manager.stats()["counters"]["connections_opened"] >= opened + 1, what="replacements")
+        later = [fleet.send("add", i, 100) for i in range(50)]
+        # Through the client's own result listener, which lost its SUBSCRIBE to the kill too.
+        assert [r.get(timeout=60) for r in later] == [i + 100 for i in range(50)]
+        assert [r.get(timeout=60) for r in first] == list(range(50))  # none sent before the kill lost
+        assert fleet.process.poll() is None, fleet.log.read_text()[-3000:]
+        assert "Unrecoverable error" not in fleet.log.read_text()
+        peak = watch.stop()
+        assert 0 < peak <= CAP, peak
+        assert not watch.strangers, watch.strangers
+        assert fleet.manager.stats()["counters"].get("leak_warnings", 0) == 0
+        assert "possible leak" not in _manager_log(fleet)
