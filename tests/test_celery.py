@@ -97,11 +97,9 @@ class PeakWatch:
     """The most connections of the manager Redis saw at once, sampled while a run goes on."""
 
     def __init__(self, admin: redis.Redis, manager: ManagerProcess) -> None:
-        # Its own client, closed at stop: a watch left running by a failed test would
-        # otherwise go on asking Redis, a stranger in every later test of this process.
-        self.admin = redis.Redis(connection_pool=redis.ConnectionPool(**admin.connection_pool.connection_kwargs))
-        self.manager, self.peak, self.strangers = manager, 0, set()
-        self._test_admin = frozenset({int(admin.client_id())})
+        # Stopped when its test ends, passed or failed (``with``): a watch left running
+        # would go on asking Redis, a stranger in every later test of this process.
+        self.admin, self.manager, self.peak, self.strangers = admin, manager, 0, set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -109,12 +107,11 @@ class PeakWatch:
     def _watch(self) -> None:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, len(manager_clients(self.admin, self.manager.pool_name)))
-            self.strangers.update(strangers(self.admin, self.manager, self._test_admin))
+            self.strangers.update(strangers(self.admin, self.manager))
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join(5)
-        self.admin.close()
         return self.peak
 
     def __enter__(self) -> PeakWatch:
