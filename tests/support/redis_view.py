@@ -22,13 +22,12 @@ def manager_clients(admin: redis.Redis, pool_name: str) -> list[dict[str, Any]]:
 _HANDSHAKE = frozenset({"hello", "auth", "client|setname", "client|setinfo", "select", "NULL"})
 
 
-def strangers(admin: redis.Redis, manager: ManagerProcess, also_ours: frozenset[int] = frozenset()) -> list[str]:
+def strangers(admin: redis.Redis, manager: ManagerProcess) -> list[str]:
     """Connections in Redis that are neither the manager's nor ``admin`` itself.
 
     A manager's connection is known by its name, or else by its address:
     a lease may rename it for a while (rq names its connection after the
-    worker; the manager resets it after the lease). ``also_ours``: client ids
-    of the test's other admin connections.
+    worker; the manager resets it after the lease).
     """
     own = admin.client_id()
     prefix = f"sharedpool:{manager.pool_name}:"
@@ -38,7 +37,7 @@ def strangers(admin: redis.Redis, manager: ManagerProcess, also_ours: frozenset[
     return [
         f"{c.get('name')!r} from {c.get('addr')} on db {c.get('db')} (cmd {c.get('cmd')})"
         for c in clients
-        if int(c["id"]) != own and int(c["id"]) not in also_ours
+        if int(c["id"]) != own
         and not c.get("name", "").startswith(prefix)
         and c.get("addr") not in managers
         and not (not c.get("name") and c.get("cmd") in _HANDSHAKE)
