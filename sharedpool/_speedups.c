@@ -392,6 +392,108 @@ Core_give_back(Core *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(lO)", written, waiting ? Py_True : Py_False);
 }
 
+static int
+table_idle(const unsigned char *base)
+{
+    return LOAD(uint16_t, base + FLAGS_AT) == 0 && LOAD(int32_t, base + WAITERS_AT) == 0;
+}
+
+static int
+asked_back(const unsigned char *row, uint32_t generation, uint64_t seq)
+{
+    return LOAD(uint64_t, row + REVOKED_SEQ_AT) == seq && LOAD(uint32_t, row + REVOKED_GENERATION_AT) == generation;
+}
+
+PyDoc_STRVAR(renew_doc,
+"renew(slot, generation, seq, pid, start, site, taken_at, started, now, idle_only)\n--\n\n"
+"Give lease seq back clean and take the row for pid, its lock kept: the new lease number, or 0.\n"
+"See core.PyTableCore.renew.");
+
+static PyObject *
+Core_renew(Core *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10) {
+        PyErr_Format(PyExc_TypeError, "renew() takes 10 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (live_base(self) == NULL)
+        return NULL;
+    Py_ssize_t slot = PyLong_AsSsize_t(args[0]);
+    unsigned long generation = PyLong_AsUnsignedLong(args[1]);
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[2]);
+    long pid = PyLong_AsLong(args[3]);
+    double start = PyFloat_AsDouble(args[4]);
+    unsigned long site = PyLong_AsUnsignedLong(args[5]);
+    double taken_at = PyFloat_AsDouble(args[6]);
+    double started = PyFloat_AsDouble(args[7]);
+    double now = PyFloat_AsDouble(args[8]);
+    int idle_only = PyObject_IsTrue(args[9]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (slot < 0 || slot >= self->capacity) {
+        PyErr_Format(PyExc_ValueError, "slot %zd outside the table's %zd rows", slot, self->capacity);
+        return NULL;
+    }
+    if (generation > 0xFFFFFFFFUL || site > 0xFFFFFFFFUL || pid < INT32_MIN || pid > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "renew(): generation, pid or site out of the row's range");
+        return NULL;
+    }
+    if (idle_only && !table_idle(self->base))
+        return PyLong_FromLong(0);
+    unsigned char *row = self->base + ROWS_AT + slot * ROW_SIZE;
+    if (LOAD(uint8_t, row) != HELD || LOAD(uint32_t, row + GENERATION_AT) != generation ||
+        LOAD(uint64_t, row + SEQ_AT) != seq)
+        return PyLong_FromLong(0); /* repaired or replaced under us: the ordinary give-back says so */
+    double expires_at = load_f64(row + EXPIRES_AT);
+    if (asked_back(row, (uint32_t)generation, seq) || (expires_at != 0.0 && now >= expires_at))
+        return PyLong_FromLong(0);
+    uint64_t next = (uint64_t)seq + 1;
+    if (next == 0)
+        next = 1;
+    /* The row stays HELD throughout: only the holder's fields change. */
+    STORE(int32_t, row + PID_AT, pid);
+    STORE(uint32_t, row + SITE_AT, site);
+    STORE(uint64_t, row + SEQ_AT, next);
+    store_f64_bits(row + START_AT, start);
+    store_f64_bits(row + ACQUIRED_AT, now);
+    STORE(uint8_t, row + ROW_FLAGS_AT, 0);
+    if (taken_at >= 0)
+        count(row, HOLD_HIST_AT, now - taken_at);
+    if (started >= 0)
+        count(row, WAIT_HIST_AT, now - started);
+    return PyLong_FromUnsignedLongLong(next);
+}
+
+PyDoc_STRVAR(quiet_doc,
+"quiet(slot, generation, seq)\n--\n\n"
+"Neither paused nor waited on, and lease seq not asked back. See core.PyTableCore.quiet.");
+
+static PyObject *
+Core_quiet(Core *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "quiet() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (live_base(self) == NULL)
+        return NULL;
+    Py_ssize_t slot = PyLong_AsSsize_t(args[0]);
+    unsigned long generation = PyLong_AsUnsignedLong(args[1]);
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (slot < 0 || slot >= self->capacity) {
+        PyErr_Format(PyExc_ValueError, "slot %zd outside the table's %zd rows", slot, self->capacity);
+        return NULL;
+    }
+    if (!table_idle(self->base))
+        Py_RETURN_FALSE;
+    const unsigned char *row = self->base + ROWS_AT + slot * ROW_SIZE;
+    if (seq != 0 && generation <= 0xFFFFFFFFUL && asked_back(row, (uint32_t)generation, seq))
+        Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
 static PyObject *
 Core_close(Core *self, PyObject *Py_UNUSED(ignored))
 {
@@ -446,6 +548,8 @@ Core_dealloc(Core *self)
 static PyMethodDef Core_methods[] = {
     {"take", (PyCFunction)(void (*)(void))Core_take, METH_FASTCALL, take_doc},
     {"give_back", (PyCFunction)(void (*)(void))Core_give_back, METH_FASTCALL, give_back_doc},
+    {"renew", (PyCFunction)(void (*)(void))Core_renew, METH_FASTCALL, renew_doc},
+    {"quiet", (PyCFunction)(void (*)(void))Core_quiet, METH_FASTCALL, quiet_doc},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "Let go of the mapping: every later move raises ValueError."},
     {NULL, NULL, 0, NULL},
 };

@@ -157,3 +157,88 @@ def test_a_handed_over_lease_is_timed_from_its_own_start(start_manager, hand_ove
     with open(manager.log_path, errors="replace") as log:
         text = log.read()
     assert "revok" not in text.lower() and "possible leak" in text  # each lease warned of, none revoked
+
+
+@pytest.fixture
+def table_give_backs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts leases given back to the table (slots, in order): a lock that left this process."""
+    done: list[int] = []
+    original = async_pool.give_back
+
+    def counting(lease: Any, outcome: Any, used: bool = True) -> Any:
+        done.append(lease.slot)
+        return original(lease, outcome, used)
+
+    monkeypatch.setattr(async_pool, "give_back", counting)
+    return done
+
+
+def test_back_to_back_commands_keep_their_lease_and_it_goes_back_by_the_next_turn(start_manager, table_give_backs) -> None:
+    """A task's commands one after another renew one lease in place (a new lease number each,
+    the lock never given back); once the task awaits something else, the lease is back in the
+    table by the loop's next turn, and it does the same when many tasks release in one turn."""
+
+    async def body(r: spa.SharedRedis, pool: spa.SharedConnectionPool, k: str) -> None:
+        await r.set(k, "v")
+        await asyncio.sleep(0)
+        first = _rows(pool)[0].lease_seq
+        given_back = len(table_give_backs)
+        for _ in range(20):
+            assert await r.get(k) == "v"
+        assert len(table_give_backs) == given_back  # still parked: not one give-back between the 20
+        await asyncio.sleep(0)
+        row = _rows(pool)[0]
+        assert row.state is tbl.RowState.READY and row.lease_seq == first + 20 and pool._attachment.held == 0
+        assert len(table_give_backs) == given_back + 1
+        # Tasks released in one turn: one parks, the rest go back at once; none is left by the next turn.
+        assert await asyncio.gather(*(r.get(k) for _ in range(8))) == ["v"] * 8
+        await asyncio.sleep(0)
+        assert _rows(pool)[0].state is tbl.RowState.READY and pool._attachment.held == 0
+
+    _on_one_slot(start_manager, body)
+
+
+def test_a_parked_lease_never_keeps_a_taker_of_another_pool_waiting(start_manager) -> None:
+    """One connection, an asyncio task sending commands back to back (its lease parked
+    between them), and a sync client in a thread of the same process: the thread's
+    takes queue in the table, so the task's next command gives the lease back instead
+    of keeping it, and both get every reply, within the sync client's acquire_timeout."""
+    import threading
+
+    import sharedpool
+
+    manager = start_manager(max_connections=1, min_idle=1)
+    k = f"k:{uuid.uuid4().hex}"
+    stop = threading.Event()
+    sync_replies: list[str] = []
+    errors: list[BaseException] = []
+
+    def sync_side() -> None:
+        client = sharedpool.Redis(socket_path=manager.socket_path, decode_responses=True, acquire_timeout=10)
+        try:
+            while not stop.is_set() and len(sync_replies) < 50:
+                sync_replies.append(client.get(k))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    async def main() -> int:
+        r = _client(manager)
+        try:
+            await r.set(k, "v")
+            thread = threading.Thread(target=sync_side)
+            thread.start()
+            commands = 0
+            deadline = time.monotonic() + 60
+            while thread.is_alive():
+                assert time.monotonic() < deadline, f"the sync client got {len(sync_replies)} replies in 60 s"
+                assert await r.get(k) == "v"
+                commands += 1
+            return commands
+        finally:
+            stop.set()
+            await r.aclose()
+
+    commands = run(main())
+    assert errors == [] and sync_replies == ["v"] * 50 and commands > 0

@@ -102,6 +102,12 @@ class Twin:
             if kind == "give":
                 slot, generation, seq, outcome, taken_at, used, now = args
                 return self.core.give_back(self.ours, slot, generation, seq, outcome, taken_at, used, now)
+            if kind == "renew":
+                slot, generation, seq, pid, start, site, taken_at, started, now, idle_only = args
+                return self.core.renew(slot, generation, seq, pid, start, site, taken_at, started, now, idle_only)
+            if kind == "quiet":
+                slot, generation, seq = args
+                return self.core.quiet(slot, generation, seq)
         except Exception as exc:  # the same refusal from both is part of the behaviour
             return type(exc).__name__
         raise AssertionError(f"no move {kind!r}")
@@ -123,6 +129,13 @@ gives = st.tuples(
     st.just("give"), st.sampled_from(("last", "stale seq", "stale generation", "any")), st.integers(-1, CAPACITY),
     generations, seqs, st.integers(-1, 3), times, st.booleans(), times,
 )
+# A renewal (hand-over in place) of the last lease taken, stale, or of anything; taken_at -1: no hold counted.
+renewals = st.tuples(
+    st.just("renew"), st.sampled_from(("last", "stale seq", "stale generation", "any")), st.integers(-1, CAPACITY),
+    generations, seqs, st.integers(-(2**31), 2**31 - 1), times, st.integers(0, 2**32 - 1),
+    st.one_of(st.just(-1.0), times), times, times, st.booleans(),
+)
+quiets = st.tuples(st.just("quiet"), st.sampled_from(("last", "any")), st.integers(-1, CAPACITY), generations, seqs)
 moves = st.one_of(
     st.tuples(st.just("row"), slots, st.sampled_from([1, 1, 1, 0, 2, 3, 4, 5, 9]), generations, dbs, seqs,
               st.sampled_from((0.0, 5.0, 1e10))),
@@ -133,7 +146,7 @@ moves = st.one_of(
     st.tuples(st.just("unlock"), slots, generations),
     # The manager's revoke request (bytes 40..55), of the lease the row names or of any other.
     st.tuples(st.just("revoke"), slots, st.booleans(), generations, seqs),
-    takes, takes, gives, gives,
+    takes, takes, gives, gives, renewals, quiets,
 )
 
 
@@ -158,18 +171,20 @@ def test_both_cores_give_the_same_results_and_write_the_same_bytes(
     py.reset()
     last_taken: tuple[int, int, int, float] | None = None
     for move in sequence:
-        if move[0] == "give":
+        if move[0] in ("give", "renew", "quiet"):
             which, slot, generation, seq, *rest = move[1:]
             if which != "any" and last_taken is not None:
                 slot, generation, seq, _at = last_taken
                 seq = seq + 1 if which == "stale seq" else seq
                 generation = (generation + 1) & 0xFFFFFFFF if which == "stale generation" else generation
-            move = ("give", slot, generation, seq, *rest)
+            move = (move[0], slot, generation, seq, *rest)
         got_c, got_py = c.do(move), py.do(move)
         assert got_c == got_py, move
         assert bytes(c.table.map) == bytes(py.table.map), move
         if move[0] == "take" and isinstance(got_c, tuple):
             last_taken = got_c
+        elif move[0] == "renew" and got_c and last_taken is not None and move[1:4] == last_taken[:3]:
+            last_taken = (move[1], move[2], got_c, move[9])  # the renewed lease is the one to give back
 
 
 def test_a_take_and_give_back_round_trip_on_both_cores(twins: tuple[Twin, Twin]) -> None:
@@ -186,6 +201,37 @@ def test_a_take_and_give_back_round_trip_on_both_cores(twins: tuple[Twin, Twin])
         assert not tbl.is_locked(twin.foreign, tbl.slot_lock(0, 1))
         waits, holds = twin.table.histograms(1)
         assert waits[tbl.bucket(0.002)] == 1 and holds[tbl.bucket(0.010)] == 1 and sum(waits) == sum(holds) == 1
+
+
+def test_a_renewal_keeps_the_lock_and_times_the_new_lease_from_its_own_start(twins: tuple[Twin, Twin]) -> None:
+    """A hand-over in place: the next lease number, holder and acquired-at written, the
+    row still HELD and locked, the old lease's hold and the new one's wait counted; refused
+    (nothing written) for a stale lease, one asked back, an expired connection, or a busy table."""
+    for twin in twins:
+        slot, generation, seq, now = twin.core.take(twin.ours, -1, {}, set(), 0, 4242, 17.0, 9, 10.0, 10.0)
+        assert twin.core.quiet(slot, generation, seq)
+        assert twin.core.renew(slot, generation, seq, 4243, 18.0, 5, 10.0, 10.001, 10.004, True) == seq + 1
+        row = twin.table.row(slot)
+        assert (row.state, row.holder_pid, row.holder_start, row.call_site, row.lease_seq, row.acquired_at) == (
+            tbl.RowState.HELD, 4243, 18.0, 5, seq + 1, 10.004)
+        assert tbl.is_locked(twin.foreign, tbl.slot_lock(slot, generation))
+        waits, holds = twin.table.histograms(1)
+        assert waits[tbl.bucket(0.0)] == 1 and waits[tbl.bucket(0.003)] == 1 and holds[tbl.bucket(0.004)] == 1
+        before = bytes(twin.table.map)
+        assert twin.core.renew(slot, generation, seq, 1, 1.0, 0, 10.0, 10.0, 11.0, False) == 0  # the old number
+        twin.table.map[WAITERS_AT : WAITERS_AT + 4] = (1).to_bytes(4, sys.byteorder)
+        assert not twin.core.quiet(slot, generation, seq + 1)
+        assert twin.core.renew(slot, generation, seq + 1, 1, 1.0, 0, 10.0, 10.0, 11.0, True) == 0  # someone waits
+        twin.table.map[WAITERS_AT : WAITERS_AT + 4] = bytes(4)
+        assert bytes(twin.table.map) == before
+        twin.table.set_expiry(slot, 10.5)
+        assert twin.core.renew(slot, generation, seq + 1, 1, 1.0, 0, 10.0, 10.0, 11.0, False) == 0  # expired
+        twin.table.set_expiry(slot, 0.0)
+        assert twin.table.request_revoke(slot, generation, seq + 1)
+        assert not twin.core.quiet(slot, generation, seq + 1)
+        assert twin.core.renew(slot, generation, seq + 1, 1, 1.0, 0, 10.0, 10.0, 11.0, False) == 0  # asked back
+        with pytest.raises(ValueError):
+            twin.core.renew(CAPACITY, generation, seq + 1, 1, 1.0, 0, 10.0, 10.0, 11.0, False)
 
 
 def test_a_give_back_over_a_newer_lease_writes_nothing(twins: tuple[Twin, Twin]) -> None:
@@ -225,6 +271,10 @@ def test_a_closed_core_refuses_every_move_and_the_table_still_closes(twins: tupl
             twin.core.take(twin.ours, -1, {}, set(), 0, 1, 1.0, 0, 1.0)
         with pytest.raises(ValueError, match="closed"):
             twin.core.give_back(twin.ours, 0, 1, 1, 0, 0.0, False)
+        with pytest.raises(ValueError, match="closed"):
+            twin.core.renew(0, 1, 1, 1, 1.0, 0, 0.0, 0.0, 1.0, False)
+        with pytest.raises(ValueError, match="closed"):
+            twin.core.quiet(0, 1, 1)
         twin.core.close()  # twice is no error
 
 
@@ -333,7 +383,7 @@ def test_both_cores_count_a_duration_in_the_same_bucket_as_the_manager_reads_it(
 def test_no_move_reaches_past_the_rows_whatever_the_table_says(make_core: str) -> None:
     """A core over heap memory of exactly its rows (so that the sanitizer CI step sees any stray
     byte): slots in use scribbled past the capacity, cached slots and a last slot out of range,
-    a give-back of a slot that is none. Takes stay within the rows; the give-back is refused."""
+    a give-back, renewal or quiet check of a slot that is none. Takes stay within the rows; the rest is refused."""
     capacity = 2
     memory = bytearray(ROWS_AT + capacity * ROW_SIZE)
     twin = _accelerator().Core(memory, capacity) if make_core == "c" else core.PyTableCore(memory, capacity)  # type: ignore[arg-type]
@@ -349,6 +399,10 @@ def test_no_move_reaches_past_the_rows_whatever_the_table_says(make_core: str) -
         for slot in (capacity, -1, 2**40):
             with pytest.raises((ValueError, OverflowError)):
                 twin.give_back(fd, slot, 0, 1, 0, 0.0, True, 1.0)
+            with pytest.raises((ValueError, OverflowError)):
+                twin.renew(slot, 0, 1, 1, 1.0, 0, 0.0, 0.0, 1.0, False)
+            with pytest.raises((ValueError, OverflowError)):
+                twin.quiet(slot, 0, 1)
         with pytest.raises(ValueError):
             twin.give_back(fd, 0, 0, 1, 7, 0.0, True, 1.0)  # an outcome that is none
         assert twin.give_back(fd, 1, 0, 1, 0, 0.0, True, 1.0) == (0, False)

@@ -4,7 +4,7 @@ With hundreds of tasks on a few connections nearly every lease is
 contended, and giving one back through the table costs a datagram to a
 waiter and a process wake-up per command. When the next taker is a task of
 this very process, the releaser rewrites the row for it (a new lease
-number, acquired-at and call site: ``Table.hand_over_in_place``) and passes
+number, acquired-at and call site: the table core's ``renew``) and passes
 the ``Lease`` on, its ``Taker`` with it: the lock belongs to that taker's
 open file description, so only that description can give it back.
 
@@ -142,12 +142,12 @@ class LocalLine:
             if handoff is None:
                 return False
             now = time.monotonic()
-            seq = table.hand_over_in_place(lease.slot, lease.generation, lease.seq, att.pid, att.start, now, handoff.site)
+            seq = table.core.renew(
+                lease.slot, lease.generation, lease.seq, att.pid, att.start, handoff.site,
+                lease.taken_at if used else -1.0, handoff.started, now, False,
+            )
             if not seq:
                 return False  # revoked, repaired or expired: the ordinary way says so
-            if used:
-                table.count_hold(lease.slot, now - lease.taken_at)
-            table.count_wait(lease.slot, now - handoff.started)
         except ValueError:
             return False  # the table was unmapped under us (the manager is gone)
         self.hand(handoff, Lease(att, lease.slot, lease.generation, seq, lease.lock_fd, now, lease.db, lease.taker))

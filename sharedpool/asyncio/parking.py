@@ -5,9 +5,11 @@ is no await between redis-py's release and its next get_connection). So a
 lease given back clean while nobody waits, in this process or in the
 table, is parked instead: the next command of that turn takes it back
 (``take_back``) with no unlock, lock, selector change or fcntl, its row
-renewed in place as in a hand-over. On the loop's next turn a parked lease
+renewed in place as in a hand-over. By the loop's next turn a parked lease
 nobody took back ends as any other would (``end``: to a waiter of this
-process if fair, else to the table). A waiter always gets the lease it
+process if fair, else to the table). One callback, queued by the first
+park after the last one ran, ends whatever is parked when it runs: the
+steps that park in one turn pay for one callback between them. A waiter always gets the lease it
 would have had, and a lease the manager asked back is never parked: it is
 given back at once, the ordinary way that tells its holder.
 """
@@ -28,36 +30,43 @@ from sharedpool.shell.attachment import Attachment
 class Parking:
     """At most one parked lease of one pool."""
 
-    __slots__ = ("lease", "_end", "_give_back")
+    __slots__ = ("lease", "_end", "_give_back", "_turn_on")
 
     def __init__(self, end: Callable[[Lease], None], give_back: Callable[[Lease], None]) -> None:
         self.lease: Lease | None = None
         self._end = end  # hand over or give back: a parked lease nobody took back
         self._give_back = give_back  # to the table, clean
+        # The loop our end-of-turn callback is queued on, until it runs: one
+        # callback serves every lease parked before it runs (many tasks'
+        # commands in one turn cost one callback, not one each).
+        self._turn_on: asyncio.AbstractEventLoop | None = None
 
     def park(self, lease: Lease, loop: asyncio.AbstractEventLoop | None, current: Attachment | None) -> bool:
         """Keep ``lease`` until the loop's next turn; True if kept (else the caller gives it back)."""
         att = lease.attachment
         if self.lease is not None or loop is None or att is not current or att.detached or lease.taker is None:
             return False
-        table = att.table
         try:
-            flags, waiters = table.hot()
-            if flags or waiters or table.revoke_asked(lease.slot, lease.generation, lease.seq):
+            if not att.table.core.quiet(lease.slot, lease.generation, lease.seq):
                 return False
         except ValueError:
             return False  # the table was unmapped under us (the manager is gone)
         if asyncio._get_running_loop() is not loop:
             return False  # released outside the loop (a finalizer, another thread): nothing would unpark it
         self.lease = lease
-        loop.call_soon(self._next_turn, lease)
+        if self._turn_on is not loop:
+            # Queued on another loop (one this pool left) it may never run: queue one here.
+            self._turn_on = loop
+            loop.call_soon(self._next_turn)
         return True
 
-    def _next_turn(self, lease: Lease) -> None:
-        if self.lease is lease:
-            self.lease = None
+    def _next_turn(self) -> None:
+        """Queued in an earlier step than any lease it now finds parked: that lease's
+        own step, where its holder's next command could take it back, is over."""
+        self._turn_on = None
+        lease, self.lease = self.lease, None
+        if lease is not None:
             self._end(lease)
-        # else taken back, or ended by a detach, an abort or a fork
 
     def take_back(self, att: Attachment, site: int, started: float) -> AsyncLeasedConnection | None:
         """The parked lease for this call, renewed (a new lease number, start and call site), or None."""
@@ -66,19 +75,17 @@ class Parking:
         self.lease = None
         entry = cast("SlotEntry | None", att.conns.get(lease.slot))
         cached = entry.conn if entry is not None else None
-        table = att.table
         now = time.monotonic()
         seq = 0
         try:
             if (
                 lease.attachment is att and cached is not None and cached.generation == lease.generation
                 and cached._transport is not None and cached.state is LeaseState.FREE and lease.db == att.db
-                and table.hot() == (0, 0)
             ):
-                seq = table.hand_over_in_place(lease.slot, lease.generation, lease.seq, att.pid, att.start, now, site)
-            if seq:
-                table.count_hold(lease.slot, now - lease.taken_at)
-                table.count_wait(lease.slot, now - started)
+                # One call: the table idle, the row still our lease, renewed, its hold and wait counted.
+                seq = att.table.core.renew(
+                    lease.slot, lease.generation, lease.seq, att.pid, att.start, site, lease.taken_at, started, now, True
+                )
         except ValueError:
             seq = 0  # the table was unmapped under us (the manager is gone)
         if not seq:

@@ -32,8 +32,10 @@ from sharedpool.table.layout import (
     HIST,
     HISTOGRAM_BUCKETS,
     HOLD_HIST_AT,
+    HOT_HEADER,
     I32,
     LAYOUT_VERSION,
+    REVOKE,
     REVOKE_AT,
     ROW_SIZE,
     ROWS_AT,
@@ -72,6 +74,13 @@ class TableCore(Protocol):
         now: float = -1.0, /,
     ) -> tuple[int, bool]: ...
 
+    def renew(
+        self, slot: int, generation: int, seq: int, pid: int, start: float, site: int, taken_at: float,
+        started: float, now: float, idle_only: bool, /,
+    ) -> int: ...
+
+    def quiet(self, slot: int, generation: int, seq: int, /) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -96,7 +105,21 @@ class PyTableCore:
     goes back BROKEN and is answered REVOKED); unlock. Returns (the outcome written, or -1 when the row is no
     longer this lease; whether anyone waits).
 
-    Both raise ``ValueError`` once closed, and for a slot or outcome that is none.
+    ``renew(slot, generation, seq, pid, start, site, taken_at, started, now, idle_only)``:
+    a clean give-back and a take by ``pid`` in one move, the slot's lock kept
+    (a hand-over within this process, or a parked lease taken back): if the
+    row is still lease ``seq`` of ``generation``, not asked back and its
+    connection not expired at ``now``, write the next lease number, ``pid``,
+    ``start``, ``site`` and acquired-at ``now``, count the hold since
+    ``taken_at`` and the wait since ``started`` (either not when negative). With
+    ``idle_only``, only while the table is neither paused nor waited on.
+    Returns the new lease number, or 0 with nothing written or counted.
+
+    ``quiet(slot, generation, seq)``: whether the table is neither paused
+    nor waited on and lease ``seq`` of ``generation`` was not asked back, in
+    one call (whether a clean lease may stay with this process a moment).
+
+    All raise ``ValueError`` once closed, and for a slot or outcome that is none.
     """
 
     def __init__(self, map: mmap.mmap, capacity: int) -> None:
@@ -216,6 +239,39 @@ class PyTableCore:
             except OSError:
                 pass  # the taker's description is gone (its thread ended): so is the lock
         return written, I32.unpack_from(data, WAITERS_AT)[0] > 0
+
+    def renew(
+        self, slot: int, generation: int, seq: int, pid: int, start: float, site: int, taken_at: float,
+        started: float, now: float, idle_only: bool, /,
+    ) -> int:
+        data = self._live()
+        if not 0 <= slot < self.capacity:
+            raise ValueError(f"slot {slot} outside the table's {self.capacity} rows")
+        if idle_only and HOT_HEADER.unpack_from(data, FLAGS_AT) != (0, 0):
+            return 0
+        at = ROWS_AT + slot * ROW_SIZE
+        (state, row_db, row_generation, _pid, _site, row_seq, revoked_generation, revoked_seq,
+         expires_at) = GIVE_READ.unpack_from(data, at)
+        if state != _HELD or row_generation != generation or row_seq != seq:
+            return 0  # repaired or replaced under us: the ordinary give-back says so
+        if (revoked_seq == seq and revoked_generation == generation) or (expires_at and now >= expires_at):
+            return 0
+        seq = (seq + 1) & _MASK64 or 1
+        data[at : at + TAKE_WRITE.size] = TAKE_WRITE.pack(_HELD, row_db, 0, row_generation, pid, site, seq, start, now)
+        if taken_at >= 0:
+            self._count(at + HOLD_HIST_AT, now - taken_at)
+        if started >= 0:
+            self._count(at + WAIT_HIST_AT, now - started)
+        return seq
+
+    def quiet(self, slot: int, generation: int, seq: int, /) -> bool:
+        data = self._live()
+        if not 0 <= slot < self.capacity:
+            raise ValueError(f"slot {slot} outside the table's {self.capacity} rows")
+        if HOT_HEADER.unpack_from(data, FLAGS_AT) != (0, 0):
+            return False
+        revoked_generation, revoked_seq = REVOKE.unpack_from(data, ROWS_AT + slot * ROW_SIZE + REVOKE_AT)
+        return not (seq and revoked_generation == generation and revoked_seq == seq)
 
     def _live(self) -> mmap.mmap:
         if self._words is None:

@@ -291,19 +291,10 @@ class Table:
         connection has expired: the caller then gives it back the ordinary
         way. The new lease number and acquired-at are what the manager's
         leak warning and ``max_lease_time`` go by, so each lease of a chain
-        of hand-overs is timed from its own start.
+        of hand-overs is timed from its own start. The core's ``renew``,
+        nothing counted.
         """
-        at = ROWS_AT + slot * ROW_SIZE
-        (state, row_db, row_generation, _pid, _site, row_seq, revoked_generation, revoked_seq,
-         expires_at) = GIVE_READ.unpack_from(self.map, at)
-        if state != RowState.HELD or row_generation != generation or row_seq != seq:
-            return 0
-        if (revoked_seq == seq and revoked_generation == generation) or (expires_at and now >= expires_at):
-            return 0
-        seq = (seq + 1) & 0xFFFFFFFFFFFFFFFF or 1
-        # Table._put, inlined: the hot path.
-        self.map[at : at + TAKE_SIZE] = TAKE_WRITE.pack(RowState.HELD, row_db, 0, row_generation, pid, call_site, seq, start, now)
-        return int(seq)
+        return int(self.core.renew(slot, generation, seq, pid, start, call_site, -1.0, -1.0, now, False))
 
     def request_revoke(self, slot: int, generation: int, seq: int) -> bool:
         """The manager's: ask for lease ``seq`` of ``generation`` back, writing only the
