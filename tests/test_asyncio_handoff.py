@@ -190,12 +190,39 @@ def test_back_to_back_commands_keep_their_lease_and_it_goes_back_by_the_next_tur
         row = _rows(pool)[0]
         assert row.state is tbl.RowState.READY and row.lease_seq == first + 20 and pool._attachment.held == 0
         assert len(table_give_backs) == given_back + 1
-        # Tasks released in one turn: one parks, the rest go back at once; none is left by the next turn.
+        # Many tasks on one slot, released in one turn: handed task to task, none left by the next turn.
         assert await asyncio.gather(*(r.get(k) for _ in range(8))) == ["v"] * 8
         await asyncio.sleep(0)
         assert _rows(pool)[0].state is tbl.RowState.READY and pool._attachment.held == 0
 
     _on_one_slot(start_manager, body)
+
+
+def test_every_lease_released_in_a_turn_is_there_for_that_turns_next_commands(start_manager, table_give_backs) -> None:
+    """Leases given back clean in one step (no one waiting) are all kept for the turn: the
+    next takes of that turn get them back without the table, and the next turn ends them all."""
+    manager = start_manager(max_connections=4, min_idle=4)
+
+    async def main() -> None:
+        r = _client(manager)
+        pool = r.connection_pool
+        try:
+            for _ in range(2):  # the first round binds the slots' fds (a request to the manager each)
+                held = [await pool.get_connection() for _ in range(3)]
+                before = len(table_give_backs)
+                for conn in held:
+                    await pool.release(conn)  # no suspension in a release: all three in this step
+                again = [await pool.get_connection() for _ in range(3)]
+                assert len(table_give_backs) == before and {id(c) for c in again} == {id(c) for c in held}
+                for conn in again:
+                    await pool.release(conn)
+                await asyncio.sleep(0)
+                assert len(table_give_backs) == before + 3 and pool._attachment.held == 0
+                assert all(row.state is tbl.RowState.READY for row in _rows(pool))
+        finally:
+            await r.aclose()
+
+    run(main())
 
 
 def test_a_parked_lease_never_keeps_a_taker_of_another_pool_waiting(start_manager) -> None:

@@ -173,7 +173,12 @@ class LocalCluster:
                 if not rest:
                     break
                 src.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *rest)
-            for port in self.live_ports():
+            # The target first, then the source (Redis's CLUSTER SETSLOT documentation):
+            # a source that names the target while the target is still only IMPORTING
+            # sends a client there that the target sends straight back (MOVED both ways,
+            # until redis-py's redirect TTL runs out), unless the client came with ASKING.
+            others = [p for p in self.live_ports() if p not in (target_port, source_port)]
+            for port in [target_port, source_port, *others]:
                 with self.client(port) as c:
                     if self._is_primary(c):
                         c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.ids[target_port])
