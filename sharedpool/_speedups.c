@@ -404,6 +404,30 @@ asked_back(const unsigned char *row, uint32_t generation, uint64_t seq)
     return LOAD(uint64_t, row + REVOKED_SEQ_AT) == seq && LOAD(uint32_t, row + REVOKED_GENERATION_AT) == generation;
 }
 
+/* The arguments renew() and quiet() open with: a lease (slot, generation, seq) of a row
+ * inside the table. 0, or -1 with the error set. */
+static int
+lease_args(Core *self, const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected,
+           Py_ssize_t *slot, unsigned long *generation, unsigned long long *seq)
+{
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, expected, nargs);
+        return -1;
+    }
+    if (live_base(self) == NULL)
+        return -1;
+    *slot = PyLong_AsSsize_t(args[0]);
+    *generation = PyLong_AsUnsignedLong(args[1]);
+    *seq = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return -1;
+    if (*slot < 0 || *slot >= self->capacity) {
+        PyErr_Format(PyExc_ValueError, "slot %zd outside the table's %zd rows", *slot, self->capacity);
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(renew_doc,
 "renew(slot, generation, seq, pid, start, site, taken_at, started, now, idle_only)\n--\n\n"
 "Give lease seq back clean and take the row for pid, its lock kept: the new lease number, or 0.\n"
@@ -412,15 +436,11 @@ PyDoc_STRVAR(renew_doc,
 static PyObject *
 Core_renew(Core *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 10) {
-        PyErr_Format(PyExc_TypeError, "renew() takes 10 arguments (%zd given)", nargs);
+    Py_ssize_t slot;
+    unsigned long generation;
+    unsigned long long seq;
+    if (lease_args(self, "renew", args, nargs, 10, &slot, &generation, &seq) < 0)
         return NULL;
-    }
-    if (live_base(self) == NULL)
-        return NULL;
-    Py_ssize_t slot = PyLong_AsSsize_t(args[0]);
-    unsigned long generation = PyLong_AsUnsignedLong(args[1]);
-    unsigned long long seq = PyLong_AsUnsignedLongLong(args[2]);
     long pid = PyLong_AsLong(args[3]);
     double start = PyFloat_AsDouble(args[4]);
     unsigned long site = PyLong_AsUnsignedLong(args[5]);
@@ -430,10 +450,6 @@ Core_renew(Core *self, PyObject *const *args, Py_ssize_t nargs)
     int idle_only = PyObject_IsTrue(args[9]);
     if (PyErr_Occurred())
         return NULL;
-    if (slot < 0 || slot >= self->capacity) {
-        PyErr_Format(PyExc_ValueError, "slot %zd outside the table's %zd rows", slot, self->capacity);
-        return NULL;
-    }
     if (generation > 0xFFFFFFFFUL || site > 0xFFFFFFFFUL || pid < INT32_MIN || pid > INT32_MAX) {
         PyErr_SetString(PyExc_OverflowError, "renew(): generation, pid or site out of the row's range");
         return NULL;
@@ -471,21 +487,11 @@ PyDoc_STRVAR(quiet_doc,
 static PyObject *
 Core_quiet(Core *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "quiet() takes 3 arguments (%zd given)", nargs);
+    Py_ssize_t slot;
+    unsigned long generation;
+    unsigned long long seq;
+    if (lease_args(self, "quiet", args, nargs, 3, &slot, &generation, &seq) < 0)
         return NULL;
-    }
-    if (live_base(self) == NULL)
-        return NULL;
-    Py_ssize_t slot = PyLong_AsSsize_t(args[0]);
-    unsigned long generation = PyLong_AsUnsignedLong(args[1]);
-    unsigned long long seq = PyLong_AsUnsignedLongLong(args[2]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (slot < 0 || slot >= self->capacity) {
-        PyErr_Format(PyExc_ValueError, "slot %zd outside the table's %zd rows", slot, self->capacity);
-        return NULL;
-    }
     if (!table_idle(self->base))
         Py_RETURN_FALSE;
     const unsigned char *row = self->base + ROWS_AT + slot * ROW_SIZE;
