@@ -26,6 +26,7 @@ import uuid
 from array import array
 from typing import Any
 
+from sharedpool.bench import async_checkout
 from sharedpool.bench.report import PLAIN, SHARED, Results, percentile
 from sharedpool.bench.rig import Rig
 from sharedpool.bench.rounds import run_rounds
@@ -168,7 +169,7 @@ def scenario_async(rig: Rig, results: Results) -> None:
         return run
 
     labelled = [(f"{system} W={WORKERS}x{TASKS} tasks", measure(system, where)) for system, where in systems]
-    run_rounds(rig, results, "ASYNC", labelled)
+    run_rounds(rig, results, "ASYNC", labelled + async_checkout.measures(rig, results, address))
 
 
 def _clients(rig: Rig) -> int:

@@ -229,6 +229,11 @@ def build_rows(results: Results, settings: dict[str, Any], cs: Sequence[int], tw
             decimals=0)
     rows.append(Row("ASYNC", "peak Redis connections, defaults", m("async.plain.peak_clients"),
                     m("async.shared.peak_clients"), decimals=0))
+    # The issue-20 bound: a lease renewed for the next command costs no more than redis.asyncio's own checkout.
+    compare("ASYNC", "CPU us per checkout+release, one task, back to back", "async.checkout_shared.back_to_back_us",
+            "async.checkout_plain.back_to_back_us", decimals=2, target="<= 1.00x plain", passes=_at_most(1.0))
+    compare("ASYNC", "CPU us per checkout+release, a loop turn between", "async.checkout_shared.turned_us",
+            "async.checkout_plain.turned_us", decimals=2)
     compare("TLS S1(a)", "GET p50 us/command over TLS, 1 lease per command", "tls.s1a.shared.p50", "tls.s1a.plain.p50",
             target="<= 1.00x plain", passes=_at_most(1.0))
     compare("TLS S1(a)", "GET p99 us/command over TLS", "tls.s1a.shared.p99", "tls.s1a.plain.p99")
