@@ -240,6 +240,21 @@ def test_the_asyncio_client_refuses_to_be_told_where_the_cluster_is() -> None:
         sharedpool.asyncio.RedisCluster("/nonexistent/sp.sock", startup_nodes=[])
 
 
+def test_a_cluster_node_class_another_library_put_in_place_is_refused_and_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another library replaced redis.asyncio's ClusterNode first: ours cannot lease its
+    connections, so the client says so by name before it opens anything (no manager
+    at this path: a ManagerUnavailable would mean it tried), and theirs stays in place."""
+    from sharedpool.asyncio import cluster as ours
+
+    class TheirNode(ours._ORIGINAL_NODE):
+        pass
+
+    monkeypatch.setattr(redis.asyncio.cluster, "ClusterNode", TheirNode)
+    with pytest.raises(sharedpool.Misconfigured, match="already replaced .*TheirNode"):
+        sharedpool.asyncio.RedisCluster("/nonexistent/sp.sock")
+    assert redis.asyncio.cluster.ClusterNode is TheirNode
+
+
 # ----- reads from replicas (read_from_replicas, or load_balancing_strategy), both clients -----
 
 

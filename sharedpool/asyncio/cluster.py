@@ -199,8 +199,8 @@ class RedisCluster(aiocluster.RedisCluster):
         manager_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
+        _install()  # first: refused, nothing is opened
         directory, primaries = manager_primaries(socket_path, manager_timeout, kwargs)
-        _install()
         startup = [_ORIGINAL_NODE(host, port) for host, port in primaries]
         self.node_directory = directory
         dispatcher = kwargs.pop("event_dispatcher", None) or EventDispatcher()
