@@ -480,7 +480,7 @@ def test_the_hot_moves_honour_a_revoke_request() -> None:
         assert bytes(table.map[layout.ROWS_AT : layout.ROWS_AT + 40]) == before
         assert table.revoke_asked(0, 3, first) and not table.revoke_asked(0, 3, first + 1)
         # A hand-over refuses it; the give-back writes BROKEN and says REVOKED.
-        assert table.hand_over_in_place(0, 3, first, 42, 1.0, 11.0, 0) == 0
+        assert table.core.renew(0, 3, first, 42, 1.0, 0, -1.0, -1.0, 11.0, False) == 0
         assert table.give_back_in_place(0, 3, first, tbl.Outcome.CLEAN, 11.0) is tbl.Outcome.REVOKED
         assert table.row(0).state is tbl.RowState.BROKEN and table.row(0).holder_pid == 0
         # Given back READY by a holder that read before the request: no taker takes it.

@@ -129,9 +129,12 @@ def test_histogram_buckets_and_percentiles() -> None:
 
 
 def test_counts_land_in_the_row_that_was_leased(table: tbl.Table) -> None:
-    table.count_wait(1, 2e-3)
-    table.count_hold(1, 2e-3)
-    table.count_hold(2, 1.0)
+    # A renewal counts the lease's hold and the next one's wait, in the renewed row only.
+    for slot in (1, 2):
+        table.write_row(slot, Row(RowState.READY, 3, lease_seq=5))
+        taken = table.take_in_place(slot, 3, 42, 1.0, 10.0, 0, 0)
+        hold_since, wait_since = (10.0 - 2e-3, 10.0 - 2e-3) if slot == 1 else (9.0, -1.0)
+        assert table.core.renew(slot, 3, taken, 42, 1.0, 0, hold_since, wait_since, 10.0, False) == taken + 1
     waits, holds = table.histograms(4)
     assert sum(waits) == 1 and sum(holds) == 2 and waits[tbl.bucket(2e-3)] == 1
 
@@ -242,9 +245,10 @@ def test_handing_over_in_place_is_a_clean_give_back_then_a_take(
         if subscribed:
             table.mark_subscriber(0, generation, taken)
         held = table.row(0)
-        assert table.hand_over_in_place(0, generation, taken + 1, pid, 1.5, now, site) == 0  # not our lease
+        # The table core's renew, nothing counted (negative hold and wait starts).
+        assert table.core.renew(0, generation, taken + 1, pid, 1.5, site, -1.0, -1.0, now, False) == 0  # not our lease
         assert table.row(0) == held
-        handed = table.hand_over_in_place(0, generation, taken, pid, 1.5, now, site)
+        handed = table.core.renew(0, generation, taken, pid, 1.5, site, -1.0, -1.0, now, False)
         expected = tbl.take(tbl.give_back(held, Outcome.CLEAN, now), pid, 1.5, now, site, db)
         assert table.row(0) == expected and handed == expected.lease_seq != taken
         assert table.row(0).acquired_at == now  # leak warnings and max_lease_time time the new lease
@@ -256,7 +260,7 @@ def test_an_expired_connection_is_never_handed_over(table: tbl.Table) -> None:
     table.write_row(0, Row(RowState.READY, 3, lease_seq=5))
     taken = table.take_in_place(0, 3, 42, 1.0, 10.0, 0, 0)
     table.set_expiry(0, 11.0)
-    assert table.hand_over_in_place(0, 3, taken, 42, 1.0, 11.5, 0) == 0
+    assert table.core.renew(0, 3, taken, 42, 1.0, 0, -1.0, -1.0, 11.5, False) == 0
     assert table.give_back_in_place(0, 3, taken, Outcome.CLEAN, 11.5) is Outcome.BROKEN
 
 

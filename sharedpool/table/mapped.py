@@ -86,10 +86,8 @@ class Table:
         if os.fstat(memfd).st_size < self.size:
             raise RowError(f"lease table of {os.fstat(memfd).st_size} bytes, expected {self.size}")
         self.map = mmap.mmap(memfd, self.size)
-        # The table as 8-byte words: a histogram count is one aligned store,
-        # never a moment at 0 for the manager's stats to read.
-        self._words = memoryview(self.map).cast("Q")
-        # A lease's take and give-back, one call each (C, or its Python twin).
+        # A lease's take, renewal and give-back, one call each (C, or its Python
+        # twin), histogram counts included.
         self.core = new_core(self.map, capacity)
 
     @classmethod
@@ -107,7 +105,6 @@ class Table:
     def close(self) -> None:
         try:
             self.core.close()
-            self._words.release()
             self.map.close()
         except (BufferError, ValueError):
             pass  # a view still exported: the mapping goes with the object
@@ -282,20 +279,6 @@ class Table:
         self.map[at : at + TAKE_SIZE] = TAKE_WRITE.pack(STATE_AFTER[outcome], row_db, 0, row_generation, 0, 0, seq, 0.0, 0.0)
         return outcome
 
-    def hand_over_in_place(
-        self, slot: int, generation: int, seq: int, pid: int, start: float, now: float, call_site: int
-    ) -> int:
-        """``give_back`` CLEAN then ``take`` by ``pid``, the slot's lock kept: the next lease's number, or 0.
-
-        0 when the row is no longer our lease (revoked, repaired) or its
-        connection has expired: the caller then gives it back the ordinary
-        way. The new lease number and acquired-at are what the manager's
-        leak warning and ``max_lease_time`` go by, so each lease of a chain
-        of hand-overs is timed from its own start. The core's ``renew``,
-        nothing counted.
-        """
-        return int(self.core.renew(slot, generation, seq, pid, start, call_site, -1.0, -1.0, now, False))
-
     def request_revoke(self, slot: int, generation: int, seq: int) -> bool:
         """The manager's: ask for lease ``seq`` of ``generation`` back, writing only the
         revoke request (bytes no holder writes). True if the row, read after the
@@ -341,19 +324,6 @@ class Table:
     def set_expiry(self, slot: int, expires_at: float) -> None:
         """The manager's: when the connection in this row is to be replaced."""
         self._put(F64, self._row_at(slot) + EXPIRES_AT, expires_at)
-
-    def count(self, slot: int, histogram_at: int, seconds: float) -> None:
-        """Add one sample to a row's histogram. Only by the slot's lock holder: no lost counts."""
-        index = int(seconds * 1e5).bit_length() if seconds >= 10e-6 else 0
-        at = ROWS_AT + slot * ROW_SIZE + histogram_at + 8 * (index if index < HISTOGRAM_BUCKETS else HISTOGRAM_BUCKETS - 1)
-        words = self._words
-        words[at >> 3] = (words[at >> 3] + 1) & 0xFFFFFFFFFFFFFFFF
-
-    def count_wait(self, slot: int, seconds: float) -> None:
-        self.count(slot, WAIT_HIST_AT, seconds)
-
-    def count_hold(self, slot: int, seconds: float) -> None:
-        self.count(slot, HOLD_HIST_AT, seconds)
 
     def row_histograms(self, slot: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """One row's (wait, hold) histogram counts, raw."""
